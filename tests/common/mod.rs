@@ -1,0 +1,57 @@
+//! Shared test helpers: seeded data and explicit tolerances.
+#![allow(dead_code)]
+
+use hydra_edge::f16;
+use hydra_edge::kernels::reference::Ref;
+use hydra_edge::rng::Rng;
+
+/// Unit roundoff of f32 (2⁻²⁴).
+pub const U32: f64 = 5.960_464_477_539_063e-8;
+/// Half an ulp of f16 at 1.0, relative (2⁻¹¹).
+pub const U16: f64 = 4.882_812_5e-4;
+
+/// Uniform values in [-1, 1).
+pub fn rand_vec(rng: &mut Rng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
+}
+
+/// Uniform values in [-1, 1), rounded to f16.
+pub fn rand_f16(rng: &mut Rng, len: usize) -> Vec<f16> {
+    (0..len).map(|_| f16::from_f32(rng.uniform(-1.0, 1.0))).collect()
+}
+
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+pub fn f64s_h(v: &[f16]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x.to_f32())).collect()
+}
+
+/// A copy of `v` that starts `off` elements into a fresh buffer, so that the
+/// slice handed to a kernel is not aligned to its vector width.
+pub fn unaligned<T: Copy + Default>(v: &[T], off: usize) -> Vec<T> {
+    let mut buf = vec![T::default(); off];
+    buf.extend_from_slice(v);
+    buf
+}
+
+/// f32 accumulation error bound for a sum of `k` terms, relative to Σ|term|:
+/// a few units of roundoff times √k (blocked or sequential summation of
+/// unrelated terms), plus one rounding for the final scale and add.
+pub fn tol_f32(k: usize) -> f64 {
+    4.0 * U32 * ((k + 1) as f64).sqrt() + 2.0 * U32
+}
+
+/// Checks `|got − ref| ≤ tol·scale + abs` element-wise; reports the worst.
+pub fn assert_close(got: &[f32], want: &Ref, tol: f64, abs: f64, what: &str) {
+    assert_eq!(got.len(), want.value.len(), "{what}: length");
+    for (i, &g) in got.iter().enumerate() {
+        let (v, s) = (want.value[i], want.scale[i]);
+        let err = (f64::from(g) - v).abs();
+        assert!(
+            err <= tol * s + abs,
+            "{what}: element {i}: got {g}, want {v} (err {err:.3e} > {tol:.2e}·{s:.3e} + {abs:.1e})"
+        );
+    }
+}
