@@ -32,4 +32,3 @@ pub mod rng;
 
 pub use error::{Error, Result};
 pub use half::f16;
-

@@ -94,7 +94,14 @@ fn grad_u_overwrites_with_dy_times_b_on_every_tier() {
         for k in &ks {
             // Garbage (NaN) in the output must not leak: grad_u overwrites.
             let mut du = unaligned(&vec![f32::NAN; n * r], off);
-            k.grad_u(&unaligned(&dy, off)[off..], &unaligned(&b, off)[off..], &mut du[off..], n, m, r);
+            k.grad_u(
+                &unaligned(&dy, off)[off..],
+                &unaligned(&b, off)[off..],
+                &mut du[off..],
+                n,
+                m,
+                r,
+            );
             let what = format!("grad_u {} n={n} m={m} r={r}", k.tier());
             assert_close(&du[off..], &want, tol_f32(m), 0.0, &what);
         }
@@ -110,7 +117,15 @@ fn grad_x_accumulates_on_every_tier() {
         let want = reference::grad_x(&f64s(&du), &f64s(&a), &f64s(&dx0), f64::from(s), n, d, r);
         for k in &ks {
             let mut dx = unaligned(&dx0, off);
-            k.grad_x(&unaligned(&du, off)[off..], &unaligned(&a, off)[off..], &mut dx[off..], s, n, d, r);
+            k.grad_x(
+                &unaligned(&du, off)[off..],
+                &unaligned(&a, off)[off..],
+                &mut dx[off..],
+                s,
+                n,
+                d,
+                r,
+            );
             let what = format!("grad_x {} n={n} d={d} r={r}", k.tier());
             assert_close(&dx[off..], &want, tol_f32(r), 0.0, &what);
         }
@@ -149,7 +164,15 @@ fn grad_b_accumulates_on_every_tier() {
         let want = reference::grad_b(&f64s(&dy), &f64s(&u), &f64s(&db0), 2.0, n, m, r);
         for k in &ks {
             let mut db = unaligned(&db0, off);
-            k.grad_b(&unaligned(&dy, off)[off..], &unaligned(&u, off)[off..], &mut db[off..], s, n, m, r);
+            k.grad_b(
+                &unaligned(&dy, off)[off..],
+                &unaligned(&u, off)[off..],
+                &mut db[off..],
+                s,
+                n,
+                m,
+                r,
+            );
             let what = format!("grad_b {} n={n} m={m} r={r}", k.tier());
             assert_close(&db[off..], &want, tol_f32(n), 0.0, &what);
         }
@@ -176,7 +199,12 @@ fn merge_update_f32_and_f16_on_every_tier() {
             let got: Vec<f32> = wh[off..].iter().map(|h| h.to_f32()).collect();
             // One f16 rounding of the result on top of the f32 accumulation.
             let rounded = reference::Ref {
-                scale: want_h.scale.iter().zip(&want_h.value).map(|(s, v)| s + v.abs() * U16 / tol_f32(r)).collect(),
+                scale: want_h
+                    .scale
+                    .iter()
+                    .zip(&want_h.value)
+                    .map(|(s, v)| s + v.abs() * U16 / tol_f32(r))
+                    .collect(),
                 value: want_h.value.clone(),
             };
             let what = format!("merge_f16 {} m={m} d={d} r={r}", k.tier());
@@ -198,7 +226,13 @@ fn f16_to_f32_is_exact_for_all_65536_patterns_on_every_tier() {
                 if want.is_nan() {
                     // NaN stays NaN with its sign and payload (quieted).
                     assert!(f.is_nan(), "{}: {:#06x} -> {f}", k.tier(), h.to_bits());
-                    assert_eq!(f.to_bits() | 0x0040_0000, want.to_bits() | 0x0040_0000, "{}: nan {:#06x}", k.tier(), h.to_bits());
+                    assert_eq!(
+                        f.to_bits() | 0x0040_0000,
+                        want.to_bits() | 0x0040_0000,
+                        "{}: nan {:#06x}",
+                        k.tier(),
+                        h.to_bits()
+                    );
                 } else {
                     assert_eq!(f.to_bits(), want.to_bits(), "{}: {:#06x}", k.tier(), h.to_bits());
                 }
@@ -219,7 +253,11 @@ fn f32_probes() -> Vec<f32> {
             let next = f16::from_bits(bits.wrapping_add(1)).to_f32();
             if next.is_finite() && (next.abs() > f.abs()) {
                 let mid = ((f64::from(f) + f64::from(next)) / 2.0) as f32;
-                v.extend([mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1)]);
+                v.extend([
+                    mid,
+                    f32::from_bits(mid.to_bits() - 1),
+                    f32::from_bits(mid.to_bits() + 1),
+                ]);
             }
         }
     }
@@ -242,10 +280,22 @@ fn f32_to_f16_rounds_to_nearest_even_like_half_on_every_tier() {
             for (&f, h) in src.iter().zip(&dst) {
                 let want = f16::from_f32(f);
                 if f.is_nan() {
-                    assert!(h.is_nan(), "{}: {:#010x} -> {:#06x}", k.tier(), f.to_bits(), h.to_bits());
+                    assert!(
+                        h.is_nan(),
+                        "{}: {:#010x} -> {:#06x}",
+                        k.tier(),
+                        f.to_bits(),
+                        h.to_bits()
+                    );
                     assert_eq!(h.to_bits() & 0x8000, want.to_bits() & 0x8000, "sign of nan");
                 } else {
-                    assert_eq!(h.to_bits(), want.to_bits(), "{}: {f:e} ({:#010x})", k.tier(), f.to_bits());
+                    assert_eq!(
+                        h.to_bits(),
+                        want.to_bits(),
+                        "{}: {f:e} ({:#010x})",
+                        k.tier(),
+                        f.to_bits()
+                    );
                 }
             }
         }

@@ -27,7 +27,8 @@ fn forced_tier_is_used_or_refused() {
             .env("HYDRA_KERNELS_CHILD", tier.name())
             .output()
             .unwrap();
-        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
         if tier.is_supported() {
             assert!(out.status.success(), "{tier} should run here:\n{log}");
         } else {
@@ -41,7 +42,8 @@ fn forced_tier_is_used_or_refused() {
         .env("HYDRA_KERNELS_CHILD", "sse9")
         .output()
         .unwrap();
-    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(log.contains("unknown kernel tier `sse9`"), "{log}");
 }

@@ -6,8 +6,9 @@
 //! - **nn** (`up`, `grad_x`, `merge`): `Y[i, j] += s·Σ_k U[i, k]·M[k, j]`,
 //!   vectorised along the wide `j`; a rank-r "inner" loop of broadcasts.
 //!   `up` needs `M = Bᵀ`, built 64 columns at a time in a stack buffer.
-//! - **tn** (`grad_a`): `dA[k, j] += s·Σ_i P[i, k]·X[i, j]`, vectorised along `j`.
-//! - **vr** (`grad_u`, `grad_b`): vectorised along the rank; the rank-wide rows
+//! - **tn** (`grad_a`, `grad_b`): `O[k, j] += s·Σ_i P[i, k]·X[i, j]`, vectorised
+//!   along the wide `j`; `grad_b` computes `dBᵀ` this way, 64 columns at a time.
+//! - **vr** (`grad_u`): vectorised along the rank; the rank-wide rows
 //!   of the right operand are copied, zero-padded to whole vectors, into a
 //!   stack block so the inner loop never needs a partial load.
 //!
@@ -99,6 +100,10 @@ unsafe fn down_rows<S: Simd, X: Elem, const MR: usize, const KR: usize>(
         while k + KR <= r {
             down_tile::<S, X, MR, KR>(x, a, u, i0, k, d, r);
             k += KR;
+        }
+        while k + 2 <= r {
+            down_tile::<S, X, MR, 2>(x, a, u, i0, k, d, r);
+            k += 2;
         }
         while k < r {
             down_tile::<S, X, MR, 1>(x, a, u, i0, k, d, r);
@@ -332,13 +337,142 @@ pub(crate) unsafe fn merge<S: Simd, W: Elem, const MR: usize, const NV: usize>(
     unsafe { nn::<S, W, MR, NV>(w.as_mut_ptr(), d, b.as_ptr(), r, a.as_ptr(), d, m, d, r, s) }
 }
 
+/// The operands of one **tn** product: `O[k, j] += s·Σ_i P[i, k]·X[i, j]`
+/// for `k < r`, `j < w`, `i < n`, with row strides `ldp`, `ldx`, `ldo`.
+struct Tn<X> {
+    p: *const f32,
+    ldp: usize,
+    x: *const X,
+    ldx: usize,
+    o: *mut f32,
+    ldo: usize,
+    n: usize,
+    w: usize,
+    r: usize,
+    s: f32,
+}
+
+impl<X: Elem> Tn<X> {
+    /// Runs the product: ranks in groups of 4, then 2, then 1, each group
+    /// with as many column vectors as keep the tier's accumulators busy
+    /// (`NV4`, `NV2`, `NV1` vectors for 4, 2, 1 ranks), so that a rank-2
+    /// adapter still has enough independent FMA chains.
+    ///
+    /// # Safety
+    /// Tier features; every addressed element in bounds.
+    #[inline(always)]
+    unsafe fn run<S: Simd, const NV4: usize, const NV2: usize, const NV1: usize>(&self) {
+        let l = S::LANES;
+        let k4 = self.r / 4 * 4;
+        // SAFETY: each tile covers ranks below r and columns below w.
+        unsafe {
+            // Column strips outermost for the groups of 4: a strip of X
+            // (n rows × NV4 vectors) stays in cache while every group sweeps it.
+            let mut j = 0;
+            while k4 > 0 && j + NV4 * l <= self.w {
+                for k in (0..k4).step_by(4) {
+                    self.tile::<S, 4, NV4>(k, j);
+                }
+                j += NV4 * l;
+            }
+            while k4 > 0 && j + l <= self.w {
+                for k in (0..k4).step_by(4) {
+                    self.tile::<S, 4, 1>(k, j);
+                }
+                j += l;
+            }
+            self.scalar_cols(0, k4, j);
+            let mut k = k4;
+            if k + 2 <= self.r {
+                self.group::<S, 2, NV2>(k);
+                k += 2;
+            }
+            if k < self.r {
+                self.group::<S, 1, NV1>(k);
+            }
+        }
+    }
+
+    /// Ranks `k0..k0+RT` (the 1 or 2 left over after the groups of 4) over
+    /// every column: strips of `NV` vectors, then single vectors, then a scalar tail.
+    #[inline(always)]
+    unsafe fn group<S: Simd, const RT: usize, const NV: usize>(&self, k0: usize) {
+        let l = S::LANES;
+        let mut j = 0;
+        // SAFETY: strips stay below `w`; the tail is scalar.
+        unsafe {
+            while j + NV * l <= self.w {
+                self.tile::<S, RT, NV>(k0, j);
+                j += NV * l;
+            }
+            while j + l <= self.w {
+                self.tile::<S, RT, 1>(k0, j);
+                j += l;
+            }
+            self.scalar_cols(k0, k0 + RT, j);
+        }
+    }
+
+    /// Ranks `k0..k1`, columns `j0..w`, one element at a time.
+    #[inline(always)]
+    unsafe fn scalar_cols(&self, k0: usize, k1: usize, j0: usize) {
+        // SAFETY: ranks below r, columns below w (caller).
+        unsafe {
+            for kk in k0..k1 {
+                for jj in j0..self.w {
+                    let mut acc = 0.0f32;
+                    for i in 0..self.n {
+                        acc += *self.p.add(i * self.ldp + kk)
+                            * (*self.x.add(i * self.ldx + jj)).to_f32();
+                    }
+                    *self.o.add(kk * self.ldo + jj) += self.s * acc;
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const RT: usize, const NV: usize>(&self, k0: usize, j0: usize) {
+        let l = S::LANES;
+        // SAFETY: the tile `k0..k0+RT × j0..j0+NV·l` is in bounds (caller).
+        unsafe {
+            let mut acc = [[S::zero(); NV]; RT];
+            for i in 0..self.n {
+                let mut xv = [S::zero(); NV];
+                for (v, xvv) in xv.iter_mut().enumerate() {
+                    *xvv = X::vload::<S>(self.x.add(i * self.ldx + j0 + v * l));
+                }
+                for (kk, row) in acc.iter_mut().enumerate() {
+                    let pv = S::splat(*self.p.add(i * self.ldp + k0 + kk));
+                    for (c, &xvv) in row.iter_mut().zip(xv.iter()) {
+                        *c = S::fma(pv, xvv, *c);
+                    }
+                }
+            }
+            let sv = S::splat(self.s);
+            for (kk, row) in acc.iter().enumerate() {
+                for (v, &c) in row.iter().enumerate() {
+                    let dst = self.o.add((k0 + kk) * self.ldo + j0 + v * l);
+                    S::store(dst, S::fma(sv, c, S::load(dst)));
+                }
+            }
+        }
+    }
+}
+
 /// `dA[r×d] += s·dUᵀ·X`, `dU` n×r, `X` n×d.
 ///
 /// # Safety
 /// Tier features; shapes as documented.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn grad_a<S: Simd, X: Elem, const KR: usize, const NV: usize>(
+pub(crate) unsafe fn grad_a<
+    S: Simd,
+    X: Elem,
+    const NV4: usize,
+    const NV2: usize,
+    const NV1: usize,
+>(
     du: &[f32],
     x: &[X],
     da: &mut [f32],
@@ -347,84 +481,51 @@ pub(crate) unsafe fn grad_a<S: Simd, X: Elem, const KR: usize, const NV: usize>(
     d: usize,
     r: usize,
 ) {
-    let l = S::LANES;
-    let (pp, xp, ap) = (du.as_ptr(), x.as_ptr(), da.as_mut_ptr());
-    // SAFETY: every tile is inside `r × d`; rows of X below n.
-    unsafe {
-        let mut j = 0;
-        // Column strips outermost: a strip of X (n rows × NV·l) stays in
-        // cache while every block of ranks sweeps it.
-        while j < d {
-            let width = if j + NV * l <= d {
-                NV * l
-            } else if j + l <= d {
-                l
-            } else {
-                d - j
-            };
-            let mut k = 0;
-            while k < r {
-                let ranks = if k + KR <= r { KR } else { 1 };
-                match (ranks == KR, width) {
-                    (true, wd) if wd == NV * l => tn_tile::<S, X, KR, NV>(pp, xp, ap, s, n, d, r, k, j),
-                    (false, wd) if wd == NV * l => tn_tile::<S, X, 1, NV>(pp, xp, ap, s, n, d, r, k, j),
-                    (true, wd) if wd == l => tn_tile::<S, X, KR, 1>(pp, xp, ap, s, n, d, r, k, j),
-                    (false, wd) if wd == l => tn_tile::<S, X, 1, 1>(pp, xp, ap, s, n, d, r, k, j),
-                    _ => {
-                        for kk in k..k + ranks {
-                            for jj in j..j + width {
-                                let mut acc = 0.0f32;
-                                for i in 0..n {
-                                    acc += *pp.add(i * r + kk) * (*xp.add(i * d + jj)).to_f32();
-                                }
-                                *ap.add(kk * d + jj) += s * acc;
-                            }
-                        }
-                    }
-                }
-                k += ranks;
-            }
-            j += width;
-        }
-    }
+    let (p, ldp, x, ldx, o, ldo, w) = (du.as_ptr(), r, x.as_ptr(), d, da.as_mut_ptr(), d, d);
+    // SAFETY: shapes guaranteed by the caller.
+    unsafe { Tn { p, ldp, x, ldx, o, ldo, n, w, r, s }.run::<S, NV4, NV2, NV1>() }
 }
 
+/// Output columns of `dBᵀ` computed per block of `grad_b`.
+const GB_BLOCK: usize = 64;
+
+/// `dB[m×r] += s·dYᵀ·U`, `dY` n×m, `U` n×r.
+///
+/// Computed as `dBᵀ = s·Uᵀ·dY` with the **tn** product — vectorised along the
+/// wide `m`, so every lane is used even at rank 1 or 2 — into a stack block of
+/// 64 columns, then added back transposed.
+///
+/// # Safety
+/// Tier features; shapes as documented.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tn_tile<S: Simd, X: Elem, const KR: usize, const NV: usize>(
-    p: *const f32,
-    x: *const X,
-    da: *mut f32,
+pub(crate) unsafe fn grad_b<S: Simd, const NV4: usize, const NV2: usize, const NV1: usize>(
+    dy: &[f32],
+    u: &[f32],
+    db: &mut [f32],
     s: f32,
     n: usize,
-    d: usize,
+    m: usize,
     r: usize,
-    k0: usize,
-    j0: usize,
 ) {
-    let l = S::LANES;
-    // SAFETY: the tile `k0..k0+KR × j0..j0+NV·l` is in bounds (caller).
-    unsafe {
-        let mut acc = [[S::zero(); NV]; KR];
-        for i in 0..n {
-            let mut xv = [S::zero(); NV];
-            for (v, xvv) in xv.iter_mut().enumerate() {
-                *xvv = X::vload::<S>(x.add(i * d + j0 + v * l));
-            }
-            for (kk, row) in acc.iter_mut().enumerate() {
-                let pv = S::splat(*p.add(i * r + k0 + kk));
-                for (c, &xvv) in row.iter_mut().zip(xv.iter()) {
-                    *c = S::fma(pv, xvv, *c);
-                }
+    debug_assert!(r <= MAX_RANK);
+    let mut tmp = [0.0f32; MAX_RANK * GB_BLOCK];
+    let mut c0 = 0;
+    while c0 < m {
+        let w = GB_BLOCK.min(m - c0);
+        tmp[..r * GB_BLOCK].fill(0.0);
+        let (p, ldp, o, ldo) = (u.as_ptr(), r, tmp.as_mut_ptr(), GB_BLOCK);
+        // SAFETY: columns `c0..c0+w` of dY; `tmp` holds r×GB_BLOCK.
+        unsafe {
+            let x = dy.as_ptr().add(c0);
+            Tn { p, ldp, x, ldx: m, o, ldo, n, w, r, s }.run::<S, NV4, NV2, NV1>();
+        }
+        for c in 0..w {
+            for k in 0..r {
+                db[(c0 + c) * r + k] += tmp[k * GB_BLOCK + c];
             }
         }
-        let sv = S::splat(s);
-        for (kk, row) in acc.iter().enumerate() {
-            for (v, &c) in row.iter().enumerate() {
-                let dst = da.add((k0 + kk) * d + j0 + v * l);
-                S::store(dst, S::fma(sv, c, S::load(dst)));
-            }
-        }
+        c0 += w;
     }
 }
 
@@ -562,24 +663,5 @@ pub(crate) unsafe fn grad_u<S: Simd, const OR1: usize, const OR4: usize>(
     unsafe { vr::<S, OR1, OR4>(du.as_mut_ptr(), dy.as_ptr(), m, 1, b.as_ptr(), n, m, r, 1.0) }
 }
 
-/// `dB[m×r] += s·dYᵀ·U`, `dY` n×m, `U` n×r.
-///
-/// # Safety
-/// Tier features; shapes as documented.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) unsafe fn grad_b<S: Simd, const OR1: usize, const OR4: usize>(
-    dy: &[f32],
-    u: &[f32],
-    db: &mut [f32],
-    s: f32,
-    n: usize,
-    m: usize,
-    r: usize,
-) {
-    // SAFETY: out = dB (m×r), Q(o=c, t=i) = dY[i·m + c], R = U (n×r).
-    unsafe { vr::<S, OR1, OR4>(db.as_mut_ptr(), dy.as_ptr(), 1, m, u.as_ptr(), m, n, r, s) }
-}
-
 // The padded rows of `vr` are at most MAX_RANK wide, so a block holds at least 64 of them.
-const _: () = assert!(VR_BLOCK >= 64 * MAX_RANK && MAX_RANK % MAX_LANES == 0);
+const _: () = assert!(VR_BLOCK >= 64 * MAX_RANK && MAX_RANK.is_multiple_of(MAX_LANES));

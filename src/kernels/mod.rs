@@ -94,11 +94,9 @@ impl Tier {
             #[cfg(all(target_arch = "x86_64", feature = "std"))]
             Tier::Avx512 => Tier::Avx2.is_supported() && std::is_x86_feature_detected!("avx512f"),
             #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
-            Tier::Avx2 => cfg!(all(
-                target_feature = "avx2",
-                target_feature = "fma",
-                target_feature = "f16c"
-            )),
+            Tier::Avx2 => {
+                cfg!(all(target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))
+            }
             #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
             Tier::Avx512 => cfg!(all(
                 target_feature = "avx2",
@@ -182,19 +180,26 @@ pub fn active() -> &'static Kernels {
 /// what makes the safe methods sound.
 pub struct Kernels {
     pub(crate) tier: Tier,
-    pub(crate) f16_to_f32: unsafe fn(&[f16], &mut [f32]),
-    pub(crate) f32_to_f16: unsafe fn(&[f32], &mut [f16]),
-    pub(crate) down_f32: unsafe fn(&[f32], &[f32], &mut [f32], usize, usize, usize),
-    pub(crate) down_f16: unsafe fn(&[f16], &[f32], &mut [f32], usize, usize, usize),
-    pub(crate) up: unsafe fn(&[f32], &[f32], &mut [f32], f32, usize, usize, usize),
-    pub(crate) grad_u: unsafe fn(&[f32], &[f32], &mut [f32], usize, usize, usize),
-    pub(crate) grad_x: unsafe fn(&[f32], &[f32], &mut [f32], f32, usize, usize, usize),
-    pub(crate) grad_a_f32: unsafe fn(&[f32], &[f32], &mut [f32], f32, usize, usize, usize),
-    pub(crate) grad_a_f16: unsafe fn(&[f32], &[f16], &mut [f32], f32, usize, usize, usize),
-    pub(crate) grad_b: unsafe fn(&[f32], &[f32], &mut [f32], f32, usize, usize, usize),
-    pub(crate) merge_f32: unsafe fn(&[f32], &[f32], &mut [f32], f32, usize, usize, usize),
-    pub(crate) merge_f16: unsafe fn(&[f32], &[f32], &mut [f16], f32, usize, usize, usize),
+    pub(crate) f16_to_f32: ConvertFn<f16, f32>,
+    pub(crate) f32_to_f16: ConvertFn<f32, f16>,
+    pub(crate) down_f32: DownFn<f32>,
+    pub(crate) down_f16: DownFn<f16>,
+    pub(crate) up: ScaledFn<f32, f32, f32>,
+    pub(crate) grad_u: DownFn<f32>,
+    pub(crate) grad_x: ScaledFn<f32, f32, f32>,
+    pub(crate) grad_a_f32: ScaledFn<f32, f32, f32>,
+    pub(crate) grad_a_f16: ScaledFn<f32, f16, f32>,
+    pub(crate) grad_b: ScaledFn<f32, f32, f32>,
+    pub(crate) merge_f32: ScaledFn<f32, f32, f32>,
+    pub(crate) merge_f16: ScaledFn<f32, f32, f16>,
 }
+
+/// A tier's bulk conversion.
+pub(crate) type ConvertFn<A, B> = unsafe fn(&[A], &mut [B]);
+/// A tier's unscaled product `(lhs, rhs, out, three dims)`.
+pub(crate) type DownFn<X> = unsafe fn(&[X], &[f32], &mut [f32], usize, usize, usize);
+/// A tier's scaled, accumulating product `(lhs, rhs, out, s, three dims)`.
+pub(crate) type ScaledFn<A, B, C> = unsafe fn(&[A], &[B], &mut [C], f32, usize, usize, usize);
 
 #[track_caller]
 fn check(what: &str, name: &str, len: usize, rows: usize, cols: usize) {
@@ -285,7 +290,16 @@ impl Kernels {
     /// `dX[n×d] += s·dU[n×r]·A[r×d]`.
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn grad_x(&self, du: &[f32], a: &[f32], dx: &mut [f32], s: f32, n: usize, d: usize, r: usize) {
+    pub fn grad_x(
+        &self,
+        du: &[f32],
+        a: &[f32],
+        dx: &mut [f32],
+        s: f32,
+        n: usize,
+        d: usize,
+        r: usize,
+    ) {
         check_rank("grad_x", r);
         check("grad_x", "dU", du.len(), n, r);
         check("grad_x", "A", a.len(), r, d);
@@ -297,7 +311,16 @@ impl Kernels {
     /// `dA[r×d] += s·dUᵀ·X` with `dU` n×r, `X` n×d (f32).
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn grad_a_f32(&self, du: &[f32], x: &[f32], da: &mut [f32], s: f32, n: usize, d: usize, r: usize) {
+    pub fn grad_a_f32(
+        &self,
+        du: &[f32],
+        x: &[f32],
+        da: &mut [f32],
+        s: f32,
+        n: usize,
+        d: usize,
+        r: usize,
+    ) {
         check_grad_a("grad_a_f32", du.len(), x.len(), da.len(), n, d, r);
         // SAFETY: as above.
         unsafe { (self.grad_a_f32)(du, x, da, s, n, d, r) }
@@ -306,7 +329,16 @@ impl Kernels {
     /// `dA[r×d] += s·dUᵀ·X` with f16 activations.
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn grad_a_f16(&self, du: &[f32], x: &[f16], da: &mut [f32], s: f32, n: usize, d: usize, r: usize) {
+    pub fn grad_a_f16(
+        &self,
+        du: &[f32],
+        x: &[f16],
+        da: &mut [f32],
+        s: f32,
+        n: usize,
+        d: usize,
+        r: usize,
+    ) {
         check_grad_a("grad_a_f16", du.len(), x.len(), da.len(), n, d, r);
         // SAFETY: as above.
         unsafe { (self.grad_a_f16)(du, x, da, s, n, d, r) }
@@ -315,7 +347,16 @@ impl Kernels {
     /// `dB[m×r] += s·dYᵀ·U` with `dY` n×m, `U` n×r.
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn grad_b(&self, dy: &[f32], u: &[f32], db: &mut [f32], s: f32, n: usize, m: usize, r: usize) {
+    pub fn grad_b(
+        &self,
+        dy: &[f32],
+        u: &[f32],
+        db: &mut [f32],
+        s: f32,
+        n: usize,
+        m: usize,
+        r: usize,
+    ) {
         check_rank("grad_b", r);
         check("grad_b", "dY", dy.len(), n, m);
         check("grad_b", "U", u.len(), n, r);
@@ -327,7 +368,16 @@ impl Kernels {
     /// `W[m×d] += s·B[m×r]·A[r×d]` (the rank-r merge update), W in f32.
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn merge_f32(&self, b: &[f32], a: &[f32], w: &mut [f32], s: f32, m: usize, d: usize, r: usize) {
+    pub fn merge_f32(
+        &self,
+        b: &[f32],
+        a: &[f32],
+        w: &mut [f32],
+        s: f32,
+        m: usize,
+        d: usize,
+        r: usize,
+    ) {
         check_merge("merge_f32", b.len(), a.len(), w.len(), m, d, r);
         // SAFETY: as above.
         unsafe { (self.merge_f32)(b, a, w, s, m, d, r) }
@@ -337,7 +387,16 @@ impl Kernels {
     /// in f32 and rounded once.
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    pub fn merge_f16(&self, b: &[f32], a: &[f32], w: &mut [f16], s: f32, m: usize, d: usize, r: usize) {
+    pub fn merge_f16(
+        &self,
+        b: &[f32],
+        a: &[f32],
+        w: &mut [f16],
+        s: f32,
+        m: usize,
+        d: usize,
+        r: usize,
+    ) {
         check_merge("merge_f16", b.len(), a.len(), w.len(), m, d, r);
         // SAFETY: as above.
         unsafe { (self.merge_f16)(b, a, w, s, m, d, r) }

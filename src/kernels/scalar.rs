@@ -52,5 +52,5 @@ unsafe impl Simd for Scalar {
 super::simd::tier_table! {
     tier: crate::kernels::Tier::Scalar,
     simd: Scalar,
-    tiles: down(2, 4) nn(2, 4) tn(4, 2) vr(4, 2)
+    tiles: down(2, 4) nn(2, 4) tn(2, 4, 8) vr(4, 2)
 }

@@ -130,14 +130,14 @@ pub(crate) unsafe fn vstore_partial<S: Simd, E: Elem>(p: *mut E, v: S::V, len: u
 ///
 /// `tiles` fixes the register blocking of each kernel family, chosen per
 /// tier from its register count: `down(rows, ranks)`, `nn(rows, vectors)`,
-/// `tn(ranks, vectors)`, `vr(outputs for 1 vector, outputs for 4 vectors)`.
+/// `tn(vectors for 4, 2, 1 ranks)`, `vr(outputs for 1 vector, outputs for 4 vectors)`.
 macro_rules! tier_table {
     (
         tier: $tier:expr,
         simd: $S:ty,
         $(#[$attr:meta])*
         tiles: down($dm:literal, $dk:literal) nn($nm:literal, $nv:literal)
-               tn($tk:literal, $tv:literal) vr($vr1:literal, $vr4:literal)
+               tn($t4:literal, $t2:literal, $t1:literal) vr($vr1:literal, $vr4:literal)
     ) => {
         use half::f16;
         use $crate::kernels::generic as g;
@@ -197,21 +197,21 @@ macro_rules! tier_table {
         /// As above.
         unsafe fn grad_a_f32(du: &[f32], x: &[f32], da: &mut [f32], s: f32, n: usize, d: usize, r: usize) {
             // SAFETY: forwarded precondition.
-            unsafe { g::grad_a::<$S, f32, $tk, $tv>(du, x, da, s, n, d, r) }
+            unsafe { g::grad_a::<$S, f32, $t4, $t2, $t1>(du, x, da, s, n, d, r) }
         }
         $(#[$attr])*
         /// # Safety
         /// As above.
         unsafe fn grad_a_f16(du: &[f32], x: &[f16], da: &mut [f32], s: f32, n: usize, d: usize, r: usize) {
             // SAFETY: forwarded precondition.
-            unsafe { g::grad_a::<$S, f16, $tk, $tv>(du, x, da, s, n, d, r) }
+            unsafe { g::grad_a::<$S, f16, $t4, $t2, $t1>(du, x, da, s, n, d, r) }
         }
         $(#[$attr])*
         /// # Safety
         /// As above.
         unsafe fn grad_b(dy: &[f32], u: &[f32], db: &mut [f32], s: f32, n: usize, m: usize, r: usize) {
             // SAFETY: forwarded precondition.
-            unsafe { g::grad_b::<$S, $vr1, $vr4>(dy, u, db, s, n, m, r) }
+            unsafe { g::grad_b::<$S, $t4, $t2, $t1>(dy, u, db, s, n, m, r) }
         }
         $(#[$attr])*
         /// # Safety

@@ -64,5 +64,5 @@ crate::kernels::simd::tier_table! {
     tier: crate::kernels::Tier::Avx2,
     simd: Avx2,
     #[target_feature(enable = "avx2,fma,f16c")]
-    tiles: down(2, 4) nn(2, 4) tn(4, 2) vr(8, 2)
+    tiles: down(2, 4) nn(2, 4) tn(2, 4, 8) vr(8, 2)
 }

@@ -59,5 +59,5 @@ crate::kernels::simd::tier_table! {
     tier: crate::kernels::Tier::Avx512,
     simd: Avx512,
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    tiles: down(4, 4) nn(4, 4) tn(4, 4) vr(16, 4)
+    tiles: down(4, 4) nn(4, 4) tn(4, 8, 8) vr(16, 4)
 }
