@@ -12,34 +12,10 @@
 mod cases;
 
 use std::hint::black_box;
-use std::time::Instant;
+
+use cases::best_time as time;
 
 use hydra_edge::kernels::{self, Kernels, Tier};
-
-/// Seconds per call of `f`: best of 7 batches of at least 3 ms each.
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    let mut iters = 1u32;
-    loop {
-        let t = Instant::now();
-        for _ in 0..iters {
-            f();
-        }
-        if t.elapsed().as_secs_f64() > 3e-3 || iters >= 1 << 20 {
-            break;
-        }
-        iters *= 2;
-    }
-    (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f();
-            }
-            t.elapsed().as_secs_f64() / f64::from(iters)
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let fast = kernels::active();

@@ -26,9 +26,11 @@
 extern crate alloc;
 
 pub mod error;
+pub mod hydra;
 
 pub mod kernels;
 pub mod rng;
 
 pub use error::{Error, Result};
 pub use half::f16;
+pub use hydra::{HydraConfig, HydraLinear, Variant};

@@ -6,6 +6,8 @@
 //! own SIMD slice conversion).
 #![allow(dead_code)]
 
+use std::time::Instant;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use hydra_edge::kernels::Kernels;
@@ -236,4 +238,30 @@ pub fn cases(sh: Shape) -> Vec<Case> {
         });
     }
     out
+}
+
+/// Seconds per call of `f`: the best of 7 batches of at least 3 ms each (the
+/// minimum is the least noisy estimate on a shared machine).
+pub fn best_time(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut iters = 1u32;
+    loop {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        if t.elapsed().as_secs_f64() > 3e-3 || iters >= 1 << 20 {
+            break;
+        }
+        iters *= 2;
+    }
+    (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() / f64::from(iters)
+        })
+        .fold(f64::INFINITY, f64::min)
 }

@@ -1,0 +1,487 @@
+//! [`HydraLinear`]: a frozen linear layer `y0 = W0·x + b0` with a parallel
+//! and a sequential low-rank branch (Hydra, arXiv 2309.06922):
+//!
+//! ```text
+//! p = s_p·(B_p·(A_p·x + c_p) + e_p)      parallel   A_p: r_p×in,  B_p: out×r_p
+//! q = s_s·(B_s·(A_s·y0 + c_s) + e_s)     sequential A_s: r_s×out, B_s: out×r_s
+//! y = y0 + p + q
+//! ```
+//!
+//! (`c`, `e`: the optional branch biases, zero at init.) Batches are row
+//! vectors, as in the paper's code: `X` is n×in, `Y = X·W0ᵀ + b0 + …` is n×out.
+//! Every low-rank product runs on [`crate::kernels`]; the dense products with
+//! `W0` run on `matrixmultiply`. Merge, unmerge and the hot-swap delta are in
+//! [`merge`](self::merge).
+//!
+//! Backward, given `dY`:
+//! `dB_p = s_p·dYᵀ·U_p`, `dA_p = s_p·(dY·B_p)ᵀ·X`, `dB_s = s_s·dYᵀ·U_s`,
+//! `dA_s = s_s·(dY·B_s)ᵀ·Y0`, `dY0 = dY + s_s·(dY·B_s)·A_s`,
+//! `dX = dY0·W0 + s_p·(dY·B_p)·A_p` (dropout masks applied on the way).
+
+mod config;
+mod dense;
+pub mod merge;
+
+use alloc::format;
+use alloc::string::ToString;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use half::f16;
+
+pub use config::{BranchConfig, HydraConfig, Init, Variant};
+pub use dense::Weights;
+pub use merge::Delta;
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, Kernels};
+use crate::rng::Rng;
+
+/// A batch of activations, f32 or f16 (cached activations are f16).
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// f32 rows.
+    F32(&'a [f32]),
+    /// f16 rows; products widen to f32.
+    F16(&'a [f16]),
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::F32(x) => x.len(),
+            Input::F16(x) => x.len(),
+        }
+    }
+    fn all_finite(&self) -> bool {
+        match self {
+            Input::F32(x) => x.iter().all(|v| v.is_finite()),
+            Input::F16(x) => x.iter().all(|v| v.is_finite()),
+        }
+    }
+}
+
+/// One branch's trainable tensors (or their gradients, same shapes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Branch {
+    /// Down projection `A`, r×k (k = in for parallel, out for sequential).
+    pub a: Vec<f32>,
+    /// Up projection `B`, out×r.
+    pub b: Vec<f32>,
+    /// Down bias `c` (r), if the branch has biases.
+    pub bias_down: Option<Vec<f32>>,
+    /// Up bias `e` (out), if the branch has biases.
+    pub bias_up: Option<Vec<f32>>,
+}
+
+impl Branch {
+    fn zeros(r: usize, k: usize, out: usize, bias: bool) -> Branch {
+        Branch {
+            a: vec![0.0; r * k],
+            b: vec![0.0; out * r],
+            bias_down: bias.then(|| vec![0.0; r]),
+            bias_up: bias.then(|| vec![0.0; out]),
+        }
+    }
+
+    /// Every tensor of the branch, in a fixed order (A, B, c, e).
+    pub fn tensors(&self) -> impl Iterator<Item = &[f32]> {
+        [Some(&self.a[..]), Some(&self.b[..]), self.bias_down.as_deref(), self.bias_up.as_deref()]
+            .into_iter()
+            .flatten()
+    }
+
+    /// Mutable view of [`Branch::tensors`].
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
+        [
+            Some(&mut self.a[..]),
+            Some(&mut self.b[..]),
+            self.bias_down.as_deref_mut(),
+            self.bias_up.as_deref_mut(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    fn fill(&mut self, v: f32) {
+        self.tensors_mut().for_each(|t| t.fill(v));
+    }
+}
+
+/// What forward keeps for backward.
+#[derive(Debug)]
+struct Saved {
+    n: usize,
+    /// Parallel branch input (after dropout), if the branch exists.
+    xp: Option<SavedX>,
+    /// Dropout scale per input element of the parallel branch (0 or 1/(1−p)).
+    mask_p: Option<Vec<f32>>,
+    /// Sequential branch input `Y0` after dropout.
+    y0: Option<Vec<f32>>,
+    mask_s: Option<Vec<f32>>,
+    u_p: Vec<f32>,
+    u_s: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum SavedX {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// A frozen linear layer with a Hydra adapter.
+#[derive(Debug)]
+pub struct HydraLinear {
+    config: HydraConfig,
+    in_dim: usize,
+    out_dim: usize,
+    w0: Weights,
+    b0: Option<Vec<f32>>,
+    /// Parallel branch, if the variant has one.
+    parallel: Option<Branch>,
+    sequential: Option<Branch>,
+    grad_parallel: Option<Branch>,
+    grad_sequential: Option<Branch>,
+    merged: bool,
+    /// `b0` was `None` and merge created a bias (so unmerge drops it again).
+    bias_added_by_merge: bool,
+    training: bool,
+    rng: Rng,
+    saved: Option<Saved>,
+}
+
+impl HydraLinear {
+    /// Wraps the frozen layer `W0` (out×in) and `b0` (out) with a freshly
+    /// initialised adapter (identity: `B = 0`, biases 0).
+    pub fn new(
+        config: HydraConfig,
+        w0: Weights,
+        b0: Option<Vec<f32>>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<HydraLinear> {
+        config.validate(in_dim, out_dim)?;
+        if w0.len() != out_dim * in_dim {
+            return Err(shape("HydraLinear::new W0", format!("{out_dim}×{in_dim}"), w0.len()));
+        }
+        if let Some(b) = &b0 {
+            if b.len() != out_dim {
+                return Err(shape("HydraLinear::new b0", format!("{out_dim}"), b.len()));
+            }
+            if !b.iter().all(|v| v.is_finite()) {
+                return Err(Error::NonFinite("HydraLinear::new b0"));
+            }
+        }
+        if !w0.all_finite() {
+            return Err(Error::NonFinite("HydraLinear::new W0"));
+        }
+        let mut rng = Rng::new(config.seed);
+        let branch = |on: bool, c: &BranchConfig, k: usize, rng: &mut Rng| {
+            on.then(|| {
+                let mut b = Branch::zeros(c.rank, k, out_dim, c.bias);
+                config::init_a(&mut b.a, k, c.rank, config.init, rng);
+                b
+            })
+        };
+        let parallel = branch(config.variant.has_parallel(), &config.parallel, in_dim, &mut rng);
+        let sequential =
+            branch(config.variant.has_sequential(), &config.sequential, out_dim, &mut rng);
+        let zeros_like = |b: &Option<Branch>| {
+            b.as_ref().map(|b| {
+                let mut g = b.clone();
+                g.fill(0.0);
+                g
+            })
+        };
+        Ok(HydraLinear {
+            grad_parallel: zeros_like(&parallel),
+            grad_sequential: zeros_like(&sequential),
+            config,
+            in_dim,
+            out_dim,
+            w0,
+            b0,
+            parallel,
+            sequential,
+            merged: false,
+            bias_added_by_merge: false,
+            training: false,
+            rng,
+            saved: None,
+        })
+    }
+
+    /// The adapter's configuration.
+    pub fn config(&self) -> &HydraConfig {
+        &self.config
+    }
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+    /// The frozen (or, after [`HydraLinear::merge`], merged) weights.
+    pub fn weights(&self) -> &Weights {
+        &self.w0
+    }
+    /// The frozen (or merged) bias.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.b0.as_deref()
+    }
+    /// The parallel branch, if any.
+    pub fn parallel(&self) -> Option<&Branch> {
+        self.parallel.as_ref()
+    }
+    /// The sequential branch, if any.
+    pub fn sequential(&self) -> Option<&Branch> {
+        self.sequential.as_ref()
+    }
+    /// Mutable parallel branch (for optimisers and loading saved adapters).
+    pub fn parallel_mut(&mut self) -> Option<&mut Branch> {
+        self.parallel.as_mut()
+    }
+    /// Mutable sequential branch.
+    pub fn sequential_mut(&mut self) -> Option<&mut Branch> {
+        self.sequential.as_mut()
+    }
+    /// Both branches mutably (parallel first), for optimisers.
+    pub fn branches_mut(&mut self) -> impl Iterator<Item = &mut Branch> {
+        [self.parallel.as_mut(), self.sequential.as_mut()].into_iter().flatten()
+    }
+    /// Gradients accumulated by [`HydraLinear::backward`]: (parallel, sequential).
+    pub fn grads(&self) -> (Option<&Branch>, Option<&Branch>) {
+        (self.grad_parallel.as_ref(), self.grad_sequential.as_ref())
+    }
+    /// Zeroes the accumulated gradients.
+    pub fn zero_grad(&mut self) {
+        for g in [&mut self.grad_parallel, &mut self.grad_sequential].into_iter().flatten() {
+            g.fill(0.0);
+        }
+    }
+    /// Number of trainable parameters.
+    pub fn num_trainable(&self) -> usize {
+        [&self.parallel, &self.sequential]
+            .into_iter()
+            .flatten()
+            .flat_map(Branch::tensors)
+            .map(<[f32]>::len)
+            .sum()
+    }
+    /// Training mode turns dropout on; evaluation mode (the default) off.
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+    /// The dropout generator (its state belongs in a checkpoint).
+    pub fn rng(&self) -> &Rng {
+        &self.rng
+    }
+    /// Restores the dropout generator, e.g. from a checkpoint.
+    pub fn set_rng(&mut self, rng: Rng) {
+        self.rng = rng;
+    }
+    /// Whether the adapter is currently folded into the weights.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// `Y[n×out]` for `X[n×in]`; keeps what [`HydraLinear::backward`] needs.
+    pub fn forward(&mut self, x: Input<'_>, n: usize) -> Result<Vec<f32>> {
+        let k = kernels::active();
+        if x.len() != n * self.in_dim {
+            return Err(shape("HydraLinear::forward X", format!("{n}×{}", self.in_dim), x.len()));
+        }
+        if !x.all_finite() {
+            return Err(Error::NonFinite("HydraLinear::forward input"));
+        }
+        let (din, dout) = (self.in_dim, self.out_dim);
+        // y0 = X·W0ᵀ + b0 (dense, frozen).
+        let xf: Vec<f32>;
+        let x32: &[f32] = match x {
+            Input::F32(x) => x,
+            Input::F16(h) => {
+                xf = widen(k, h);
+                &xf
+            }
+        };
+        let mut y = vec![0.0f32; n * dout];
+        self.w0.with_f32(k, |w| gemm_xwt(x32, w, &mut y, n, din, dout));
+        if let Some(b0) = &self.b0 {
+            y.chunks_exact_mut(dout)
+                .for_each(|row| row.iter_mut().zip(b0).for_each(|(v, b)| *v += b));
+        }
+        if self.merged {
+            self.saved = None;
+            return Ok(y);
+        }
+        let train = self.training;
+        let mut saved =
+            Saved { n, xp: None, mask_p: None, y0: None, mask_s: None, u_p: vec![], u_s: vec![] };
+        // The sequential branch reads y0 before the branches add to it.
+        let y0 = self.sequential.is_some().then(|| y.clone());
+        if let Some(p) = &self.parallel {
+            let c = &self.config.parallel;
+            let r = c.rank;
+            let mut u = vec![0.0f32; n * r];
+            let mask =
+                (train && c.dropout > 0.0).then(|| dropout_mask(&mut self.rng, n * din, c.dropout));
+            let xp = match (&mask, x) {
+                (Some(m), _) => SavedX::F32(x32.iter().zip(m).map(|(v, m)| v * m).collect()),
+                (None, Input::F32(x)) => SavedX::F32(x.to_vec()),
+                (None, Input::F16(h)) => SavedX::F16(h.to_vec()),
+            };
+            match &xp {
+                SavedX::F32(xp) => k.down_f32(xp, &p.a, &mut u, n, din, r),
+                SavedX::F16(xp) => k.down_f16(xp, &p.a, &mut u, n, din, r),
+            }
+            add_bias_rows(&mut u, p.bias_down.as_deref(), 1.0);
+            k.up(&u, &p.b, &mut y, c.scale, n, dout, r);
+            add_bias_rows(&mut y, p.bias_up.as_deref(), c.scale);
+            saved.xp = Some(xp);
+            saved.mask_p = mask;
+            saved.u_p = u;
+        }
+        if let (Some(s), Some(mut y0)) = (&self.sequential, y0) {
+            let c = &self.config.sequential;
+            let r = c.rank;
+            let mut u = vec![0.0f32; n * r];
+            let mask = (train && c.dropout > 0.0)
+                .then(|| dropout_mask(&mut self.rng, n * dout, c.dropout));
+            if let Some(m) = &mask {
+                y0.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+            }
+            k.down_f32(&y0, &s.a, &mut u, n, dout, r);
+            add_bias_rows(&mut u, s.bias_down.as_deref(), 1.0);
+            k.up(&u, &s.b, &mut y, c.scale, n, dout, r);
+            add_bias_rows(&mut y, s.bias_up.as_deref(), c.scale);
+            saved.y0 = Some(y0);
+            saved.mask_s = mask;
+            saved.u_s = u;
+        }
+        self.saved = Some(saved);
+        Ok(y)
+    }
+
+    /// Accumulates the adapter's gradients for `dY[n×out]` (of the last
+    /// forward) and returns `dX[n×in]`.
+    pub fn backward(&mut self, dy: &[f32]) -> Result<Vec<f32>> {
+        let k = kernels::active();
+        let saved = self.saved.take().ok_or_else(|| {
+            Error::Config(
+                "HydraLinear::backward called without a preceding forward (or after merge)"
+                    .to_string(),
+            )
+        })?;
+        let (n, din, dout) = (saved.n, self.in_dim, self.out_dim);
+        if dy.len() != n * dout {
+            return Err(shape("HydraLinear::backward dY", format!("{n}×{dout}"), dy.len()));
+        }
+        if !dy.iter().all(|v| v.is_finite()) {
+            return Err(Error::NonFinite("HydraLinear::backward dY"));
+        }
+        let mut dx = vec![0.0f32; n * din];
+        // dY0 = dY + s_s·(dY·B_s)·A_s (masked), then dX = dY0·W0.
+        let mut dy0 = dy.to_vec();
+        if let (Some(s), Some(g)) = (&self.sequential, &mut self.grad_sequential) {
+            let c = &self.config.sequential;
+            let y0 = saved.y0.as_deref().unwrap_or_default();
+            let du = branch_grads(k, g, &s.b, dy, &saved.u_s, c.scale, n, dout, c.rank);
+            k.grad_a_f32(&du, y0, &mut g.a, c.scale, n, dout, c.rank);
+            let mut dyq = vec![0.0f32; n * dout];
+            k.grad_x(&du, &s.a, &mut dyq, c.scale, n, dout, c.rank);
+            apply_mask(&mut dyq, saved.mask_s.as_deref());
+            dy0.iter_mut().zip(&dyq).for_each(|(a, b)| *a += b);
+        }
+        self.w0.with_f32(k, |w| gemm_dyw(&dy0, w, &mut dx, n, din, dout));
+        if let (Some(p), Some(g)) = (&self.parallel, &mut self.grad_parallel) {
+            let c = &self.config.parallel;
+            let du = branch_grads(k, g, &p.b, dy, &saved.u_p, c.scale, n, dout, c.rank);
+            match &saved.xp {
+                Some(SavedX::F32(xp)) => k.grad_a_f32(&du, xp, &mut g.a, c.scale, n, din, c.rank),
+                Some(SavedX::F16(xp)) => k.grad_a_f16(&du, xp, &mut g.a, c.scale, n, din, c.rank),
+                None => {}
+            }
+            let mut dxp = vec![0.0f32; n * din];
+            k.grad_x(&du, &p.a, &mut dxp, c.scale, n, din, c.rank);
+            apply_mask(&mut dxp, saved.mask_p.as_deref());
+            dx.iter_mut().zip(&dxp).for_each(|(a, b)| *a += b);
+        }
+        Ok(dx)
+    }
+}
+
+/// Gradients shared by both branches: `dB += s·dYᵀ·U`, `de += s·Σ dY`,
+/// `dc += s·Σ dU`; returns `dU = dY·B` (unscaled).
+#[allow(clippy::too_many_arguments)]
+fn branch_grads(
+    k: &Kernels,
+    g: &mut Branch,
+    b: &[f32],
+    dy: &[f32],
+    u: &[f32],
+    s: f32,
+    n: usize,
+    out: usize,
+    r: usize,
+) -> Vec<f32> {
+    k.grad_b(dy, u, &mut g.b, s, n, out, r);
+    if let Some(ge) = &mut g.bias_up {
+        sum_rows_into(ge, dy, s);
+    }
+    let mut du = vec![0.0f32; n * r];
+    k.grad_u(dy, b, &mut du, n, out, r);
+    if let Some(gc) = &mut g.bias_down {
+        sum_rows_into(gc, &du, s);
+    }
+    du
+}
+
+/// `acc[j] += s·Σ_i m[i, j]`.
+fn sum_rows_into(acc: &mut [f32], m: &[f32], s: f32) {
+    let w = acc.len();
+    for row in m.chunks_exact(w) {
+        acc.iter_mut().zip(row).for_each(|(a, v)| *a += s * v);
+    }
+}
+
+/// `m[i, :] += s·bias` for every row.
+fn add_bias_rows(m: &mut [f32], bias: Option<&[f32]>, s: f32) {
+    if let Some(b) = bias {
+        m.chunks_exact_mut(b.len())
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += s * b));
+    }
+}
+
+fn apply_mask(m: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(mask) = mask {
+        m.iter_mut().zip(mask).for_each(|(v, k)| *v *= k);
+    }
+}
+
+/// Inverted dropout: each element kept with probability 1−p and scaled by 1/(1−p).
+fn dropout_mask(rng: &mut Rng, len: usize, p: f32) -> Vec<f32> {
+    let keep = 1.0 / (1.0 - p);
+    (0..len).map(|_| if rng.next_f32() < p { 0.0 } else { keep }).collect()
+}
+
+fn widen(k: &Kernels, h: &[f16]) -> Vec<f32> {
+    let mut out = vec![0.0; h.len()];
+    k.f16_to_f32(h, &mut out);
+    out
+}
+
+/// `Y[n×out] = X[n×in]·W0ᵀ` (W0 out×in).
+fn gemm_xwt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, din: usize, dout: usize) {
+    dense::gemm(n, din, dout, 1.0, x, (din, 1), w, (1, din), 0.0, y);
+}
+
+/// `dX[n×in] += dY0[n×out]·W0`.
+fn gemm_dyw(dy: &[f32], w: &[f32], dx: &mut [f32], n: usize, din: usize, dout: usize) {
+    dense::gemm(n, dout, din, 1.0, dy, (dout, 1), w, (din, 1), 1.0, dx);
+}
+
+fn shape(context: &'static str, expected: alloc::string::String, got: usize) -> Error {
+    Error::Shape { context, expected, got: format!("{got} elements") }
+}
