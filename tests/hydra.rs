@@ -100,7 +100,21 @@ fn matches_the_numpy_reference_fixtures() {
         let y = layer.forward(Input::F32(&f32s(&c.x)), c.n).unwrap();
         let e = rel_err(&y, &c.y);
         assert!(e < 1e-6, "{}: forward err {e:e}", c.name);
+        // Gradients without dX are the same gradients.
+        let mut twin = HydraLinear::new(
+            layer.config().clone(),
+            layer.weights().clone(),
+            layer.bias().map(<[f32]>::to_vec),
+            c.in_dim,
+            c.out_dim,
+        )
+        .unwrap();
+        set_branch(twin.parallel_mut(), &c.parallel);
+        set_branch(twin.sequential_mut(), &c.sequential);
+        twin.forward(Input::F32(&f32s(&c.x)), c.n).unwrap();
+        twin.backward_params_only(&f32s(&c.g)).unwrap();
         let dx = layer.backward(&f32s(&c.g)).unwrap();
+        assert_eq!(twin.grads(), layer.grads(), "{}: backward_params_only", c.name);
         let e = rel_err(&dx, &c.dx);
         assert!(e < 1e-6, "{}: dx err {e:e}", c.name);
         let (gp, gs) = layer.grads();

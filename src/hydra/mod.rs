@@ -367,6 +367,17 @@ impl HydraLinear {
     /// Accumulates the adapter's gradients for `dY[n×out]` (of the last
     /// forward) and returns `dX[n×in]`.
     pub fn backward(&mut self, dy: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.backward_impl(dy, true)?.unwrap_or_default())
+    }
+
+    /// Like [`HydraLinear::backward`] but without `dX`: for the first adapted
+    /// layer of a tail nothing upstream needs it, and skipping it saves the
+    /// dense `dY0·W0` product, the largest cost of backward.
+    pub fn backward_params_only(&mut self, dy: &[f32]) -> Result<()> {
+        self.backward_impl(dy, false).map(drop)
+    }
+
+    fn backward_impl(&mut self, dy: &[f32], want_dx: bool) -> Result<Option<Vec<f32>>> {
         let k = kernels::active();
         let saved = self.saved.take().ok_or_else(|| {
             Error::Config(
@@ -381,20 +392,34 @@ impl HydraLinear {
         if !dy.iter().all(|v| v.is_finite()) {
             return Err(Error::NonFinite("HydraLinear::backward dY"));
         }
-        let mut dx = vec![0.0f32; n * din];
+        let mut dx = if want_dx { vec![0.0f32; n * din] } else { Vec::new() };
         // dY0 = dY + s_s·(dY·B_s)·A_s (masked), then dX = dY0·W0.
-        let mut dy0 = dy.to_vec();
+        let mut dy0_owned = None;
         if let (Some(s), Some(g)) = (&self.sequential, &mut self.grad_sequential) {
             let c = &self.config.sequential;
             let y0 = saved.y0.as_deref().unwrap_or_default();
             let du = branch_grads(k, g, &s.b, dy, &saved.u_s, c.scale, n, dout, c.rank);
             k.grad_a_f32(&du, y0, &mut g.a, c.scale, n, dout, c.rank);
-            let mut dyq = vec![0.0f32; n * dout];
-            k.grad_x(&du, &s.a, &mut dyq, c.scale, n, dout, c.rank);
-            apply_mask(&mut dyq, saved.mask_s.as_deref());
-            dy0.iter_mut().zip(&dyq).for_each(|(a, b)| *a += b);
+            if want_dx {
+                let mut dy0 = dy.to_vec();
+                grad_x_masked(
+                    k,
+                    &du,
+                    &s.a,
+                    &mut dy0,
+                    saved.mask_s.as_deref(),
+                    c.scale,
+                    n,
+                    dout,
+                    c.rank,
+                );
+                dy0_owned = Some(dy0);
+            }
         }
-        self.w0.with_f32(k, |w| gemm_dyw(&dy0, w, &mut dx, n, din, dout));
+        if want_dx {
+            let dy0 = dy0_owned.as_deref().unwrap_or(dy);
+            self.w0.with_f32(k, |w| gemm_dyw(dy0, w, &mut dx, n, din, dout));
+        }
         if let (Some(p), Some(g)) = (&self.parallel, &mut self.grad_parallel) {
             let c = &self.config.parallel;
             let du = branch_grads(k, g, &p.b, dy, &saved.u_p, c.scale, n, dout, c.rank);
@@ -403,12 +428,21 @@ impl HydraLinear {
                 Some(SavedX::F16(xp)) => k.grad_a_f16(&du, xp, &mut g.a, c.scale, n, din, c.rank),
                 None => {}
             }
-            let mut dxp = vec![0.0f32; n * din];
-            k.grad_x(&du, &p.a, &mut dxp, c.scale, n, din, c.rank);
-            apply_mask(&mut dxp, saved.mask_p.as_deref());
-            dx.iter_mut().zip(&dxp).for_each(|(a, b)| *a += b);
+            if want_dx {
+                grad_x_masked(
+                    k,
+                    &du,
+                    &p.a,
+                    &mut dx,
+                    saved.mask_p.as_deref(),
+                    c.scale,
+                    n,
+                    din,
+                    c.rank,
+                );
+            }
         }
-        Ok(dx)
+        Ok(want_dx.then_some(dx))
     }
 }
 
@@ -454,9 +488,27 @@ fn add_bias_rows(m: &mut [f32], bias: Option<&[f32]>, s: f32) {
     }
 }
 
-fn apply_mask(m: &mut [f32], mask: Option<&[f32]>) {
-    if let Some(mask) = mask {
-        m.iter_mut().zip(mask).for_each(|(v, k)| *v *= k);
+/// `dX += mask ⊙ (s·dU·A)`: straight into `dX` without dropout, through a
+/// temporary with it.
+#[allow(clippy::too_many_arguments)]
+fn grad_x_masked(
+    k: &Kernels,
+    du: &[f32],
+    a: &[f32],
+    dx: &mut [f32],
+    mask: Option<&[f32]>,
+    s: f32,
+    n: usize,
+    width: usize,
+    r: usize,
+) {
+    match mask {
+        None => k.grad_x(du, a, dx, s, n, width, r),
+        Some(mask) => {
+            let mut t = vec![0.0f32; n * width];
+            k.grad_x(du, a, &mut t, s, n, width, r);
+            dx.iter_mut().zip(&t).zip(mask).for_each(|((d, t), m)| *d += t * m);
+        }
     }
 }
 
