@@ -35,8 +35,50 @@ pub enum Error {
         reason: &'static str,
     },
     /// A name that does not denote any kernel tier.
-    #[error("unknown kernel tier `{0}` (expected one of: scalar, avx2, avx512)")]
+    #[error("unknown kernel tier `{0}` (expected one of: scalar, avx2, avx512, neon, fp16)")]
     UnknownTier(String),
+    /// A model file that cannot be decoded or is inconsistent.
+    #[error("invalid ONNX model: {0}")]
+    Onnx(String),
+    /// An operator the tail engine cannot run (raised when the split is made).
+    #[error("unsupported op `{op}` in the trainable tail at node `{node}`: {reason}")]
+    UnsupportedOp {
+        /// The ONNX op type.
+        op: String,
+        /// The node's name.
+        node: String,
+        /// Why (missing op, or an attribute/input form the engine lacks).
+        reason: String,
+    },
+    /// A named thing (tensor, layer, pattern match) that does not exist.
+    #[error("{what} `{name}` not found")]
+    NotFound {
+        /// What kind of thing was looked for.
+        what: &'static str,
+        /// The name (or pattern) given.
+        name: String,
+    },
+    /// The frozen backbone (tract) failed to build or run.
+    #[error("backbone (tract): {0}")]
+    Backbone(String),
+    /// A tail node failed at run time (shape or value problem).
+    #[error("tail node `{node}`: {msg}")]
+    Tail {
+        /// The node's name.
+        node: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An I/O error, with what was being done.
+    #[cfg(feature = "std")]
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `Result` with the library's [`Error`].

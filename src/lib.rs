@@ -28,8 +28,14 @@ extern crate alloc;
 pub mod error;
 pub mod hydra;
 
+#[cfg(feature = "onnx")]
+pub mod backbone;
 pub mod kernels;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod rng;
+#[cfg(feature = "std")]
+pub mod tail;
 
 pub use error::{Error, Result};
 pub use half::f16;

@@ -102,3 +102,35 @@ pub(crate) fn gemm(
         )
     }
 }
+
+/// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer.
+pub(crate) fn frozen_forward(
+    k: &Kernels,
+    w: &Weights,
+    b: Option<&[f32]>,
+    x: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    let mut y = alloc::vec![0.0f32; n * dout];
+    w.with_f32(k, |w| gemm(n, din, dout, 1.0, x, (din, 1), w, (1, din), 0.0, &mut y));
+    if let Some(b) = b {
+        y.chunks_exact_mut(dout).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+    y
+}
+
+/// `dX[n×in] = dY[n×out]·W0` for a frozen layer.
+pub(crate) fn frozen_backward(
+    k: &Kernels,
+    w: &Weights,
+    dy: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    let mut dx = alloc::vec![0.0f32; n * din];
+    w.with_f32(k, |w| gemm(n, dout, din, 1.0, dy, (dout, 1), w, (din, 1), 0.0, &mut dx));
+    dx
+}

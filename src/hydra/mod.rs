@@ -31,6 +31,7 @@ use half::f16;
 
 pub use config::{BranchConfig, HydraConfig, Init, Variant};
 pub use dense::Weights;
+pub(crate) use dense::{frozen_backward, frozen_forward, gemm};
 pub use merge::Delta;
 
 use crate::error::{Error, Result};

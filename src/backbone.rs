@@ -1,0 +1,117 @@
+//! The frozen backbone: one optimized tract plan that computes, from the
+//! model's inputs, exactly the tensors the tail reads (or the model's own
+//! outputs, for a plain inference run). The batch dimension stays symbolic,
+//! so any batch size — the last partial one included — runs the same plan.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    Framework, InferenceModelExt, IntoRunnable, TValue, Tensor as TractTensor, TypedRunnableModel,
+    tvec,
+};
+
+use crate::error::{Error, Result};
+use crate::onnx::OnnxModel;
+use crate::tail::Tensor;
+
+/// Named input tensors of a model.
+pub type Feed = HashMap<String, Tensor>;
+
+fn tract_err(e: impl core::fmt::Display) -> Error {
+    Error::Backbone(format!("{e:#}"))
+}
+
+/// Runs tract's matrix products on `n` threads (1 = single-threaded, the
+/// default). Devices have 4–12 cores; this is the knob.
+pub fn set_threads(n: usize) {
+    use tract_linalg::multithread::{Executor, set_default_executor};
+    set_default_executor(if n <= 1 { Executor::SingleThread } else { Executor::multithread(n) });
+}
+
+/// A tract plan over an ONNX model with chosen outputs.
+#[derive(Debug, Clone)]
+pub struct Backbone {
+    plan: Option<Arc<TypedRunnableModel>>,
+    /// The model inputs the plan takes, in order.
+    inputs: Vec<String>,
+    /// What the plan returns, in order.
+    outputs: Vec<String>,
+}
+
+impl Backbone {
+    /// A plan computing `outputs` (tensor names) from the model's inputs.
+    /// Outputs that are model inputs are passed through without tract; with
+    /// no other output there is no plan at all.
+    pub fn new(model: &OnnxModel, outputs: &[String]) -> Result<Backbone> {
+        let inputs = model.input_names();
+        let computed: Vec<&String> = outputs.iter().filter(|o| !inputs.contains(o)).collect();
+        let plan = if computed.is_empty() {
+            None
+        } else {
+            let onnx = tract_onnx::onnx();
+            let mut m = onnx.model_for_proto_model(model.proto()).map_err(tract_err)?;
+            m.select_outputs_by_name(computed.iter().map(|s| s.as_str())).map_err(tract_err)?;
+            let typed = m.into_optimized().map_err(tract_err)?;
+            Some(typed.into_runnable().map_err(tract_err)?)
+        };
+        Ok(Backbone { plan, inputs, outputs: outputs.to_vec() })
+    }
+
+    /// The model's input names, in the order tract takes them.
+    pub fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    /// The tensors [`Backbone::run`] returns, in order.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs the plan on `feed` (every model input, by name).
+    pub fn run(&self, feed: &Feed) -> Result<Vec<Tensor>> {
+        let mut computed = Vec::new();
+        if let Some(plan) = &self.plan {
+            let mut args = tvec![];
+            for name in &self.inputs {
+                let t = feed
+                    .get(name)
+                    .ok_or_else(|| Error::NotFound { what: "model input", name: name.clone() })?;
+                args.push(TValue::from(to_tract(t)));
+            }
+            for v in plan.run(args).map_err(tract_err)? {
+                computed.push(from_tract(&v)?);
+            }
+        }
+        let mut computed = computed.into_iter();
+        self.outputs
+            .iter()
+            .map(|o| match feed.get(o) {
+                Some(t) if self.inputs.contains(o) => Ok(t.clone()),
+                _ => computed
+                    .next()
+                    .ok_or_else(|| Error::Backbone(format!("plan did not return `{o}`"))),
+            })
+            .collect()
+    }
+}
+
+fn to_tract(t: &Tensor) -> TractTensor {
+    match t {
+        Tensor::F32(a) => TractTensor::from(a.clone()),
+        Tensor::I64(a) => TractTensor::from(a.clone()),
+    }
+}
+
+fn from_tract(t: &TractTensor) -> Result<Tensor> {
+    if let Ok(v) = t.to_plain_array_view::<f32>() {
+        return Ok(Tensor::F32(v.to_owned()));
+    }
+    if let Ok(v) = t.to_plain_array_view::<i64>() {
+        return Ok(Tensor::I64(v.to_owned()));
+    }
+    if let Ok(c) = t.cast_to::<f32>() {
+        return Ok(Tensor::F32(c.to_plain_array_view::<f32>().map_err(tract_err)?.to_owned()));
+    }
+    Err(Error::Backbone(format!("unsupported output type {:?}", t.datum_type())))
+}

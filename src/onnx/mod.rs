@@ -1,0 +1,389 @@
+//! ONNX models: loading (external data included), the graph index the split
+//! works on, the adaptable linear layers, and the split itself.
+//!
+//! The protobuf types are tract's (`tract_onnx::pb`, prost 0.14), so the same
+//! `ModelProto` feeds tract for the frozen backbone and our own analysis.
+
+mod import;
+pub mod layers;
+pub mod split;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+pub use tract_onnx::pb;
+
+use crate::error::{Error, Result};
+use crate::tail::Tensor;
+
+pub use layers::{LinearKind, LinearLayer, Targets};
+pub use split::{SplitConfig, SplitModel, SplitReport, WeightDtype};
+
+/// A loaded ONNX model with all initializer data in memory.
+#[derive(Clone, Debug)]
+pub struct OnnxModel {
+    proto: pb::ModelProto,
+    path: Option<PathBuf>,
+}
+
+impl OnnxModel {
+    /// Loads `path`, resolving initializers stored as external data relative to its folder.
+    pub fn load(path: impl AsRef<Path>) -> Result<OnnxModel> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?;
+        let mut model = OnnxModel::from_bytes(&bytes, path.parent())?;
+        model.path = Some(path.to_path_buf());
+        Ok(model)
+    }
+
+    /// Decodes a model; external data is looked up in `dir` (if any).
+    pub fn from_bytes(bytes: &[u8], dir: Option<&Path>) -> Result<OnnxModel> {
+        let mut proto = pb::ModelProto::decode(bytes)
+            .map_err(|e| Error::Onnx(format!("cannot decode protobuf: {e}")))?;
+        let graph =
+            proto.graph.as_mut().ok_or_else(|| Error::Onnx("the model has no graph".into()))?;
+        for t in graph.initializer.iter_mut() {
+            resolve_external(t, dir)?;
+        }
+        for n in graph.node.iter_mut() {
+            for a in n.attribute.iter_mut() {
+                if let Some(t) = a.t.as_mut() {
+                    resolve_external(t, dir)?;
+                }
+            }
+        }
+        if graph.node.is_empty() {
+            return Err(Error::Onnx("the graph has no nodes".into()));
+        }
+        Ok(OnnxModel { proto, path: None })
+    }
+
+    /// The protobuf (with external data resolved into it).
+    pub fn proto(&self) -> &pb::ModelProto {
+        &self.proto
+    }
+
+    /// The file it was loaded from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The graph.
+    pub fn graph(&self) -> &pb::GraphProto {
+        self.proto.graph.as_ref().expect("checked at load")
+    }
+
+    /// The default-domain opset version.
+    pub fn opset(&self) -> i64 {
+        self.proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map_or(0, |o| o.version)
+    }
+
+    /// Names of the graph inputs that are not initializers.
+    pub fn input_names(&self) -> Vec<String> {
+        let inits: HashSet<&str> =
+            self.graph().initializer.iter().map(|t| t.name.as_str()).collect();
+        self.graph()
+            .input
+            .iter()
+            .map(|i| i.name.clone())
+            .filter(|n| !inits.contains(n.as_str()))
+            .collect()
+    }
+
+    /// Names of the graph outputs.
+    pub fn output_names(&self) -> Vec<String> {
+        self.graph().output.iter().map(|o| o.name.clone()).collect()
+    }
+
+    /// The declared shape of input `name`: `Some(d)` for fixed dims, `None` for symbolic ones.
+    pub fn input_shape(&self, name: &str) -> Option<Vec<Option<usize>>> {
+        use pb::tensor_shape_proto::dimension::Value;
+        let vi = self.graph().input.iter().find(|i| i.name == name)?;
+        let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+            return None;
+        };
+        Some(
+            t.shape
+                .as_ref()?
+                .dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Value::DimValue(v)) if v > 0 => Some(v as usize),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether input `name` holds integers (token ids) rather than floats.
+    pub fn input_is_integer(&self, name: &str) -> bool {
+        self.graph().input.iter().find(|i| i.name == name).and_then(|vi| vi.r#type.as_ref()?.value.as_ref()).is_some_and(
+            |v| matches!(v, pb::type_proto::Value::TensorType(t) if t.elem_type != 1 && t.elem_type != 10 && t.elem_type != 11),
+        )
+    }
+
+    /// Number of parameters in the float initializers.
+    pub fn num_params(&self) -> usize {
+        self.graph()
+            .initializer
+            .iter()
+            .filter(|t| matches!(t.data_type, 1 | 10 | 11))
+            .map(|t| t.dims.iter().product::<i64>().max(0) as usize)
+            .sum()
+    }
+
+    /// Indexes the graph for analysis.
+    pub fn index(&self) -> Result<GraphIndex<'_>> {
+        GraphIndex::new(self)
+    }
+}
+
+/// Loads the bytes of an initializer stored as external data into `raw_data`.
+fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<()> {
+    if t.data_location != Some(1) {
+        return Ok(());
+    }
+    let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+    let location = get("location")
+        .ok_or_else(|| Error::Onnx(format!("initializer `{}` has no external location", t.name)))?;
+    let offset: u64 = get("offset")
+        .map_or(Ok(0), |v| v.parse())
+        .map_err(|_| Error::Onnx(format!("bad offset for `{}`", t.name)))?;
+    let length: Option<u64> = get("length")
+        .map(|v| v.parse())
+        .transpose()
+        .map_err(|_| Error::Onnx(format!("bad length for `{}`", t.name)))?;
+    let dir = dir.ok_or_else(|| {
+        Error::Onnx(format!("`{}` is stored externally but the model has no folder", t.name))
+    })?;
+    let rel = Path::new(&location);
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(Error::Onnx(format!(
+            "external data path `{location}` leaves the model's folder"
+        )));
+    }
+    let file = dir.join(rel);
+    let bytes = std::fs::read(&file).map_err(|source| Error::Io {
+        context: format!("reading external data {}", file.display()),
+        source,
+    })?;
+    let start = offset as usize;
+    let end = match length {
+        Some(l) => start.checked_add(l as usize),
+        None => Some(bytes.len()),
+    };
+    let data = end.and_then(|e| bytes.get(start..e)).ok_or_else(|| {
+        Error::Onnx(format!("external data for `{}` is out of range of {}", t.name, file.display()))
+    })?;
+    t.raw_data = data.to_vec();
+    t.data_location = Some(0);
+    t.external_data.clear();
+    Ok(())
+}
+
+/// Decodes a tensor proto into a tail tensor (float types → f32, integer and bool types → i64).
+pub fn tensor_from_proto(t: &pb::TensorProto) -> Result<Tensor> {
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+    let count: usize = dims.iter().product();
+    let bad = || {
+        Error::Onnx(format!(
+            "tensor `{}` has {} bytes/values for shape {dims:?}",
+            t.name,
+            t.raw_data.len()
+        ))
+    };
+    let raw = !t.raw_data.is_empty();
+    let shape = ndarray::IxDyn(&dims);
+    match t.data_type {
+        // FLOAT, FLOAT16, DOUBLE
+        1 | 10 | 11 => {
+            let v: Vec<f32> = match (t.data_type, raw) {
+                (1, true) => t
+                    .raw_data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                (1, false) => t.float_data.clone(),
+                (10, true) => t
+                    .raw_data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                (10, false) => {
+                    t.int32_data.iter().map(|&b| half::f16::from_bits(b as u16).to_f32()).collect()
+                }
+                (_, true) => t
+                    .raw_data
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+                    .collect(),
+                (_, false) => t.double_data.iter().map(|&d| d as f32).collect(),
+            };
+            if v.len() != count {
+                return Err(bad());
+            }
+            Ok(Tensor::F32(ndarray::ArrayD::from_shape_vec(shape, v).map_err(|_| bad())?))
+        }
+        // INT64, INT32, BOOL, INT8, UINT8, INT16
+        7 | 6 | 9 | 3 | 2 | 5 => {
+            let v: Vec<i64> = match (t.data_type, raw) {
+                (7, true) => t
+                    .raw_data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+                (7, false) => t.int64_data.clone(),
+                (6, true) => t
+                    .raw_data
+                    .chunks_exact(4)
+                    .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect(),
+                (5, true) => t
+                    .raw_data
+                    .chunks_exact(2)
+                    .map(|c| i64::from(i16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+                (3, true) => t.raw_data.iter().map(|&b| i64::from(b as i8)).collect(),
+                (_, true) => t.raw_data.iter().map(|&b| i64::from(b)).collect(),
+                (_, false) => t.int32_data.iter().map(|&v| i64::from(v)).collect(),
+            };
+            if v.len() != count {
+                return Err(bad());
+            }
+            Ok(Tensor::I64(ndarray::ArrayD::from_shape_vec(shape, v).map_err(|_| bad())?))
+        }
+        other => Err(Error::Onnx(format!("tensor `{}` has unsupported data type {other}", t.name))),
+    }
+}
+
+/// Attribute lookup helpers for a node.
+pub(crate) struct Attrs<'a>(&'a pb::NodeProto);
+
+impl<'a> Attrs<'a> {
+    pub(crate) fn of(n: &'a pb::NodeProto) -> Attrs<'a> {
+        Attrs(n)
+    }
+    fn get(&self, name: &str) -> Option<&'a pb::AttributeProto> {
+        self.0.attribute.iter().find(|a| a.name == name)
+    }
+    pub(crate) fn int(&self, name: &str) -> Option<i64> {
+        self.get(name).map(|a| a.i)
+    }
+    pub(crate) fn float(&self, name: &str) -> Option<f32> {
+        self.get(name).map(|a| a.f)
+    }
+    pub(crate) fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.get(name).map(|a| a.ints.clone())
+    }
+    pub(crate) fn string(&self, name: &str) -> Option<String> {
+        self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
+    }
+    pub(crate) fn tensor(&self, name: &str) -> Option<&'a pb::TensorProto> {
+        self.get(name).and_then(|a| a.t.as_ref())
+    }
+}
+
+/// Producers, consumers and constants of a graph.
+#[derive(Debug)]
+pub struct GraphIndex<'a> {
+    /// The model.
+    pub model: &'a OnnxModel,
+    /// Nodes in file order (ONNX requires topological order; checked).
+    pub nodes: &'a [pb::NodeProto],
+    /// Tensor name → index of the node producing it.
+    pub producer: HashMap<&'a str, usize>,
+    /// Tensor name → indices of the nodes reading it.
+    pub consumers: HashMap<&'a str, Vec<usize>>,
+    /// Initializers by name.
+    pub initializers: HashMap<&'a str, &'a pb::TensorProto>,
+    /// Outputs of `Constant` nodes, by name.
+    pub constant_nodes: HashMap<&'a str, usize>,
+}
+
+impl<'a> GraphIndex<'a> {
+    fn new(model: &'a OnnxModel) -> Result<GraphIndex<'a>> {
+        let g = model.graph();
+        let initializers: HashMap<&str, &pb::TensorProto> =
+            g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut constant_nodes = HashMap::new();
+        let mut known: HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+        known.extend(initializers.keys());
+        for (i, n) in g.node.iter().enumerate() {
+            for inp in n.input.iter().filter(|s| !s.is_empty()) {
+                if !known.contains(inp.as_str()) {
+                    return Err(Error::Onnx(format!(
+                        "node `{}` reads `{inp}` before it is produced (graph not topologically sorted or dangling)",
+                        n.name
+                    )));
+                }
+                consumers.entry(inp.as_str()).or_default().push(i);
+            }
+            for out in n.output.iter().filter(|s| !s.is_empty()) {
+                if producer.insert(out.as_str(), i).is_some() {
+                    return Err(Error::Onnx(format!("tensor `{out}` is produced twice")));
+                }
+                known.insert(out.as_str());
+                if n.op_type == "Constant" {
+                    constant_nodes.insert(out.as_str(), i);
+                }
+            }
+        }
+        for o in &g.output {
+            if !known.contains(o.name.as_str()) {
+                return Err(Error::Onnx(format!("graph output `{}` is never produced", o.name)));
+            }
+        }
+        Ok(GraphIndex { model, nodes: &g.node, producer, consumers, initializers, constant_nodes })
+    }
+
+    /// The constant value of tensor `name` (an initializer or a Constant node's output).
+    pub fn constant(&self, name: &str) -> Result<Option<Tensor>> {
+        if let Some(t) = self.initializers.get(name) {
+            return tensor_from_proto(t).map(Some);
+        }
+        let Some(&i) = self.constant_nodes.get(name) else { return Ok(None) };
+        let n = &self.nodes[i];
+        let a = Attrs::of(n);
+        if let Some(t) = a.tensor("value") {
+            return tensor_from_proto(t).map(Some);
+        }
+        if let Some(f) = a.float("value_float") {
+            return Ok(Some(Tensor::scalar(f)));
+        }
+        if let Some(v) = a.int("value_int") {
+            return Ok(Some(Tensor::I64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), v))));
+        }
+        if let Some(v) = a.ints("value_ints") {
+            return Ok(Some(Tensor::I64(ndarray::Array1::from(v).into_dyn())));
+        }
+        if let Some(v) = a.get("value_floats") {
+            return Ok(Some(Tensor::F32(ndarray::Array1::from(v.floats.clone()).into_dyn())));
+        }
+        Err(Error::Onnx(format!("Constant node `{}` has no supported value attribute", n.name)))
+    }
+
+    /// Whether `name` is a constant.
+    pub fn is_constant(&self, name: &str) -> bool {
+        self.initializers.contains_key(name) || self.constant_nodes.contains_key(name)
+    }
+
+    /// A display name for node `i` (its name, or its op and first output).
+    pub fn node_name(&self, i: usize) -> String {
+        let n = &self.nodes[i];
+        if n.name.is_empty() {
+            format!("{}:{}", n.op_type, n.output.first().map_or("", |s| s.as_str()))
+        } else {
+            n.name.clone()
+        }
+    }
+}

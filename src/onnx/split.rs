@@ -1,0 +1,335 @@
+//! The split: the gradient cone of the chosen layers becomes the trainable
+//! tail; everything else stays in one optimized tract plan.
+//!
+//! Tail = (nodes downstream of an adapted layer) ∩ (nodes upstream of the
+//! chosen output). Every tensor a tail node reads from outside the tail is a
+//! constant (loaded into the tail) or a *boundary* tensor (hidden states,
+//! attention-mask terms, shapes…) computed by the backbone plan. Every tail
+//! node is converted up front, so an op the engine lacks fails here.
+
+use std::collections::{HashMap, HashSet};
+
+use half::f16;
+use ndarray::ArrayD;
+
+use super::import::build_op;
+use super::layers::{LinearKind, LinearLayer, Targets, linear_layers};
+use super::{GraphIndex, OnnxModel};
+use crate::backbone::{Backbone, Feed};
+use crate::error::{Error, Result};
+use crate::hydra::{HydraConfig, Weights};
+use crate::kernels;
+use crate::tail::ops::linear::{Layout, Linear};
+use crate::tail::{TailBuilder, TailGraph, Tensor};
+
+/// How the tail stores frozen linear weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// f32: exact, twice the memory.
+    #[default]
+    F32,
+    /// f16: half the memory; products widen to f32.
+    F16,
+}
+
+/// What to adapt and where the tail ends.
+#[derive(Clone, Debug)]
+pub struct SplitConfig {
+    /// The layers that get adapters.
+    pub targets: Targets,
+    /// The tensor the tail ends at: a model output (default: the first) or a
+    /// feature tensor that will feed a new head.
+    pub output: Option<String>,
+    /// The adapter configuration (each layer's seed is derived from its index).
+    pub adapter: HydraConfig,
+    /// Storage of the tail's frozen linear weights.
+    pub weights: WeightDtype,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            targets: Targets::AllLinear,
+            output: None,
+            adapter: HydraConfig::default(),
+            weights: WeightDtype::F32,
+        }
+    }
+}
+
+/// What the split decided, for `inspect` and logs.
+#[derive(Clone, Debug)]
+pub struct SplitReport {
+    /// Adapted layers (node names).
+    pub adapted: Vec<String>,
+    /// `(op type, node)` of every tail node, in order.
+    pub tail_ops: Vec<(String, String)>,
+    /// Tensors the backbone hands the tail.
+    pub boundary: Vec<String>,
+    /// The tail's output tensor.
+    pub output: String,
+    /// Float parameters of the whole model.
+    pub model_params: usize,
+    /// Frozen parameters held by the tail.
+    pub tail_frozen_params: usize,
+    /// Trainable (adapter) parameters.
+    pub trainable_params: usize,
+}
+
+/// Training memory of the tail, measured on a sample batch.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// Frozen tail weights + adapter parameters, gradients and two AdamW moments.
+    pub fixed_bytes: usize,
+    /// Activations kept for backward, per sample.
+    pub per_sample_bytes: usize,
+}
+
+impl MemoryEstimate {
+    /// Bytes at `batch` samples per step.
+    pub fn at_batch(&self, batch: usize) -> usize {
+        self.fixed_bytes + self.per_sample_bytes * batch
+    }
+}
+
+/// A model split into a frozen tract backbone and a trainable tail.
+#[derive(Debug)]
+pub struct SplitModel {
+    backbone: Backbone,
+    tail: TailGraph,
+    report: SplitReport,
+    layers: Vec<LinearLayer>,
+}
+
+/// Per-layer seed, so that layers start from different A.
+fn layer_seed(base: u64, k: usize) -> u64 {
+    base.wrapping_add((k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+impl SplitModel {
+    /// Splits `model` as `cfg` asks.
+    pub fn new(model: &OnnxModel, cfg: &SplitConfig) -> Result<SplitModel> {
+        let g = model.index()?;
+        let layers = linear_layers(&g)?;
+        let chosen: Vec<LinearLayer> = cfg.targets.select(&layers)?.into_iter().cloned().collect();
+        let output = match &cfg.output {
+            Some(o) => o.clone(),
+            None => model
+                .output_names()
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Onnx("the model has no outputs".into()))?,
+        };
+        if !g.producer.contains_key(output.as_str()) {
+            return Err(Error::NotFound { what: "output or feature tensor", name: output });
+        }
+        let tail_nodes = cone(&g, &chosen, &output)?;
+        let tail = build_tail(&g, &layers, &chosen, &tail_nodes, &output, cfg, model.opset())?;
+        let boundary: Vec<String> = tail.boundary_names().iter().map(|s| s.to_string()).collect();
+        let backbone = Backbone::new(model, &boundary)?;
+        let report = SplitReport {
+            adapted: chosen.iter().map(|l| l.name.clone()).collect(),
+            tail_ops: tail.ops().into_iter().map(|(o, n)| (o.to_string(), n.to_string())).collect(),
+            boundary,
+            output,
+            model_params: model.num_params(),
+            tail_frozen_params: tail.frozen_params(),
+            trainable_params: tail.trainable_params(),
+        };
+        Ok(SplitModel { backbone, tail, report, layers: chosen })
+    }
+
+    /// What the split decided.
+    pub fn report(&self) -> &SplitReport {
+        &self.report
+    }
+
+    /// The adapted layers, as found in the model.
+    pub fn adapted_layers(&self) -> &[LinearLayer] {
+        &self.layers
+    }
+
+    /// The frozen backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// The trainable tail.
+    pub fn tail(&self) -> &TailGraph {
+        &self.tail
+    }
+
+    /// Mutable [`SplitModel::tail`].
+    pub fn tail_mut(&mut self) -> &mut TailGraph {
+        &mut self.tail
+    }
+
+    /// Runs the frozen prefix: the boundary tensors, in the tail's order.
+    pub fn prefix(&self, feed: &Feed) -> Result<Vec<Tensor>> {
+        self.backbone.run(feed)
+    }
+
+    /// Prefix then tail; the tail keeps its tape for [`SplitModel::backward`].
+    pub fn forward(&mut self, feed: &Feed, train: bool) -> Result<Tensor> {
+        let boundary = self.prefix(feed)?;
+        self.tail.forward(boundary, train)
+    }
+
+    /// Back-propagates the gradient of the tail's output.
+    pub fn backward(&mut self, dy: ArrayD<f32>) -> Result<()> {
+        self.tail.backward(dy)
+    }
+
+    /// Measures the tail's training memory on `sample` (any batch size).
+    pub fn estimate_memory(&mut self, sample: &Feed) -> Result<MemoryEstimate> {
+        let out = self.forward(sample, true)?;
+        let batch = out.shape().first().copied().unwrap_or(1).max(1);
+        let tape = self.tail.tape_bytes();
+        self.tail.clear_tape();
+        // Adapter-internal saved activations are about one more copy of the
+        // adapted layers' inputs; the tape already counts those, so double them.
+        let adapter_inputs: usize = self.layers.iter().map(|l| l.in_dim * 4).sum::<usize>();
+        let per_sample = tape / batch + adapter_inputs;
+        let trainable = self.tail.trainable_params() * 4;
+        let fixed = self.tail.frozen_params() * 4 + trainable * 4;
+        Ok(MemoryEstimate { fixed_bytes: fixed, per_sample_bytes: per_sample })
+    }
+}
+
+/// The tail's nodes (indices, in topological order).
+fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<usize>> {
+    let mut down: HashSet<usize> = HashSet::new();
+    let mut stack: Vec<usize> =
+        chosen.iter().flat_map(|l| [Some(l.node), l.bias_node]).flatten().collect();
+    while let Some(i) = stack.pop() {
+        if !down.insert(i) {
+            continue;
+        }
+        for o in &g.nodes[i].output {
+            stack.extend(g.consumers.get(o.as_str()).into_iter().flatten().copied());
+        }
+    }
+    let mut up: HashSet<usize> = HashSet::new();
+    let mut tensors = vec![output];
+    while let Some(t) = tensors.pop() {
+        if let Some(&i) = g.producer.get(t)
+            && up.insert(i)
+        {
+            tensors.extend(g.nodes[i].input.iter().filter(|s| !s.is_empty()).map(String::as_str));
+        }
+    }
+    for l in chosen {
+        if !up.contains(&l.node) {
+            return Err(Error::Config(format!(
+                "target layer `{}` does not feed the output `{output}`",
+                l.name
+            )));
+        }
+    }
+    let mut nodes: Vec<usize> = down.intersection(&up).copied().collect();
+    nodes.sort_unstable();
+    Ok(nodes)
+}
+
+fn store(w: Vec<f32>, dtype: WeightDtype) -> Weights {
+    match dtype {
+        WeightDtype::F32 => Weights::F32(w),
+        WeightDtype::F16 => {
+            let mut h = vec![f16::ZERO; w.len()];
+            kernels::active().f32_to_f16(&w, &mut h);
+            Weights::F16(h)
+        }
+    }
+}
+
+fn build_tail(
+    g: &GraphIndex<'_>,
+    layers: &[LinearLayer],
+    chosen: &[LinearLayer],
+    nodes: &[usize],
+    output: &str,
+    cfg: &SplitConfig,
+    opset: i64,
+) -> Result<TailGraph> {
+    let by_node: HashMap<usize, &LinearLayer> = layers.iter().map(|l| (l.node, l)).collect();
+    let in_tail: HashSet<usize> = nodes.iter().copied().collect();
+    let absorbed: HashSet<usize> =
+        layers.iter().filter(|l| in_tail.contains(&l.node)).filter_map(|l| l.bias_node).collect();
+    let chosen_nodes: Vec<usize> = chosen.iter().map(|l| l.node).collect();
+    let mut b = TailBuilder::new();
+    let value = |b: &mut TailBuilder, name: &str| -> Result<usize> {
+        if let Some(id) = b.get(name) {
+            return Ok(id);
+        }
+        Ok(match g.constant(name)? {
+            Some(t) => b.constant(name, t),
+            None => b.boundary(name),
+        })
+    };
+    for &i in nodes {
+        if absorbed.contains(&i) {
+            continue;
+        }
+        let n = &g.nodes[i];
+        let name = g.node_name(i);
+        if n.op_type == "Constant" {
+            let t = g
+                .constant(&n.output[0])?
+                .ok_or_else(|| Error::Onnx(format!("Constant `{name}` has no value")))?;
+            b.constant(&n.output[0], t);
+            continue;
+        }
+        if let Some(l) = by_node.get(&i) {
+            let (w, bias) = l.weights(g)?;
+            let (op_type, layout) = match l.kind {
+                LinearKind::Gemm { .. } => ("Gemm", Layout::Rows),
+                LinearKind::MatMul => ("MatMul", Layout::Rows),
+                LinearKind::Conv1x1 => ("Conv", Layout::Channels),
+            };
+            let mut op =
+                Linear::new(op_type, layout, store(w, cfg.weights), bias, l.in_dim, l.out_dim)?;
+            if let Some(k) = chosen_nodes.iter().position(|&c| c == i) {
+                let mut a = cfg.adapter.clone();
+                a.seed = layer_seed(a.seed, k);
+                op.adapt(a).map_err(|e| match e {
+                    Error::Config(m) => Error::Config(format!("layer `{}`: {m}", l.name)),
+                    e => e,
+                })?;
+            }
+            let x = value(&mut b, &l.input)?;
+            b.node(&name, Box::new(op), vec![x], &l.output);
+            continue;
+        }
+        let op = build_op(g, i, opset)?;
+        // Optional inputs may be omitted only at the end (positions matter).
+        let mut ins = n.input.clone();
+        while ins.last().is_some_and(|s| s.is_empty()) {
+            ins.pop();
+        }
+        if n.op_type == "Clip" {
+            ins.truncate(1); // bounds are part of the op
+        }
+        if ins.iter().any(|s| s.is_empty()) {
+            return Err(Error::UnsupportedOp {
+                op: n.op_type.clone(),
+                node: name,
+                reason: "an optional input is omitted before a given one".into(),
+            });
+        }
+        let ids = ins.iter().map(|s| value(&mut b, s)).collect::<Result<Vec<_>>>()?;
+        for extra in n.output.iter().skip(1).filter(|o| !o.is_empty()) {
+            if g.consumers
+                .get(extra.as_str())
+                .is_some_and(|c| c.iter().any(|c| in_tail.contains(c)))
+            {
+                return Err(Error::UnsupportedOp {
+                    op: n.op_type.clone(),
+                    node: name,
+                    reason: format!("its second output `{extra}` is used in the tail"),
+                });
+            }
+        }
+        b.node(&name, op, ids, &n.output[0]);
+    }
+    b.finish(output)
+}

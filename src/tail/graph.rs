@@ -1,0 +1,320 @@
+//! The tail as a tape: nodes in topological order, each value stored by
+//! forward and read back by backward, gradients accumulated per value in
+//! reverse order. Constants are part of the graph; boundary values (the
+//! tensors the frozen backbone computes) are fed to each forward.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ndarray::ArrayD;
+
+use super::ops::TailOp;
+use super::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::hydra::HydraLinear;
+
+/// Index of a value in the graph.
+pub type ValueId = usize;
+
+#[derive(Debug)]
+enum Source {
+    Boundary,
+    Constant(Tensor),
+    Node,
+}
+
+#[derive(Debug)]
+struct Node {
+    name: String,
+    inputs: Vec<ValueId>,
+    output: ValueId,
+}
+
+/// The trainable tail: a tape of ops with forward and backward.
+#[derive(Debug)]
+pub struct TailGraph {
+    names: Vec<String>,
+    sources: Vec<Source>,
+    nodes: Vec<Node>,
+    /// `ops[i]` runs `nodes[i]` (kept apart so an op can be borrowed mutably
+    /// while the tape is read).
+    ops: Vec<Box<dyn TailOp>>,
+    boundary: Vec<ValueId>,
+    output: ValueId,
+    requires_grad: Vec<bool>,
+    tape: Vec<Option<Tensor>>,
+}
+
+/// Builds a [`TailGraph`] node by node, in topological order.
+#[derive(Debug, Default)]
+pub struct TailBuilder {
+    names: Vec<String>,
+    sources: Vec<Source>,
+    nodes: Vec<Node>,
+    ops: Vec<Box<dyn TailOp>>,
+    boundary: Vec<ValueId>,
+    by_name: BTreeMap<String, ValueId>,
+}
+
+impl TailBuilder {
+    /// An empty graph.
+    pub fn new() -> TailBuilder {
+        TailBuilder::default()
+    }
+
+    fn add(&mut self, name: &str, src: Source) -> ValueId {
+        let id = self.names.len();
+        self.names.push(String::from(name));
+        self.sources.push(src);
+        self.by_name.insert(String::from(name), id);
+        id
+    }
+
+    /// The value called `name`, if it exists yet.
+    pub fn get(&self, name: &str) -> Option<ValueId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// A value fed from outside on every forward (in declaration order).
+    pub fn boundary(&mut self, name: &str) -> ValueId {
+        if let Some(id) = self.get(name) {
+            return id;
+        }
+        let id = self.add(name, Source::Boundary);
+        self.boundary.push(id);
+        id
+    }
+
+    /// A constant.
+    pub fn constant(&mut self, name: &str, t: Tensor) -> ValueId {
+        if let Some(id) = self.get(name) {
+            return id;
+        }
+        self.add(name, Source::Constant(t))
+    }
+
+    /// The constant value of `id`, if it is one.
+    pub fn constant_value(&self, id: ValueId) -> Option<&Tensor> {
+        match self.sources.get(id) {
+            Some(Source::Constant(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Appends a node computing `output` from `inputs`.
+    pub fn node(
+        &mut self,
+        name: &str,
+        op: Box<dyn TailOp>,
+        inputs: Vec<ValueId>,
+        output: &str,
+    ) -> ValueId {
+        let out = self.add(output, Source::Node);
+        self.nodes.push(Node { name: String::from(name), inputs, output: out });
+        self.ops.push(op);
+        out
+    }
+
+    /// Finishes the graph with `output` as its result.
+    pub fn finish(self, output: &str) -> Result<TailGraph> {
+        let out = self
+            .get(output)
+            .ok_or_else(|| Error::NotFound { what: "tail output", name: String::from(output) })?;
+        let mut requires_grad = vec![false; self.names.len()];
+        for (n, op) in self.nodes.iter().zip(&self.ops) {
+            let adapted = op.as_linear().is_some_and(|l| l.adapter().is_some());
+            let through =
+                n.inputs.iter().enumerate().any(|(i, &v)| requires_grad[v] && op.differentiable(i));
+            requires_grad[n.output] = adapted || through;
+        }
+        let len = self.names.len();
+        Ok(TailGraph {
+            names: self.names,
+            sources: self.sources,
+            nodes: self.nodes,
+            ops: self.ops,
+            boundary: self.boundary,
+            output: out,
+            requires_grad,
+            tape: vec![None; len],
+        })
+    }
+}
+
+fn at_node(e: Error, node: &str) -> Error {
+    match e {
+        Error::Tail { node: n, msg } if n.is_empty() => {
+            Error::Tail { node: String::from(node), msg }
+        }
+        e => e,
+    }
+}
+
+impl TailGraph {
+    /// Names of the boundary values, in the order [`TailGraph::forward`] takes them.
+    pub fn boundary_names(&self) -> Vec<&str> {
+        self.boundary.iter().map(|&v| self.names[v].as_str()).collect()
+    }
+
+    /// The output value's name.
+    pub fn output_name(&self) -> &str {
+        &self.names[self.output]
+    }
+
+    /// `(op type, node name)` of every node, in order.
+    pub fn ops(&self) -> Vec<(&'static str, &str)> {
+        self.nodes.iter().zip(&self.ops).map(|(n, op)| (op.op_type(), n.name.as_str())).collect()
+    }
+
+    /// Every adapted layer: `(node name, adapter)`.
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &HydraLinear)> {
+        self.nodes
+            .iter()
+            .zip(&self.ops)
+            .filter_map(|(n, op)| Some((n.name.as_str(), op.as_linear()?.adapter()?)))
+    }
+
+    /// Mutable [`TailGraph::adapters`].
+    pub fn adapters_mut(&mut self) -> impl Iterator<Item = (&str, &mut HydraLinear)> {
+        self.nodes
+            .iter()
+            .zip(self.ops.iter_mut())
+            .filter_map(|(n, op)| Some((n.name.as_str(), op.as_linear_mut()?.adapter_mut()?)))
+    }
+
+    /// Zeroes every adapter's gradient.
+    pub fn zero_grad(&mut self) {
+        self.adapters_mut().for_each(|(_, a)| a.zero_grad());
+    }
+
+    /// Trainable parameters (all adapters).
+    pub fn trainable_params(&self) -> usize {
+        self.adapters().map(|(_, a)| a.num_trainable()).sum()
+    }
+
+    /// Frozen parameters held by the tail (linear weights and float constants).
+    pub fn frozen_params(&self) -> usize {
+        let linear: usize =
+            self.ops.iter().filter_map(|op| op.as_linear()).map(|l| l.frozen_params()).sum();
+        let consts: usize = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                Source::Constant(Tensor::F32(a)) => a.len(),
+                _ => 0,
+            })
+            .sum();
+        linear + consts
+    }
+
+    /// Bytes held on the tape by the last forward (the activations backward needs).
+    pub fn tape_bytes(&self) -> usize {
+        self.tape.iter().flatten().map(Tensor::bytes).sum()
+    }
+
+    /// Runs the tail on the boundary values (in [`TailGraph::boundary_names`]
+    /// order) and keeps every value for [`TailGraph::backward`].
+    pub fn forward(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<Tensor> {
+        if boundary.len() != self.boundary.len() {
+            return Err(Error::Shape {
+                context: "tail boundary",
+                expected: format!("{} tensors ({:?})", self.boundary.len(), self.boundary_names()),
+                got: format!("{} tensors", boundary.len()),
+            });
+        }
+        self.tape.iter_mut().for_each(|t| *t = None);
+        for (&id, t) in self.boundary.iter().zip(boundary) {
+            self.tape[id] = Some(t);
+        }
+        for i in 0..self.nodes.len() {
+            let y = {
+                let node = &self.nodes[i];
+                let inputs = gather(&self.sources, &self.tape, &self.names, &node.inputs)?;
+                self.ops[i].forward(&inputs, train).map_err(|e| at_node(e, &node.name))?
+            };
+            let out = self.nodes[i].output;
+            self.tape[out] = Some(y);
+        }
+        self.tape[self.output].clone().ok_or_else(|| Error::Tail {
+            node: self.names[self.output].clone(),
+            msg: String::from("output not computed"),
+        })
+    }
+
+    /// Back-propagates `dy` (the gradient of the output of the last forward),
+    /// accumulating into every adapter's gradients.
+    pub fn backward(&mut self, dy: ArrayD<f32>) -> Result<()> {
+        let out_shape = self.tape[self.output].as_ref().map(|t| t.shape().to_vec());
+        if out_shape.as_deref() != Some(dy.shape()) {
+            return Err(Error::Shape {
+                context: "tail backward",
+                expected: format!("{out_shape:?} (the last forward's output)"),
+                got: format!("{:?}", dy.shape()),
+            });
+        }
+        let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; self.names.len()];
+        grads[self.output] = Some(dy);
+        for i in (0..self.nodes.len()).rev() {
+            let out = self.nodes[i].output;
+            let Some(g) = grads[out].take() else { continue };
+            let node = &self.nodes[i];
+            let op = &mut self.ops[i];
+            let need: Vec<bool> = node
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| self.requires_grad[v] && op.differentiable(j))
+                .collect();
+            let inputs = gather(&self.sources, &self.tape, &self.names, &node.inputs)?;
+            let output = self.tape[out].as_ref().ok_or_else(|| Error::Tail {
+                node: node.name.clone(),
+                msg: String::from("backward without forward"),
+            })?;
+            let dxs =
+                op.backward(&inputs, output, &g, &need).map_err(|e| at_node(e, &node.name))?;
+            for ((&v, dx), &want) in node.inputs.iter().zip(dxs).zip(&need) {
+                let (true, Some(dx)) = (want, dx) else { continue };
+                grads[v] = Some(match grads[v].take() {
+                    Some(mut acc) if acc.shape() == dx.shape() => {
+                        acc += &dx;
+                        acc
+                    }
+                    Some(acc) => {
+                        return Err(Error::Tail {
+                            node: node.name.clone(),
+                            msg: format!("gradient shape {:?} vs {:?}", dx.shape(), acc.shape()),
+                        });
+                    }
+                    None => dx,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the tape (the activations kept for backward).
+    pub fn clear_tape(&mut self) {
+        self.tape.iter_mut().for_each(|t| *t = None);
+    }
+}
+
+fn gather<'a>(
+    sources: &'a [Source],
+    tape: &'a [Option<Tensor>],
+    names: &[String],
+    ids: &[ValueId],
+) -> Result<Vec<&'a Tensor>> {
+    ids.iter()
+        .map(|&v| match &sources[v] {
+            Source::Constant(t) => Ok(t),
+            Source::Boundary | Source::Node => tape[v].as_ref().ok_or_else(|| Error::Tail {
+                node: names[v].clone(),
+                msg: String::from("value not computed yet"),
+            }),
+        })
+        .collect()
+}

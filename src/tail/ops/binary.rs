@@ -1,0 +1,176 @@
+//! Broadcasting binary ops: Add, Sub, Mul, Div, Pow (numpy rules). Backward
+//! sums each input's gradient back down to that input's shape. Integer
+//! inputs (shape arithmetic) are supported for Add, Sub, Mul, Div.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn, Zip};
+
+use super::{TailOp, fail, input};
+use crate::error::Result;
+use crate::tail::tensor::{Tensor, broadcast_shape, unbroadcast};
+
+/// Which operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryKind {
+    /// `a + b`.
+    Add,
+    /// `a − b`.
+    Sub,
+    /// `a·b`.
+    Mul,
+    /// `a / b`.
+    Div,
+    /// `a^b`.
+    Pow,
+}
+
+/// A broadcasting binary op.
+#[derive(Debug)]
+pub struct Binary {
+    kind: BinaryKind,
+}
+
+impl Binary {
+    /// The op for `kind`.
+    pub fn new(kind: BinaryKind) -> Binary {
+        Binary { kind }
+    }
+}
+
+fn views<'a, T>(
+    a: &'a ArrayD<T>,
+    b: &'a ArrayD<T>,
+) -> Result<(ArrayViewD<'a, T>, ArrayViewD<'a, T>)> {
+    let shape = broadcast_shape(a.shape(), b.shape(), "")?;
+    let a = a.broadcast(IxDyn(&shape)).ok_or_else(|| fail("broadcast"))?;
+    let b = b.broadcast(IxDyn(&shape)).ok_or_else(|| fail("broadcast"))?;
+    Ok((a, b))
+}
+
+fn zip<T: Copy, U>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> U) -> Result<ArrayD<U>> {
+    let (a, b) = views(a, b)?;
+    Ok(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)))
+}
+
+impl TailOp for Binary {
+    fn op_type(&self) -> &'static str {
+        match self.kind {
+            BinaryKind::Add => "Add",
+            BinaryKind::Sub => "Sub",
+            BinaryKind::Mul => "Mul",
+            BinaryKind::Div => "Div",
+            BinaryKind::Pow => "Pow",
+        }
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
+        match (a, b) {
+            (Tensor::F32(a), Tensor::F32(b)) => Ok(Tensor::F32(match self.kind {
+                BinaryKind::Add => zip(a, b, |x, y| x + y)?,
+                BinaryKind::Sub => zip(a, b, |x, y| x - y)?,
+                BinaryKind::Mul => zip(a, b, |x, y| x * y)?,
+                BinaryKind::Div => zip(a, b, |x, y| x / y)?,
+                BinaryKind::Pow => zip(a, b, pow)?,
+            })),
+            (Tensor::I64(a), Tensor::I64(b)) => Ok(Tensor::I64(match self.kind {
+                BinaryKind::Add => zip(a, b, |x, y| x.wrapping_add(y))?,
+                BinaryKind::Sub => zip(a, b, |x, y| x.wrapping_sub(y))?,
+                BinaryKind::Mul => zip(a, b, |x, y| x.wrapping_mul(y))?,
+                BinaryKind::Div => zip(a, b, |x, y| if y == 0 { 0 } else { x / y })?,
+                BinaryKind::Pow => return Err(fail("integer Pow is not supported")),
+            })),
+            (Tensor::F32(a), Tensor::I64(b)) if self.kind == BinaryKind::Pow => {
+                Ok(Tensor::F32(zip(a, &b.mapv(|v| v as f32), pow)?))
+            }
+            _ => Err(fail("mixed f32 and i64 operands")),
+        }
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let a = input(inputs, 0)?.f32("lhs")?;
+        let want = |i: usize| need.get(i).copied().unwrap_or(false);
+        let mut out = vec![None, None];
+        // The exponent of Pow may be an integer constant: no gradient there.
+        let b_f32;
+        let b = match input(inputs, 1)? {
+            Tensor::F32(b) => b,
+            Tensor::I64(b) if !want(1) => {
+                b_f32 = b.mapv(|v| v as f32);
+                &b_f32
+            }
+            Tensor::I64(_) => return Err(fail("gradient of an integer operand")),
+        };
+        let (sa, sb) = (a.shape(), b.shape());
+        match self.kind {
+            BinaryKind::Add | BinaryKind::Sub => {
+                if want(0) {
+                    out[0] = Some(unbroadcast(dy.clone(), sa));
+                }
+                if want(1) {
+                    let g = if self.kind == BinaryKind::Sub { dy.mapv(|v| -v) } else { dy.clone() };
+                    out[1] = Some(unbroadcast(g, sb));
+                }
+            }
+            BinaryKind::Mul => {
+                if want(0) {
+                    out[0] = Some(unbroadcast(zip(dy, b, |g, y| g * y)?, sa));
+                }
+                if want(1) {
+                    out[1] = Some(unbroadcast(zip(dy, a, |g, x| g * x)?, sb));
+                }
+            }
+            BinaryKind::Div => {
+                if want(0) {
+                    out[0] = Some(unbroadcast(zip(dy, b, |g, y| g / y)?, sa));
+                }
+                if want(1) {
+                    // d(a/b)/db = −(a/b)/b = −out/b
+                    let y = output.f32("Div output")?;
+                    let gy = zip(dy, y, |g, q| g * q)?;
+                    out[1] = Some(unbroadcast(zip(&gy, b, |g, y| -g / y)?, sb));
+                }
+            }
+            BinaryKind::Pow => {
+                if want(0) {
+                    let (av, bv) = views(a, b)?;
+                    let d = Zip::from(dy)
+                        .and(&av)
+                        .and(&bv)
+                        .map_collect(|&g, &x, &p| g * p * pow(x, p - 1.0));
+                    out[0] = Some(unbroadcast(d, sa));
+                }
+                if want(1) {
+                    let y = output.f32("Pow output")?;
+                    let (av, _) = views(a, b)?;
+                    let d = Zip::from(dy).and(y).and(&av).map_collect(|&g, &y, &x| g * y * x.ln());
+                    out[1] = Some(unbroadcast(d, sb));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `x^p`, exact for the common small integer exponents.
+fn pow(x: f32, p: f32) -> f32 {
+    if p == 2.0 {
+        x * x
+    } else if p == 1.0 {
+        x
+    } else if p == 0.5 {
+        x.sqrt()
+    } else if p == 3.0 {
+        x * x * x
+    } else {
+        x.powf(p)
+    }
+}

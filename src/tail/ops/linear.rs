@@ -1,0 +1,379 @@
+//! Linear layers and batched matrix products.
+//!
+//! [`Linear`] is every Gemm / MatMul with a constant weight (its constant
+//! bias Add fused in) and every 1×1 Conv (a per-pixel linear layer over
+//! channels): frozen, or adapted with a [`HydraLinear`]. Its weight is kept
+//! once, f32 or f16. [`MatMul`] is the activation × activation product of
+//! attention, with numpy batch broadcasting.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ndarray::{ArrayD, IxDyn};
+
+use super::{TailOp, fail, input};
+use crate::error::{Error, Result};
+use crate::hydra::{
+    HydraConfig, HydraLinear, Input, Weights, frozen_backward, frozen_forward, gemm,
+};
+use crate::kernels;
+use crate::tail::tensor::{Tensor, broadcast_shape, unbroadcast};
+
+/// How a linear layer's input is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Features on the last axis: `[..., in] → [..., out]`.
+    Rows,
+    /// Channels on axis 1 (a 1×1 Conv): `[N, in, H, W] → [N, out, H, W]`.
+    Channels,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Frozen { w: Weights, b: Option<Vec<f32>> },
+    Adapted(Box<HydraLinear>),
+}
+
+/// A linear layer of the tail, frozen or adapted.
+#[derive(Debug)]
+pub struct Linear {
+    op_type: &'static str,
+    layout: Layout,
+    in_dim: usize,
+    out_dim: usize,
+    inner: Inner,
+}
+
+impl Linear {
+    /// A frozen layer: `W0` out×in (row-major), optional bias.
+    pub fn new(
+        op_type: &'static str,
+        layout: Layout,
+        w: Weights,
+        b: Option<Vec<f32>>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Linear> {
+        if w.len() != in_dim * out_dim || b.as_ref().is_some_and(|b| b.len() != out_dim) {
+            return Err(Error::Shape {
+                context: "tail Linear",
+                expected: alloc::format!("{out_dim}×{in_dim} weights"),
+                got: alloc::format!("{} weights", w.len()),
+            });
+        }
+        Ok(Linear { op_type, layout, in_dim, out_dim, inner: Inner::Frozen { w, b } })
+    }
+
+    /// Puts a fresh adapter on the layer.
+    pub fn adapt(&mut self, config: HydraConfig) -> Result<()> {
+        let Inner::Frozen { w, b } = &mut self.inner else {
+            return Err(Error::Config(String::from("layer is already adapted")));
+        };
+        let (w, b) = (core::mem::replace(w, Weights::F32(Vec::new())), b.take());
+        match HydraLinear::new(config, w.clone(), b.clone(), self.in_dim, self.out_dim) {
+            Ok(h) => {
+                self.inner = Inner::Adapted(Box::new(h));
+                Ok(())
+            }
+            Err(e) => {
+                self.inner = Inner::Frozen { w, b };
+                Err(e)
+            }
+        }
+    }
+
+    /// The adapter, if the layer has one.
+    pub fn adapter(&self) -> Option<&HydraLinear> {
+        match &self.inner {
+            Inner::Adapted(h) => Some(h),
+            Inner::Frozen { .. } => None,
+        }
+    }
+
+    /// Mutable [`Linear::adapter`].
+    pub fn adapter_mut(&mut self) -> Option<&mut HydraLinear> {
+        match &mut self.inner {
+            Inner::Adapted(h) => Some(h),
+            Inner::Frozen { .. } => None,
+        }
+    }
+
+    /// Input and output widths.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.in_dim, self.out_dim)
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The frozen weights (W0, or the merged weights while merged).
+    pub fn weights(&self) -> &Weights {
+        match &self.inner {
+            Inner::Frozen { w, .. } => w,
+            Inner::Adapted(h) => h.weights(),
+        }
+    }
+
+    /// Frozen parameter count (weights and bias).
+    pub fn frozen_params(&self) -> usize {
+        self.in_dim * self.out_dim + self.bias_len()
+    }
+
+    fn bias_len(&self) -> usize {
+        match &self.inner {
+            Inner::Frozen { b, .. } => b.as_ref().map_or(0, Vec::len),
+            Inner::Adapted(h) => h.bias().map_or(0, <[f32]>::len),
+        }
+    }
+
+    /// `x` as rows `[n, in]` (a contiguous copy for the channel layout).
+    fn rows(&self, x: &ArrayD<f32>) -> Result<(Vec<f32>, Vec<usize>)> {
+        let s = x.shape();
+        match self.layout {
+            Layout::Rows => {
+                if s.last() != Some(&self.in_dim) {
+                    return Err(fail(alloc::format!(
+                        "input {s:?} does not end in {}",
+                        self.in_dim
+                    )));
+                }
+                Ok((x.as_standard_layout().iter().copied().collect(), s.to_vec()))
+            }
+            Layout::Channels => {
+                if s.len() < 2 || s[1] != self.in_dim {
+                    return Err(fail(alloc::format!(
+                        "input {s:?} does not have {} channels",
+                        self.in_dim
+                    )));
+                }
+                Ok((channels_last(x).into_raw_vec_and_offset().0, s.to_vec()))
+            }
+        }
+    }
+
+    /// Rows `[n, width]` back to the op's layout for input shape `shape`.
+    fn unrows(&self, v: Vec<f32>, shape: &[usize], width: usize) -> Result<ArrayD<f32>> {
+        match self.layout {
+            Layout::Rows => {
+                let mut s = shape.to_vec();
+                *s.last_mut().ok_or_else(|| fail("rank-0 input"))? = width;
+                ArrayD::from_shape_vec(IxDyn(&s), v).map_err(|e| fail(alloc::format!("{e}")))
+            }
+            Layout::Channels => {
+                let mut s = shape.to_vec();
+                s[1] = width;
+                let mut last: Vec<usize> = s.clone();
+                last.remove(1);
+                last.push(width);
+                let a = ArrayD::from_shape_vec(IxDyn(&last), v)
+                    .map_err(|e| fail(alloc::format!("{e}")))?;
+                Ok(channels_first(a))
+            }
+        }
+    }
+}
+
+/// `[N, C, ...] → [N, ..., C]`, contiguous.
+fn channels_last(x: &ArrayD<f32>) -> ArrayD<f32> {
+    let r = x.ndim();
+    let mut perm: Vec<usize> = vec![0];
+    perm.extend(2..r);
+    perm.push(1);
+    x.view().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()
+}
+
+/// `[N, ..., C] → [N, C, ...]`, contiguous.
+fn channels_first(x: ArrayD<f32>) -> ArrayD<f32> {
+    let r = x.ndim();
+    let mut perm: Vec<usize> = vec![0, r - 1];
+    perm.extend(1..r - 1);
+    x.permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()
+}
+
+impl TailOp for Linear {
+    fn op_type(&self) -> &'static str {
+        self.op_type
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], train: bool) -> Result<Tensor> {
+        let x = input(inputs, 0)?.f32("Linear input")?;
+        let (rows, shape) = self.rows(x)?;
+        let n = rows.len() / self.in_dim;
+        let y = match &mut self.inner {
+            Inner::Frozen { w, b } => frozen_forward(
+                kernels::active(),
+                w,
+                b.as_deref(),
+                &rows,
+                n,
+                self.in_dim,
+                self.out_dim,
+            ),
+            Inner::Adapted(h) => {
+                h.set_training(train);
+                h.forward(Input::F32(&rows), n)?
+            }
+        };
+        Ok(Tensor::F32(self.unrows(y, &shape, self.out_dim)?))
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let x = input(inputs, 0)?.f32("Linear input")?;
+        let want_dx = need.first().copied().unwrap_or(false);
+        let (dyr, _) = match self.layout {
+            Layout::Rows => (dy.as_standard_layout().iter().copied().collect::<Vec<f32>>(), ()),
+            Layout::Channels => (channels_last(dy).into_raw_vec_and_offset().0, ()),
+        };
+        let n = dyr.len() / self.out_dim;
+        let dx = match &mut self.inner {
+            Inner::Frozen { w, .. } => want_dx
+                .then(|| frozen_backward(kernels::active(), w, &dyr, n, self.in_dim, self.out_dim)),
+            Inner::Adapted(h) if want_dx => Some(h.backward(&dyr)?),
+            Inner::Adapted(h) => {
+                h.backward_params_only(&dyr)?;
+                None
+            }
+        };
+        let mut out = vec![None; inputs.len()];
+        if let Some(dx) = dx {
+            out[0] = Some(self.unrows(dx, x.shape(), self.in_dim)?);
+        }
+        Ok(out)
+    }
+
+    fn differentiable(&self, input: usize) -> bool {
+        input == 0
+    }
+
+    fn as_linear(&self) -> Option<&Linear> {
+        Some(self)
+    }
+
+    fn as_linear_mut(&mut self) -> Option<&mut Linear> {
+        Some(self)
+    }
+}
+
+/// `Y[..., M, N] = A[..., M, K]·B[..., K, N]` for two activations, batch
+/// axes broadcast (ONNX MatMul, rank ≥ 2).
+#[derive(Debug, Default)]
+pub struct MatMul;
+
+/// Batch shape, and A and B materialised contiguous at that batch shape.
+struct Batched {
+    batch: Vec<usize>,
+    a: ArrayD<f32>,
+    b: ArrayD<f32>,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+fn batched(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<Batched> {
+    let (ra, rb) = (a.ndim(), b.ndim());
+    if ra < 2 || rb < 2 {
+        return Err(fail("MatMul of rank-1 operands is not supported in the tail"));
+    }
+    let (m, k, k2, n) =
+        (a.shape()[ra - 2], a.shape()[ra - 1], b.shape()[rb - 2], b.shape()[rb - 1]);
+    if k != k2 {
+        return Err(fail(alloc::format!(
+            "MatMul inner dims differ: {:?} × {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let batch = broadcast_shape(&a.shape()[..ra - 2], &b.shape()[..rb - 2], "")?;
+    let full = |extra: [usize; 2]| {
+        let mut s = batch.clone();
+        s.extend(extra);
+        s
+    };
+    let av = a.broadcast(IxDyn(&full([m, k]))).ok_or_else(|| fail("MatMul broadcast"))?;
+    let bv = b.broadcast(IxDyn(&full([k, n]))).ok_or_else(|| fail("MatMul broadcast"))?;
+    Ok(Batched {
+        a: av.as_standard_layout().into_owned(),
+        b: bv.as_standard_layout().into_owned(),
+        batch,
+        m,
+        k,
+        n,
+    })
+}
+
+fn slice(a: &ArrayD<f32>) -> &[f32] {
+    a.as_slice().unwrap_or_default()
+}
+
+impl TailOp for MatMul {
+    fn op_type(&self) -> &'static str {
+        "MatMul"
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        let bt = batched(input(inputs, 0)?.f32("MatMul A")?, input(inputs, 1)?.f32("MatMul B")?)?;
+        let (m, k, n) = (bt.m, bt.k, bt.n);
+        let count: usize = bt.batch.iter().product();
+        let mut y = vec![0.0f32; count * m * n];
+        let (a, b) = (slice(&bt.a), slice(&bt.b));
+        for i in 0..count {
+            let c = &mut y[i * m * n..(i + 1) * m * n];
+            gemm(m, k, n, 1.0, &a[i * m * k..], (k, 1), &b[i * k * n..], (n, 1), 0.0, c);
+        }
+        let mut shape = bt.batch;
+        shape.extend([m, n]);
+        Ok(Tensor::F32(
+            ArrayD::from_shape_vec(IxDyn(&shape), y).map_err(|e| fail(alloc::format!("{e}")))?,
+        ))
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let (a0, b0) = (input(inputs, 0)?.f32("MatMul A")?, input(inputs, 1)?.f32("MatMul B")?);
+        let bt = batched(a0, b0)?;
+        let (m, k, n) = (bt.m, bt.k, bt.n);
+        let count: usize = bt.batch.iter().product();
+        let dy = dy.as_standard_layout();
+        let (a, b, g) = (slice(&bt.a), slice(&bt.b), dy.as_slice().unwrap_or_default());
+        let shaped = |extra: [usize; 2], v: Vec<f32>| {
+            let mut s = bt.batch.clone();
+            s.extend(extra);
+            ArrayD::from_shape_vec(IxDyn(&s), v).map_err(|e| fail(alloc::format!("{e}")))
+        };
+        let mut out = vec![None, None];
+        if need.first().copied().unwrap_or(false) {
+            // dA = dY·Bᵀ
+            let mut da = vec![0.0f32; count * m * k];
+            for i in 0..count {
+                let c = &mut da[i * m * k..(i + 1) * m * k];
+                gemm(m, n, k, 1.0, &g[i * m * n..], (n, 1), &b[i * k * n..], (1, n), 0.0, c);
+            }
+            out[0] = Some(unbroadcast(shaped([m, k], da)?, a0.shape()));
+        }
+        if need.get(1).copied().unwrap_or(false) {
+            // dB = Aᵀ·dY
+            let mut db = vec![0.0f32; count * k * n];
+            for i in 0..count {
+                let c = &mut db[i * k * n..(i + 1) * k * n];
+                gemm(k, m, n, 1.0, &a[i * m * k..], (1, k), &g[i * m * n..], (n, 1), 0.0, c);
+            }
+            out[1] = Some(unbroadcast(shaped([k, n], db)?, b0.shape()));
+        }
+        Ok(out)
+    }
+}

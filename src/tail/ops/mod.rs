@@ -1,0 +1,65 @@
+//! The tail's operators: one file per family, each op with its forward and
+//! its backward. Every op has one output; inputs are f32 activations or
+//! constants, or i64 shape/axes tensors. Backward receives the output's
+//! gradient and returns one gradient per input that `need` asks for (only
+//! f32 inputs on a differentiable path are ever asked for).
+
+pub mod binary;
+pub mod linear;
+pub mod norm;
+pub mod reduce;
+pub mod shape;
+pub mod unary;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use ndarray::ArrayD;
+
+use super::tensor::Tensor;
+use crate::error::{Error, Result};
+
+/// One tail operator.
+pub trait TailOp: core::fmt::Debug + Send {
+    /// The ONNX op type it implements.
+    fn op_type(&self) -> &'static str;
+
+    /// Computes the output; may keep what backward needs (dropout masks,
+    /// adapter activations).
+    fn forward(&mut self, inputs: &[&Tensor], train: bool) -> Result<Tensor>;
+
+    /// Given `dy` (the gradient of the output), the gradient of each input
+    /// `i` with `need[i]`, else `None`.
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>>;
+
+    /// Which inputs a gradient can flow through (default: all).
+    fn differentiable(&self, _input: usize) -> bool {
+        true
+    }
+
+    /// The op as a linear layer, if it is one (to reach its adapter).
+    fn as_linear(&self) -> Option<&linear::Linear> {
+        None
+    }
+
+    /// Mutable [`TailOp::as_linear`].
+    fn as_linear_mut(&mut self) -> Option<&mut linear::Linear> {
+        None
+    }
+}
+
+/// A tail run-time error; the graph fills in the node name.
+pub(crate) fn fail(msg: impl Into<String>) -> Error {
+    Error::Tail { node: String::new(), msg: msg.into() }
+}
+
+/// The `i`-th input, or an error if it is missing.
+pub(crate) fn input<'a>(inputs: &[&'a Tensor], i: usize) -> Result<&'a Tensor> {
+    inputs.get(i).copied().ok_or_else(|| fail(alloc::format!("missing input {i}")))
+}

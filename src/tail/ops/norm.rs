@@ -1,0 +1,214 @@
+//! LayerNormalization and Softmax: per-lane normalisations with their
+//! closed-form backward passes (in f64 per lane, so long lanes stay accurate).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use super::{TailOp, fail, input};
+use crate::error::Result;
+use crate::tail::tensor::{Tensor, norm_axis};
+
+/// Views `a` as `[outer, inner]` where `inner` is the product of the axes from `axis` on.
+fn lanes(a: &ArrayD<f32>, axis: usize) -> (ArrayD<f32>, usize) {
+    let inner: usize = a.shape()[axis..].iter().product();
+    (a.as_standard_layout().into_owned(), inner.max(1))
+}
+
+/// ONNX LayerNormalization (opset 17): normalise over axes `axis..`, then
+/// `·scale + bias`. Scale and bias are constants of the tail.
+#[derive(Debug)]
+pub struct LayerNorm {
+    axis: i64,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `axis` (default −1), `eps` (default 1e-5).
+    pub fn new(axis: i64, eps: f32) -> LayerNorm {
+        LayerNorm { axis, eps }
+    }
+}
+
+impl TailOp for LayerNorm {
+    fn op_type(&self) -> &'static str {
+        "LayerNormalization"
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        let x = input(inputs, 0)?.f32("LayerNormalization X")?;
+        let axis = norm_axis(self.axis, x.ndim(), "")?;
+        let (xs, inner) = lanes(x, axis);
+        let scale = input(inputs, 1)?.f32("LayerNormalization scale")?;
+        let scale =
+            scale.broadcast(IxDyn(&x.shape()[axis..])).ok_or_else(|| fail("scale shape"))?;
+        let scale: Vec<f32> = scale.iter().copied().collect();
+        let bias: Option<Vec<f32>> = match inputs.get(2) {
+            Some(b) => {
+                let b = b.f32("LayerNormalization bias")?;
+                Some(
+                    b.broadcast(IxDyn(&x.shape()[axis..]))
+                        .ok_or_else(|| fail("bias shape"))?
+                        .iter()
+                        .copied()
+                        .collect(),
+                )
+            }
+            None => None,
+        };
+        let src = xs.as_slice().unwrap_or_default();
+        let mut y = vec![0.0f32; src.len()];
+        for (row, out) in src.chunks_exact(inner).zip(y.chunks_exact_mut(inner)) {
+            let (mean, rstd) = moments(row, self.eps);
+            for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+                let xh = (f64::from(v) - mean) * rstd;
+                *o = (xh as f32) * scale[j] + bias.as_ref().map_or(0.0, |b| b[j]);
+            }
+        }
+        Ok(Tensor::F32(
+            ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
+        ))
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let mut out = vec![None; inputs.len()];
+        if need.iter().skip(1).any(|&n| n) {
+            return Err(fail("gradient of LayerNormalization scale/bias (they are frozen)"));
+        }
+        if !need.first().copied().unwrap_or(false) {
+            return Ok(out);
+        }
+        let x = input(inputs, 0)?.f32("LayerNormalization X")?;
+        let axis = norm_axis(self.axis, x.ndim(), "")?;
+        let (xs, inner) = lanes(x, axis);
+        let scale = input(inputs, 1)?.f32("LayerNormalization scale")?;
+        let scale: Vec<f32> = scale
+            .broadcast(IxDyn(&x.shape()[axis..]))
+            .ok_or_else(|| fail("scale shape"))?
+            .iter()
+            .copied()
+            .collect();
+        let g = dy.as_standard_layout();
+        let (src, gs) = (xs.as_slice().unwrap_or_default(), g.as_slice().unwrap_or_default());
+        let mut dx = vec![0.0f32; src.len()];
+        let nf = inner as f64;
+        for ((row, grow), drow) in
+            src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
+        {
+            let (mean, rstd) = moments(row, self.eps);
+            // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = dy·scale
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for j in 0..inner {
+                let gh = f64::from(grow[j]) * f64::from(scale[j]);
+                let xh = (f64::from(row[j]) - mean) * rstd;
+                sg += gh;
+                sgx += gh * xh;
+            }
+            let (mg, mgx) = (sg / nf, sgx / nf);
+            for j in 0..inner {
+                let gh = f64::from(grow[j]) * f64::from(scale[j]);
+                let xh = (f64::from(row[j]) - mean) * rstd;
+                drow[j] = (rstd * (gh - mg - xh * mgx)) as f32;
+            }
+        }
+        out[0] =
+            Some(ArrayD::from_shape_vec(x.raw_dim(), dx).map_err(|e| fail(alloc::format!("{e}")))?);
+        Ok(out)
+    }
+
+    fn differentiable(&self, input: usize) -> bool {
+        input == 0
+    }
+}
+
+/// Mean and 1/√(var + eps) of a lane, in f64.
+fn moments(row: &[f32], eps: f32) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + f64::from(eps)).sqrt())
+}
+
+/// Softmax along one axis (opset ≥ 13), or — `legacy`, opset < 13 — over
+/// all axes from `axis` on, the input coerced to 2-D there.
+#[derive(Debug)]
+pub struct Softmax {
+    axis: i64,
+    legacy: bool,
+}
+
+impl Softmax {
+    /// Softmax along `axis` (`legacy`: opset < 13 semantics).
+    pub fn new(axis: i64, legacy: bool) -> Softmax {
+        Softmax { axis, legacy }
+    }
+
+    /// `(array viewed so that the softmax runs along the returned axis, original shape)`.
+    fn arrange(&self, a: &ArrayD<f32>) -> Result<(ArrayD<f32>, usize)> {
+        let axis = norm_axis(self.axis, a.ndim(), "")?;
+        if !self.legacy || axis + 1 == a.ndim() {
+            return Ok((a.to_owned(), axis));
+        }
+        let outer: usize = a.shape()[..axis].iter().product();
+        let inner: usize = a.shape()[axis..].iter().product();
+        let flat =
+            a.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&[outer, inner]));
+        Ok((flat.map_err(|e| fail(alloc::format!("{e}")))?, 1))
+    }
+}
+
+impl TailOp for Softmax {
+    fn op_type(&self) -> &'static str {
+        "Softmax"
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        let x = input(inputs, 0)?.f32("Softmax input")?;
+        let (mut y, axis) = self.arrange(x)?;
+        let axis = Axis(axis);
+        for mut lane in y.lanes_mut(axis) {
+            let max = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0f64;
+            lane.mapv_inplace(|v| {
+                let e = (v - max).exp();
+                sum += f64::from(e);
+                e
+            });
+            let inv = (1.0 / sum) as f32;
+            lane.mapv_inplace(|v| v * inv);
+        }
+        let y = y.into_shape_with_order(x.raw_dim()).map_err(|e| fail(alloc::format!("{e}")))?;
+        Ok(Tensor::F32(y))
+    }
+
+    fn backward(
+        &mut self,
+        _inputs: &[&Tensor],
+        output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        if !need.first().copied().unwrap_or(false) {
+            return Ok(vec![None]);
+        }
+        let (y, axis) = self.arrange(output.f32("Softmax output")?)?;
+        let (mut dx, _) = self.arrange(dy)?;
+        let axis = Axis(axis);
+        // dx = y ⊙ (dy − Σ dy⊙y)
+        for (mut g, yl) in dx.lanes_mut(axis).into_iter().zip(y.lanes(axis)) {
+            let dot: f64 =
+                g.iter().zip(yl.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let dot = dot as f32;
+            g.iter_mut().zip(yl.iter()).for_each(|(g, &y)| *g = y * (*g - dot));
+        }
+        let dx = dx.into_shape_with_order(dy.raw_dim()).map_err(|e| fail(alloc::format!("{e}")))?;
+        Ok(vec![Some(dx)])
+    }
+}

@@ -1,0 +1,217 @@
+//! The split on the committed test models: tract prefix + tail engine (with
+//! fresh, identity adapters) gives tract's own whole-model outputs, at batch
+//! sizes 1, 3 and 8; and bad models, tensors and patterns are clear errors.
+#![cfg(feature = "onnx")]
+
+mod common;
+
+use std::path::PathBuf;
+
+use hydra_edge::backbone::{Backbone, Feed};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::rng::Rng;
+use hydra_edge::tail::Tensor;
+use hydra_edge::{Error, HydraConfig};
+use ndarray::{ArrayD, IxDyn};
+
+fn model_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/test").join(name)
+}
+
+/// Random inputs for every model input at `batch` (a mask input gets 0/1 with
+/// the first position always kept).
+fn feed(model: &OnnxModel, batch: usize, seed: u64) -> Feed {
+    let mut rng = Rng::new(seed);
+    let mut f = Feed::new();
+    for name in model.input_names() {
+        let dims: Vec<usize> = model
+            .input_shape(&name)
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.unwrap_or(if i == 0 { batch } else { 8 }))
+            .collect();
+        let len: usize = dims.iter().product();
+        let v: Vec<f32> = if name == "mask" {
+            (0..len)
+                .map(|i| if i % dims[1] == 0 || rng.next_f32() > 0.3 { 1.0 } else { 0.0 })
+                .collect()
+        } else {
+            (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
+        };
+        f.insert(name, Tensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()));
+    }
+    f
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.f32("a").unwrap(), b.f32("b").unwrap());
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+fn check_parity(file: &str, targets: Targets, output: Option<&str>) -> SplitModel {
+    let model = OnnxModel::load(model_path(file)).unwrap();
+    let cfg = SplitConfig { targets, output: output.map(str::to_string), ..SplitConfig::default() };
+    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let out_name = split.report().output.clone();
+    let whole = Backbone::new(&model, std::slice::from_ref(&out_name)).unwrap();
+    for batch in [1, 3, 8] {
+        let f = feed(&model, batch, batch as u64);
+        let want = whole.run(&f).unwrap().remove(0);
+        let got = split.forward(&f, false).unwrap();
+        let e = max_rel(&got, &want);
+        assert!(e <= 1e-4, "{file} → {out_name}, batch {batch}: rel err {e:e}");
+    }
+    split
+}
+
+#[test]
+fn mlp_parity_with_two_cuts() {
+    let s = check_parity("mlp.onnx", Targets::Patterns(vec!["fc2".into()]), None);
+    let ops: Vec<&str> = s.report().tail_ops.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(ops, ["Gemm", "Relu", "Gemm"]);
+    assert_eq!(s.report().boundary, ["relu1_out"]);
+    let s = check_parity("mlp.onnx", Targets::AllLinear, None);
+    assert_eq!(s.report().boundary, ["x"], "whole model in the tail: the input is the boundary");
+    assert_eq!(s.report().adapted.len(), 3);
+}
+
+#[test]
+fn mlp_with_external_data_parity() {
+    check_parity("mlp_external.onnx", Targets::AllLinear, None);
+}
+
+#[test]
+fn transformer_last_block_parity_hidden_and_logits() {
+    let s = check_parity("transformer.onnx", Targets::LastBlocks(1), Some("hidden"));
+    assert!(
+        s.report().adapted.iter().all(|n| n.starts_with("block1/")),
+        "{:?}",
+        s.report().adapted
+    );
+    assert_eq!(s.report().adapted.len(), 6, "q, k, v, out, fc1, fc2");
+    // The mask term is computed by the backbone and handed over.
+    assert!(
+        s.report().boundary.iter().any(|b| b.starts_with("mask/")),
+        "{:?}",
+        s.report().boundary
+    );
+    check_parity("transformer.onnx", Targets::LastBlocks(2), Some("logits"));
+    check_parity(
+        "transformer.onnx",
+        Targets::Patterns(vec!["block1/ffn/*".into()]),
+        Some("pooled"),
+    );
+}
+
+#[test]
+fn transformer_layernorm17_parity() {
+    let s = check_parity("transformer_ln17.onnx", Targets::LastBlocks(1), Some("logits"));
+    assert!(s.report().tail_ops.iter().any(|(o, _)| o == "LayerNormalization"));
+}
+
+#[test]
+fn cnn_head_parity() {
+    let s = check_parity(
+        "cnn.onnx",
+        Targets::Patterns(vec!["conv_head".into(), "classifier".into()]),
+        None,
+    );
+    let ops: Vec<&str> = s.report().tail_ops.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(ops, ["Conv", "Clip", "GlobalAveragePool", "Flatten", "Gemm"]);
+    assert!(s.report().trainable_params > 0);
+    assert!(s.report().tail_frozen_params >= 32 * 16 + 32 + 10 * 32 + 10);
+}
+
+#[test]
+fn report_counts_and_memory_estimate() {
+    let model = OnnxModel::load(model_path("transformer.onnx")).unwrap();
+    let cfg = SplitConfig {
+        targets: Targets::LastBlocks(1),
+        adapter: HydraConfig::default(),
+        ..SplitConfig::default()
+    };
+    let mut s = SplitModel::new(&model, &cfg).unwrap();
+    let r = s.report().clone();
+    // 4 attention (32×32) + fc1 (32→64) + fc2 (64→32), Hydra r_p = 4, r_s = 8.
+    let hydra = |i: usize, o: usize| 4 * i + o * 4 + 8 * o + o * 8;
+    let want = 4 * hydra(32, 32) + hydra(32, 64) + hydra(64, 32);
+    assert_eq!(r.trainable_params, want);
+    assert!(r.model_params > r.tail_frozen_params);
+    let m = s.estimate_memory(&feed(&model, 4, 1)).unwrap();
+    assert!(m.per_sample_bytes > 8 * 32 * 4, "{m:?}");
+    assert!(m.at_batch(16) > m.at_batch(1));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    // Malformed and truncated files.
+    assert!(matches!(OnnxModel::from_bytes(b"not a model at all", None), Err(Error::Onnx(_))));
+    let bytes = std::fs::read(model_path("transformer.onnx")).unwrap();
+    for cut in [10, bytes.len() / 3, bytes.len() - 7] {
+        let r = OnnxModel::from_bytes(&bytes[..cut], None);
+        assert!(r.is_err(), "truncated at {cut} must fail");
+    }
+    let model = OnnxModel::load(model_path("transformer.onnx")).unwrap();
+    // A feature tensor that does not exist.
+    let cfg = SplitConfig { output: Some("no_such_tensor".into()), ..SplitConfig::default() };
+    assert!(matches!(SplitModel::new(&model, &cfg), Err(Error::NotFound { .. })));
+    // A pattern that matches nothing.
+    let cfg = SplitConfig {
+        targets: Targets::Patterns(vec!["decoder".into()]),
+        ..SplitConfig::default()
+    };
+    let e = SplitModel::new(&model, &cfg).unwrap_err();
+    assert!(matches!(&e, Error::NotFound { name, .. } if name == "decoder"), "{e}");
+    // A missing file.
+    assert!(matches!(OnnxModel::load(model_path("nope.onnx")), Err(Error::Io { .. })));
+    // An unsupported op in the tail, reported with its node at split time.
+    let mlp = OnnxModel::load(model_path("mlp.onnx")).unwrap();
+    let mut proto = mlp.proto().clone();
+    let relu = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.name == "relu2").unwrap();
+    relu.op_type = "Softplus".into();
+    let edited = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let cfg =
+        SplitConfig { targets: Targets::Patterns(vec!["fc2".into()]), ..SplitConfig::default() };
+    let e = SplitModel::new(&edited, &cfg).unwrap_err();
+    assert!(
+        matches!(&e, Error::UnsupportedOp { op, node, .. } if op == "Softplus" && node == "relu2"),
+        "{e}"
+    );
+    // ...but the same op upstream of every adapted layer stays in tract.
+    let cfg =
+        SplitConfig { targets: Targets::Patterns(vec!["head".into()]), ..SplitConfig::default() };
+    let f = feed(&edited, 2, 5);
+    let mut split = SplitModel::new(&edited, &cfg).unwrap();
+    let whole = Backbone::new(&edited, &["logits".to_string()]).unwrap();
+    assert!(max_rel(&split.forward(&f, false).unwrap(), &whole.run(&f).unwrap()[0]) <= 1e-4);
+    // A 3×3 Conv in the tail is refused with the reason.
+    let cnn = OnnxModel::load(model_path("cnn.onnx")).unwrap();
+    let mut proto = cnn.proto().clone();
+    let g = proto.graph.as_mut().unwrap();
+    let conv1 = g.node.iter().position(|n| n.name == "conv1").unwrap();
+    let mut stem = g.node[conv1].clone();
+    // Turn conv1 into an (adaptable) 1×1 conv ahead of the 3×3 conv2.
+    let w = g.initializer.iter_mut().find(|t| t.name == "conv1.weight").unwrap();
+    w.dims = vec![8, 3, 1, 1];
+    w.raw_data.truncate(8 * 3 * 4);
+    w.float_data.truncate(8 * 3);
+    stem.attribute.retain(|a| a.name != "pads");
+    g.node[conv1] = stem;
+    let edited = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let mut small = HydraConfig::default();
+    small.parallel.rank = 2;
+    small.sequential.rank = 2;
+    let cfg = SplitConfig {
+        targets: Targets::Patterns(vec!["conv1".into()]),
+        adapter: small,
+        ..SplitConfig::default()
+    };
+    let e = SplitModel::new(&edited, &cfg).unwrap_err();
+    assert!(
+        matches!(&e, Error::UnsupportedOp { op, node, .. } if op == "Conv" && node == "conv2"),
+        "{e}"
+    );
+}
