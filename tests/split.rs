@@ -215,3 +215,67 @@ fn bad_inputs_are_clear_errors() {
         "{e}"
     );
 }
+
+/// Backward through the whole tail (attention, LayerNorm, GELU, Gather,
+/// classifier) against finite differences on adapter parameters.
+#[test]
+fn tail_backward_matches_finite_differences_on_adapter_params() {
+    let model = OnnxModel::load(model_path("transformer.onnx")).unwrap();
+    let cfg = SplitConfig {
+        targets: Targets::LastBlocks(1),
+        output: Some("logits".into()),
+        ..SplitConfig::default()
+    };
+    let mut s = SplitModel::new(&model, &cfg).unwrap();
+    let mut rng = Rng::new(12);
+    for (_, a) in s.tail_mut().adapters_mut() {
+        for br in a.branches_mut() {
+            br.b.iter_mut().for_each(|v| *v = rng.uniform(-0.2, 0.2));
+        }
+    }
+    let f = feed(&model, 3, 4);
+    let boundary = s.prefix(&f).unwrap();
+    let y = s.tail_mut().forward(boundary.clone(), true).unwrap();
+    let g = ArrayD::from_shape_vec(IxDyn(y.shape()), common::rand_vec(&mut rng, y.len())).unwrap();
+    s.tail_mut().zero_grad();
+    s.tail_mut().backward(g.clone()).unwrap();
+    let loss = |s: &mut SplitModel| -> f64 {
+        let y = s.tail_mut().forward(boundary.clone(), false).unwrap();
+        y.f32("y").unwrap().iter().zip(g.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+    };
+    let names: Vec<String> = s.tail().adapters().map(|(n, _)| n.to_string()).collect();
+    let mut checked = 0;
+    for (li, name) in names.iter().enumerate() {
+        for branch in 0..2 {
+            for tensor in 0..2 {
+                let grad = {
+                    let a = s.tail().adapters().nth(li).unwrap().1;
+                    let (gp, gs) = a.grads();
+                    let g = if branch == 0 { gp } else { gs }.unwrap();
+                    if tensor == 0 { g.a.clone() } else { g.b.clone() }
+                };
+                for j in [0, grad.len() / 2, grad.len() - 1] {
+                    let h = 1e-2f32;
+                    let bump = |s: &mut SplitModel, d: f32| {
+                        let a = s.tail_mut().adapters_mut().nth(li).unwrap().1;
+                        let br = a.branches_mut().nth(branch).unwrap();
+                        if tensor == 0 { br.a[j] += d } else { br.b[j] += d }
+                    };
+                    bump(&mut s, h);
+                    let lp = loss(&mut s);
+                    bump(&mut s, -2.0 * h);
+                    let lm = loss(&mut s);
+                    bump(&mut s, h);
+                    let fd = (lp - lm) / (2.0 * f64::from(h));
+                    let an = f64::from(grad[j]);
+                    assert!(
+                        (an - fd).abs() <= 5e-3 * (1.0 + fd.abs()),
+                        "{name} branch {branch} tensor {tensor}[{j}]: {an} vs {fd}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, names.len() * 12);
+}

@@ -1,0 +1,337 @@
+//! Every tail op against central finite differences (broadcasting cases
+//! included): the analytic input gradients of `L = Σ op(x) ⊙ G` must match
+//! `(L(x + h) − L(x − h)) / 2h`, the loss summed in f64.
+
+mod common;
+
+use common::rand_vec;
+use hydra_edge::HydraConfig;
+use hydra_edge::hydra::Weights;
+use hydra_edge::rng::Rng;
+use hydra_edge::tail::Tensor;
+use hydra_edge::tail::ops::TailOp;
+use hydra_edge::tail::ops::binary::{Binary, BinaryKind};
+use hydra_edge::tail::ops::linear::{Layout, Linear, MatMul};
+use hydra_edge::tail::ops::norm::{LayerNorm, Softmax};
+use hydra_edge::tail::ops::reduce::{GlobalAveragePool, Reduce, ReduceKind};
+use hydra_edge::tail::ops::shape::{Concat, Gather, ReshapeKind, ReshapeLike, Slice, Transpose};
+use hydra_edge::tail::ops::unary::{Cast, Clip, Unary, UnaryKind};
+use ndarray::{ArrayD, IxDyn};
+
+fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+}
+
+fn rand_t(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n = shape.iter().product();
+    t(shape, (0..n).map(|_| rng.uniform(lo, hi)).collect())
+}
+
+fn ints(shape: &[usize], v: Vec<i64>) -> Tensor {
+    Tensor::I64(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+}
+
+fn loss(op: &mut dyn TailOp, inputs: &[Tensor], g: &ArrayD<f32>) -> f64 {
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let y = op.forward(&refs, false).unwrap();
+    y.f32("y").unwrap().iter().zip(g.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+}
+
+/// Checks the gradient of every input marked in `need` (every element, or
+/// 40 evenly spaced ones for large inputs).
+fn check(name: &str, op: &mut dyn TailOp, inputs: Vec<Tensor>, need: &[bool], h: f32, tol: f64) {
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let y = op.forward(&refs, false).unwrap();
+    let mut rng = Rng::new(77);
+    let g = ArrayD::from_shape_vec(IxDyn(y.shape()), rand_vec(&mut rng, y.len())).unwrap();
+    let grads = op.backward(&refs, &y, &g, need).unwrap();
+    assert_eq!(grads.len(), inputs.len(), "{name}: one gradient slot per input");
+    for (i, &want) in need.iter().enumerate() {
+        if !want {
+            continue;
+        }
+        let gi = grads[i].as_ref().unwrap_or_else(|| panic!("{name}: input {i} got no gradient"));
+        assert_eq!(gi.shape(), inputs[i].shape(), "{name}: gradient {i} shape");
+        let n = inputs[i].len();
+        let step = (n / 40).max(1);
+        for j in (0..n).step_by(step) {
+            let mut plus = inputs.clone();
+            let mut minus = inputs.clone();
+            let Tensor::F32(p) = &mut plus[i] else { unreachable!() };
+            p.as_slice_mut().unwrap()[j] += h;
+            let Tensor::F32(m) = &mut minus[i] else { unreachable!() };
+            m.as_slice_mut().unwrap()[j] -= h;
+            let fd = (loss(op, &plus, &g) - loss(op, &minus, &g)) / (2.0 * f64::from(h));
+            let an = f64::from(
+                gi.as_slice_memory_order()
+                    .map(|s| s[j])
+                    .unwrap_or_else(|| gi.iter().nth(j).copied().unwrap()),
+            );
+            assert!(
+                (an - fd).abs() <= tol * (1.0 + fd.abs()),
+                "{name}: d/dx{i}[{j}]: analytic {an} vs fd {fd}"
+            );
+        }
+    }
+}
+
+const H: f32 = 1e-2;
+const TOL: f64 = 3e-3;
+
+#[test]
+fn binary_ops_with_broadcasting() {
+    let mut rng = Rng::new(1);
+    let shapes: [(&[usize], &[usize]); 4] =
+        [(&[2, 3, 4], &[4]), (&[2, 1, 4], &[3, 1]), (&[], &[2, 3]), (&[3, 4], &[3, 4])];
+    for kind in [BinaryKind::Add, BinaryKind::Sub, BinaryKind::Mul, BinaryKind::Div] {
+        for (sa, sb) in shapes {
+            let a = rand_t(&mut rng, sa, -1.0, 1.0);
+            let b = rand_t(&mut rng, sb, 0.5, 1.5);
+            check(
+                &format!("{kind:?} {sa:?}×{sb:?}"),
+                &mut Binary::new(kind),
+                vec![a, b],
+                &[true, true],
+                H,
+                TOL,
+            );
+        }
+    }
+    let a = rand_t(&mut rng, &[2, 3], 0.5, 2.0);
+    check(
+        "Pow const",
+        &mut Binary::new(BinaryKind::Pow),
+        vec![a.clone(), Tensor::scalar(2.0)],
+        &[true, false],
+        H,
+        TOL,
+    );
+    let p = rand_t(&mut rng, &[3], 0.5, 2.5);
+    check("Pow both", &mut Binary::new(BinaryKind::Pow), vec![a, p], &[true, true], H, TOL);
+}
+
+#[test]
+fn unary_ops() {
+    let mut rng = Rng::new(2);
+    let kinds = [
+        UnaryKind::Relu,
+        UnaryKind::Sigmoid,
+        UnaryKind::Tanh,
+        UnaryKind::Erf,
+        UnaryKind::Gelu,
+        UnaryKind::GeluTanh,
+        UnaryKind::Sqrt,
+        UnaryKind::Exp,
+        UnaryKind::Neg,
+        UnaryKind::Identity,
+    ];
+    for kind in kinds {
+        // Keep clear of kinks and of √'s pole.
+        let v: Vec<f32> = (0..24)
+            .map(|_| {
+                let x = rng.uniform(0.1, 2.0);
+                if kind == UnaryKind::Sqrt || rng.next_f32() < 0.5 { x } else { -x }
+            })
+            .collect();
+        check(&format!("{kind:?}"), &mut Unary::new(kind), vec![t(&[4, 6], v)], &[true], H, TOL);
+    }
+    let v: Vec<f32> = (0..20).map(|i| [-0.9, -0.3, 0.2, 0.45, 0.8][i % 5]).collect();
+    check("Clip", &mut Clip::new(-0.5, 0.5), vec![t(&[4, 5], v)], &[true], 1e-3, TOL);
+    check(
+        "Cast",
+        &mut Cast::new(true),
+        vec![rand_t(&mut rng, &[3, 2], -1.0, 1.0)],
+        &[true],
+        H,
+        TOL,
+    );
+}
+
+#[test]
+fn erf_matches_known_values() {
+    use hydra_edge::tail::ops::unary::erf;
+    for (x, want) in [
+        (0.0, 0.0),
+        (0.5, 0.520_499_877_8),
+        (1.0, 0.842_700_792_9),
+        (2.0, 0.995_322_265),
+        (-1.5, -0.966_105_146),
+    ] {
+        assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
+    }
+}
+
+#[test]
+fn softmax_and_layernorm() {
+    let mut rng = Rng::new(3);
+    for (axis, legacy) in [(-1, false), (1, false), (1, true), (0, true)] {
+        let x = rand_t(&mut rng, &[2, 3, 4], -2.0, 2.0);
+        check(
+            &format!("Softmax axis {axis} legacy {legacy}"),
+            &mut Softmax::new(axis, legacy),
+            vec![x],
+            &[true],
+            H,
+            TOL,
+        );
+    }
+    for axis in [-1, 1] {
+        let x = rand_t(&mut rng, &[2, 3, 5], -2.0, 2.0);
+        let shape: &[usize] = if axis == -1 { &[5] } else { &[3, 5] };
+        let (s, b) = (rand_t(&mut rng, shape, 0.5, 1.5), rand_t(&mut rng, shape, -0.5, 0.5));
+        check(
+            &format!("LayerNorm axis {axis}"),
+            &mut LayerNorm::new(axis, 1e-5),
+            vec![x, s, b],
+            &[true, false, false],
+            H,
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn reductions_and_pooling() {
+    let mut rng = Rng::new(4);
+    for kind in [ReduceKind::Mean, ReduceKind::Sum] {
+        for (axes, keep) in
+            [(Some(vec![-1]), true), (Some(vec![0, 2]), false), (Some(vec![]), true)]
+        {
+            let x = rand_t(&mut rng, &[2, 3, 4], -1.0, 1.0);
+            check(
+                &format!("{kind:?} {axes:?} keep={keep}"),
+                &mut Reduce::new(kind, axes, keep, false),
+                vec![x],
+                &[true],
+                H,
+                TOL,
+            );
+        }
+        // Axes given as an input tensor.
+        let x = rand_t(&mut rng, &[2, 3, 4], -1.0, 1.0);
+        let op = &mut Reduce::new(kind, None, true, false);
+        check(
+            &format!("{kind:?} axes input"),
+            op,
+            vec![x, ints(&[1], vec![1])],
+            &[true, false],
+            H,
+            TOL,
+        );
+    }
+    let x = rand_t(&mut rng, &[2, 3, 4, 5], -1.0, 1.0);
+    check("GlobalAveragePool", &mut GlobalAveragePool, vec![x], &[true], H, TOL);
+}
+
+#[test]
+fn data_movement_ops() {
+    let mut rng = Rng::new(5);
+    let x = || rand_t(&mut Rng::new(9), &[2, 3, 4], -1.0, 1.0);
+    let reshape = &mut ReshapeLike::new(ReshapeKind::Reshape { allowzero: false });
+    check("Reshape", reshape, vec![x(), ints(&[3], vec![0, -1, 2])], &[true, false], H, TOL);
+    check("Flatten", &mut ReshapeLike::new(ReshapeKind::Flatten(2)), vec![x()], &[true], H, TOL);
+    let sq = rand_t(&mut rng, &[2, 1, 4], -1.0, 1.0);
+    check(
+        "Squeeze",
+        &mut ReshapeLike::new(ReshapeKind::Squeeze(Some(vec![1]))),
+        vec![sq],
+        &[true],
+        H,
+        TOL,
+    );
+    check(
+        "Unsqueeze",
+        &mut ReshapeLike::new(ReshapeKind::Unsqueeze(None)),
+        vec![x(), ints(&[2], vec![0, -1])],
+        &[true, false],
+        H,
+        TOL,
+    );
+    check("Transpose", &mut Transpose::new(Some(vec![2, 0, 1])), vec![x()], &[true], H, TOL);
+    let y = rand_t(&mut rng, &[2, 5, 4], -1.0, 1.0);
+    check("Concat", &mut Concat::new(1), vec![x(), y], &[true, true], H, TOL);
+    let slice_in = vec![
+        x(),
+        ints(&[2], vec![2, 1]),
+        ints(&[2], vec![-100, 3]),
+        ints(&[2], vec![2, 1]),
+        ints(&[2], vec![-1, 1]),
+    ];
+    check(
+        "Slice negative step",
+        &mut Slice::new(None),
+        slice_in,
+        &[true, false, false, false, false],
+        H,
+        TOL,
+    );
+    let slice_in = vec![
+        x(),
+        ints(&[1], vec![1]),
+        ints(&[1], vec![i64::MAX]),
+        ints(&[1], vec![2]),
+        ints(&[1], vec![2]),
+    ];
+    check(
+        "Slice step 2",
+        &mut Slice::new(None),
+        slice_in,
+        &[true, false, false, false, false],
+        H,
+        TOL,
+    );
+    check(
+        "Gather repeated",
+        &mut Gather::new(1),
+        vec![x(), ints(&[2, 2], vec![0, 2, 2, -1])],
+        &[true, false],
+        H,
+        TOL,
+    );
+    check(
+        "Gather scalar",
+        &mut Gather::new(1),
+        vec![x(), ints(&[], vec![0])],
+        &[true, false],
+        H,
+        TOL,
+    );
+}
+
+#[test]
+fn matmul_and_linear_layers() {
+    let mut rng = Rng::new(6);
+    let a = rand_t(&mut rng, &[2, 1, 3, 4], -1.0, 1.0);
+    let b = rand_t(&mut rng, &[3, 4, 5], -1.0, 1.0);
+    check("MatMul broadcast batch", &mut MatMul, vec![a, b], &[true, true], H, TOL);
+    let (din, dout) = (6, 5);
+    let w = rand_vec(&mut rng, din * dout);
+    let bias = Some(rand_vec(&mut rng, dout));
+    for layout in [Layout::Rows, Layout::Channels] {
+        for adapted in [false, true] {
+            let mut op =
+                Linear::new("Gemm", layout, Weights::F32(w.clone()), bias.clone(), din, dout)
+                    .unwrap();
+            if adapted {
+                let mut cfg = HydraConfig::default();
+                cfg.parallel.rank = 2;
+                cfg.sequential.rank = 3;
+                op.adapt(cfg).unwrap();
+                for br in op.adapter_mut().unwrap().branches_mut() {
+                    br.b.iter_mut().for_each(|v| *v = rng.uniform(-0.5, 0.5));
+                }
+            }
+            let shape: &[usize] =
+                if layout == Layout::Rows { &[2, 3, din] } else { &[2, din, 2, 3] };
+            let x = rand_t(&mut rng, shape, -1.0, 1.0);
+            check(
+                &format!("Linear {layout:?} adapted={adapted}"),
+                &mut op,
+                vec![x],
+                &[true],
+                H,
+                TOL,
+            );
+        }
+    }
+}
