@@ -23,8 +23,10 @@
 //!
 //! # Tiers and dispatch
 //! `scalar` runs everywhere; `avx2` needs AVX2+FMA+F16C; `avx512` needs
-//! AVX-512F (plus the AVX2 set). Detection runs once and its answer is cached
-//! ([`active`]); `HYDRA_KERNELS=scalar|avx2|avx512` forces a tier and fails
+//! AVX-512F (plus the AVX2 set); on aarch64 `neon` needs Advanced SIMD
+//! (Raspberry Pi 4 class) and `fp16` also FEAT_FP16 (Raspberry Pi 5, Jetson
+//! Orin). Detection runs once and its answer is cached ([`active`]);
+//! `HYDRA_KERNELS=scalar|avx2|avx512|neon|fp16` forces a tier and fails
 //! loudly if the CPU lacks it. [`Kernels::for_tier`] hands out any tier the
 //! CPU has, so tests and benches can run every tier on one machine. Without
 //! `std` the choice is made from compile-time target features.
@@ -32,6 +34,8 @@
 //! All tiers share one generic body ([`simd`]); a tier file only supplies the
 //! vector primitives and a `#[target_feature]` wrapper per kernel.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod generic;
 pub mod reference;
 mod scalar;
@@ -58,11 +62,15 @@ pub enum Tier {
     Avx2,
     /// x86-64 AVX-512F, 16 lanes.
     Avx512,
+    /// aarch64 Advanced SIMD, 4 lanes; f16 through conversion.
+    Neon,
+    /// aarch64 Advanced SIMD + FEAT_FP16 (half-precision arithmetic).
+    Fp16,
 }
 
 impl Tier {
     /// Every tier, from the most portable to the widest.
-    pub const ALL: [Tier; 3] = [Tier::Scalar, Tier::Avx2, Tier::Avx512];
+    pub const ALL: [Tier; 5] = [Tier::Scalar, Tier::Avx2, Tier::Avx512, Tier::Neon, Tier::Fp16];
 
     /// The tier's name, as `HYDRA_KERNELS` spells it.
     pub fn name(self) -> &'static str {
@@ -70,10 +78,12 @@ impl Tier {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
             Tier::Avx512 => "avx512",
+            Tier::Neon => "neon",
+            Tier::Fp16 => "fp16",
         }
     }
 
-    /// Parses a tier name (`scalar`, `avx2`, `avx512`).
+    /// Parses a tier name (`scalar`, `avx2`, `avx512`, `neon`, `fp16`).
     pub fn parse(name: &str) -> Result<Tier> {
         Tier::ALL
             .into_iter()
@@ -106,6 +116,19 @@ impl Tier {
             )),
             #[cfg(not(target_arch = "x86_64"))]
             Tier::Avx2 | Tier::Avx512 => false,
+            #[cfg(all(target_arch = "aarch64", feature = "std"))]
+            Tier::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(all(target_arch = "aarch64", feature = "std"))]
+            Tier::Fp16 => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("fp16")
+            }
+            #[cfg(all(target_arch = "aarch64", not(feature = "std")))]
+            Tier::Neon => cfg!(target_feature = "neon"),
+            #[cfg(all(target_arch = "aarch64", not(feature = "std")))]
+            Tier::Fp16 => cfg!(all(target_feature = "neon", target_feature = "fp16")),
+            #[cfg(not(target_arch = "aarch64"))]
+            Tier::Neon | Tier::Fp16 => false,
         }
     }
 
@@ -125,6 +148,10 @@ impl Tier {
             Tier::Avx2 => &x86::avx2::TABLE,
             #[cfg(target_arch = "x86_64")]
             Tier::Avx512 => &x86::avx512::TABLE,
+            #[cfg(target_arch = "aarch64")]
+            Tier::Neon => &aarch64::neon::TABLE,
+            #[cfg(target_arch = "aarch64")]
+            Tier::Fp16 => &aarch64::fp16::TABLE,
             _ => &scalar::TABLE,
         }
     }
