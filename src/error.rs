@@ -69,6 +69,28 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// An adapter file that is malformed, truncated, or fails its checksum.
+    #[error("corrupt adapter file: {0}")]
+    Corrupt(String),
+    /// An adapter trained on another base model than the one it is applied to.
+    #[error(
+        "adapter was trained on a different base model: the adapted weights' fingerprint is \
+         {expected:#018x} here but {found:#018x} in the adapter file"
+    )]
+    FingerprintMismatch {
+        /// The fingerprint of the base model at hand.
+        expected: u64,
+        /// The fingerprint recorded in the adapter file.
+        found: u64,
+    },
+    /// An `embedded_io` stream failed while an adapter file was read or written.
+    #[error("adapter stream I/O failed while {context}: {kind:?}")]
+    Stream {
+        /// What was being read or written.
+        context: &'static str,
+        /// The stream's error kind.
+        kind: embedded_io::ErrorKind,
+    },
     /// An I/O error, with what was being done.
     #[cfg(feature = "std")]
     #[error("{context}: {source}")]

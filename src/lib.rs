@@ -25,6 +25,7 @@
 
 extern crate alloc;
 
+pub mod adapter;
 pub mod error;
 pub mod hydra;
 
