@@ -91,6 +91,24 @@ pub enum Error {
         /// The stream's error kind.
         kind: embedded_io::ErrorKind,
     },
+    /// A training configuration whose estimated peak memory exceeds the budget.
+    #[error("estimated peak memory {:.1} MB exceeds the budget of {:.1} MB: {detail}", *estimate as f64 / 1e6, *budget as f64 / 1e6)]
+    OverBudget {
+        /// Estimated peak, bytes.
+        estimate: usize,
+        /// The budget, bytes.
+        budget: usize,
+        /// Where the memory goes.
+        detail: String,
+    },
+    /// Training stopped: too many consecutive steps had non-finite values.
+    #[error(
+        "training diverged: {steps} consecutive steps had a non-finite loss or gradient; the last good checkpoint is untouched"
+    )]
+    Diverged {
+        /// Consecutive bad steps.
+        steps: usize,
+    },
     /// An I/O error, with what was being done.
     #[cfg(feature = "std")]
     #[error("{context}: {source}")]

@@ -27,7 +27,11 @@ extern crate alloc;
 
 pub mod adapter;
 pub mod error;
+#[cfg(feature = "onnx")]
+pub mod export;
 pub mod hydra;
+#[cfg(feature = "onnx")]
+pub mod infer;
 
 #[cfg(feature = "onnx")]
 pub mod backbone;
@@ -37,6 +41,8 @@ pub mod onnx;
 pub mod rng;
 #[cfg(feature = "std")]
 pub mod tail;
+#[cfg(feature = "onnx")]
+pub mod train;
 
 pub use error::{Error, Result};
 pub use half::f16;

@@ -104,6 +104,7 @@ pub(crate) fn gemm(
 }
 
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer.
+#[cfg(feature = "std")]
 pub(crate) fn frozen_forward(
     k: &Kernels,
     w: &Weights,
@@ -122,6 +123,7 @@ pub(crate) fn frozen_forward(
 }
 
 /// `dX[n×in] = dY[n×out]·W0` for a frozen layer.
+#[cfg(feature = "std")]
 pub(crate) fn frozen_backward(
     k: &Kernels,
     w: &Weights,

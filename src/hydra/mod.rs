@@ -31,6 +31,7 @@ use half::f16;
 
 pub use config::{BranchConfig, HydraConfig, Init, Variant};
 pub use dense::Weights;
+#[cfg(feature = "std")]
 pub(crate) use dense::{frozen_backward, frozen_forward, gemm};
 pub use merge::Delta;
 
@@ -251,6 +252,20 @@ impl HydraLinear {
     /// Both branches mutably (parallel first), for optimisers.
     pub fn branches_mut(&mut self) -> impl Iterator<Item = &mut Branch> {
         [self.parallel.as_mut(), self.sequential.as_mut()].into_iter().flatten()
+    }
+    /// Every trainable tensor with its gradient (parallel branch first; A, B,
+    /// down bias, up bias), for optimisers.
+    pub fn params_and_grads(&mut self) -> Vec<(&mut [f32], &[f32])> {
+        let mut out = Vec::new();
+        for (p, g) in [
+            (&mut self.parallel, &self.grad_parallel),
+            (&mut self.sequential, &self.grad_sequential),
+        ] {
+            if let (Some(p), Some(g)) = (p.as_mut(), g.as_ref()) {
+                out.extend(p.tensors_mut().zip(g.tensors()));
+            }
+        }
+        out
     }
     /// Gradients accumulated by [`HydraLinear::backward`]: (parallel, sequential).
     pub fn grads(&self) -> (Option<&Branch>, Option<&Branch>) {

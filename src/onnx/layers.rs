@@ -280,6 +280,11 @@ pub enum Targets {
     AllLinear,
     /// Every linear layer of the last K blocks (see [`block_of`]).
     LastBlocks(usize),
+    /// Exactly these layers (node names), e.g. as listed in an adapter file.
+    Names(Vec<String>),
+    /// No adapters: the tail is just the output tensor, for training a new
+    /// head on frozen features ("head-only", linear probing).
+    None,
 }
 
 fn glob(p: &[u8], s: &[u8]) -> bool {
@@ -305,6 +310,20 @@ impl Targets {
     /// The chosen layers, or an error if nothing matches.
     pub fn select<'l>(&self, layers: &'l [LinearLayer]) -> Result<Vec<&'l LinearLayer>> {
         let chosen: Vec<&LinearLayer> = match self {
+            Targets::None => return Ok(Vec::new()),
+            Targets::Names(names) => {
+                let mut out = Vec::new();
+                for n in names {
+                    out.push(
+                        layers
+                            .iter()
+                            .find(|l| &l.name == n)
+                            .ok_or_else(|| Error::NotFound { what: "layer", name: n.clone() })?,
+                    );
+                }
+                out.sort_by_key(|l| l.node);
+                out
+            }
             Targets::AllLinear => layers.iter().collect(),
             Targets::Patterns(ps) => {
                 for p in ps {

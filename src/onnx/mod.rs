@@ -20,11 +20,24 @@ use crate::tail::Tensor;
 pub use layers::{LinearKind, LinearLayer, Targets};
 pub use split::{SplitConfig, SplitModel, SplitReport, WeightDtype};
 
+/// Where an initializer's data lived outside the model file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalRef {
+    /// The data file (absolute, or as resolved from the model's folder).
+    pub file: PathBuf,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u64,
+}
+
 /// A loaded ONNX model with all initializer data in memory.
 #[derive(Clone, Debug)]
 pub struct OnnxModel {
     proto: pb::ModelProto,
     path: Option<PathBuf>,
+    /// Initializers that were stored as external data, by name.
+    external: HashMap<String, ExternalRef>,
 }
 
 impl OnnxModel {
@@ -46,8 +59,11 @@ impl OnnxModel {
             .map_err(|e| Error::Onnx(format!("cannot decode protobuf: {e}")))?;
         let graph =
             proto.graph.as_mut().ok_or_else(|| Error::Onnx("the model has no graph".into()))?;
+        let mut external = HashMap::new();
         for t in graph.initializer.iter_mut() {
-            resolve_external(t, dir)?;
+            if let Some(r) = resolve_external(t, dir)? {
+                external.insert(t.name.clone(), r);
+            }
         }
         for n in graph.node.iter_mut() {
             for a in n.attribute.iter_mut() {
@@ -59,7 +75,12 @@ impl OnnxModel {
         if graph.node.is_empty() {
             return Err(Error::Onnx("the graph has no nodes".into()));
         }
-        Ok(OnnxModel { proto, path: None })
+        Ok(OnnxModel { proto, path: None, external })
+    }
+
+    /// Initializers that were stored as external data, with where they came from.
+    pub fn external(&self) -> &HashMap<String, ExternalRef> {
+        &self.external
     }
 
     /// The protobuf (with external data resolved into it).
@@ -146,10 +167,11 @@ impl OnnxModel {
     }
 }
 
-/// Loads the bytes of an initializer stored as external data into `raw_data`.
-fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<()> {
+/// Loads the bytes of an initializer stored as external data into
+/// `raw_data`, returning where they came from.
+fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<Option<ExternalRef>> {
     if t.data_location != Some(1) {
-        return Ok(());
+        return Ok(None);
     }
     let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
     let location = get("location")
@@ -186,7 +208,8 @@ fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<()> {
     t.raw_data = data.to_vec();
     t.data_location = Some(0);
     t.external_data.clear();
-    Ok(())
+    let file = std::fs::canonicalize(&file).unwrap_or(file);
+    Ok(Some(ExternalRef { file, offset: start as u64, length: data.len() as u64 }))
 }
 
 /// Decodes a tensor proto into a tail tensor (float types → f32, integer and bool types → i64).

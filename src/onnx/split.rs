@@ -99,6 +99,7 @@ pub struct SplitModel {
     tail: TailGraph,
     report: SplitReport,
     layers: Vec<LinearLayer>,
+    fingerprint: u64,
 }
 
 /// Per-layer seed, so that layers start from different A.
@@ -124,6 +125,11 @@ impl SplitModel {
             return Err(Error::NotFound { what: "output or feature tensor", name: output });
         }
         let tail_nodes = cone(&g, &chosen, &output)?;
+        let weights =
+            chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
+        let fingerprint = crate::adapter::fingerprint(
+            chosen.iter().zip(&weights).map(|(l, w)| (l.name.as_str(), w.as_slice())),
+        );
         let tail = build_tail(&g, &layers, &chosen, &tail_nodes, &output, cfg, model.opset())?;
         let boundary: Vec<String> = tail.boundary_names().iter().map(|s| s.to_string()).collect();
         let backbone = Backbone::new(model, &boundary)?;
@@ -136,7 +142,7 @@ impl SplitModel {
             tail_frozen_params: tail.frozen_params(),
             trainable_params: tail.trainable_params(),
         };
-        Ok(SplitModel { backbone, tail, report, layers: chosen })
+        Ok(SplitModel { backbone, tail, report, layers: chosen, fingerprint })
     }
 
     /// What the split decided.
@@ -147,6 +153,13 @@ impl SplitModel {
     /// The adapted layers, as found in the model.
     pub fn adapted_layers(&self) -> &[LinearLayer] {
         &self.layers
+    }
+
+    /// Fingerprint of the adapted layers' frozen weights (as in the ONNX
+    /// file, f32), written into adapter files so that an adapter is refused on
+    /// another base model.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The frozen backbone.
@@ -182,7 +195,14 @@ impl SplitModel {
 
     /// Measures the tail's training memory on `sample` (any batch size).
     pub fn estimate_memory(&mut self, sample: &Feed) -> Result<MemoryEstimate> {
-        let out = self.forward(sample, true)?;
+        // Training mode draws dropout masks: put the generators back afterwards,
+        // so that estimating never changes what training does.
+        let rngs: Vec<_> = self.tail.adapters().map(|(_, a)| a.rng().clone()).collect();
+        let out = self.forward(sample, true);
+        for ((_, a), r) in self.tail.adapters_mut().zip(rngs) {
+            a.set_rng(r);
+        }
+        let out = out?;
         let batch = out.shape().first().copied().unwrap_or(1).max(1);
         let tape = self.tail.tape_bytes();
         self.tail.clear_tape();
@@ -257,6 +277,10 @@ fn build_tail(
         layers.iter().filter(|l| in_tail.contains(&l.node)).filter_map(|l| l.bias_node).collect();
     let chosen_nodes: Vec<usize> = chosen.iter().map(|l| l.node).collect();
     let mut b = TailBuilder::new();
+    if nodes.is_empty() {
+        // Head-only: the tail is the feature tensor itself.
+        b.boundary(output);
+    }
     let value = |b: &mut TailBuilder, name: &str| -> Result<usize> {
         if let Some(id) = b.get(name) {
             return Ok(id);

@@ -1,14 +1,179 @@
-//! The `hydra-edge` command line. For now it says what is built and what is
-//! not; the full CLI (inspect, train, eval, merge, run, bench, demo) comes
-//! with the issue "The CLI, the default demo, and the real-model study".
+//! `hydra-edge`: inspect a model, train a Hydra adapter on a device, merge
+//! it, run the result; `demo` does all of it on an embedded digits model.
+
+mod commands;
+mod demo;
+mod plot;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "hydra-edge",
+    version,
+    about = "On-device adaptation: train Hydra adapters on a frozen ONNX backbone, merge, run"
+)]
+struct Cli {
+    /// Machine-readable JSON output instead of tables and progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Threads for the frozen backbone's matrix products.
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inputs, outputs, adaptable layers, suggested cuts and whether each is trainable.
+    Inspect {
+        /// The ONNX model.
+        model: PathBuf,
+    },
+    /// Train an adapter (and optionally a new head) on an .npz dataset.
+    Train(Box<TrainArgs>),
+    /// Loss and accuracy of a trained adapter on an .npz dataset.
+    Eval {
+        /// The ONNX model the adapter was trained on.
+        model: PathBuf,
+        /// The .hydra adapter file.
+        adapter: PathBuf,
+        /// Evaluation data (.npz).
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the label array in the .npz.
+        #[arg(long, default_value = "label")]
+        label_key: String,
+    },
+    /// Merge an adapter into the model and write a plain ONNX file.
+    Merge {
+        /// The ONNX model.
+        model: PathBuf,
+        /// The .hydra adapter file.
+        adapter: PathBuf,
+        /// Output path of the merged model.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Append a Softmax after a new head.
+        #[arg(long)]
+        softmax: bool,
+        /// Data to check merged against unmerged on (default: synthetic inputs).
+        #[arg(long)]
+        check_data: Option<PathBuf>,
+    },
+    /// Run a model on inputs from an .npz file.
+    Run {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Inputs (.npz, arrays named like the model's inputs).
+        #[arg(long)]
+        input: PathBuf,
+        /// Write the outputs to this .npz.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Kernel and train-step figures on this machine.
+    Bench,
+    /// The whole job on an embedded digits model: adapt to a new user, merge, compare.
+    Demo {
+        /// Training epochs.
+        #[arg(long, default_value_t = 30)]
+        epochs: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    Hydra,
+    Lora,
+    Seqlora,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Training data (.npz: model inputs by name + a label array).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out evaluation data (.npz); default: none.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Name of the label array (integers: classes; floats: targets).
+    #[arg(long, default_value = "label")]
+    label_key: String,
+    /// Layers to adapt: `all`, `last:K` (blocks), `none` (head only), or comma-separated name patterns.
+    #[arg(long, default_value = "all")]
+    targets: String,
+    /// Adapter variant.
+    #[arg(long, value_enum, default_value = "hydra")]
+    variant: VariantArg,
+    /// Rank of each branch (`--rank 4`, or `--rank 4,8` for parallel,sequential).
+    #[arg(long, default_value = "4,8")]
+    rank: String,
+    /// Scale of each branch (one value, or parallel,sequential).
+    #[arg(long, default_value = "1.0")]
+    scale: String,
+    /// `keep` the model's output, or `new:N` for a new N-way head on the tail's output.
+    #[arg(long, default_value = "keep")]
+    head: String,
+    /// The tensor the tail ends at (default: the model's first output).
+    #[arg(long)]
+    output_tensor: Option<String>,
+    /// Epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Refuse to start above this estimated peak memory (MB).
+    #[arg(long)]
+    budget_mb: Option<f64>,
+    /// Where to write the adapter.
+    #[arg(long, default_value = "adapter.hydra")]
+    out: PathBuf,
+    /// Resume from this checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Write a checkpoint here after every epoch.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Write an SVG learning curve here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Disable the feature cache.
+    #[arg(long)]
+    no_cache: bool,
+}
 
 fn main() {
-    let tier = hydra_edge::kernels::active().tier();
-    let cmd = std::env::args().nth(1).unwrap_or_default();
-    eprintln!(
-        "hydra-edge {}: kernels ({tier} tier) and HydraLinear are built; \
-         the ONNX split, trainer, merge/export and CLI subcommands (`{cmd}`) are not yet.",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+    let cli = Cli::parse();
+    hydra_edge::backbone::set_threads(cli.threads);
+    let json = cli.json;
+    let r = match cli.cmd {
+        Cmd::Inspect { model } => commands::inspect(&model, json),
+        Cmd::Train(a) => commands::train(&a, json),
+        Cmd::Eval { model, adapter, data, label_key } => {
+            commands::eval(&model, &adapter, &data, &label_key, json)
+        }
+        Cmd::Merge { model, adapter, output, softmax, check_data } => {
+            commands::merge(&model, &adapter, &output, softmax, check_data.as_deref(), json)
+        }
+        Cmd::Run { model, input, output } => commands::run(&model, &input, output.as_deref(), json),
+        Cmd::Bench => demo::bench(json),
+        Cmd::Demo { epochs } => demo::demo(epochs, json),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

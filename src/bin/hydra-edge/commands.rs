@@ -1,0 +1,469 @@
+//! inspect, train, eval, merge, run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use hydra_edge::adapter::{AdapterFile, DType};
+use hydra_edge::backbone::Feed;
+use hydra_edge::export::merge_adapter_file;
+use hydra_edge::infer::{Model, split_config_for};
+use hydra_edge::onnx::layers::linear_layers;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::tail::Tensor;
+use hydra_edge::train::npz::{read_npz, write_npz};
+use hydra_edge::train::{CacheConfig, Dataset, Event, HeadConfig, Loss, TrainConfig, Trainer};
+use hydra_edge::{HydraConfig, Variant};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{ArrayD, IxDyn};
+use serde_json::json;
+
+use crate::{TrainArgs, VariantArg};
+
+/// Inputs for a model when none are given: zeros (token ids and masks: 1),
+/// batch `batch`, other symbolic dims 16.
+pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Feed {
+    let mut f = Feed::new();
+    for name in model.input_names() {
+        let dims: Vec<usize> = model
+            .input_shape(&name)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.unwrap_or(if i == 0 { batch } else { 16 }))
+            .collect();
+        let t = if model.input_is_integer(&name) {
+            Tensor::I64(ArrayD::from_elem(IxDyn(&dims), 1))
+        } else {
+            Tensor::F32(ArrayD::from_elem(IxDyn(&dims), 0.5))
+        };
+        f.insert(name, t);
+    }
+    f
+}
+
+fn mb(b: usize) -> f64 {
+    b as f64 / 1e6
+}
+
+pub fn inspect(path: &Path, json: bool) -> Result<()> {
+    let model = OnnxModel::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let g = model.index()?;
+    let layers = linear_layers(&g)?;
+    let inputs: Vec<_> =
+        model.input_names().into_iter().map(|n| (n.clone(), model.input_shape(&n))).collect();
+    let mut suggestions: Vec<(String, Targets, Option<String>)> =
+        vec![("all linear layers".into(), Targets::AllLinear, None)];
+    let blocks: Vec<&str> =
+        layers.iter().filter_map(|l| l.block.as_deref()).fold(Vec::new(), |mut v, b| {
+            if !v.contains(&b) {
+                v.push(b);
+            }
+            v
+        });
+    for k in [1, 2].into_iter().filter(|&k| k <= blocks.len()) {
+        suggestions.push((
+            format!("linear layers of the last {k} block(s)"),
+            Targets::LastBlocks(k),
+            None,
+        ));
+    }
+    if let Some(last) = layers.last().filter(|l| !model.input_names().contains(&l.input)) {
+        suggestions.push((
+            format!("head only: a new head on `{}`", last.input),
+            Targets::None,
+            Some(last.input.clone()),
+        ));
+        suggestions.push((
+            format!("last layer `{}`", last.name),
+            Targets::Names(vec![last.name.clone()]),
+            None,
+        ));
+    }
+    let feed = synthetic_feed(&model, 1);
+    let mut rows = Vec::new();
+    for (what, targets, output) in suggestions {
+        let cfg = SplitConfig { targets, output, ..SplitConfig::default() };
+        match SplitModel::new(&model, &cfg) {
+            Ok(mut s) => {
+                let mem = s.estimate_memory(&feed).ok();
+                let r = s.report();
+                rows.push(json!({"suggestion": what, "trainable": true, "adapted_layers": r.adapted.len(), "tail_ops": r.tail_ops.len(),
+                    "boundary": r.boundary, "trainable_params": r.trainable_params, "tail_frozen_params": r.tail_frozen_params,
+                    "train_memory_mb_at_batch_32": mem.map(|m| mb(m.at_batch(32)))}));
+            }
+            Err(e) => {
+                rows.push(json!({"suggestion": what, "trainable": false, "reason": e.to_string()}))
+            }
+        }
+    }
+    if json {
+        let l: Vec<_> = layers.iter().map(|l| json!({"name": l.name, "kind": format!("{:?}", l.kind), "in": l.in_dim, "out": l.out_dim, "block": l.block, "weight": l.weight})).collect();
+        println!(
+            "{}",
+            json!({"model": path, "opset": model.opset(), "params": model.num_params(), "inputs": inputs, "outputs": model.output_names(), "linear_layers": l, "suggestions": rows})
+        );
+        return Ok(());
+    }
+    println!("{}  (opset {}, {} parameters)", path.display(), model.opset(), model.num_params());
+    for (n, s) in &inputs {
+        let dims: Vec<String> = s
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| d.map_or("?".into(), |d| d.to_string()))
+            .collect();
+        println!("  input  {n} [{}]", dims.join(", "));
+    }
+    for o in model.output_names() {
+        println!("  output {o}");
+    }
+    println!("adaptable linear layers ({}):", layers.len());
+    for l in &layers {
+        println!(
+            "  {:<48} {:?} {}→{} {}",
+            l.name,
+            l.kind,
+            l.in_dim,
+            l.out_dim,
+            l.block.as_deref().unwrap_or("")
+        );
+    }
+    println!("suggested targets:");
+    for r in rows {
+        if r["trainable"] == true {
+            println!(
+                "  ✔ {}: {} adapted layers, {} tail ops, {} trainable / {} frozen tail params, ~{:.1} MB to train at batch 32",
+                r["suggestion"].as_str().unwrap_or(""),
+                r["adapted_layers"],
+                r["tail_ops"],
+                r["trainable_params"],
+                r["tail_frozen_params"],
+                r["train_memory_mb_at_batch_32"].as_f64().unwrap_or(f64::NAN)
+            );
+        } else {
+            println!(
+                "  ✘ {}: {}",
+                r["suggestion"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pair<T: std::str::FromStr>(s: &str, what: &str) -> Result<(T, T)>
+where
+    T::Err: std::fmt::Display,
+{
+    let parts: Vec<&str> = s.split(',').collect();
+    let p = |x: &str| x.trim().parse::<T>().map_err(|e| anyhow::anyhow!("bad {what} `{x}`: {e}"));
+    match parts[..] {
+        [a] => Ok((p(a)?, p(a)?)),
+        [a, b] => Ok((p(a)?, p(b)?)),
+        _ => bail!("{what} takes one value or two (parallel,sequential)"),
+    }
+}
+
+fn targets(s: &str) -> Result<Targets> {
+    Ok(match s {
+        "all" => Targets::AllLinear,
+        "none" => Targets::None,
+        _ if s.starts_with("last:") => {
+            Targets::LastBlocks(s[5..].parse().context("last:K needs a number")?)
+        }
+        _ => Targets::Patterns(s.split(',').map(|p| p.trim().to_string()).collect()),
+    })
+}
+
+fn head(s: &str) -> Result<HeadConfig> {
+    match s {
+        "keep" => Ok(HeadConfig::Keep),
+        _ if s.starts_with("new:") => {
+            Ok(HeadConfig::New(s[4..].parse().context("new:N needs a number")?))
+        }
+        _ => bail!("--head is `keep` or `new:N`"),
+    }
+}
+
+pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
+    let model =
+        OnnxModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let train = Dataset::from_npz(&a.data, &a.label_key)?;
+    let eval = a.eval.as_ref().map(|p| Dataset::from_npz(p, &a.label_key)).transpose()?;
+    let (rp, rs) = pair::<usize>(&a.rank, "rank")?;
+    let (sp, ss) = pair::<f32>(&a.scale, "scale")?;
+    let mut adapter = HydraConfig { seed: a.seed, ..HydraConfig::default() };
+    adapter.variant = match a.variant {
+        VariantArg::Hydra => Variant::Hydra,
+        VariantArg::Lora => Variant::Lora,
+        VariantArg::Seqlora => Variant::SeqLora,
+    };
+    (
+        adapter.parallel.rank,
+        adapter.sequential.rank,
+        adapter.parallel.scale,
+        adapter.sequential.scale,
+    ) = (rp, rs, sp, ss);
+    let split = SplitModel::new(
+        &model,
+        &SplitConfig {
+            targets: targets(&a.targets)?,
+            output: a.output_tensor.clone(),
+            adapter,
+            ..SplitConfig::default()
+        },
+    )?;
+    let loss = match train.labels() {
+        hydra_edge::train::Labels::Classes(_) => Loss::CrossEntropy { label_smoothing: 0.0 },
+        hydra_edge::train::Labels::Values(_) => Loss::Mse,
+    };
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        loss,
+        head: head(&a.head)?,
+        memory_budget: a.budget_mb.map(|m| (m * 1e6) as usize),
+        cache: CacheConfig { enabled: !a.no_cache, ..CacheConfig::default() },
+        ..TrainConfig::default()
+    };
+    let mut t = match &a.resume {
+        Some(p) => Trainer::resume(split, cfg, p)
+            .with_context(|| format!("resuming from {}", p.display()))?,
+        None => Trainer::new(split, cfg)?,
+    };
+    let r = t.model().report().clone();
+    if !json {
+        println!(
+            "{} layers adapted, {} trainable parameters, tail of {} ops ending at `{}`",
+            r.adapted.len(),
+            r.trainable_params,
+            r.tail_ops.len(),
+            r.output
+        );
+        let m = t.estimate_memory(&train)?;
+        println!(
+            "estimated peak training memory {:.1} MB (cache {:.1}, activations {:.1}, parameters {:.1})",
+            mb(m.total_bytes),
+            mb(m.cache_bytes),
+            mb(m.activation_bytes),
+            mb(m.parameter_bytes)
+        );
+    }
+    let per_epoch = train.len().div_ceil(a.batch) as u64;
+    let mut all = Vec::new();
+    let start = Instant::now();
+    while (t.position().0 as usize) < a.epochs {
+        let epoch = t.position().0;
+        let bar = (!json).then(|| {
+            let b = ProgressBar::new(per_epoch);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
+            b
+        });
+        let metrics =
+            t.fit_until(&train, eval.as_ref(), Some(per_epoch * (epoch + 1)), &mut |e| match e {
+                Event::Step { loss, .. } => {
+                    if let Some(b) = &bar {
+                        b.set_message(format!("loss {loss:.4}"));
+                        b.inc(1);
+                    }
+                }
+                Event::Skipped { step, reason } => eprintln!("step {step} skipped: {reason}"),
+                Event::Epoch(_) => {}
+            });
+        let metrics = metrics?;
+        // fit_until stops at the step limit before closing the epoch: finish it.
+        let metrics = if metrics.is_empty() {
+            t.fit_until(&train, eval.as_ref(), Some(per_epoch * (epoch + 1)), &mut |_| {})?
+        } else {
+            metrics
+        };
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        for m in metrics {
+            if json {
+                println!(
+                    "{}",
+                    json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy, "eval_loss": m.eval_loss, "eval_accuracy": m.eval_accuracy, "skipped": m.skipped_steps, "seconds": m.seconds})
+                );
+            } else {
+                println!(
+                    "epoch {:>3}: loss {:.4}  acc {}  eval loss {}  eval acc {}  {:.1}s",
+                    m.epoch + 1,
+                    m.train_loss,
+                    m.train_accuracy.map_or("-".into(), |v| format!("{v:.3}")),
+                    m.eval_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                    m.eval_accuracy.map_or("-".into(), |v| format!("{v:.3}")),
+                    m.seconds
+                );
+            }
+            all.push(m);
+        }
+        if let Some(c) = &a.checkpoint {
+            t.save_checkpoint(c)?;
+        }
+    }
+    t.save_adapter(&a.out, DType::F32)?;
+    if let Some(p) = &a.plot {
+        crate::plot::learning_curve(&all, p)?;
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"adapter": a.out, "trainable_params": r.trainable_params, "seconds": start.elapsed().as_secs_f64()})
+        );
+    } else {
+        println!("wrote {} ({:.1}s)", a.out.display(), start.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn load_adapted(model: &OnnxModel, adapter: &Path) -> Result<Trainer> {
+    let file =
+        AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    let (cfg, classes) = split_config_for(&file);
+    let split = SplitModel::new(model, &cfg)?;
+    let loss = file
+        .header
+        .metadata
+        .get("loss")
+        .and_then(|l| serde_json::from_str::<Loss>(l).ok())
+        .unwrap_or(Loss::CrossEntropy { label_smoothing: 0.0 });
+    let head = classes.map_or(HeadConfig::Keep, HeadConfig::New);
+    let mut t = Trainer::new(split, TrainConfig { loss, head, ..TrainConfig::default() })?;
+    t.load(&file)?;
+    Ok(t)
+}
+
+pub fn eval(model: &Path, adapter: &Path, data: &Path, label_key: &str, json: bool) -> Result<()> {
+    let m = OnnxModel::load(model)?;
+    let mut t = load_adapted(&m, adapter)?;
+    let d = Dataset::from_npz(data, label_key)?;
+    let (loss, acc) = t.evaluate(&d)?;
+    if json {
+        println!("{}", json!({"samples": d.len(), "loss": loss, "accuracy": acc}));
+    } else {
+        println!(
+            "{} samples: loss {loss:.4}{}",
+            d.len(),
+            acc.map_or(String::new(), |a| format!(", accuracy {a:.3}"))
+        );
+    }
+    Ok(())
+}
+
+fn feed_from_npz(path: &Path) -> Result<Feed> {
+    Ok(read_npz(path)?.into_iter().collect())
+}
+
+pub fn merge(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    softmax: bool,
+    check: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let m = OnnxModel::load(model)?;
+    let file =
+        AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    let (report, mut split, mut head) = merge_adapter_file(&m, &file, out, softmax)?;
+    let feed = match check {
+        Some(p) => {
+            let mut f = feed_from_npz(p)?;
+            f.retain(|k, _| m.input_names().contains(k));
+            f
+        }
+        None => synthetic_feed(&m, 4),
+    };
+    let mut want = split.forward(&feed, false)?.f32("unmerged")?.clone();
+    if let Some(h) = &mut head {
+        want = h.forward(&want)?;
+    }
+    let merged = Model::load(out)?;
+    let name =
+        if head.is_some() { "head_logits".to_string() } else { split.report().output.clone() };
+    let k = merged
+        .output_names()
+        .iter()
+        .position(|o| *o == name)
+        .with_context(|| format!("merged model lacks `{name}`"))?;
+    let got = merged.run(&feed)?.swap_remove(k);
+    let got = got.f32("merged")?;
+    let max_abs = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    if json {
+        println!(
+            "{}",
+            json!({"merged": out, "layers": report.layers, "external_files": report.external_files, "max_abs_error": max_abs, "max_rel_error": max_abs / scale})
+        );
+    } else {
+        println!(
+            "merged {} layers into {} (merged vs unmerged: max abs error {max_abs:.3e}, relative {:.3e})",
+            report.layers,
+            out.display(),
+            max_abs / scale
+        );
+        for f in &report.external_files {
+            println!("  external weights: {}", f.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Result<()> {
+    let m = Model::load(model)?;
+    let mut feed = feed_from_npz(input)?;
+    feed.retain(|k, _| m.input_names().contains(k));
+    let t0 = Instant::now();
+    let outs = m.run(&feed)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut map = BTreeMap::new();
+    for (n, t) in m.output_names().iter().zip(outs) {
+        if !json {
+            print!("{n}: {:?}", t.shape());
+            if let Tensor::F32(a) = &t
+                && a.ndim() == 2
+            {
+                let arg: Vec<usize> = a
+                    .outer_iter()
+                    .take(8)
+                    .map(|r| {
+                        r.iter()
+                            .enumerate()
+                            .fold(
+                                (0, f32::NEG_INFINITY),
+                                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                            )
+                            .0
+                    })
+                    .collect();
+                print!("  argmax of the first rows {arg:?}");
+            }
+            println!();
+        }
+        map.insert(n.clone(), t);
+    }
+    if let Some(p) = output {
+        std::fs::write(p, write_npz(&map)).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if json {
+        let shapes: BTreeMap<_, _> =
+            map.iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect();
+        println!("{}", json!({"outputs": shapes, "seconds": secs}));
+    } else {
+        println!("({:.1} ms)", secs * 1e3);
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! Merging trained adapters into the original ONNX model and writing it out.
+//!
+//! Only the adapted initializers change (merged in f32 from the file's own
+//! f32 weights, even when the tail stored them f16): MatMul weights are
+//! `[in, out]`, Gemm's B is `[out, in]` with transB (alpha and beta undone),
+//! a 1×1 Conv's weight `[out, in, 1, 1]`. A bias the sequential branch
+//! creates is added (Gemm C, Conv B, or an Add after a MatMul). A new head is
+//! appended as a Gemm (and optional Softmax) with named outputs. Everything
+//! else is left as it was; initializers the input kept as external data stay
+//! external, in a weights file next to the output (hard-linked, or copied when
+//! it cannot be), and the merged file points there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::hydra::{HydraLinear, Weights};
+use crate::onnx::layers::{LinearKind, LinearLayer};
+use crate::onnx::{OnnxModel, SplitModel, pb};
+use crate::train::LinearHead;
+
+/// A new head to append: `outputs = Gemm(feature, W, b)` (+ Softmax).
+#[derive(Clone, Debug)]
+pub struct HeadExport<'a> {
+    /// The trained head.
+    pub head: &'a LinearHead,
+    /// The feature tensor it reads.
+    pub feature: String,
+    /// Name of the logits output.
+    pub logits: String,
+    /// Also append a Softmax with this output name.
+    pub softmax: Option<String>,
+}
+
+/// What a merge wrote.
+#[derive(Clone, Debug)]
+pub struct MergeReport {
+    /// The merged model.
+    pub path: PathBuf,
+    /// Layers merged.
+    pub layers: usize,
+    /// External weights files written next to it.
+    pub external_files: Vec<PathBuf>,
+}
+
+fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.to_string(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: 1,
+        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// `(W', b')` of one layer, merged in f32 from the model's own weights.
+fn merged(
+    model: &OnnxModel,
+    layer: &LinearLayer,
+    trained: &HydraLinear,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let g = model.index()?;
+    let (w0, b0) = layer.weights(&g)?;
+    let mut h = HydraLinear::new(
+        trained.config().clone(),
+        Weights::F32(w0),
+        b0,
+        layer.in_dim,
+        layer.out_dim,
+    )?;
+    for (dst, src) in
+        h.branches_mut().zip([trained.parallel(), trained.sequential()].into_iter().flatten())
+    {
+        *dst = src.clone();
+    }
+    h.merged_weights()
+}
+
+/// Writes `model` with the adapters of `split` merged in (and `head`
+/// appended) to `out`, atomically.
+pub fn merge_into_onnx(
+    model: &OnnxModel,
+    split: &SplitModel,
+    head: Option<HeadExport<'_>>,
+    out: &Path,
+) -> Result<MergeReport> {
+    let mut proto = model.proto().clone();
+    let g = model.index()?;
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for n in g.nodes {
+        for i in &n.input {
+            *uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let adapters: HashMap<&str, &HydraLinear> = split.tail().adapters().collect();
+    let mut new_inits: Vec<pb::TensorProto> = Vec::new();
+    let mut replaced: HashMap<String, pb::TensorProto> = HashMap::new();
+    let mut extra_nodes: Vec<(usize, pb::NodeProto)> = Vec::new();
+    let graph = proto.graph.as_mut().ok_or_else(|| Error::Onnx("no graph".into()))?;
+    for layer in split.adapted_layers() {
+        let trained = adapters.get(layer.name.as_str()).ok_or_else(|| Error::NotFound {
+            what: "adapter for layer",
+            name: layer.name.clone(),
+        })?;
+        let (w, b) = merged(model, layer, trained)?;
+        let (o, i) = (layer.out_dim, layer.in_dim);
+        let (data, dims, alpha, beta) = match layer.kind {
+            LinearKind::MatMul => (transpose(&w, o, i), vec![i, o], 1.0, 1.0),
+            LinearKind::Gemm { trans_b: true, alpha, beta } => (w, vec![o, i], alpha, beta),
+            LinearKind::Gemm { trans_b: false, alpha, beta } => {
+                (transpose(&w, o, i), vec![i, o], alpha, beta)
+            }
+            LinearKind::Conv1x1 => (w, vec![o, i, 1, 1], 1.0, 1.0),
+        };
+        if alpha == 0.0 || beta == 0.0 && b.is_some() && layer.bias.is_some() {
+            return Err(Error::Onnx(format!(
+                "layer `{}` has alpha or beta 0; cannot merge into it",
+                layer.name
+            )));
+        }
+        let data: Vec<f32> = data.into_iter().map(|v| v / alpha).collect();
+        // A weight shared with another node gets a copy of its own.
+        let node = &mut graph.node[layer.node];
+        let wname = if uses.get(&layer.weight).copied().unwrap_or(0) > 1 {
+            format!("{}/merged", node.name)
+        } else {
+            layer.weight.clone()
+        };
+        node.input[1] = wname.clone();
+        replaced.insert(wname.clone(), f32_tensor(&wname, &dims, &data));
+        let Some(b) = b else { continue };
+        match (&layer.bias, layer.kind) {
+            (Some(bname), _) => {
+                let old = g
+                    .initializers
+                    .get(bname.as_str())
+                    .map(|t| t.dims.iter().map(|&d| d as usize).collect::<Vec<_>>())
+                    .unwrap_or_else(|| vec![o]);
+                let dims = if old.iter().product::<usize>() == o { old } else { vec![o] };
+                let scaled: Vec<f32> = b.iter().map(|v| v / beta).collect();
+                let bname2 = if uses.get(bname).copied().unwrap_or(0) > 1 {
+                    format!("{}/merged_bias", layer.name)
+                } else {
+                    bname.clone()
+                };
+                if bname2 != *bname {
+                    let target = layer.bias_node.unwrap_or(layer.node);
+                    for inp in graph.node[target].input.iter_mut().filter(|s| *s == bname) {
+                        *inp = bname2.clone();
+                    }
+                }
+                replaced.insert(bname2.clone(), f32_tensor(&bname2, &dims, &scaled));
+            }
+            (None, LinearKind::Gemm { .. } | LinearKind::Conv1x1) => {
+                let bname = format!("{}/merged_bias", layer.name);
+                let node = &mut graph.node[layer.node];
+                node.input.resize(2, String::new());
+                node.input.push(bname.clone());
+                if let LinearKind::Gemm { .. } = layer.kind {
+                    node.attribute.retain(|a| a.name != "beta");
+                }
+                new_inits.push(f32_tensor(&bname, &[o], &b));
+            }
+            (None, LinearKind::MatMul) => {
+                let node = &mut graph.node[layer.node];
+                let y = node.output[0].clone();
+                let pre = format!("{}/merged_pre_bias", layer.name);
+                node.output[0] = pre.clone();
+                let bname = format!("{}/merged_bias", layer.name);
+                new_inits.push(f32_tensor(&bname, &[o], &b));
+                extra_nodes.push((
+                    layer.node + 1,
+                    pb::NodeProto {
+                        name: format!("{}/merged_bias_add", layer.name),
+                        op_type: "Add".into(),
+                        input: vec![pre, bname],
+                        output: vec![y],
+                        ..Default::default()
+                    },
+                ));
+            }
+        }
+    }
+    let changed: std::collections::HashSet<String> = replaced.keys().cloned().collect();
+    for (at, n) in extra_nodes.into_iter().rev() {
+        graph.node.insert(at, n);
+    }
+    for t in graph.initializer.iter_mut() {
+        if let Some(r) = replaced.remove(&t.name) {
+            *t = r;
+        }
+    }
+    graph.initializer.extend(replaced.into_values());
+    graph.initializer.extend(new_inits);
+    if let Some(h) = head {
+        let (i, o) = h.head.dims();
+        graph.initializer.push(f32_tensor("head.weight", &[o, i], &h.head.w));
+        graph.initializer.push(f32_tensor("head.bias", &[o], &h.head.b));
+        let gemm = pb::NodeProto {
+            name: "head".into(),
+            op_type: "Gemm".into(),
+            input: vec![h.feature.clone(), "head.weight".into(), "head.bias".into()],
+            output: vec![h.logits.clone()],
+            attribute: vec![pb::AttributeProto {
+                name: "transB".into(),
+                r#type: 2,
+                i: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        graph.node.push(gemm);
+        let out_info = |name: &str| value_info(name, o);
+        graph.output.push(out_info(&h.logits));
+        if let Some(p) = &h.softmax {
+            graph.node.push(pb::NodeProto {
+                name: "head/softmax".into(),
+                op_type: "Softmax".into(),
+                input: vec![h.logits.clone()],
+                output: vec![p.clone()],
+                attribute: vec![pb::AttributeProto {
+                    name: "axis".into(),
+                    r#type: 2,
+                    i: -1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            graph.output.push(out_info(p));
+        }
+    }
+    let external_files = externalize(graph, model, &changed, out)?;
+    write_atomic(out, &proto.encode_to_vec())?;
+    Ok(MergeReport {
+        path: out.to_path_buf(),
+        layers: split.adapted_layers().len(),
+        external_files,
+    })
+}
+
+fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    let dim = |v: Value| Dimension { value: Some(v), ..Default::default() };
+    let shape = pb::TensorShapeProto {
+        dim: vec![dim(Value::DimParam("N".into())), dim(Value::DimValue(width as i64))],
+    };
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(shape),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Points untouched, originally external initializers back at their data,
+/// placed next to `out` (hard link, else copy).
+fn externalize(
+    graph: &mut pb::GraphProto,
+    model: &OnnxModel,
+    changed: &std::collections::HashSet<String>,
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut placed: HashMap<PathBuf, String> = HashMap::new();
+    let mut files = Vec::new();
+    for t in graph.initializer.iter_mut() {
+        let Some(r) = model.external().get(&t.name) else { continue };
+        // Merged tensors carry new data: they stay inline.
+        if changed.contains(&t.name) {
+            continue;
+        }
+        let location = match placed.get(&r.file) {
+            Some(l) => l.clone(),
+            None => {
+                let name = r
+                    .file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "weights.bin".into());
+                let target = dir.join(&name);
+                let same = std::fs::canonicalize(&target).ok().as_deref() == Some(r.file.as_path());
+                if !same {
+                    let _ = std::fs::remove_file(&target);
+                    if std::fs::hard_link(&r.file, &target).is_err() {
+                        std::fs::copy(&r.file, &target).map_err(|source| Error::Io {
+                            context: format!("copying external data to {}", target.display()),
+                            source,
+                        })?;
+                    }
+                }
+                files.push(target);
+                placed.insert(r.file.clone(), name.clone());
+                name
+            }
+        };
+        let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        t.raw_data.clear();
+        t.data_location = Some(1);
+        t.external_data = vec![
+            kv("location", location),
+            kv("offset", r.offset.to_string()),
+            kv("length", r.length.to_string()),
+        ];
+    }
+    Ok(files)
+}
+
+/// Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |context: String| move |source| Error::Io { context, source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming onto {}", path.display())))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Merges the adapter file `file` (trained on `model`) into `model`, writing
+/// `out`; a new head in the file is appended (with a Softmax output if
+/// `softmax`). Refused if the file was trained on another base model.
+pub fn merge_adapter_file(
+    model: &OnnxModel,
+    file: &crate::adapter::AdapterFile,
+    out: &Path,
+    softmax: bool,
+) -> Result<(MergeReport, SplitModel, Option<LinearHead>)> {
+    let (cfg, classes) = crate::infer::split_config_for(file);
+    let mut split = SplitModel::new(model, &cfg)?;
+    let prepared = crate::train::checkpoint::PreparedAdapter::new(&split, file, classes)?;
+    prepared.apply(&mut split);
+    let head = prepared.head.clone();
+    let export = head.as_ref().map(|h| HeadExport {
+        head: h,
+        feature: split.report().output.clone(),
+        logits: "head_logits".into(),
+        softmax: softmax.then(|| "head_probs".to_string()),
+    });
+    let report = merge_into_onnx(model, &split, export, out)?;
+    Ok((report, split, head))
+}

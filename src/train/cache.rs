@@ -1,0 +1,327 @@
+//! The feature cache: the frozen backbone runs once per sample, and every
+//! later epoch reads the boundary tensors back instead of recomputing them.
+//!
+//! Each sample's rows of the batch-dependent boundary tensors are stored as
+//! one fixed-size record — f32 activations as f16 (or f32), integer tensors
+//! exactly — in RAM up to a byte budget and in a spill file beyond it.
+//! Boundary tensors without a batch axis (probed by running the prefix at
+//! batch sizes 1 and 2) are stored once. The uncached training path passes
+//! its boundary tensors through the same rounding ([`round_boundary`]), so
+//! training with and without the cache is bit-identical.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use half::f16;
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use super::data::Dataset;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::onnx::SplitModel;
+use crate::tail::Tensor;
+
+/// Storage type of cached activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheDtype {
+    /// Half the memory; what the kernels read fastest.
+    #[default]
+    F16,
+    /// Exact.
+    F32,
+}
+
+/// Cache settings.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Use the cache (else the prefix runs every epoch).
+    pub enabled: bool,
+    /// Storage of f32 boundary tensors (applies with or without the cache).
+    pub dtype: CacheDtype,
+    /// Records kept in RAM, in bytes; the rest spills to a file.
+    pub ram_budget: usize,
+    /// Folder of the spill file (default: the system temp folder).
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            dtype: CacheDtype::F16,
+            ram_budget: 256 << 20,
+            spill_dir: None,
+        }
+    }
+}
+
+/// Rounds an f32 boundary tensor to the cache's storage precision.
+pub fn round_boundary(t: Tensor, dtype: CacheDtype) -> Tensor {
+    match (t, dtype) {
+        (Tensor::F32(a), CacheDtype::F16) => {
+            let k = kernels::active();
+            let src: Vec<f32> = a.as_standard_layout().iter().copied().collect();
+            let mut h = vec![f16::ZERO; src.len()];
+            k.f32_to_f16(&src, &mut h);
+            let mut back = vec![0.0f32; src.len()];
+            k.f16_to_f32(&h, &mut back);
+            Tensor::F32(ArrayD::from_shape_vec(a.raw_dim(), back).expect("same shape"))
+        }
+        (t, _) => t,
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Rows of a batch-dependent tensor: per-sample shape, byte offset in the record.
+    PerSample { shape: Vec<usize>, int: bool, offset: usize, count: usize },
+    /// A tensor without a batch axis, stored once.
+    Shared(Tensor),
+}
+
+/// Cached boundary tensors of one dataset.
+#[derive(Debug)]
+pub struct FeatureCache {
+    slots: Vec<Slot>,
+    dtype: CacheDtype,
+    record: usize,
+    ram: Vec<u8>,
+    ram_records: usize,
+    spill: Option<(File, PathBuf)>,
+    len: usize,
+}
+
+static SPILL_ID: AtomicU64 = AtomicU64::new(0);
+
+impl FeatureCache {
+    /// Runs the prefix over `data` in batches of `batch` and stores the result.
+    pub fn build(
+        split: &SplitModel,
+        data: &Dataset,
+        batch: usize,
+        cfg: &CacheConfig,
+    ) -> Result<FeatureCache> {
+        let n = data.len();
+        if n == 0 {
+            return Err(Error::Config("cannot cache an empty dataset".into()));
+        }
+        let batch = batch.max(1);
+        let one = split.prefix(&data.batch(&[0]).0)?;
+        let two = if n >= 2 { Some(split.prefix(&data.batch(&[0, 1]).0)?) } else { None };
+        let elem = |int: bool| {
+            if int {
+                8
+            } else if cfg.dtype == CacheDtype::F16 {
+                2
+            } else {
+                4
+            }
+        };
+        let mut slots = Vec::new();
+        let mut record = 0usize;
+        for (j, t1) in one.into_iter().enumerate() {
+            let s1 = t1.shape().to_vec();
+            let batched = match &two {
+                Some(t2) => {
+                    let s2 = t2[j].shape();
+                    let per =
+                        s1.first() == Some(&1) && s2.first() == Some(&2) && s1[1..] == s2[1..];
+                    if !per && s1 != s2 {
+                        return Err(Error::Config(format!(
+                            "boundary tensor {j} changes shape with the batch in an unsupported way ({s1:?} vs {s2:?})"
+                        )));
+                    }
+                    per
+                }
+                None => s1.first() == Some(&1),
+            };
+            if batched {
+                let int = matches!(t1, Tensor::I64(_));
+                let count: usize = s1[1..].iter().product();
+                slots.push(Slot::PerSample { shape: s1[1..].to_vec(), int, offset: record, count });
+                record += count * elem(int);
+            } else {
+                slots.push(Slot::Shared(round_boundary(t1, cfg.dtype)));
+            }
+        }
+        let ram_records = cfg.ram_budget.checked_div(record).map_or(n, |r| r.min(n));
+        let spill = if ram_records < n {
+            let dir = cfg.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let path = dir.join(format!(
+                "hydra-cache-{}-{}.bin",
+                std::process::id(),
+                SPILL_ID.fetch_add(1, Ordering::Relaxed)
+            ));
+            let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(
+                |source| Error::Io {
+                    context: format!("creating cache spill file {}", path.display()),
+                    source,
+                },
+            )?;
+            Some((f, path))
+        } else {
+            None
+        };
+        let mut cache = FeatureCache {
+            slots,
+            dtype: cfg.dtype,
+            record,
+            ram: Vec::with_capacity(ram_records * record),
+            ram_records,
+            spill,
+            len: 0,
+        };
+        let order: Vec<usize> = (0..n).collect();
+        for chunk in order.chunks(batch) {
+            let out = split.prefix(&data.batch(chunk).0)?;
+            cache.append(&out, chunk.len())?;
+        }
+        Ok(cache)
+    }
+
+    fn append(&mut self, out: &[Tensor], rows: usize) -> Result<()> {
+        let k = kernels::active();
+        let mut buf = vec![0u8; self.record * rows];
+        for (slot, t) in self.slots.iter().zip(out) {
+            let Slot::PerSample { offset, count, .. } = slot else { continue };
+            for r in 0..rows {
+                let rec = &mut buf[r * self.record + offset..];
+                match t {
+                    Tensor::I64(a) => {
+                        for (i, v) in a.index_axis(Axis(0), r).iter().enumerate() {
+                            rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                    Tensor::F32(a) => {
+                        let row: Vec<f32> = a.index_axis(Axis(0), r).iter().copied().collect();
+                        if self.dtype == CacheDtype::F16 {
+                            let mut h = vec![f16::ZERO; *count];
+                            k.f32_to_f16(&row, &mut h);
+                            h.iter().enumerate().for_each(|(i, v)| {
+                                rec[i * 2..i * 2 + 2].copy_from_slice(&v.to_le_bytes())
+                            });
+                        } else {
+                            row.iter().enumerate().for_each(|(i, v)| {
+                                rec[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes())
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            let rec = &buf[r * self.record..(r + 1) * self.record];
+            if self.len < self.ram_records {
+                self.ram.extend_from_slice(rec);
+            } else if let Some((f, path)) = &mut self.spill {
+                f.write_all(rec).map_err(|source| Error::Io {
+                    context: format!("writing cache spill file {}", path.display()),
+                    source,
+                })?;
+            }
+            self.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Samples cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held in RAM.
+    pub fn ram_bytes(&self) -> usize {
+        self.ram.len()
+    }
+
+    /// Bytes in the spill file.
+    pub fn spilled_bytes(&self) -> usize {
+        (self.len - self.len.min(self.ram_records)) * self.record
+    }
+
+    /// The boundary tensors of samples `idx`, in the tail's order.
+    pub fn batch(&mut self, idx: &[usize]) -> Result<Vec<Tensor>> {
+        let mut recs = vec![0u8; self.record * idx.len()];
+        for (r, &i) in idx.iter().enumerate() {
+            if i >= self.len {
+                return Err(Error::Config(format!(
+                    "sample {i} is not in the cache ({} samples)",
+                    self.len
+                )));
+            }
+            let dst = &mut recs[r * self.record..(r + 1) * self.record];
+            if i < self.ram_records {
+                dst.copy_from_slice(&self.ram[i * self.record..(i + 1) * self.record]);
+            } else if let Some((f, path)) = &mut self.spill {
+                let at = ((i - self.ram_records) * self.record) as u64;
+                f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(dst)).map_err(|source| {
+                    Error::Io {
+                        context: format!("reading cache spill file {}", path.display()),
+                        source,
+                    }
+                })?;
+            }
+        }
+        let k = kernels::active();
+        let b = idx.len();
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Shared(t) => Ok(t.clone()),
+                Slot::PerSample { shape, int, offset, count } => {
+                    let mut dims = vec![b];
+                    dims.extend_from_slice(shape);
+                    let bytes = |r: usize, size: usize| {
+                        &recs[r * self.record + offset..r * self.record + offset + count * size]
+                    };
+                    let err = |e: ndarray::ShapeError| Error::Config(e.to_string());
+                    if *int {
+                        let v: Vec<i64> = (0..b)
+                            .flat_map(|r| {
+                                bytes(r, 8)
+                                    .chunks_exact(8)
+                                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                            })
+                            .collect();
+                        Ok(Tensor::I64(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
+                    } else if self.dtype == CacheDtype::F16 {
+                        let h: Vec<f16> = (0..b)
+                            .flat_map(|r| {
+                                bytes(r, 2)
+                                    .chunks_exact(2)
+                                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                            })
+                            .collect();
+                        let mut v = vec![0.0f32; h.len()];
+                        k.f16_to_f32(&h, &mut v);
+                        Ok(Tensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
+                    } else {
+                        let v: Vec<f32> = (0..b)
+                            .flat_map(|r| {
+                                bytes(r, 4)
+                                    .chunks_exact(4)
+                                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            })
+                            .collect();
+                        Ok(Tensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for FeatureCache {
+    fn drop(&mut self) {
+        if let Some((_, path)) = self.spill.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! A new output head: a linear layer `[B, F] → [B, N]` on a feature tensor
+//! of the tail (inputs of higher rank are flattened after the batch axis),
+//! trained from scratch alongside the adapters. Init: `W ~ U(±1/√F)`, `b = 0`.
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::hydra::gemm;
+use crate::rng::Rng;
+
+/// Keep the model's own output, or train a new head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadConfig {
+    /// The tail's output is the prediction.
+    Keep,
+    /// A new linear head with this many outputs on the tail's output.
+    New(usize),
+}
+
+/// A trainable linear head.
+#[derive(Clone, Debug)]
+pub struct LinearHead {
+    /// Weights, out×in.
+    pub w: Vec<f32>,
+    /// Bias, out.
+    pub b: Vec<f32>,
+    /// Gradient of `w`.
+    pub gw: Vec<f32>,
+    /// Gradient of `b`.
+    pub gb: Vec<f32>,
+    in_dim: usize,
+    out_dim: usize,
+    saved: Option<(Vec<f32>, Vec<usize>)>,
+}
+
+impl LinearHead {
+    /// A seeded head for `in_dim` features and `out_dim` outputs.
+    pub fn new(in_dim: usize, out_dim: usize, seed: u64) -> LinearHead {
+        let mut rng = Rng::new(seed ^ 0x4EAD);
+        let bound = 1.0 / (in_dim.max(1) as f32).sqrt();
+        let w = (0..in_dim * out_dim).map(|_| rng.uniform(-bound, bound)).collect();
+        LinearHead {
+            w,
+            b: vec![0.0; out_dim],
+            gw: vec![0.0; in_dim * out_dim],
+            gb: vec![0.0; out_dim],
+            in_dim,
+            out_dim,
+            saved: None,
+        }
+    }
+
+    /// (inputs, outputs).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.in_dim, self.out_dim)
+    }
+
+    /// `[B, F…] → [B, N]`, keeping the features for backward.
+    pub fn forward(&mut self, feat: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let b = feat.shape().first().copied().unwrap_or(0);
+        if feat.len() != b * self.in_dim {
+            return Err(Error::Shape {
+                context: "head input",
+                expected: format!("[{b}, {}]", self.in_dim),
+                got: format!("{:?}", feat.shape()),
+            });
+        }
+        let x: Vec<f32> = feat.as_standard_layout().iter().copied().collect();
+        let mut y = vec![0.0f32; b * self.out_dim];
+        gemm(
+            b,
+            self.in_dim,
+            self.out_dim,
+            1.0,
+            &x,
+            (self.in_dim, 1),
+            &self.w,
+            (1, self.in_dim),
+            0.0,
+            &mut y,
+        );
+        y.chunks_exact_mut(self.out_dim)
+            .for_each(|r| r.iter_mut().zip(&self.b).for_each(|(v, b)| *v += b));
+        self.saved = Some((x, feat.shape().to_vec()));
+        ArrayD::from_shape_vec(IxDyn(&[b, self.out_dim]), y)
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Sets the gradients from `dy` `[B, N]` and returns the features' gradient.
+    pub fn backward(&mut self, dy: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (x, shape) = self
+            .saved
+            .take()
+            .ok_or_else(|| Error::Config("head backward without forward".into()))?;
+        let b = shape[0];
+        let g: Vec<f32> = dy.as_standard_layout().iter().copied().collect();
+        // dW = dYᵀ·X, db = Σ dY, dX = dY·W
+        gemm(
+            self.out_dim,
+            b,
+            self.in_dim,
+            1.0,
+            &g,
+            (1, self.out_dim),
+            &x,
+            (self.in_dim, 1),
+            0.0,
+            &mut self.gw,
+        );
+        self.gb
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = (0..b).map(|i| g[i * self.out_dim + j]).sum());
+        let mut dx = vec![0.0f32; b * self.in_dim];
+        gemm(
+            b,
+            self.out_dim,
+            self.in_dim,
+            1.0,
+            &g,
+            (self.out_dim, 1),
+            &self.w,
+            (self.in_dim, 1),
+            0.0,
+            &mut dx,
+        );
+        ArrayD::from_shape_vec(IxDyn(&shape), dx).map_err(|e| Error::Config(e.to_string()))
+    }
+}

@@ -1,0 +1,541 @@
+//! The training loop over a split model: batches (from the feature cache or
+//! the live prefix), tail forward, optional new head, loss, tail backward,
+//! gradient clipping, optimiser step on adapters and head only.
+//!
+//! Determinism: the epoch order is a function of (seed, epoch), dropout draws
+//! from each adapter's own seeded generator, and every product is
+//! single-threaded in a fixed order — the same seed gives a bit-identical
+//! adapter on the same machine, and a checkpoint resumes bit-identically.
+//! A step whose loss or gradients are not finite is skipped and reported;
+//! more than `max_bad_steps` in a row stops training with an error.
+
+use std::time::Instant;
+
+use ndarray::ArrayD;
+
+use super::cache::{CacheConfig, FeatureCache, round_boundary};
+use super::data::{Dataset, Labels, epoch_order};
+use super::head::{HeadConfig, LinearHead};
+use super::loss::Loss;
+use super::optim::{Optimizer, OptimizerKind, Schedule, clip_global_norm};
+use crate::error::{Error, Result};
+use crate::onnx::SplitModel;
+use crate::tail::Tensor;
+
+/// Everything about a training run besides the model and the data.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Samples per step (the last batch of an epoch may be smaller).
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Learning-rate floor of the cosine decay.
+    pub min_lr: f32,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// SGD or AdamW.
+    pub optimizer: OptimizerKind,
+    /// Clip gradients to this global norm.
+    pub clip_norm: Option<f32>,
+    /// The loss.
+    pub loss: Loss,
+    /// Keep the model's output or train a new head on it.
+    pub head: HeadConfig,
+    /// Seed of the epoch order and the head's init.
+    pub seed: u64,
+    /// Feature cache.
+    pub cache: CacheConfig,
+    /// Refuse to start if the estimated peak memory exceeds this (bytes).
+    pub memory_budget: Option<usize>,
+    /// Non-finite steps in a row tolerated before training stops.
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            batch_size: 32,
+            lr: 1e-3,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            weight_decay: 1e-4,
+            optimizer: OptimizerKind::default(),
+            clip_norm: Some(1.0),
+            loss: Loss::CrossEntropy { label_smoothing: 0.0 },
+            head: HeadConfig::Keep,
+            seed: 0,
+            cache: CacheConfig::default(),
+            memory_budget: None,
+            max_bad_steps: 10,
+        }
+    }
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochMetrics {
+    /// 0-based epoch.
+    pub epoch: u64,
+    /// Mean training loss over the epoch's good steps.
+    pub train_loss: f64,
+    /// Training accuracy (classification).
+    pub train_accuracy: Option<f64>,
+    /// Held-out loss.
+    pub eval_loss: Option<f64>,
+    /// Held-out accuracy.
+    pub eval_accuracy: Option<f64>,
+    /// Steps skipped for non-finite values.
+    pub skipped_steps: usize,
+    /// Wall time of the epoch.
+    pub seconds: f64,
+}
+
+/// Progress reported to the app.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A step was taken.
+    Step {
+        /// Epoch.
+        epoch: u64,
+        /// Global step.
+        step: u64,
+        /// Steps in this epoch.
+        of: usize,
+        /// Batch loss.
+        loss: f64,
+        /// Learning rate used.
+        lr: f32,
+    },
+    /// A step was skipped.
+    Skipped {
+        /// Global step.
+        step: u64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// An epoch ended.
+    Epoch(&'a EpochMetrics),
+}
+
+/// Estimated peak memory of a training run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Feature cache held in RAM.
+    pub cache_bytes: usize,
+    /// Activations kept for backward at the configured batch.
+    pub activation_bytes: usize,
+    /// Frozen tail weights, trainable parameters, gradients, optimiser state.
+    pub parameter_bytes: usize,
+    /// The sum.
+    pub total_bytes: usize,
+}
+
+enum Outcome {
+    Done { loss: f64, correct: Option<(usize, usize)> },
+    Skipped(&'static str),
+}
+
+/// A training run over a split model.
+#[derive(Debug)]
+pub struct Trainer {
+    split: SplitModel,
+    cfg: TrainConfig,
+    head: Option<LinearHead>,
+    opt: Option<Optimizer>,
+    step: u64,
+    epoch: u64,
+    batch_in_epoch: usize,
+    bad_streak: usize,
+}
+
+impl Trainer {
+    /// A trainer; nothing runs until [`Trainer::fit`].
+    pub fn new(split: SplitModel, cfg: TrainConfig) -> Result<Trainer> {
+        if cfg.batch_size == 0 || cfg.epochs == 0 {
+            return Err(Error::Config("batch_size and epochs must be at least 1".into()));
+        }
+        if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+            return Err(Error::Config(format!("learning rate {} must be positive", cfg.lr)));
+        }
+        Ok(Trainer {
+            split,
+            cfg,
+            head: None,
+            opt: None,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            bad_streak: 0,
+        })
+    }
+
+    /// The split model (its tail holds the trained adapters).
+    pub fn model(&self) -> &SplitModel {
+        &self.split
+    }
+
+    /// Mutable [`Trainer::model`].
+    pub fn model_mut(&mut self) -> &mut SplitModel {
+        &mut self.split
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The new head, if one is trained.
+    pub fn head(&self) -> Option<&LinearHead> {
+        self.head.as_ref()
+    }
+
+    /// Steps taken (including skipped ones).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Current epoch (0-based) and the next batch within it.
+    pub fn position(&self) -> (u64, usize) {
+        (self.epoch, self.batch_in_epoch)
+    }
+
+    pub(crate) fn set_position(&mut self, step: u64, epoch: u64, batch: usize, bad: usize) {
+        (self.step, self.epoch, self.batch_in_epoch, self.bad_streak) = (step, epoch, batch, bad);
+    }
+
+    pub(crate) fn head_mut(&mut self) -> &mut Option<LinearHead> {
+        &mut self.head
+    }
+
+    pub(crate) fn optimizer(&self) -> Option<&Optimizer> {
+        self.opt.as_ref()
+    }
+
+    pub(crate) fn optimizer_mut(&mut self) -> &mut Option<Optimizer> {
+        &mut self.opt
+    }
+
+    pub(crate) fn bad_streak(&self) -> usize {
+        self.bad_streak
+    }
+
+    fn schedule(&self, n: usize) -> Schedule {
+        let per_epoch = n.div_ceil(self.cfg.batch_size) as u64;
+        Schedule {
+            base: self.cfg.lr,
+            min: self.cfg.min_lr,
+            warmup: self.cfg.warmup_steps,
+            total: per_epoch * self.cfg.epochs as u64,
+        }
+    }
+
+    /// Creates the head (on first sight of the feature width) and the optimiser.
+    pub(crate) fn ensure_state(&mut self, feat_dim: Option<usize>) {
+        if let (HeadConfig::New(classes), None, Some(f)) = (self.cfg.head, &self.head, feat_dim) {
+            self.head = Some(LinearHead::new(f, classes, self.cfg.seed));
+        }
+        if self.opt.is_none() {
+            let lens = self.param_lens();
+            self.opt = Some(Optimizer::new(self.cfg.optimizer, self.cfg.weight_decay, &lens));
+        }
+    }
+
+    /// Lengths of every trainable tensor, in optimiser order.
+    pub(crate) fn param_lens(&mut self) -> Vec<usize> {
+        let mut lens: Vec<usize> = Vec::new();
+        for (_, a) in self.split.tail_mut().adapters_mut() {
+            lens.extend(a.params_and_grads().iter().map(|(p, _)| p.len()));
+        }
+        if let Some(h) = &self.head {
+            lens.extend([h.w.len(), h.b.len()]);
+        }
+        lens
+    }
+
+    /// Estimates peak memory for training on `train` (runs one forward on a first batch).
+    pub fn estimate_memory(&mut self, train: &Dataset) -> Result<MemoryReport> {
+        if train.is_empty() {
+            return Err(Error::Config("empty training set".into()));
+        }
+        let idx: Vec<usize> = (0..train.len().min(self.cfg.batch_size)).collect();
+        // Sizes do not depend on values: a non-finite sample must not stop the estimate.
+        let feed: crate::backbone::Feed = train
+            .batch(&idx)
+            .0
+            .into_iter()
+            .map(|(k, t)| match t {
+                Tensor::F32(a) => (k, Tensor::F32(a.mapv(|v| if v.is_finite() { v } else { 0.0 }))),
+                t => (k, t),
+            })
+            .collect();
+        let boundary_bytes: usize =
+            self.split.prefix(&feed)?.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
+        let m = self.split.estimate_memory(&feed)?;
+        let out = self.split.forward(&feed, false)?;
+        self.split.tail_mut().clear_tape();
+        let feat: usize = out.shape()[1..].iter().product();
+        let head = match self.cfg.head {
+            HeadConfig::New(c) => (feat * c + c) * 4 * 4,
+            HeadConfig::Keep => 0,
+        };
+        let per_sample_cache = if self.cfg.cache.dtype == super::cache::CacheDtype::F16 {
+            boundary_bytes / 2
+        } else {
+            boundary_bytes
+        };
+        let cache = if self.cfg.cache.enabled {
+            (per_sample_cache * train.len()).min(self.cfg.cache.ram_budget)
+        } else {
+            0
+        };
+        let activation = m.per_sample_bytes * self.cfg.batch_size;
+        let params = m.fixed_bytes + head;
+        Ok(MemoryReport {
+            cache_bytes: cache,
+            activation_bytes: activation,
+            parameter_bytes: params,
+            total_bytes: cache + activation + params,
+        })
+    }
+
+    /// Trains for the configured epochs (resuming where a checkpoint left off).
+    pub fn fit(
+        &mut self,
+        train: &Dataset,
+        eval: Option<&Dataset>,
+        on: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Vec<EpochMetrics>> {
+        self.fit_until(train, eval, None, on)
+    }
+
+    /// Like [`Trainer::fit`], stopping once `max_steps` steps have been taken.
+    pub fn fit_until(
+        &mut self,
+        train: &Dataset,
+        eval: Option<&Dataset>,
+        max_steps: Option<u64>,
+        on: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Vec<EpochMetrics>> {
+        let report = self.estimate_memory(train)?;
+        if let Some(budget) = self.cfg.memory_budget
+            && report.total_bytes > budget
+        {
+            return Err(Error::OverBudget {
+                estimate: report.total_bytes,
+                budget,
+                detail: format!(
+                    "cache {:.1} MB + activations {:.1} MB (batch {}) + parameters/optimizer {:.1} MB",
+                    report.cache_bytes as f64 / 1e6,
+                    report.activation_bytes as f64 / 1e6,
+                    self.cfg.batch_size,
+                    report.parameter_bytes as f64 / 1e6
+                ),
+            });
+        }
+        let mut train_cache = if self.cfg.cache.enabled {
+            Some(FeatureCache::build(&self.split, train, self.cfg.batch_size, &self.cfg.cache)?)
+        } else {
+            None
+        };
+        let mut eval_cache = match eval {
+            Some(e) if self.cfg.cache.enabled && !e.is_empty() => {
+                Some(FeatureCache::build(&self.split, e, self.cfg.batch_size, &self.cfg.cache)?)
+            }
+            _ => None,
+        };
+        let schedule = self.schedule(train.len());
+        let mut out = Vec::new();
+        while (self.epoch as usize) < self.cfg.epochs {
+            let t0 = Instant::now();
+            let order = epoch_order(train.len(), self.cfg.seed, self.epoch);
+            let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
+            let (mut loss_sum, mut good, mut skipped) = (0.0f64, 0usize, 0usize);
+            let (mut right, mut judged) = (0usize, 0usize);
+            while self.batch_in_epoch < batches.len() {
+                if max_steps.is_some_and(|m| self.step >= m) {
+                    return Ok(out);
+                }
+                let idx = batches[self.batch_in_epoch];
+                let boundary = self.boundary(train, idx, train_cache.as_mut())?;
+                let labels = train.batch(idx).1;
+                let lr = schedule.lr(self.step);
+                match self.train_batch(boundary, &labels, lr)? {
+                    Outcome::Done { loss, correct } => {
+                        self.bad_streak = 0;
+                        loss_sum += loss;
+                        good += 1;
+                        if let Some((c, j)) = correct {
+                            right += c;
+                            judged += j;
+                        }
+                        on(Event::Step {
+                            epoch: self.epoch,
+                            step: self.step,
+                            of: batches.len(),
+                            loss,
+                            lr,
+                        });
+                    }
+                    Outcome::Skipped(reason) => {
+                        self.bad_streak += 1;
+                        skipped += 1;
+                        on(Event::Skipped { step: self.step, reason });
+                        if self.bad_streak > self.cfg.max_bad_steps {
+                            return Err(Error::Diverged { steps: self.bad_streak });
+                        }
+                    }
+                }
+                self.step += 1;
+                self.batch_in_epoch += 1;
+            }
+            let (eval_loss, eval_accuracy) = match eval {
+                Some(e) if !e.is_empty() => {
+                    let (l, a) = self.evaluate_with(e, eval_cache.as_mut())?;
+                    (Some(l), a)
+                }
+                _ => (None, None),
+            };
+            let m = EpochMetrics {
+                epoch: self.epoch,
+                train_loss: if good > 0 { loss_sum / good as f64 } else { f64::NAN },
+                train_accuracy: (judged > 0).then(|| right as f64 / judged as f64),
+                eval_loss,
+                eval_accuracy,
+                skipped_steps: skipped,
+                seconds: t0.elapsed().as_secs_f64(),
+            };
+            on(Event::Epoch(&m));
+            out.push(m);
+            self.epoch += 1;
+            self.batch_in_epoch = 0;
+        }
+        Ok(out)
+    }
+
+    fn boundary(
+        &self,
+        data: &Dataset,
+        idx: &[usize],
+        cache: Option<&mut FeatureCache>,
+    ) -> Result<Vec<Tensor>> {
+        match cache {
+            Some(c) => c.batch(idx),
+            None => {
+                let dtype = self.cfg.cache.dtype;
+                Ok(self
+                    .split
+                    .prefix(&data.batch(idx).0)?
+                    .into_iter()
+                    .map(|t| round_boundary(t, dtype))
+                    .collect())
+            }
+        }
+    }
+
+    fn train_batch(&mut self, boundary: Vec<Tensor>, labels: &Labels, lr: f32) -> Result<Outcome> {
+        let out = match self.split.tail_mut().forward(boundary, true) {
+            Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite activations")),
+            r => r?,
+        };
+        let feat = out.f32("tail output")?.clone();
+        self.ensure_state(Some(feat.shape()[1..].iter().product()));
+        let logits = match &mut self.head {
+            Some(h) => h.forward(&feat)?,
+            None => feat,
+        };
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Ok(Outcome::Skipped("non-finite output"));
+        }
+        let lo = self.cfg.loss.compute(&logits, labels)?;
+        if !lo.loss.is_finite() {
+            return Ok(Outcome::Skipped("non-finite loss"));
+        }
+        let dfeat = match &mut self.head {
+            Some(h) => h.backward(&lo.grad)?,
+            None => lo.grad,
+        };
+        self.split.tail_mut().zero_grad();
+        match self.split.tail_mut().backward(dfeat) {
+            Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite gradient")),
+            r => r?,
+        }
+        let mut grads: Vec<Vec<f32>> = Vec::new();
+        for (_, a) in self.split.tail_mut().adapters_mut() {
+            grads.extend(a.params_and_grads().iter().map(|(_, g)| g.to_vec()));
+        }
+        if let Some(h) = &self.head {
+            grads.extend([h.gw.clone(), h.gb.clone()]);
+        }
+        if grads.iter().flatten().any(|v| !v.is_finite()) {
+            return Ok(Outcome::Skipped("non-finite gradient"));
+        }
+        if let Some(c) = self.cfg.clip_norm {
+            clip_global_norm(&mut grads, c);
+        }
+        let grad_refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let opt =
+            self.opt.as_mut().ok_or_else(|| Error::Config("optimizer not initialised".into()))?;
+        let mut params: Vec<&mut [f32]> = Vec::new();
+        for (_, a) in self.split.tail_mut().adapters_mut() {
+            params.extend(a.params_and_grads().into_iter().map(|(p, _)| p));
+        }
+        if let Some(h) = &mut self.head {
+            params.push(&mut h.w);
+            params.push(&mut h.b);
+        }
+        opt.step(&mut params, &grad_refs, lr);
+        Ok(Outcome::Done { loss: lo.loss, correct: lo.correct })
+    }
+
+    /// Mean loss and accuracy on `data` (dropout off), computing the prefix live.
+    pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, Option<f64>)> {
+        self.evaluate_with(data, None)
+    }
+
+    fn evaluate_with(
+        &mut self,
+        data: &Dataset,
+        mut cache: Option<&mut FeatureCache>,
+    ) -> Result<(f64, Option<f64>)> {
+        let (mut loss, mut n, mut right, mut judged) = (0.0f64, 0usize, 0usize, 0usize);
+        let order: Vec<usize> = (0..data.len()).collect();
+        for idx in order.chunks(self.cfg.batch_size) {
+            let boundary = self.boundary(data, idx, cache.as_deref_mut())?;
+            let logits = self.predict_boundary(boundary)?;
+            let lo = self.cfg.loss.compute(&logits, &data.batch(idx).1)?;
+            loss += lo.loss * idx.len() as f64;
+            n += idx.len();
+            if let Some((c, j)) = lo.correct {
+                right += c;
+                judged += j;
+            }
+        }
+        self.split.tail_mut().clear_tape();
+        Ok((loss / n.max(1) as f64, (judged > 0).then(|| right as f64 / judged as f64)))
+    }
+
+    fn predict_boundary(&mut self, boundary: Vec<Tensor>) -> Result<ArrayD<f32>> {
+        let out = self.split.tail_mut().forward(boundary, false)?;
+        let feat = out.f32("tail output")?.clone();
+        self.ensure_state(Some(feat.shape()[1..].iter().product()));
+        match &mut self.head {
+            Some(h) => h.forward(&feat),
+            None => Ok(feat),
+        }
+    }
+
+    /// The model's prediction (head output, or the tail's output) for a feed.
+    pub fn predict(&mut self, feed: &crate::backbone::Feed) -> Result<ArrayD<f32>> {
+        let dtype = self.cfg.cache.dtype;
+        let boundary =
+            self.split.prefix(feed)?.into_iter().map(|t| round_boundary(t, dtype)).collect();
+        let y = self.predict_boundary(boundary);
+        self.split.tail_mut().clear_tape();
+        y
+    }
+}

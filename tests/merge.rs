@@ -1,0 +1,400 @@
+//! Merge and export: the merged .onnx run by tract gives the unmerged
+//! adapted model's outputs (≤ 1e-4 relative) on every test model and both
+//! real ones, onnxruntime agrees with tract on the merged file, external
+//! data stays external, adapters for another base model are refused, and
+//! hot-swapping among adapters gives each adapter's own outputs.
+#![cfg(feature = "onnx")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hydra_edge::adapter::DType;
+use hydra_edge::backbone::Feed;
+use hydra_edge::export::{HeadExport, merge_adapter_file, merge_into_onnx};
+use hydra_edge::infer::{HotSwap, Model};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::rng::Rng;
+use hydra_edge::tail::Tensor;
+use hydra_edge::train::npz::{parse_npz, write_npz};
+use hydra_edge::train::{HeadConfig, LinearHead, TrainConfig, Trainer};
+use hydra_edge::{Error, HydraConfig, Variant};
+use ndarray::{ArrayD, IxDyn};
+
+fn test_model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/test").join(name)
+}
+
+fn real_model(name: &str) -> PathBuf {
+    let dir = std::env::var("HYDRA_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/real/out"));
+    let p = dir.join(name);
+    assert!(p.exists(), "{} missing: run models/real/build_*.py (see .ci/run)", p.display());
+    p
+}
+
+fn out_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hydra-merge-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn feed(model: &OnnxModel, batch: usize, seed: u64) -> Feed {
+    let mut rng = Rng::new(seed);
+    let mut f = Feed::new();
+    for name in model.input_names() {
+        let dims: Vec<usize> = model
+            .input_shape(&name)
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.unwrap_or(match (i, name.as_str()) {
+                    (0, _) => batch,
+                    (_, "image") => 64,
+                    _ => 8,
+                })
+            })
+            .collect();
+        let len: usize = dims.iter().product();
+        let t = if model.input_is_integer(&name) {
+            let v: Vec<i64> = if name.contains("mask") {
+                (0..len).map(|i| i64::from(i % dims[1] < dims[1] - 2)).collect()
+            } else {
+                (0..len).map(|_| 1000 + rng.below(20_000) as i64).collect()
+            };
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap())
+        } else if name == "mask" {
+            Tensor::F32(
+                ArrayD::from_shape_vec(
+                    IxDyn(&dims),
+                    (0..len).map(|i| if i % dims[1] < dims[1] - 2 { 1.0 } else { 0.0 }).collect(),
+                )
+                .unwrap(),
+            )
+        } else {
+            Tensor::F32(
+                ArrayD::from_shape_vec(
+                    IxDyn(&dims),
+                    (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect(),
+                )
+                .unwrap(),
+            )
+        };
+        f.insert(name, t);
+    }
+    f
+}
+
+fn max_rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// Gives every adapter non-trivial parameters (as training would).
+fn perturb(split: &mut SplitModel, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for (_, a) in split.tail_mut().adapters_mut() {
+        for br in a.branches_mut() {
+            for t in br.tensors_mut() {
+                t.iter_mut().for_each(|v| *v += rng.uniform(-0.05, 0.05));
+            }
+        }
+    }
+}
+
+/// Runs the merged file with onnxruntime (Python) and returns its outputs.
+fn onnxruntime(model: &Path, feed: &Feed, dir: &Path) -> BTreeMap<String, Tensor> {
+    let inp = dir.join("ort_in.npz");
+    let out = dir.join("ort_out.npz");
+    let map: BTreeMap<String, Tensor> = feed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    std::fs::write(&inp, write_npz(&map)).unwrap();
+    let script = "import sys, numpy as np, onnxruntime as ort\n\
+        m, i, o = sys.argv[1:4]\n\
+        s = ort.InferenceSession(m)\n\
+        f = dict(np.load(i))\n\
+        r = s.run(None, {x.name: f[x.name] for x in s.get_inputs()})\n\
+        np.savez(o, **{x.name: v for x, v in zip(s.get_outputs(), r)})\n";
+    let st = Command::new("python3")
+        .args(["-c", script])
+        .arg(model)
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .expect("python3 with onnxruntime (installed by .ci/run)");
+    assert!(st.success(), "onnxruntime failed on {}", model.display());
+    parse_npz(&std::fs::read(&out).unwrap()).unwrap()
+}
+
+struct Case {
+    file: PathBuf,
+    targets: Targets,
+    output: Option<&'static str>,
+    adapter: HydraConfig,
+    head: Option<usize>,
+}
+
+fn check_case(tag: &str, c: Case) -> Vec<PathBuf> {
+    let model = OnnxModel::load(&c.file).unwrap();
+    let cfg = SplitConfig {
+        targets: c.targets,
+        output: c.output.map(str::to_string),
+        adapter: c.adapter,
+        ..SplitConfig::default()
+    };
+    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    perturb(&mut split, 7);
+    let f = feed(&model, 3, 11);
+    let mut head = c.head.map(|n| {
+        let w: usize = split.forward(&f, false).unwrap().shape()[1..].iter().product();
+        let mut h = LinearHead::new(w, n, 5);
+        h.b.iter_mut().for_each(|b| *b = 0.1);
+        h
+    });
+    let unmerged = split.forward(&f, false).unwrap();
+    let mut want = unmerged.f32("y").unwrap().clone();
+    if let Some(h) = &mut head {
+        want = h.forward(&want).unwrap();
+    }
+    let dir = out_dir(tag);
+    let out = dir.join("merged.onnx");
+    let export = head.as_ref().map(|h| HeadExport {
+        head: h,
+        feature: split.report().output.clone(),
+        logits: "head_logits".into(),
+        softmax: Some("head_probs".into()),
+    });
+    let report = merge_into_onnx(&model, &split, export, &out).unwrap();
+    let merged = Model::load(&out).unwrap();
+    let name =
+        if head.is_some() { "head_logits".to_string() } else { split.report().output.clone() };
+    let k =
+        merged.output_names().iter().position(|o| *o == name).unwrap_or_else(|| {
+            panic!("{tag}: output {name} missing from {:?}", merged.output_names())
+        });
+    let got = merged.run(&f).unwrap().swap_remove(k);
+    let e = max_rel(got.f32("merged").unwrap(), &want);
+    assert!(e <= 1e-4, "{tag}: merged vs unmerged rel err {e:e}");
+    let ort = onnxruntime(&out, &f, &dir);
+    let e2 = max_rel(ort[&name].f32("ort").unwrap(), got.f32("tract").unwrap());
+    assert!(e2 <= 1e-4, "{tag}: onnxruntime vs tract on the merged file {e2:e}");
+    eprintln!(
+        "{tag}: {} layers merged, merged-vs-unmerged {e:.2e}, onnxruntime-vs-tract {e2:.2e}",
+        report.layers
+    );
+    report.external_files
+}
+
+fn hydra(bias: bool) -> HydraConfig {
+    let mut c = HydraConfig::default();
+    c.parallel.bias = bias;
+    c.sequential.bias = bias;
+    c
+}
+
+#[test]
+fn merged_equals_unmerged_on_every_test_model() {
+    let v = |variant| HydraConfig { variant, ..HydraConfig::default() };
+    let cases = [
+        (
+            "mlp-hydra",
+            Case {
+                file: test_model("mlp.onnx"),
+                targets: Targets::AllLinear,
+                output: None,
+                adapter: hydra(false),
+                head: None,
+            },
+        ),
+        (
+            "mlp-biases",
+            Case {
+                file: test_model("mlp.onnx"),
+                targets: Targets::AllLinear,
+                output: None,
+                adapter: hydra(true),
+                head: None,
+            },
+        ),
+        (
+            "transformer-last-block",
+            Case {
+                file: test_model("transformer.onnx"),
+                targets: Targets::LastBlocks(1),
+                output: Some("logits"),
+                adapter: hydra(true),
+                head: None,
+            },
+        ),
+        (
+            "transformer-lora",
+            Case {
+                file: test_model("transformer.onnx"),
+                targets: Targets::AllLinear,
+                output: Some("logits"),
+                adapter: v(Variant::Lora),
+                head: None,
+            },
+        ),
+        (
+            "ln17-seqlora-head",
+            Case {
+                file: test_model("transformer_ln17.onnx"),
+                targets: Targets::LastBlocks(2),
+                output: Some("pooled"),
+                adapter: v(Variant::SeqLora),
+                head: Some(3),
+            },
+        ),
+        (
+            "cnn-head",
+            Case {
+                file: test_model("cnn.onnx"),
+                targets: Targets::Patterns(vec!["conv_head".into(), "classifier".into()]),
+                output: None,
+                adapter: hydra(true),
+                head: None,
+            },
+        ),
+    ];
+    for (tag, c) in cases {
+        check_case(tag, c);
+    }
+}
+
+#[test]
+fn external_data_stays_external_in_the_merged_file() {
+    let files = check_case(
+        "mlp-external",
+        Case {
+            file: test_model("mlp_external.onnx"),
+            targets: Targets::Patterns(vec!["fc2".into()]),
+            output: None,
+            adapter: hydra(false),
+            head: None,
+        },
+    );
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with("mlp_external.weights"));
+    let merged = std::fs::read(files[0].parent().unwrap().join("merged.onnx")).unwrap();
+    let proto: hydra_edge::onnx::pb::ModelProto =
+        prost::Message::decode(merged.as_slice()).unwrap();
+    let ext: Vec<&str> = proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter(|t| t.data_location == Some(1))
+        .map(|t| t.name.as_str())
+        .collect();
+    assert!(
+        ext.contains(&"fc1.weight") && !ext.contains(&"fc2.weight"),
+        "untouched stay external, merged are inline: {ext:?}"
+    );
+}
+
+#[test]
+fn merged_equals_unmerged_on_the_real_models() {
+    let files = check_case(
+        "minilm",
+        Case {
+            file: real_model("minilm.onnx"),
+            targets: Targets::LastBlocks(1),
+            output: Some("last_hidden_state"),
+            adapter: hydra(false),
+            head: None,
+        },
+    );
+    assert!(
+        files.iter().any(|f| f.ends_with("minilm.weights")),
+        "MiniLM keeps its weights external: {files:?}"
+    );
+    check_case(
+        "efficientnet",
+        Case {
+            file: real_model("efficientnet_lite0.onnx"),
+            targets: Targets::Patterns(vec!["conv_head".into(), "classifier".into()]),
+            output: Some("logits"),
+            adapter: hydra(false),
+            head: None,
+        },
+    );
+}
+
+fn trained_file(
+    model: &OnnxModel,
+    seed: u64,
+) -> (hydra_edge::adapter::AdapterFile, ArrayD<f32>, Feed) {
+    let cfg = SplitConfig {
+        targets: Targets::LastBlocks(1),
+        output: Some("logits".into()),
+        ..SplitConfig::default()
+    };
+    let mut split = SplitModel::new(model, &cfg).unwrap();
+    perturb(&mut split, seed);
+    let f = feed(model, 2, 3);
+    let y = split.forward(&f, false).unwrap().f32("y").unwrap().clone();
+    let t = Trainer::new(split, TrainConfig { head: HeadConfig::Keep, ..TrainConfig::default() })
+        .unwrap();
+    (t.adapter_file(false, DType::F32).unwrap(), y, f)
+}
+
+#[test]
+fn adapter_files_merge_and_hot_swap_with_their_own_outputs() {
+    let model = OnnxModel::load(test_model("transformer.onnx")).unwrap();
+    let runs: Vec<_> = (1..=3).map(|s| trained_file(&model, s)).collect();
+    // Merge from a file.
+    let dir = out_dir("file");
+    let (report, _, _) =
+        merge_adapter_file(&model, &runs[1].0, &dir.join("m.onnx"), false).unwrap();
+    assert_eq!(report.layers, 6);
+    let m = Model::load(dir.join("m.onnx")).unwrap();
+    let k = m.output_names().iter().position(|o| o == "logits").unwrap();
+    assert!(max_rel(m.run(&runs[1].2).unwrap()[k].f32("m").unwrap(), &runs[1].1) <= 1e-4);
+    // Hot-swap among the three, in a shuffled order, twice.
+    let cfg = SplitConfig {
+        targets: Targets::LastBlocks(1),
+        output: Some("logits".into()),
+        ..SplitConfig::default()
+    };
+    let mut hs = HotSwap::new(SplitModel::new(&model, &cfg).unwrap(), None);
+    for (i, (f, _, _)) in runs.iter().enumerate() {
+        assert_eq!(hs.add(&format!("user{i}"), f).unwrap(), i);
+    }
+    for &i in &[2, 0, 1, 1, 2, 0] {
+        let y = hs.run_with(i, &runs[i].2).unwrap();
+        assert!(max_rel(&y, &runs[i].1) <= 1e-5, "adapter {i} after swapping");
+    }
+    assert!(runs[0].1 != runs[1].1, "the adapters differ");
+}
+
+#[test]
+fn an_adapter_for_another_base_model_is_refused_for_merge_and_hot_swap() {
+    let model = OnnxModel::load(test_model("transformer.onnx")).unwrap();
+    let (file, _, _) = trained_file(&model, 1);
+    let mut proto = model.proto().clone();
+    let w = proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "block1/attn/q.weight")
+        .unwrap();
+    w.raw_data[5] ^= 0x10;
+    let other = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let e =
+        merge_adapter_file(&other, &file, &out_dir("refuse").join("x.onnx"), false).unwrap_err();
+    assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
+    let cfg = SplitConfig {
+        targets: Targets::LastBlocks(1),
+        output: Some("logits".into()),
+        ..SplitConfig::default()
+    };
+    let mut hs = HotSwap::new(SplitModel::new(&other, &cfg).unwrap(), None);
+    assert!(matches!(hs.add("u", &file), Err(Error::FingerprintMismatch { .. })));
+    assert!(!out_dir("refuse").join("x.onnx").exists());
+}

@@ -1,0 +1,312 @@
+//! Training on the digits task (models/digits): adaptation works, runs are
+//! deterministic, resume is bit-identical, the feature cache changes nothing,
+//! non-finite steps are skipped and then stop training, budgets are enforced.
+#![cfg(feature = "onnx")]
+
+use std::path::{Path, PathBuf};
+
+use hydra_edge::adapter::{AdapterFile, DType};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::tail::Tensor;
+use hydra_edge::train::npz::{parse_npz, write_npz};
+use hydra_edge::train::{
+    CacheConfig, Dataset, Event, HeadConfig, Labels, Loss, OptimizerKind, TrainConfig, Trainer,
+};
+use hydra_edge::{Error, HydraConfig, Variant};
+use ndarray::{ArrayD, IxDyn};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/digits")
+}
+
+fn model() -> OnnxModel {
+    OnnxModel::load(dir().join("digits_mlp.onnx")).unwrap()
+}
+
+fn data(name: &str) -> Dataset {
+    Dataset::from_npz(&dir().join(name), "label").unwrap()
+}
+
+fn split(variant: Variant, dropout: f32) -> SplitModel {
+    let mut adapter = HydraConfig { variant, seed: 3, ..HydraConfig::default() };
+    adapter.parallel.dropout = dropout;
+    adapter.sequential.dropout = dropout;
+    SplitModel::new(
+        &model(),
+        &SplitConfig { targets: Targets::AllLinear, adapter, ..SplitConfig::default() },
+    )
+    .unwrap()
+}
+
+fn cfg(epochs: usize) -> TrainConfig {
+    TrainConfig { epochs, batch_size: 24, lr: 1e-2, warmup_steps: 3, ..TrainConfig::default() }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hydra-train-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn adapter_bytes(t: &Trainer) -> Vec<u8> {
+    let mut f = t.adapter_file(false, DType::F32).unwrap();
+    f.header.metadata.clear();
+    f.to_bytes().unwrap()
+}
+
+#[test]
+fn adaptation_recovers_accuracy_on_the_shifted_user_data() {
+    let (train, test) = (data("digits_user_train.npz"), data("digits_user_test.npz"));
+    let mut frozen = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    let before = frozen.evaluate(&test).unwrap().1.unwrap();
+    let mut t = Trainer::new(split(Variant::Hydra, 0.1), cfg(30)).unwrap();
+    let mut steps = 0;
+    let metrics = t
+        .fit(&train, Some(&test), &mut |e| {
+            if let Event::Step { .. } = e {
+                steps += 1
+            }
+        })
+        .unwrap();
+    let after = metrics.last().unwrap().eval_accuracy.unwrap();
+    assert_eq!(steps, 30 * 200usize.div_ceil(24), "every step reported, last partial batch kept");
+    assert!(metrics[0].train_loss > metrics.last().unwrap().train_loss);
+    assert!(before < 0.45 && after > 0.85, "user accuracy {before:.3} → {after:.3}");
+    // A new head on the frozen features (head-only) also learns.
+    let s = SplitModel::new(
+        &model(),
+        &SplitConfig {
+            targets: Targets::None,
+            output: Some("features".into()),
+            ..SplitConfig::default()
+        },
+    )
+    .unwrap();
+    let mut h = Trainer::new(s, TrainConfig { head: HeadConfig::New(10), ..cfg(30) }).unwrap();
+    h.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(h.evaluate(&test).unwrap().1.unwrap() > 0.75);
+}
+
+#[test]
+fn same_seed_gives_a_bit_identical_adapter() {
+    let train = data("digits_user_train.npz");
+    let run = || {
+        let mut t = Trainer::new(split(Variant::Hydra, 0.2), cfg(3)).unwrap();
+        t.fit(&train, None, &mut |_| {}).unwrap();
+        adapter_bytes(&t)
+    };
+    assert!(run() == run(), "two runs with one seed differ");
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_bit_identical() {
+    let train = data("digits_user_train.npz");
+    for opt in [OptimizerKind::default(), OptimizerKind::Sgd { momentum: 0.9 }] {
+        let c = TrainConfig { optimizer: opt, head: HeadConfig::Keep, ..cfg(4) };
+        // N = 13 steps: the checkpoint lands in the middle of epoch 2.
+        let mut straight = Trainer::new(split(Variant::Hydra, 0.2), c.clone()).unwrap();
+        straight.fit_until(&train, None, Some(26), &mut |_| {}).unwrap();
+        let mut first = Trainer::new(split(Variant::Hydra, 0.2), c.clone()).unwrap();
+        first.fit_until(&train, None, Some(13), &mut |_| {}).unwrap();
+        let path = tmp("resume.ckpt");
+        first.save_checkpoint(&path).unwrap();
+        drop(first);
+        let mut resumed = Trainer::resume(split(Variant::Hydra, 0.2), c, &path).unwrap();
+        assert_eq!(resumed.step(), 13);
+        resumed.fit_until(&train, None, Some(26), &mut |_| {}).unwrap();
+        assert!(
+            adapter_bytes(&resumed) == adapter_bytes(&straight),
+            "{opt:?}: resumed run differs"
+        );
+    }
+}
+
+#[test]
+fn cached_uncached_and_spilled_epochs_give_identical_results() {
+    let train = data("digits_user_train.npz");
+    let run = |cache: CacheConfig| {
+        let mut t =
+            Trainer::new(split(Variant::Lora, 0.0), TrainConfig { cache, ..cfg(3) }).unwrap();
+        let m = t.fit(&train, None, &mut |_| {}).unwrap();
+        (adapter_bytes(&t), m.iter().map(|m| m.train_loss).collect::<Vec<_>>())
+    };
+    let ram = run(CacheConfig::default());
+    let none = run(CacheConfig { enabled: false, ..CacheConfig::default() });
+    let spill = run(CacheConfig {
+        ram_budget: 64 * 64 * 2,
+        spill_dir: Some(std::env::temp_dir()),
+        ..CacheConfig::default()
+    });
+    assert!(ram == none, "cache vs no cache: losses {:?} vs {:?}", ram.1, none.1);
+    assert!(ram == spill, "RAM vs spilled cache");
+}
+
+#[test]
+fn feature_cache_spills_beyond_its_ram_budget_and_cleans_up() {
+    let train = data("digits_user_train.npz");
+    let s = split(Variant::Lora, 0.0);
+    let dir = tmp("spill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = CacheConfig {
+        ram_budget: 50 * 64 * 2,
+        spill_dir: Some(dir.clone()),
+        ..CacheConfig::default()
+    };
+    let mut c = hydra_edge::train::FeatureCache::build(&s, &train, 16, &cfg).unwrap();
+    assert_eq!((c.len(), c.ram_bytes(), c.spilled_bytes()), (200, 50 * 128, 150 * 128));
+    let b = c.batch(&[199, 0, 120]).unwrap();
+    assert_eq!(b[0].shape(), [3, 64]);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    drop(c);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "spill file removed");
+}
+
+fn poisoned(every: usize) -> Dataset {
+    let d = data("digits_user_train.npz");
+    let arrays = parse_npz(&std::fs::read(dir().join("digits_user_train.npz")).unwrap()).unwrap();
+    let Tensor::F32(mut x) = arrays["x"].clone() else { panic!() };
+    for (i, mut row) in x.outer_iter_mut().enumerate() {
+        if i % every == 0 {
+            row[3] = f32::NAN;
+        }
+    }
+    Dataset::new([("x".to_string(), Tensor::F32(x))], d.labels().clone()).unwrap()
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_then_stop_training_leaving_the_checkpoint_intact() {
+    // One NaN sample in a batch spoils it: the step is skipped and reported.
+    let nan_some = poisoned(150);
+    let mut skipped = Vec::new();
+    let mut t = Trainer::new(
+        split(Variant::Hydra, 0.0),
+        TrainConfig { cache: CacheConfig { enabled: false, ..CacheConfig::default() }, ..cfg(2) },
+    )
+    .unwrap();
+    let m = t
+        .fit(&nan_some, None, &mut |e| {
+            if let Event::Skipped { reason, .. } = e {
+                skipped.push(reason.to_string())
+            }
+        })
+        .unwrap();
+    assert_eq!(m.iter().map(|m| m.skipped_steps).sum::<usize>(), skipped.len());
+    assert!(!skipped.is_empty() && m.iter().all(|m| m.train_loss.is_finite()), "{skipped:?}");
+    // A good checkpoint, then data that is all bad: training stops with an error.
+    let path = tmp("diverge.ckpt");
+    t.save_checkpoint(&path).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    let mut t2 = Trainer::resume(
+        split(Variant::Hydra, 0.0),
+        TrainConfig { epochs: 5, max_bad_steps: 3, ..t.config().clone() },
+        &path,
+    )
+    .unwrap();
+    let e = t2.fit(&poisoned(1), None, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::Diverged { steps: 4 }), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), saved, "the last good checkpoint is untouched");
+    assert!(AdapterFile::load(&path).is_ok());
+}
+
+#[test]
+fn a_configuration_over_the_memory_budget_is_refused_with_the_estimate() {
+    let train = data("digits_user_train.npz");
+    let mut t = Trainer::new(
+        split(Variant::Hydra, 0.0),
+        TrainConfig { memory_budget: Some(10_000), ..cfg(1) },
+    )
+    .unwrap();
+    let e = t.fit(&train, None, &mut |_| {}).unwrap_err();
+    let Error::OverBudget { estimate, budget, .. } = &e else { panic!("{e}") };
+    assert!(*estimate > *budget);
+    assert!(e.to_string().contains("activations") && e.to_string().contains("MB"), "{e}");
+    let r = t.estimate_memory(&train).unwrap();
+    assert_eq!(r.total_bytes, r.cache_bytes + r.activation_bytes + r.parameter_bytes);
+    let mut ok = Trainer::new(
+        split(Variant::Hydra, 0.0),
+        TrainConfig { memory_budget: Some(r.total_bytes + 1), ..cfg(1) },
+    )
+    .unwrap();
+    ok.fit(&train, None, &mut |_| {}).unwrap();
+}
+
+#[test]
+fn adapters_are_refused_on_another_base_model_and_reload_exactly() {
+    let train = data("digits_user_train.npz");
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
+    let path = tmp("user.hydra");
+    t.save_adapter(&path, DType::F32).unwrap();
+    let mut fresh = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    fresh.load(&AdapterFile::load(&path).unwrap()).unwrap();
+    assert!(adapter_bytes(&fresh) == adapter_bytes(&t), "reloaded adapter differs");
+    // Another backbone: the same graph with one weight changed.
+    let mut proto = model().proto().clone();
+    let w = proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "fc2.weight")
+        .unwrap();
+    w.raw_data[0] ^= 1;
+    let other = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let s = SplitModel::new(
+        &other,
+        &SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() },
+    )
+    .unwrap();
+    let e = Trainer::new(s, cfg(1)).unwrap().load(&AdapterFile::load(&path).unwrap()).unwrap_err();
+    assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
+}
+
+#[test]
+fn mse_and_bce_losses_train_and_bad_labels_are_errors() {
+    let train = data("digits_user_train.npz");
+    let Labels::Classes(c) = train.labels() else { panic!() };
+    let onehot: Vec<f32> =
+        c.iter().flat_map(|&l| (0..10).map(move |k| f32::from(u8::from(k == l)))).collect();
+    let targets = Labels::Values(ArrayD::from_shape_vec(IxDyn(&[c.len(), 10]), onehot).unwrap());
+    let x = parse_npz(&std::fs::read(dir().join("digits_user_train.npz")).unwrap()).unwrap()["x"]
+        .clone();
+    let d = Dataset::new([("x".to_string(), x)], targets).unwrap();
+    for loss in [Loss::Mse, Loss::Bce] {
+        let mut t =
+            Trainer::new(split(Variant::Lora, 0.0), TrainConfig { loss, ..cfg(8) }).unwrap();
+        let m = t.fit(&d, None, &mut |_| {}).unwrap();
+        assert!(m.last().unwrap().train_loss < m[0].train_loss, "{loss:?}: {m:?}");
+    }
+    // Class labels with an MSE loss, and labels out of range.
+    let mut t =
+        Trainer::new(split(Variant::Lora, 0.0), TrainConfig { loss: Loss::Mse, ..cfg(1) }).unwrap();
+    assert!(matches!(t.fit(&train, None, &mut |_| {}), Err(Error::Config(_))));
+    let x = parse_npz(&std::fs::read(dir().join("digits_user_train.npz")).unwrap()).unwrap()["x"]
+        .clone();
+    let bad = Dataset::new([("x".to_string(), x)], Labels::Classes(vec![11; 200])).unwrap();
+    let mut t = Trainer::new(split(Variant::Lora, 0.0), cfg(1)).unwrap();
+    assert!(matches!(t.fit(&bad, None, &mut |_| {}), Err(Error::Config(_))));
+    // Mismatched sample counts.
+    assert!(
+        Dataset::new([("x".to_string(), Tensor::scalar(1.0))], Labels::Classes(vec![1])).is_err()
+    );
+}
+
+#[test]
+fn npz_round_trips_and_reads_numpy_files() {
+    let a = Tensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]).unwrap(),
+    );
+    let b = Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[4]), vec![0, -1, 7, i64::MAX]).unwrap());
+    let map = [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect();
+    let bytes = write_npz(&map);
+    assert_eq!(parse_npz(&bytes).unwrap(), map);
+    // numpy.savez output (committed data).
+    let d = data("digits_user_test.npz");
+    assert!(d.len() > 400);
+    assert!(Dataset::from_npz(Path::new("/nonexistent.npz"), "label").is_err());
+    assert!(matches!(parse_npz(b"PK\x05\x06 not really"), Err(Error::Corrupt(_))));
+    for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+        assert!(parse_npz(&bytes[..cut]).is_err());
+    }
+}
