@@ -26,7 +26,9 @@ fn inspect_train_merge_run_through_the_cli() {
     let model = digits("digits_mlp.onnx");
     let out = ok(bin().arg("inspect").arg(&model).output().unwrap());
     assert!(out.contains("fc1") && out.contains("✔ all linear layers"), "{out}");
-    let j: serde_json::Value = serde_json::from_str(&ok(bin().args(["--json", "inspect"]).arg(&model).output().unwrap())).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(bin().args(["--json", "inspect"]).arg(&model).output().unwrap()))
+            .unwrap();
     assert_eq!(j["linear_layers"].as_array().unwrap().len(), 3);
 
     let adapter = dir.join("user.hydra");
@@ -51,20 +53,40 @@ fn inspect_train_merge_run_through_the_cli() {
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     assert!(ckpt.exists());
 
-    let j: serde_json::Value = serde_json::from_str(
-        &ok(bin().args(["--json", "eval"]).arg(&model).arg(&adapter).arg("--data").arg(digits("digits_user_test.npz")).output().unwrap()),
-    )
+    let j: serde_json::Value = serde_json::from_str(&ok(bin()
+        .args(["--json", "eval"])
+        .arg(&model)
+        .arg(&adapter)
+        .arg("--data")
+        .arg(digits("digits_user_test.npz"))
+        .output()
+        .unwrap()))
     .unwrap();
     assert!(j["accuracy"].as_f64().unwrap() > 0.8, "{j}");
 
     let merged = dir.join("merged.onnx");
-    let j: serde_json::Value = serde_json::from_str(
-        &ok(bin().args(["--json", "merge"]).arg(&model).arg(&adapter).arg("-o").arg(&merged).arg("--check-data").arg(digits("digits_user_test.npz")).output().unwrap()),
-    )
+    let j: serde_json::Value = serde_json::from_str(&ok(bin()
+        .args(["--json", "merge"])
+        .arg(&model)
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&merged)
+        .arg("--check-data")
+        .arg(digits("digits_user_test.npz"))
+        .output()
+        .unwrap()))
     .unwrap();
     assert!(j["max_rel_error"].as_f64().unwrap() <= 1e-4, "{j}");
     let outputs = dir.join("out.npz");
-    let out = ok(bin().arg("run").arg(&merged).arg("--input").arg(digits("digits_user_test.npz")).arg("--output").arg(&outputs).output().unwrap());
+    let out = ok(bin()
+        .arg("run")
+        .arg(&merged)
+        .arg("--input")
+        .arg(digits("digits_user_test.npz"))
+        .arg("--output")
+        .arg(&outputs)
+        .output()
+        .unwrap());
     assert!(out.contains("logits: [519, 10]"), "{out}");
     assert!(outputs.exists());
 
@@ -88,14 +110,22 @@ fn errors_are_reported_not_panics() {
     let o = bin().arg("inspect").arg("/nonexistent/model.onnx").output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("error: loading"));
-    let o = bin().arg("train").arg(digits("digits_mlp.onnx")).arg("--data").arg(digits("digits_user_train.npz")).args(["--targets", "nosuchlayer"]).output().unwrap();
+    let o = bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--targets", "nosuchlayer"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nosuchlayer"));
 }
 
 #[test]
 fn the_demo_adapts_merges_and_checks() {
-    let j: serde_json::Value = serde_json::from_str(&ok(bin().args(["--json", "demo"]).output().unwrap())).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(bin().args(["--json", "demo"]).output().unwrap())).unwrap();
     assert!(j["accuracy_before"].as_f64().unwrap() < 0.5);
     assert!(j["accuracy_after"].as_f64().unwrap() > 0.85);
     assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3);
