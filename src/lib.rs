@@ -47,3 +47,8 @@ pub mod train;
 pub use error::{Error, Result};
 pub use half::f16;
 pub use hydra::{HydraConfig, HydraLinear, Variant};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "onnx"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
