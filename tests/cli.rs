@@ -120,6 +120,9 @@ fn errors_are_reported_not_panics() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nosuchlayer"));
+    let o = bin().arg("bench").env("HYDRA_KERNELS", "avx9000").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown kernel tier"));
 }
 
 #[test]

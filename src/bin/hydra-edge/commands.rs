@@ -315,6 +315,24 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         }
     }
     t.save_adapter(&a.out, DType::F32)?;
+    if !json && !all.is_empty() {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "\n| epoch | train loss | train acc | eval loss | eval acc | seconds | skipped |\n|---|---|---|---|---|---|---|"
+        );
+        for m in &all {
+            println!(
+                "| {} | {:.4} | {} | {} | {} | {:.2} | {} |",
+                m.epoch + 1,
+                m.train_loss,
+                f(m.train_accuracy),
+                f(m.eval_loss),
+                f(m.eval_accuracy),
+                m.seconds,
+                m.skipped_steps
+            );
+        }
+    }
     if let Some(p) = &a.plot {
         crate::plot::learning_curve(&all, p)?;
     }

@@ -157,6 +157,11 @@ struct TrainArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // A bad HYDRA_KERNELS is a configuration error, reported before anything runs.
+    if let Err(e) = hydra_edge::kernels::select() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     hydra_edge::backbone::set_threads(cli.threads);
     let json = cli.json;
     let r = match cli.cmd {
