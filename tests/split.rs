@@ -279,3 +279,23 @@ fn tail_backward_matches_finite_differences_on_adapter_params() {
     }
     assert_eq!(checked, names.len() * 12);
 }
+
+#[test]
+fn f16_frozen_tail_weights_stay_close_to_f32() {
+    use hydra_edge::onnx::WeightDtype;
+    let model = OnnxModel::load(model_path("transformer.onnx")).unwrap();
+    let f = feed(&model, 3, 2);
+    let run = |weights| {
+        let cfg = SplitConfig {
+            targets: Targets::LastBlocks(1),
+            output: Some("logits".into()),
+            weights,
+            ..SplitConfig::default()
+        };
+        SplitModel::new(&model, &cfg).unwrap().forward(&f, false).unwrap()
+    };
+    let (full, half) = (run(WeightDtype::F32), run(WeightDtype::F16));
+    let e = max_rel(&half, &full);
+    // f16 weights round each weight by ≤ 2⁻¹¹ relative: visible, but small.
+    assert!(e > 0.0 && e < 5e-3, "f16 vs f32 tail weights: {e:e}");
+}
