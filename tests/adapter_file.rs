@@ -5,11 +5,15 @@
 //! checkpoints in a loop, kills it at random moments, and checks that the
 //! file on disk is always one complete version the child wrote.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use common::rerun_self;
 
 use hydra_edge::adapter::{
     AdapterFile, CheckpointState, DType, FORMAT_VERSION, Header, LayerEntry, MAGIC, NamedTensor,
@@ -361,29 +365,6 @@ fn version(v: u64) -> AdapterFile {
         tensor(&mut rng, "B", &[(v % 37) as usize + 1, 3], DType::F16),
     ];
     AdapterFile { header, tensors }
-}
-
-/// This test binary run again, through the runner cargo used if there is one
-/// for this architecture (qemu-user in the aarch64 CI stage, where the kernel
-/// may not exec a foreign binary by itself); as in tests/tier_env.rs.
-fn rerun_self(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
-    let runner = std::env::var("HYDRA_TEST_RUNNER").ok().or_else(|| {
-        std::env::vars()
-            .find(|(k, v)| k.starts_with(&arch_prefix) && k.ends_with("_RUNNER") && !v.is_empty())
-            .map(|(_, v)| v)
-    });
-    let mut cmd = match runner.as_deref().map(str::split_whitespace) {
-        Some(mut words) => {
-            let mut cmd = Command::new(words.next().expect("empty test runner"));
-            cmd.args(words).arg(&exe);
-            cmd
-        }
-        None => Command::new(&exe),
-    };
-    cmd.args(args);
-    cmd
 }
 
 /// In the child: say it is running, then save versions start, start+1, …

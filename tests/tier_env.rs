@@ -7,32 +7,13 @@
 //! there the children go through the runner cargo used, named by
 //! `HYDRA_TEST_RUNNER` or found as `CARGO_TARGET_<this arch>…_RUNNER`.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Output};
 
+use common::rerun_self;
 use hydra_edge::kernels::{self, Tier};
-
-/// The command that runs the test binary again: through the runner, if one
-/// is configured for this architecture, else directly.
-fn rerun_self(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
-    let runner = std::env::var("HYDRA_TEST_RUNNER").ok().or_else(|| {
-        std::env::vars()
-            .find(|(k, v)| k.starts_with(&arch_prefix) && k.ends_with("_RUNNER") && !v.is_empty())
-            .map(|(_, v)| v)
-    });
-    let mut cmd = match runner.as_deref().map(str::split_whitespace) {
-        Some(mut words) => {
-            let mut cmd = Command::new(words.next().expect("empty test runner"));
-            cmd.args(words).arg(&exe);
-            cmd
-        }
-        None => Command::new(&exe),
-    };
-    cmd.args(args);
-    cmd
-}
 
 fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd.output().unwrap_or_else(|e| {

@@ -1,6 +1,8 @@
 //! Shared test helpers: seeded data and explicit tolerances.
 #![allow(dead_code)]
 
+use std::process::Command;
+
 use hydra_edge::f16;
 use hydra_edge::kernels::reference::Ref;
 use hydra_edge::rng::Rng;
@@ -54,4 +56,27 @@ pub fn assert_close(got: &[f32], want: &Ref, tol: f64, abs: f64, what: &str) {
             "{what}: element {i}: got {g}, want {v} (err {err:.3e} > {tol:.2e}·{s:.3e} + {abs:.1e})"
         );
     }
+}
+
+/// The command that runs this test binary again: through the runner cargo
+/// used, if one is configured for this architecture (qemu-user in the aarch64
+/// CI stage, where the kernel may not exec a foreign binary itself), else directly.
+pub fn rerun_self(args: &[&str]) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    let runner = std::env::var("HYDRA_TEST_RUNNER").ok().or_else(|| {
+        std::env::vars()
+            .find(|(k, v)| k.starts_with(&arch_prefix) && k.ends_with("_RUNNER") && !v.is_empty())
+            .map(|(_, v)| v)
+    });
+    let mut cmd = match runner.as_deref().map(str::split_whitespace) {
+        Some(mut words) => {
+            let mut cmd = Command::new(words.next().expect("empty test runner"));
+            cmd.args(words).arg(&exe);
+            cmd
+        }
+        None => Command::new(&exe),
+    };
+    cmd.args(args);
+    cmd
 }
