@@ -5,16 +5,18 @@
 //!
 //! `python3 models/real/build_minilm.py && cargo run --release --example cache_speedup [samples] [threads]`
 
-use hydra_edge::backbone::set_threads;
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::Tensor;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::{CacheConfig, HeadConfig};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::parallel::set_threads;
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
-use hydra_edge::train::{CacheConfig, Dataset, HeadConfig, Labels, TrainConfig, Trainer};
+use hydra_edge::train::{Dataset, Labels, TrainConfig, Trainer};
 use ndarray::{ArrayD, IxDyn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = std::env::args().nth(1).map_or(Ok(1000), |s| s.parse())?;
-    set_threads(std::env::args().nth(2).map_or(Ok(1), |s| s.parse())?);
+    set_threads(std::env::args().nth(2).map_or(Ok(1), |s| s.parse())?)?;
     let path = std::env::var("HYDRA_MODELS_DIR").unwrap_or_else(|_| "models/real/out".into())
         + "/minilm.onnx";
     let model = OnnxModel::load(&path)?;
@@ -35,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             output: Some("pooled".into()),
             ..SplitConfig::default()
         };
-        let split = SplitModel::new(&model, &cfg)?;
+        let split = AdaptedModel::new(&model, &cfg)?;
         let tc = TrainConfig {
             epochs,
             batch_size: 16,

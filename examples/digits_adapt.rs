@@ -6,8 +6,10 @@
 
 use std::path::Path;
 
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
-use hydra_edge::train::{Dataset, HeadConfig, TrainConfig, Trainer};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::HeadConfig;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::train::{Dataset, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Variant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train = Dataset::from_npz(&dir.join("digits_user_train.npz"), "label")?;
     let test = Dataset::from_npz(&dir.join("digits_user_test.npz"), "label")?;
     let base = Dataset::from_npz(&dir.join("digits_base_test.npz"), "label")?;
-    let frozen = SplitModel::new(
+    let frozen = AdaptedModel::new(
         &model,
         &SplitConfig { targets: Targets::Patterns(vec!["head".into()]), ..SplitConfig::default() },
     )?;
@@ -51,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     (Targets::AllLinear, None, HeadConfig::Keep)
                 }
             };
-            let split = SplitModel::new(
+            let split = AdaptedModel::new(
                 &model,
                 &SplitConfig { targets, output, adapter, ..SplitConfig::default() },
             )?;

@@ -7,13 +7,15 @@
 
 use std::time::Instant;
 
+use hydra_edge::Tensor;
 use hydra_edge::adapter::DType;
-use hydra_edge::backbone::{Feed, set_threads};
+use hydra_edge::backbone::Feed;
 use hydra_edge::export::merge_into_onnx;
 use hydra_edge::infer::{HotSwap, Model};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::parallel::set_threads;
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use hydra_edge::train::{TrainConfig, Trainer};
 use ndarray::{ArrayD, IxDyn};
 
@@ -29,7 +31,7 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    set_threads(std::env::args().nth(1).map_or(Ok(1), |s| s.parse())?);
+    set_threads(std::env::args().nth(1).map_or(Ok(1), |s| s.parse())?)?;
     let dir = std::env::var("HYDRA_MODELS_DIR").unwrap_or_else(|_| "models/real/out".into());
     let model = OnnxModel::load(format!("{dir}/minilm.onnx"))?;
     let (b, s) = (16, 64);
@@ -45,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         output: Some("sentence_embedding".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg)?;
+    let mut split = AdaptedModel::new(&model, &cfg)?;
     for (_, a) in split.tail_mut().adapters_mut() {
         for br in a.branches_mut() {
             br.b.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 13) as f32 - 6.0) * 1e-3);
@@ -56,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     merge_into_onnx(&model, &split, None, &out.join("merged.onnx"))?;
     let files: Vec<_> = (0..3)
         .map(|k| {
-            let mut s2 = SplitModel::new(&model, &cfg)?;
+            let mut s2 = AdaptedModel::new(&model, &cfg)?;
             for (_, a) in s2.tail_mut().adapters_mut() {
                 for br in a.branches_mut() {
                     br.b.iter_mut().for_each(|v| *v = 1e-3 * k as f32);

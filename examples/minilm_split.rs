@@ -7,15 +7,17 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use hydra_edge::backbone::{Feed, set_threads};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::Tensor;
+use hydra_edge::backbone::Feed;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::parallel::set_threads;
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use ndarray::{ArrayD, IxDyn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = std::env::args().nth(1).map_or(Ok(1), |s| s.parse())?;
-    set_threads(threads);
+    set_threads(threads)?;
     let path = std::env::var("HYDRA_MODELS_DIR").unwrap_or_else(|_| "models/real/out".into())
         + "/minilm.onnx";
     let model = OnnxModel::load(&path)?;
@@ -24,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         output: Some("last_hidden_state".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg)?;
+    let mut split = AdaptedModel::new(&model, &cfg)?;
     let r = split.report().clone();
     let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
     for (op, _) in &r.tail_ops {

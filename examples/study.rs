@@ -36,14 +36,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hydra_edge::backbone::{Feed, set_threads};
+use hydra_edge::Tensor;
+use hydra_edge::backbone::Feed;
 use hydra_edge::infer::Model;
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
-use hydra_edge::tail::Tensor;
-use hydra_edge::train::cache::round_boundary;
-use hydra_edge::train::{
-    CacheConfig, CacheDtype, Dataset, HeadConfig, Labels, TrainConfig, Trainer,
-};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::cache::round_boundary;
+use hydra_edge::model::{CacheConfig, CacheDtype, HeadConfig};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::parallel::set_threads;
+use hydra_edge::train::{Dataset, Labels, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Variant};
 use ndarray::{ArrayD, IxDyn};
 
@@ -338,7 +339,7 @@ fn test_batches(task: &Task) -> Vec<Vec<usize>> {
 }
 
 /// The test set's boundary tensors for `split` (f16-rounded like the cache), computed once per tail.
-fn test_boundaries(split: &SplitModel, task: &Task) -> Res<Vec<Vec<Tensor>>> {
+fn test_boundaries(split: &AdaptedModel, task: &Task) -> Res<Vec<Vec<Tensor>>> {
     test_batches(task)
         .iter()
         .map(|c| {
@@ -391,7 +392,7 @@ fn sweep(task: &Task, model: &OnnxModel) -> Res<()> {
         let (mut accs, mut later, mut first) = (Vec::new(), Vec::new(), Vec::new());
         let mut params = 0;
         for seed in 0..seeds {
-            let split = SplitModel::new(model, &split_config(task, (variant, rp, rs), seed))?;
+            let split = AdaptedModel::new(model, &split_config(task, (variant, rp, rs), seed))?;
             if let std::collections::hash_map::Entry::Vacant(e) = bounds.entry(variant.is_some()) {
                 let t0 = Instant::now();
                 e.insert(test_boundaries(&split, task)?);
@@ -436,7 +437,7 @@ fn sweep(task: &Task, model: &OnnxModel) -> Res<()> {
 /// One Hydra run (seed 0), as in the sweep: the training process whose peak RSS is measured.
 fn train_once(task: &Task, model: &OnnxModel) -> Res<()> {
     let hydra = task.methods.iter().find(|m| m.1 == Some(Variant::Hydra)).ok_or("no Hydra")?;
-    let split = SplitModel::new(model, &split_config(task, (hydra.1, hydra.2, hydra.3), 0))?;
+    let split = AdaptedModel::new(model, &split_config(task, (hydra.1, hydra.2, hydra.3), 0))?;
     let mut t = Trainer::new(split, train_config(task, 0))?;
     let m = t.fit(task.train.as_ref().ok_or("no training set")?, None, &mut |_| {})?;
     eprintln!("{} train: final loss {:.4}", task.name, m[m.len() - 1].train_loss);
@@ -463,7 +464,7 @@ fn main() -> Res<()> {
         [t, m] => (t.as_str(), m.as_str()),
         _ => return Err("usage: study text|vision sweep|train|infer".into()),
     };
-    set_threads(env_or("STUDY_THREADS", "2").parse()?);
+    set_threads(env_or("STUDY_THREADS", "2").parse()?)?;
     let task = match task {
         "text" => text_task(mode != "infer")?,
         "vision" => vision_task(mode != "infer")?,

@@ -11,22 +11,15 @@ use tract_onnx::prelude::{
     tvec,
 };
 
+use crate::Tensor;
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
-use crate::tail::Tensor;
 
 /// Named input tensors of a model.
 pub type Feed = HashMap<String, Tensor>;
 
 fn tract_err(e: impl core::fmt::Display) -> Error {
     Error::Backbone(format!("{e:#}"))
-}
-
-/// Runs tract's matrix products on `n` threads (1 = single-threaded, the
-/// default). Devices have 4–12 cores; this is the knob.
-pub fn set_threads(n: usize) {
-    use tract_linalg::multithread::{Executor, set_default_executor};
-    set_default_executor(if n <= 1 { Executor::SingleThread } else { Executor::multithread(n) });
 }
 
 /// A tract plan over an ONNX model with chosen outputs.
@@ -99,6 +92,7 @@ impl Backbone {
 fn to_tract(t: &Tensor) -> TractTensor {
     match t {
         Tensor::F32(a) => TractTensor::from(a.clone()),
+        Tensor::F16(a) => TractTensor::from(a.clone()),
         Tensor::I64(a) => TractTensor::from(a.clone()),
     }
 }

@@ -17,9 +17,9 @@ use prost::Message;
 
 use crate::error::{Error, Result};
 use crate::hydra::{HydraLinear, Weights};
+use crate::model::{AdaptedModel, LinearHead};
 use crate::onnx::layers::{LinearKind, LinearLayer};
-use crate::onnx::{OnnxModel, SplitModel, pb};
-use crate::train::LinearHead;
+use crate::onnx::{OnnxModel, pb};
 
 /// A new head to append: `outputs = Gemm(feature, W, b)` (+ Softmax).
 #[derive(Clone, Debug)]
@@ -92,7 +92,7 @@ fn merged(
 /// appended) to `out`, atomically.
 pub fn merge_into_onnx(
     model: &OnnxModel,
-    split: &SplitModel,
+    split: &AdaptedModel,
     head: Option<HeadExport<'_>>,
     out: &Path,
 ) -> Result<MergeReport> {
@@ -351,18 +351,14 @@ pub fn merge_adapter_file(
     file: &crate::adapter::AdapterFile,
     out: &Path,
     softmax: bool,
-) -> Result<(MergeReport, SplitModel, Option<LinearHead>)> {
-    let (cfg, classes) = crate::infer::split_config_for(file);
-    let mut split = SplitModel::new(model, &cfg)?;
-    let prepared = crate::train::checkpoint::PreparedAdapter::new(&split, file, classes)?;
-    prepared.apply(&mut split);
-    let head = prepared.head.clone();
-    let export = head.as_ref().map(|h| HeadExport {
+) -> Result<(MergeReport, AdaptedModel)> {
+    let adapted = AdaptedModel::from_adapter_file(model, file)?;
+    let export = adapted.head().map(|h| HeadExport {
         head: h,
-        feature: split.report().output.clone(),
+        feature: adapted.report().output.clone(),
         logits: "head_logits".into(),
         softmax: softmax.then(|| "head_probs".to_string()),
     });
-    let report = merge_into_onnx(model, &split, export, out)?;
-    Ok((report, split, head))
+    let report = merge_into_onnx(model, &adapted, export, out)?;
+    Ok((report, adapted))
 }

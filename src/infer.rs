@@ -1,21 +1,23 @@
 //! Inference: a model file as one optimized tract plan ([`Model`]), and
 //! hot-swapping among trained adapters on one shared backbone ([`HotSwap`]).
 //!
-//! Hot-swap keeps the adapted tail unmerged: switching copies the chosen
-//! adapter's low-rank tensors into the tail (a few hundred KB at most) — no
-//! re-merge, no touch of the frozen weights, so any number of users can share
-//! one device and one backbone plan.
+//! Hot-swap keeps one backbone and one tail for any number of adapters: a
+//! switch takes the previous adapter's low-rank delta out of the tail's
+//! frozen weights and folds the next one in (a rank-r update per layer, no
+//! re-export), so each run then costs what the base model costs. Training
+//! keeps the unmerged path.
 
 use std::path::Path;
 
 use ndarray::ArrayD;
 
+use crate::Tensor;
 use crate::adapter::AdapterFile;
 use crate::backbone::{Backbone, Feed};
 use crate::error::{Error, Result};
-use crate::onnx::{OnnxModel, SplitModel};
-use crate::tail::Tensor;
-use crate::train::checkpoint::PreparedAdapter;
+use crate::hydra::Delta;
+use crate::model::{AdaptedModel, CacheDtype, PreparedAdapter};
+use crate::onnx::OnnxModel;
 
 /// A model ready to run: every output of the ONNX file, by one tract plan.
 #[derive(Debug, Clone)]
@@ -53,22 +55,24 @@ impl Model {
 /// One backbone, several adapters, switched per call.
 #[derive(Debug)]
 pub struct HotSwap {
-    split: SplitModel,
+    model: AdaptedModel,
     head_classes: Option<usize>,
     adapters: Vec<(String, PreparedAdapter)>,
     active: Option<usize>,
+    /// The active adapter's per-layer deltas, folded into the weights.
+    merged: Vec<Delta>,
 }
 
 impl HotSwap {
-    /// Hot-swapping on `split` (whose adapted layers every adapter must
+    /// Hot-swapping on `model` (whose adapted layers every adapter must
     /// match); `head_classes`: `Some(n)` if the adapters carry a new head.
-    pub fn new(split: SplitModel, head_classes: Option<usize>) -> HotSwap {
-        HotSwap { split, head_classes, adapters: Vec::new(), active: None }
+    pub fn new(model: AdaptedModel, head_classes: Option<usize>) -> HotSwap {
+        HotSwap { model, head_classes, adapters: Vec::new(), active: None, merged: Vec::new() }
     }
 
     /// Adds an adapter (checked now: fingerprint, layers, shapes); returns its index.
     pub fn add(&mut self, name: &str, file: &AdapterFile) -> Result<usize> {
-        let p = PreparedAdapter::new(&self.split, file, self.head_classes)?;
+        let p = PreparedAdapter::new(&self.model, file, self.head_classes)?;
         self.adapters.push((name.to_string(), p));
         Ok(self.adapters.len() - 1)
     }
@@ -88,29 +92,37 @@ impl HotSwap {
         self.active
     }
 
-    /// Makes adapter `i` the active one.
+    /// Makes adapter `i` the active one: the previous adapter's low-rank
+    /// delta is taken out of the shared frozen weights and adapter `i`'s is
+    /// folded in, so every later run costs what the base model costs.
     pub fn activate(&mut self, i: usize) -> Result<()> {
         let (_, p) = self
             .adapters
             .get(i)
             .ok_or_else(|| Error::NotFound { what: "adapter index", name: i.to_string() })?;
-        p.apply(&mut self.split);
+        let previous = std::mem::take(&mut self.merged);
+        for ((_, a), d) in self.model.tail_mut().adapters_mut().zip(&previous) {
+            a.unmerge_delta(d)?;
+        }
+        self.active = None;
+        p.apply(&mut self.model)?;
+        let mut merged = Vec::new();
+        for (_, a) in self.model.tail_mut().adapters_mut() {
+            let d = a.delta()?;
+            a.merge_delta(&d)?;
+            merged.push(d);
+        }
+        self.merged = merged;
         self.active = Some(i);
         Ok(())
     }
 
     /// Runs the model with the active adapter (and its head).
     pub fn run(&mut self, feed: &Feed) -> Result<ArrayD<f32>> {
-        let i = self
-            .active
-            .ok_or_else(|| Error::Config("no active adapter: call activate first".into()))?;
-        let out = self.split.forward(feed, false)?;
-        self.split.tail_mut().clear_tape();
-        let feat = out.f32("tail output")?.clone();
-        match &mut self.adapters[i].1.head {
-            Some(h) => h.forward(&feat),
-            None => Ok(feat),
+        if self.active.is_none() {
+            return Err(Error::Config("no active adapter: call activate first".into()));
         }
+        self.model.predict(feed, CacheDtype::F32)
     }
 
     /// Runs with adapter `i` (activating it first if needed).
@@ -120,29 +132,4 @@ impl HotSwap {
         }
         self.run(feed)
     }
-}
-
-/// How to rebuild the split an adapter file was trained on: its layers, its
-/// output tensor, its adapter configuration; and its head's class count.
-pub fn split_config_for(file: &AdapterFile) -> (crate::onnx::SplitConfig, Option<usize>) {
-    use crate::onnx::{SplitConfig, Targets};
-    let layers: Vec<String> = file.header.layers.iter().map(|l| l.name.clone()).collect();
-    let targets = if layers.is_empty() { Targets::None } else { Targets::Names(layers) };
-    let output = file.header.metadata.get("output").cloned();
-    let classes = file
-        .header
-        .metadata
-        .get("head")
-        .and_then(|h| h.strip_prefix("new:"))
-        .and_then(|h| h.split(':').next())
-        .and_then(|c| c.parse().ok());
-    (
-        SplitConfig {
-            targets,
-            output,
-            adapter: file.header.config.clone(),
-            ..SplitConfig::default()
-        },
-        classes,
-    )
 }

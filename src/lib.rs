@@ -37,16 +37,24 @@ pub mod infer;
 pub mod backbone;
 pub mod kernels;
 #[cfg(feature = "onnx")]
+pub mod model;
+#[cfg(feature = "onnx")]
 pub mod onnx;
+#[cfg(feature = "std")]
+pub mod parallel;
 pub mod rng;
 #[cfg(feature = "std")]
 pub mod tail;
+#[cfg(feature = "std")]
+pub mod tensor;
 #[cfg(feature = "onnx")]
 pub mod train;
 
 pub use error::{Error, Result};
 pub use half::f16;
 pub use hydra::{HydraConfig, HydraLinear, Variant};
+#[cfg(feature = "std")]
+pub use tensor::Tensor;
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(all(doctest, feature = "onnx"))]

@@ -9,15 +9,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hydra_edge::Tensor;
 use hydra_edge::adapter::DType;
 use hydra_edge::backbone::Feed;
 use hydra_edge::export::{HeadExport, merge_adapter_file, merge_into_onnx};
 use hydra_edge::infer::{HotSwap, Model};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::{HeadConfig, LinearHead};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use hydra_edge::train::npz::{parse_npz, write_npz};
-use hydra_edge::train::{HeadConfig, LinearHead, TrainConfig, Trainer};
+use hydra_edge::train::{TrainConfig, Trainer};
 use hydra_edge::{Error, HydraConfig, Variant};
 use ndarray::{ArrayD, IxDyn};
 
@@ -94,7 +96,7 @@ fn max_rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 }
 
 /// Gives every adapter non-trivial parameters (as training would).
-fn perturb(split: &mut SplitModel, seed: u64) {
+fn perturb(split: &mut AdaptedModel, seed: u64) {
     let mut rng = Rng::new(seed);
     for (_, a) in split.tail_mut().adapters_mut() {
         for br in a.branches_mut() {
@@ -144,19 +146,19 @@ fn check_case(tag: &str, c: Case) -> Vec<PathBuf> {
         adapter: c.adapter,
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
     perturb(&mut split, 7);
     let f = feed(&model, 3, 11);
     let mut head = c.head.map(|n| {
         let w: usize = split.forward(&f, false).unwrap().shape()[1..].iter().product();
-        let mut h = LinearHead::new(w, n, 5);
+        let mut h = LinearHead::new(w, n, 5).unwrap();
         h.b.iter_mut().for_each(|b| *b = 0.1);
         h
     });
     let unmerged = split.forward(&f, false).unwrap();
     let mut want = unmerged.f32("y").unwrap().clone();
     if let Some(h) = &mut head {
-        want = h.forward(&want).unwrap();
+        want = h.forward(&want, false).unwrap();
     }
     let dir = out_dir(tag);
     let out = dir.join("merged.onnx");
@@ -333,7 +335,7 @@ fn trained_file(
         output: Some("logits".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(model, &cfg).unwrap();
     perturb(&mut split, seed);
     let f = feed(model, 2, 3);
     let y = split.forward(&f, false).unwrap().f32("y").unwrap().clone();
@@ -348,8 +350,7 @@ fn adapter_files_merge_and_hot_swap_with_their_own_outputs() {
     let runs: Vec<_> = (1..=3).map(|s| trained_file(&model, s)).collect();
     // Merge from a file.
     let dir = out_dir("file");
-    let (report, _, _) =
-        merge_adapter_file(&model, &runs[1].0, &dir.join("m.onnx"), false).unwrap();
+    let (report, _) = merge_adapter_file(&model, &runs[1].0, &dir.join("m.onnx"), false).unwrap();
     assert_eq!(report.layers, 6);
     let m = Model::load(dir.join("m.onnx")).unwrap();
     let k = m.output_names().iter().position(|o| o == "logits").unwrap();
@@ -360,7 +361,7 @@ fn adapter_files_merge_and_hot_swap_with_their_own_outputs() {
         output: Some("logits".into()),
         ..SplitConfig::default()
     };
-    let mut hs = HotSwap::new(SplitModel::new(&model, &cfg).unwrap(), None);
+    let mut hs = HotSwap::new(AdaptedModel::new(&model, &cfg).unwrap(), None);
     for (i, (f, _, _)) in runs.iter().enumerate() {
         assert_eq!(hs.add(&format!("user{i}"), f).unwrap(), i);
     }
@@ -394,7 +395,7 @@ fn an_adapter_for_another_base_model_is_refused_for_merge_and_hot_swap() {
         output: Some("logits".into()),
         ..SplitConfig::default()
     };
-    let mut hs = HotSwap::new(SplitModel::new(&other, &cfg).unwrap(), None);
+    let mut hs = HotSwap::new(AdaptedModel::new(&other, &cfg).unwrap(), None);
     assert!(matches!(hs.add("u", &file), Err(Error::FingerprintMismatch { .. })));
     assert!(!out_dir("refuse").join("x.onnx").exists());
 }

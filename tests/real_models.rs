@@ -6,10 +6,11 @@
 
 use std::path::PathBuf;
 
+use hydra_edge::Tensor;
 use hydra_edge::backbone::{Backbone, Feed};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use ndarray::{ArrayD, IxDyn};
 
 fn real(name: &str) -> PathBuf {
@@ -55,7 +56,7 @@ fn minilm_last_block_split_parity() {
         output: Some("last_hidden_state".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
     let r = split.report();
     assert_eq!(
         r.adapted.len(),
@@ -76,7 +77,7 @@ fn minilm_last_block_split_parity() {
         output: Some("pooled".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
     let whole = Backbone::new(&model, &["pooled".to_string()]).unwrap();
     let f = text_feed(3, 24, 9);
     let e = max_rel(&split.forward(&f, false).unwrap(), &whole.run(&f).unwrap()[0]);
@@ -91,7 +92,7 @@ fn efficientnet_head_split_parity() {
         output: Some("logits".into()),
         ..SplitConfig::default()
     };
-    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
     let ops: Vec<&str> = split.report().tail_ops.iter().map(|(o, _)| o.as_str()).collect();
     assert_eq!(ops, ["Conv", "Clip", "GlobalAveragePool", "Flatten", "Gemm"]);
     let whole = Backbone::new(&model, &["logits".to_string()]).unwrap();

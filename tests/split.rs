@@ -7,10 +7,11 @@ mod common;
 
 use std::path::PathBuf;
 
+use hydra_edge::Tensor;
 use hydra_edge::backbone::{Backbone, Feed};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use hydra_edge::{Error, HydraConfig};
 use ndarray::{ArrayD, IxDyn};
 
@@ -51,10 +52,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
 
-fn check_parity(file: &str, targets: Targets, output: Option<&str>) -> SplitModel {
+fn check_parity(file: &str, targets: Targets, output: Option<&str>) -> AdaptedModel {
     let model = OnnxModel::load(model_path(file)).unwrap();
     let cfg = SplitConfig { targets, output: output.map(str::to_string), ..SplitConfig::default() };
-    let mut split = SplitModel::new(&model, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
     let out_name = split.report().output.clone();
     let whole = Backbone::new(&model, std::slice::from_ref(&out_name)).unwrap();
     for batch in [1, 3, 8] {
@@ -133,7 +134,7 @@ fn report_counts_and_memory_estimate() {
         adapter: HydraConfig::default(),
         ..SplitConfig::default()
     };
-    let mut s = SplitModel::new(&model, &cfg).unwrap();
+    let mut s = AdaptedModel::new(&model, &cfg).unwrap();
     let r = s.report().clone();
     // 4 attention (32×32) + fc1 (32→64) + fc2 (64→32), Hydra r_p = 4, r_s = 8.
     let hydra = |i: usize, o: usize| 4 * i + o * 4 + 8 * o + o * 8;
@@ -157,13 +158,13 @@ fn bad_inputs_are_clear_errors() {
     let model = OnnxModel::load(model_path("transformer.onnx")).unwrap();
     // A feature tensor that does not exist.
     let cfg = SplitConfig { output: Some("no_such_tensor".into()), ..SplitConfig::default() };
-    assert!(matches!(SplitModel::new(&model, &cfg), Err(Error::NotFound { .. })));
+    assert!(matches!(AdaptedModel::new(&model, &cfg), Err(Error::NotFound { .. })));
     // A pattern that matches nothing.
     let cfg = SplitConfig {
         targets: Targets::Patterns(vec!["decoder".into()]),
         ..SplitConfig::default()
     };
-    let e = SplitModel::new(&model, &cfg).unwrap_err();
+    let e = AdaptedModel::new(&model, &cfg).unwrap_err();
     assert!(matches!(&e, Error::NotFound { name, .. } if name == "decoder"), "{e}");
     // A missing file.
     assert!(matches!(OnnxModel::load(model_path("nope.onnx")), Err(Error::Io { .. })));
@@ -175,7 +176,7 @@ fn bad_inputs_are_clear_errors() {
     let edited = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
     let cfg =
         SplitConfig { targets: Targets::Patterns(vec!["fc2".into()]), ..SplitConfig::default() };
-    let e = SplitModel::new(&edited, &cfg).unwrap_err();
+    let e = AdaptedModel::new(&edited, &cfg).unwrap_err();
     assert!(
         matches!(&e, Error::UnsupportedOp { op, node, .. } if op == "Softplus" && node == "relu2"),
         "{e}"
@@ -184,7 +185,7 @@ fn bad_inputs_are_clear_errors() {
     let cfg =
         SplitConfig { targets: Targets::Patterns(vec!["head".into()]), ..SplitConfig::default() };
     let f = feed(&edited, 2, 5);
-    let mut split = SplitModel::new(&edited, &cfg).unwrap();
+    let mut split = AdaptedModel::new(&edited, &cfg).unwrap();
     let whole = Backbone::new(&edited, &["logits".to_string()]).unwrap();
     assert!(max_rel(&split.forward(&f, false).unwrap(), &whole.run(&f).unwrap()[0]) <= 1e-4);
     // A 3×3 Conv in the tail is refused with the reason.
@@ -209,7 +210,7 @@ fn bad_inputs_are_clear_errors() {
         adapter: small,
         ..SplitConfig::default()
     };
-    let e = SplitModel::new(&edited, &cfg).unwrap_err();
+    let e = AdaptedModel::new(&edited, &cfg).unwrap_err();
     assert!(
         matches!(&e, Error::UnsupportedOp { op, node, .. } if op == "Conv" && node == "conv2"),
         "{e}"
@@ -226,7 +227,7 @@ fn tail_backward_matches_finite_differences_on_adapter_params() {
         output: Some("logits".into()),
         ..SplitConfig::default()
     };
-    let mut s = SplitModel::new(&model, &cfg).unwrap();
+    let mut s = AdaptedModel::new(&model, &cfg).unwrap();
     let mut rng = Rng::new(12);
     for (_, a) in s.tail_mut().adapters_mut() {
         for br in a.branches_mut() {
@@ -239,7 +240,7 @@ fn tail_backward_matches_finite_differences_on_adapter_params() {
     let g = ArrayD::from_shape_vec(IxDyn(y.shape()), common::rand_vec(&mut rng, y.len())).unwrap();
     s.tail_mut().zero_grad();
     s.tail_mut().backward(g.clone()).unwrap();
-    let loss = |s: &mut SplitModel| -> f64 {
+    let loss = |s: &mut AdaptedModel| -> f64 {
         let y = s.tail_mut().forward(boundary.clone(), false).unwrap();
         y.f32("y").unwrap().iter().zip(g.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
     };
@@ -256,7 +257,7 @@ fn tail_backward_matches_finite_differences_on_adapter_params() {
                 };
                 for j in [0, grad.len() / 2, grad.len() - 1] {
                     let h = 1e-2f32;
-                    let bump = |s: &mut SplitModel, d: f32| {
+                    let bump = |s: &mut AdaptedModel, d: f32| {
                         let a = s.tail_mut().adapters_mut().nth(li).unwrap().1;
                         let br = a.branches_mut().nth(branch).unwrap();
                         if tensor == 0 { br.a[j] += d } else { br.b[j] += d }
@@ -292,7 +293,7 @@ fn f16_frozen_tail_weights_stay_close_to_f32() {
             weights,
             ..SplitConfig::default()
         };
-        SplitModel::new(&model, &cfg).unwrap().forward(&f, false).unwrap()
+        AdaptedModel::new(&model, &cfg).unwrap().forward(&f, false).unwrap()
     };
     let (full, half) = (run(WeightDtype::F32), run(WeightDtype::F16));
     let e = max_rel(&half, &full);

@@ -6,9 +6,9 @@ mod common;
 
 use common::rand_vec;
 use hydra_edge::HydraConfig;
+use hydra_edge::Tensor;
 use hydra_edge::hydra::Weights;
 use hydra_edge::rng::Rng;
-use hydra_edge::tail::Tensor;
 use hydra_edge::tail::ops::TailOp;
 use hydra_edge::tail::ops::binary::{Binary, BinaryKind};
 use hydra_edge::tail::ops::linear::{Layout, Linear, MatMul};

@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
+use hydra_edge::Tensor;
 use hydra_edge::adapter::{AdapterFile, DType};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
-use hydra_edge::tail::Tensor;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::{CacheConfig, HeadConfig};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::train::npz::{parse_npz, write_npz};
-use hydra_edge::train::{
-    CacheConfig, Dataset, Event, HeadConfig, Labels, Loss, OptimizerKind, TrainConfig, Trainer,
-};
+use hydra_edge::train::{Dataset, Event, Labels, Loss, OptimizerKind, TrainConfig, Trainer};
 use hydra_edge::{Error, HydraConfig, Variant};
 use ndarray::{ArrayD, IxDyn};
 
@@ -27,11 +27,11 @@ fn data(name: &str) -> Dataset {
     Dataset::from_npz(&dir().join(name), "label").unwrap()
 }
 
-fn split(variant: Variant, dropout: f32) -> SplitModel {
+fn split(variant: Variant, dropout: f32) -> AdaptedModel {
     let mut adapter = HydraConfig { variant, seed: 3, ..HydraConfig::default() };
     adapter.parallel.dropout = dropout;
     adapter.sequential.dropout = dropout;
-    SplitModel::new(
+    AdaptedModel::new(
         &model(),
         &SplitConfig { targets: Targets::AllLinear, adapter, ..SplitConfig::default() },
     )
@@ -73,7 +73,7 @@ fn adaptation_recovers_accuracy_on_the_shifted_user_data() {
     assert!(metrics[0].train_loss > metrics.last().unwrap().train_loss);
     assert!(before < 0.45 && after > 0.85, "user accuracy {before:.3} → {after:.3}");
     // A new head on the frozen features (head-only) also learns.
-    let s = SplitModel::new(
+    let s = AdaptedModel::new(
         &model(),
         &SplitConfig {
             targets: Targets::None,
@@ -152,7 +152,7 @@ fn feature_cache_spills_beyond_its_ram_budget_and_cleans_up() {
         spill_dir: Some(dir.clone()),
         ..CacheConfig::default()
     };
-    let mut c = hydra_edge::train::FeatureCache::build(&s, &train, 16, &cfg).unwrap();
+    let mut c = hydra_edge::model::FeatureCache::build(&s, &train, 16, &cfg).unwrap();
     assert_eq!((c.len(), c.ram_bytes(), c.spilled_bytes()), (200, 50 * 128, 150 * 128));
     let b = c.batch(&[199, 0, 120]).unwrap();
     assert_eq!(b[0].shape(), [3, 64]);
@@ -252,7 +252,7 @@ fn adapters_are_refused_on_another_base_model_and_reload_exactly() {
         .unwrap();
     w.raw_data[0] ^= 1;
     let other = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
-    let s = SplitModel::new(
+    let s = AdaptedModel::new(
         &other,
         &SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() },
     )

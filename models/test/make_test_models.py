@@ -14,6 +14,11 @@ them next to this script. Seeded: re-running gives identical files.
   Flatten + Gemm; input image [N, 3, 16, 16] → logits [N, 10].
 - mlp_external.onnx + mlp_external.weights: the MLP with its initializers
   stored as external data.
+- shape_target.onnx: Gemm + Relu, then a Reshape whose target is built from
+  Shape(x) → Gather → Concat (as torch.onnx writes `view(x.size(0), ...)`),
+  ReduceMean, Gemm head; input x [N, 8] → logits [N, 3]. The target's shape
+  is the same at every batch size but its value is not: the feature cache
+  must not freeze it at the value it had when probed.
 """
 import os
 
@@ -149,6 +154,21 @@ def cnn():
     return g.model("cnn", inp, out, 13)
 
 
+def shape_target():
+    g = G()
+    h = g.op("Gemm", ["x", g.const("fc1.weight", w(8, 8)), g.const("fc1.bias", w(8))], "fc1", transB=1)
+    h = g.op("Relu", [h], "relu1")
+    n = g.op("Gather", [g.op("Shape", ["x"], "shape_x"), g.const("zero", np.array(0, np.int64))], "batch_dim", axis=0)
+    n = g.op("Unsqueeze", [n, g.const("axes0", np.array([0], np.int64))], "batch_dim_1d")
+    target = g.op("Concat", [n, g.const("rest", np.array([2, 4], np.int64))], "target", axis=0)
+    h = g.op("Reshape", [h, target], "reshape")
+    h = g.op("ReduceMean", [h], "mean", axes=[1], keepdims=0)
+    y = g.op("Gemm", [h, g.const("fc2.weight", w(3, 4)), g.const("fc2.bias", w(3))], "fc2", ["logits"], transB=1)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])]
+    outputs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 3])]
+    return g.model("shape_target", inputs, outputs, 13)
+
+
 def main():
     models = {"mlp": mlp(), "transformer": transformer(False), "transformer_ln17": transformer(True), "cnn": cnn()}
     for name, m in models.items():
@@ -156,6 +176,7 @@ def main():
     ext = mlp()
     onnx.save(ext, os.path.join(HERE, "mlp_external.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location="mlp_external.weights", size_threshold=0)
+    onnx.save(shape_target(), os.path.join(HERE, "shape_target.onnx"))
     for f in sorted(os.listdir(HERE)):
         if not f.endswith(".py"):
             print(f, os.path.getsize(os.path.join(HERE, f)))

@@ -61,7 +61,7 @@ impl Weights {
 /// `C[m×n] = alpha·A·B + beta·C` with (row, column) strides for A and B;
 /// C is dense row-major.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub fn gemm(
     m: usize,
     k: usize,
     n: usize,
@@ -82,25 +82,147 @@ pub(crate) fn gemm(
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(feature = "std")]
+    {
+        record_gemm(m, k, n);
+        if crate::parallel::threads() > 1 && m * k * n >= crate::parallel::MIN_PARALLEL_WORK {
+            let c_ptr = SendPtr(c.as_mut_ptr());
+            // Cut along the longer output side; every element of C is still
+            // computed by one sgemm with the same k-order, so the result does
+            // not depend on the cut.
+            let by_rows = m >= n;
+            let parts = crate::parallel::ranges(if by_rows { m } else { n }, 8);
+            crate::parallel::for_each(parts.len(), m * k * n, |i| {
+                let r = parts[i].clone();
+                let c = c_ptr;
+                // SAFETY: the asserts above bound every element of A, B and C
+                // the strides can reach; the ranges are disjoint, so each task
+                // writes its own rows (or columns) of C.
+                unsafe {
+                    if by_rows {
+                        sgemm_raw(
+                            r.len(),
+                            k,
+                            n,
+                            alpha,
+                            a.as_ptr().add(r.start * rsa),
+                            (rsa, csa),
+                            b.as_ptr(),
+                            (rsb, csb),
+                            beta,
+                            c.0.add(r.start * n),
+                            n,
+                        )
+                    } else {
+                        sgemm_raw(
+                            m,
+                            k,
+                            r.len(),
+                            alpha,
+                            a.as_ptr(),
+                            (rsa, csa),
+                            b.as_ptr().add(r.start * csb),
+                            (rsb, csb),
+                            beta,
+                            c.0.add(r.start),
+                            n,
+                        )
+                    }
+                }
+            });
+            return;
+        }
+    }
     // SAFETY: the asserts above bound every element the strides can reach.
+    unsafe {
+        sgemm_raw(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            (rsa, csa),
+            b.as_ptr(),
+            (rsb, csb),
+            beta,
+            c.as_mut_ptr(),
+            n,
+        )
+    }
+}
+
+#[cfg(feature = "std")]
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint blocks of one output matrix to pool tasks.
+#[cfg(feature = "std")]
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+#[cfg(feature = "std")]
+unsafe impl Sync for SendPtr {}
+
+/// # Safety
+/// Every element `A[i·rsa + p·csa]`, `B[p·rsb + j·csb]` and `C[i·rsc + j]`
+/// for `i < m`, `p < k`, `j < n` must be valid, and C must not alias A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    (rsa, csa): (usize, usize),
+    b: *const f32,
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         matrixmultiply::sgemm(
             m,
             k,
             n,
             alpha,
-            a.as_ptr(),
+            a,
             rsa as isize,
             csa as isize,
-            b.as_ptr(),
+            b,
             rsb as isize,
             csb as isize,
             beta,
-            c.as_mut_ptr(),
-            n as isize,
+            c,
+            rsc as isize,
             1,
         )
     }
+}
+
+/// Shapes `(m, k, n)` of every dense product while recording (benchmarks
+/// replay them to compare the tail with plain sgemm on the same work).
+#[cfg(feature = "std")]
+static GEMM_LOG: std::sync::Mutex<Option<Vec<(usize, usize, usize)>>> = std::sync::Mutex::new(None);
+
+#[cfg(feature = "std")]
+fn record_gemm(m: usize, k: usize, n: usize) {
+    if let Ok(mut g) = GEMM_LOG.lock()
+        && let Some(v) = g.as_mut()
+    {
+        v.push((m, k, n));
+    }
+}
+
+/// Starts (`true`) or stops recording the shapes of dense products; stopping
+/// returns what was recorded since the start.
+#[cfg(feature = "std")]
+pub fn record_gemm_shapes(on: bool) -> Vec<(usize, usize, usize)> {
+    let mut g = GEMM_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let old = g.take().unwrap_or_default();
+    if on {
+        *g = Some(Vec::new());
+    }
+    old
 }
 
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer.

@@ -166,6 +166,37 @@ impl HydraLinear {
         Ok(())
     }
 
+    /// Folds `delta` (this adapter's [`HydraLinear::delta`]) into the
+    /// weights, for hot-swapping: forward then costs what the frozen layer
+    /// costs. [`HydraLinear::unmerge_delta`] with the same delta undoes it.
+    pub fn merge_delta(&mut self, delta: &Delta) -> Result<()> {
+        if self.merged {
+            return Err(Error::Config("the adapter is already merged into this layer".to_string()));
+        }
+        if delta.bias.is_some() && self.b0.is_none() {
+            self.b0 = Some(vec![0.0; self.out_dim]);
+            self.bias_added_by_merge = true;
+        }
+        delta.apply(&mut self.w0, self.b0.as_deref_mut())?;
+        self.merged = true;
+        self.saved = None;
+        Ok(())
+    }
+
+    /// Removes a delta folded in by [`HydraLinear::merge_delta`].
+    pub fn unmerge_delta(&mut self, delta: &Delta) -> Result<()> {
+        if !self.merged {
+            return Err(Error::Config("the adapter is not merged into this layer".to_string()));
+        }
+        delta.remove(&mut self.w0, self.b0.as_deref_mut())?;
+        if self.bias_added_by_merge {
+            self.b0 = None;
+            self.bias_added_by_merge = false;
+        }
+        self.merged = false;
+        Ok(())
+    }
+
     /// Takes a merged adapter back out, restoring `W0` and `b0` (up to
     /// rounding; exact to ~1e-6 relative with f32 weights).
     pub fn unmerge(&mut self) -> Result<()> {

@@ -30,9 +30,11 @@ use alloc::vec::Vec;
 use half::f16;
 
 pub use config::{BranchConfig, HydraConfig, Init, Variant};
-pub use dense::Weights;
 #[cfg(feature = "std")]
-pub(crate) use dense::{frozen_backward, frozen_forward, gemm};
+pub use dense::record_gemm_shapes;
+pub use dense::{Weights, gemm};
+#[cfg(feature = "std")]
+pub(crate) use dense::{frozen_backward, frozen_forward};
 pub use merge::Delta;
 
 use crate::error::{Error, Result};
@@ -49,7 +51,8 @@ pub enum Input<'a> {
 }
 
 impl Input<'_> {
-    fn len(&self) -> usize {
+    /// Number of values.
+    pub fn len(&self) -> usize {
         match self {
             Input::F32(x) => x.len(),
             Input::F16(x) => x.len(),
@@ -305,6 +308,21 @@ impl HydraLinear {
 
     /// `Y[n×out]` for `X[n×in]`; keeps what [`HydraLinear::backward`] needs.
     pub fn forward(&mut self, x: Input<'_>, n: usize) -> Result<Vec<f32>> {
+        self.forward_ext(x, n, true, true)
+    }
+
+    /// [`HydraLinear::forward`] with control over what is kept: with
+    /// `keep = false` (inference) nothing is; with `copy_input = false` the
+    /// caller keeps `X` itself until backward (the tail's tape), the adapter
+    /// stores no copy, and [`HydraLinear::backward_with_input`] must be given
+    /// the same `X`.
+    pub fn forward_ext(
+        &mut self,
+        x: Input<'_>,
+        n: usize,
+        copy_input: bool,
+        keep: bool,
+    ) -> Result<Vec<f32>> {
         let k = kernels::active();
         if x.len() != n * self.in_dim {
             return Err(shape("HydraLinear::forward X", format!("{n}×{}", self.in_dim), x.len()));
@@ -343,19 +361,23 @@ impl HydraLinear {
             let mut u = vec![0.0f32; n * r];
             let mask =
                 (train && c.dropout > 0.0).then(|| dropout_mask(&mut self.rng, n * din, c.dropout));
+            let copy = keep && copy_input;
             let xp = match (&mask, x) {
-                (Some(m), _) => SavedX::F32(x32.iter().zip(m).map(|(v, m)| v * m).collect()),
-                (None, Input::F32(x)) => SavedX::F32(x.to_vec()),
-                (None, Input::F16(h)) => SavedX::F16(h.to_vec()),
+                (Some(m), _) => Some(SavedX::F32(x32.iter().zip(m).map(|(v, m)| v * m).collect())),
+                (None, Input::F32(x)) if copy => Some(SavedX::F32(x.to_vec())),
+                (None, Input::F16(h)) if copy => Some(SavedX::F16(h.to_vec())),
+                (None, _) => None,
             };
-            match &xp {
-                SavedX::F32(xp) => k.down_f32(xp, &p.a, &mut u, n, din, r),
-                SavedX::F16(xp) => k.down_f16(xp, &p.a, &mut u, n, din, r),
+            match (&xp, x) {
+                (Some(SavedX::F32(v)), _) => k.down_f32(v, &p.a, &mut u, n, din, r),
+                (None, Input::F32(v)) => k.down_f32(v, &p.a, &mut u, n, din, r),
+                (Some(SavedX::F16(v)), _) => k.down_f16(v, &p.a, &mut u, n, din, r),
+                (None, Input::F16(v)) => k.down_f16(v, &p.a, &mut u, n, din, r),
             }
             add_bias_rows(&mut u, p.bias_down.as_deref(), 1.0);
             k.up(&u, &p.b, &mut y, c.scale, n, dout, r);
             add_bias_rows(&mut y, p.bias_up.as_deref(), c.scale);
-            saved.xp = Some(xp);
+            saved.xp = xp;
             saved.mask_p = mask;
             saved.u_p = u;
         }
@@ -376,24 +398,58 @@ impl HydraLinear {
             saved.mask_s = mask;
             saved.u_s = u;
         }
-        self.saved = Some(saved);
+        self.saved = keep.then_some(saved);
         Ok(y)
+    }
+
+    /// Bytes kept for backward by the last training forward.
+    pub fn saved_bytes(&self) -> usize {
+        self.saved.as_ref().map_or(0, |s| {
+            let x = match &s.xp {
+                Some(SavedX::F32(v)) => v.len() * 4,
+                Some(SavedX::F16(v)) => v.len() * 2,
+                None => 0,
+            };
+            let f = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
+            x + f(&s.mask_p) + f(&s.y0) + f(&s.mask_s) + (s.u_p.len() + s.u_s.len()) * 4
+        })
+    }
+
+    /// Drops what the last forward kept for backward.
+    pub fn clear_saved(&mut self) {
+        self.saved = None;
     }
 
     /// Accumulates the adapter's gradients for `dY[n×out]` (of the last
     /// forward) and returns `dX[n×in]`.
     pub fn backward(&mut self, dy: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.backward_impl(dy, true)?.unwrap_or_default())
+        Ok(self.backward_impl(dy, true, None)?.unwrap_or_default())
+    }
+
+    /// Backward after [`HydraLinear::forward_ext`] without an input copy:
+    /// `x` is the forward's input; returns `dX` if `want_dx`.
+    pub fn backward_with_input(
+        &mut self,
+        dy: &[f32],
+        x: Input<'_>,
+        want_dx: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        self.backward_impl(dy, want_dx, Some(x))
     }
 
     /// Like [`HydraLinear::backward`] but without `dX`: for the first adapted
     /// layer of a tail nothing upstream needs it, and skipping it saves the
     /// dense `dY0·W0` product, the largest cost of backward.
     pub fn backward_params_only(&mut self, dy: &[f32]) -> Result<()> {
-        self.backward_impl(dy, false).map(drop)
+        self.backward_impl(dy, false, None).map(drop)
     }
 
-    fn backward_impl(&mut self, dy: &[f32], want_dx: bool) -> Result<Option<Vec<f32>>> {
+    fn backward_impl(
+        &mut self,
+        dy: &[f32],
+        want_dx: bool,
+        input: Option<Input<'_>>,
+    ) -> Result<Option<Vec<f32>>> {
         let k = kernels::active();
         let saved = self.saved.take().ok_or_else(|| {
             Error::Config(
@@ -407,6 +463,11 @@ impl HydraLinear {
         }
         if !dy.iter().all(|v| v.is_finite()) {
             return Err(Error::NonFinite("HydraLinear::backward dY"));
+        }
+        if let Some(x) = &input
+            && x.len() != n * din
+        {
+            return Err(shape("HydraLinear::backward X", format!("{n}×{din}"), x.len()));
         }
         let mut dx = if want_dx { vec![0.0f32; n * din] } else { Vec::new() };
         // dY0 = dY + s_s·(dY·B_s)·A_s (masked), then dX = dY0·W0.
@@ -439,10 +500,25 @@ impl HydraLinear {
         if let (Some(p), Some(g)) = (&self.parallel, &mut self.grad_parallel) {
             let c = &self.config.parallel;
             let du = branch_grads(k, g, &p.b, dy, &saved.u_p, c.scale, n, dout, c.rank);
-            match &saved.xp {
-                Some(SavedX::F32(xp)) => k.grad_a_f32(&du, xp, &mut g.a, c.scale, n, din, c.rank),
-                Some(SavedX::F16(xp)) => k.grad_a_f16(&du, xp, &mut g.a, c.scale, n, din, c.rank),
-                None => {}
+            match (&saved.xp, input) {
+                (Some(SavedX::F32(v)), _) => {
+                    k.grad_a_f32(&du, v, &mut g.a, c.scale, n, din, c.rank)
+                }
+                (None, Some(Input::F32(v))) => {
+                    k.grad_a_f32(&du, v, &mut g.a, c.scale, n, din, c.rank)
+                }
+                (Some(SavedX::F16(v)), _) => {
+                    k.grad_a_f16(&du, v, &mut g.a, c.scale, n, din, c.rank)
+                }
+                (None, Some(Input::F16(v))) => {
+                    k.grad_a_f16(&du, v, &mut g.a, c.scale, n, din, c.rank)
+                }
+                (None, None) => {
+                    return Err(Error::Config(
+                        "HydraLinear::backward: the forward kept no input and none was given"
+                            .to_string(),
+                    ));
+                }
             }
             if want_dx {
                 grad_x_masked(

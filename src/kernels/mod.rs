@@ -40,6 +40,8 @@ mod generic;
 pub mod reference;
 mod scalar;
 mod simd;
+#[cfg(feature = "std")]
+pub mod stats;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -287,6 +289,8 @@ impl Kernels {
     #[track_caller]
     pub fn down_f16(&self, x: &[f16], a: &[f32], u: &mut [f32], n: usize, d: usize, r: usize) {
         check_down("down_f16", x.len(), a.len(), u.len(), n, d, r);
+        #[cfg(feature = "std")]
+        stats::count_f16_call();
         // SAFETY: as above.
         unsafe { (self.down_f16)(x, a, u, n, d, r) }
     }
@@ -367,6 +371,8 @@ impl Kernels {
         r: usize,
     ) {
         check_grad_a("grad_a_f16", du.len(), x.len(), da.len(), n, d, r);
+        #[cfg(feature = "std")]
+        stats::count_f16_call();
         // SAFETY: as above.
         unsafe { (self.grad_a_f16)(du, x, da, s, n, d, r) }
     }

@@ -65,8 +65,9 @@ fn const_scalar(g: &GraphIndex<'_>, i: usize, input: usize, default: f32) -> Res
     };
     match g.constant(name)? {
         Some(t) if t.len() == 1 => match t {
-            crate::tail::Tensor::F32(a) => Ok(a.iter().copied().next().unwrap_or(default)),
-            crate::tail::Tensor::I64(a) => Ok(a.iter().copied().next().unwrap_or(0) as f32),
+            crate::Tensor::F32(a) => Ok(a.iter().copied().next().unwrap_or(default)),
+            crate::Tensor::F16(a) => Ok(a.iter().next().map_or(default, |v| v.to_f32())),
+            crate::Tensor::I64(a) => Ok(a.iter().copied().next().unwrap_or(0) as f32),
         },
         _ => Err(unsupported(g, i, format!("input `{name}` must be a constant scalar"))),
     }

@@ -8,8 +8,8 @@
 //! channels). Weights are normalised to `W0` out×in, row-major.
 
 use super::{Attrs, GraphIndex};
+use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::tail::Tensor;
 
 /// Which ONNX form a linear layer has.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 pub use tract_onnx::pb;
 
+use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::tail::Tensor;
 
 pub use layers::{LinearKind, LinearLayer, Targets};
-pub use split::{SplitConfig, SplitModel, SplitReport, WeightDtype};
+pub use split::{Split, SplitConfig, SplitReport, WeightDtype, split};
 
 /// Where an initializer's data lived outside the model file.
 #[derive(Clone, Debug, PartialEq, Eq)]

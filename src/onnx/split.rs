@@ -1,5 +1,6 @@
 //! The split: the gradient cone of the chosen layers becomes the trainable
-//! tail; everything else stays in one optimized tract plan.
+//! tail; everything else stays in one optimized tract plan (built by the
+//! model layer, so that `onnx` never reaches up to the backbone).
 //!
 //! Tail = (nodes downstream of an adapted layer) ∩ (nodes upstream of the
 //! chosen output). Every tensor a tail node reads from outside the tail is a
@@ -10,17 +11,15 @@
 use std::collections::{HashMap, HashSet};
 
 use half::f16;
-use ndarray::ArrayD;
 
 use super::import::build_op;
 use super::layers::{LinearKind, LinearLayer, Targets, linear_layers};
 use super::{GraphIndex, OnnxModel};
-use crate::backbone::{Backbone, Feed};
 use crate::error::{Error, Result};
 use crate::hydra::{HydraConfig, Weights};
 use crate::kernels;
 use crate::tail::ops::linear::{Layout, Linear};
-use crate::tail::{TailBuilder, TailGraph, Tensor};
+use crate::tail::{TailBuilder, TailGraph};
 
 /// How the tail stores frozen linear weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,30 +75,20 @@ pub struct SplitReport {
     pub trainable_params: usize,
 }
 
-/// Training memory of the tail, measured on a sample batch.
-#[derive(Clone, Copy, Debug)]
-pub struct MemoryEstimate {
-    /// Frozen tail weights + adapter parameters, gradients and two AdamW moments.
-    pub fixed_bytes: usize,
-    /// Activations kept for backward, per sample.
-    pub per_sample_bytes: usize,
-}
-
-impl MemoryEstimate {
-    /// Bytes at `batch` samples per step.
-    pub fn at_batch(&self, batch: usize) -> usize {
-        self.fixed_bytes + self.per_sample_bytes * batch
-    }
-}
-
-/// A model split into a frozen tract backbone and a trainable tail.
+/// What the split produces: the tail with its adapters, what it decided, the
+/// adapted layers as found in the file, and their weights' fingerprint. The
+/// frozen backbone that computes the tail's boundary is built by
+/// [`crate::model::AdaptedModel`], which owns all of it.
 #[derive(Debug)]
-pub struct SplitModel {
-    backbone: Backbone,
-    tail: TailGraph,
-    report: SplitReport,
-    layers: Vec<LinearLayer>,
-    fingerprint: u64,
+pub struct Split {
+    /// The trainable tail.
+    pub tail: TailGraph,
+    /// What the split decided.
+    pub report: SplitReport,
+    /// The adapted layers, as found in the model.
+    pub layers: Vec<LinearLayer>,
+    /// Fingerprint of the adapted layers' frozen weights.
+    pub fingerprint: u64,
 }
 
 /// Per-layer seed, so that layers start from different A.
@@ -107,113 +96,41 @@ fn layer_seed(base: u64, k: usize) -> u64 {
     base.wrapping_add((k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-impl SplitModel {
-    /// Splits `model` as `cfg` asks.
-    pub fn new(model: &OnnxModel, cfg: &SplitConfig) -> Result<SplitModel> {
-        let g = model.index()?;
-        let layers = linear_layers(&g)?;
-        let chosen: Vec<LinearLayer> = cfg.targets.select(&layers)?.into_iter().cloned().collect();
-        let output = match &cfg.output {
-            Some(o) => o.clone(),
-            None => model
-                .output_names()
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::Onnx("the model has no outputs".into()))?,
-        };
-        if !g.producer.contains_key(output.as_str()) {
-            return Err(Error::NotFound { what: "output or feature tensor", name: output });
-        }
-        let tail_nodes = cone(&g, &chosen, &output)?;
-        let weights =
-            chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
-        let fingerprint = crate::adapter::fingerprint(
-            chosen.iter().zip(&weights).map(|(l, w)| (l.name.as_str(), w.as_slice())),
-        );
-        let tail = build_tail(&g, &layers, &chosen, &tail_nodes, &output, cfg, model.opset())?;
-        let boundary: Vec<String> = tail.boundary_names().iter().map(|s| s.to_string()).collect();
-        let backbone = Backbone::new(model, &boundary)?;
-        let report = SplitReport {
-            adapted: chosen.iter().map(|l| l.name.clone()).collect(),
-            tail_ops: tail.ops().into_iter().map(|(o, n)| (o.to_string(), n.to_string())).collect(),
-            boundary,
-            output,
-            model_params: model.num_params(),
-            tail_frozen_params: tail.frozen_params(),
-            trainable_params: tail.trainable_params(),
-        };
-        Ok(SplitModel { backbone, tail, report, layers: chosen, fingerprint })
+/// Splits `model` as `cfg` asks: the gradient cone becomes the tail (every
+/// node converted now, so an op the engine lacks fails here).
+pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
+    let g = model.index()?;
+    let layers = linear_layers(&g)?;
+    let chosen: Vec<LinearLayer> = cfg.targets.select(&layers)?.into_iter().cloned().collect();
+    let output = match &cfg.output {
+        Some(o) => o.clone(),
+        None => model
+            .output_names()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Onnx("the model has no outputs".into()))?,
+    };
+    if !g.producer.contains_key(output.as_str()) {
+        return Err(Error::NotFound { what: "output or feature tensor", name: output });
     }
-
-    /// What the split decided.
-    pub fn report(&self) -> &SplitReport {
-        &self.report
-    }
-
-    /// The adapted layers, as found in the model.
-    pub fn adapted_layers(&self) -> &[LinearLayer] {
-        &self.layers
-    }
-
-    /// Fingerprint of the adapted layers' frozen weights (as in the ONNX
-    /// file, f32), written into adapter files so that an adapter is refused on
-    /// another base model.
-    pub fn fingerprint(&self) -> u64 {
-        self.fingerprint
-    }
-
-    /// The frozen backbone.
-    pub fn backbone(&self) -> &Backbone {
-        &self.backbone
-    }
-
-    /// The trainable tail.
-    pub fn tail(&self) -> &TailGraph {
-        &self.tail
-    }
-
-    /// Mutable [`SplitModel::tail`].
-    pub fn tail_mut(&mut self) -> &mut TailGraph {
-        &mut self.tail
-    }
-
-    /// Runs the frozen prefix: the boundary tensors, in the tail's order.
-    pub fn prefix(&self, feed: &Feed) -> Result<Vec<Tensor>> {
-        self.backbone.run(feed)
-    }
-
-    /// Prefix then tail; the tail keeps its tape for [`SplitModel::backward`].
-    pub fn forward(&mut self, feed: &Feed, train: bool) -> Result<Tensor> {
-        let boundary = self.prefix(feed)?;
-        self.tail.forward(boundary, train)
-    }
-
-    /// Back-propagates the gradient of the tail's output.
-    pub fn backward(&mut self, dy: ArrayD<f32>) -> Result<()> {
-        self.tail.backward(dy)
-    }
-
-    /// Measures the tail's training memory on `sample` (any batch size).
-    pub fn estimate_memory(&mut self, sample: &Feed) -> Result<MemoryEstimate> {
-        // Training mode draws dropout masks: put the generators back afterwards,
-        // so that estimating never changes what training does.
-        let rngs: Vec<_> = self.tail.adapters().map(|(_, a)| a.rng().clone()).collect();
-        let out = self.forward(sample, true);
-        for ((_, a), r) in self.tail.adapters_mut().zip(rngs) {
-            a.set_rng(r);
-        }
-        let out = out?;
-        let batch = out.shape().first().copied().unwrap_or(1).max(1);
-        let tape = self.tail.tape_bytes();
-        self.tail.clear_tape();
-        // Adapter-internal saved activations are about one more copy of the
-        // adapted layers' inputs; the tape already counts those, so double them.
-        let adapter_inputs: usize = self.layers.iter().map(|l| l.in_dim * 4).sum::<usize>();
-        let per_sample = tape / batch + adapter_inputs;
-        let trainable = self.tail.trainable_params() * 4;
-        let fixed = self.tail.frozen_params() * 4 + trainable * 4;
-        Ok(MemoryEstimate { fixed_bytes: fixed, per_sample_bytes: per_sample })
-    }
+    let tail_nodes = cone(&g, &chosen, &output)?;
+    let weights =
+        chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
+    let fingerprint = crate::adapter::fingerprint(
+        chosen.iter().zip(&weights).map(|(l, w)| (l.name.as_str(), w.as_slice())),
+    );
+    let tail = build_tail(&g, &layers, &chosen, &tail_nodes, &output, cfg, model.opset())?;
+    let boundary: Vec<String> = tail.boundary_names().iter().map(|s| s.to_string()).collect();
+    let report = SplitReport {
+        adapted: chosen.iter().map(|l| l.name.clone()).collect(),
+        tail_ops: tail.ops().into_iter().map(|(o, n)| (o.to_string(), n.to_string())).collect(),
+        boundary,
+        output,
+        model_params: model.num_params(),
+        tail_frozen_params: tail.frozen_params(),
+        trainable_params: tail.trainable_params(),
+    };
+    Ok(Split { tail, report, layers: chosen, fingerprint })
 }
 
 /// The tail's nodes (indices, in topological order).

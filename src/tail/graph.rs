@@ -13,12 +13,15 @@ use alloc::vec::Vec;
 use ndarray::ArrayD;
 
 use super::ops::TailOp;
-use super::tensor::Tensor;
+use crate::Tensor;
 use crate::error::{Error, Result};
 use crate::hydra::HydraLinear;
 
 /// Index of a value in the graph.
 pub type ValueId = usize;
+
+/// `last_use` of a value no node reads.
+const NEVER_READ: usize = usize::MAX - 1;
 
 #[derive(Debug)]
 enum Source {
@@ -47,6 +50,16 @@ pub struct TailGraph {
     output: ValueId,
     requires_grad: Vec<bool>,
     tape: Vec<Option<Tensor>>,
+    /// f32 copies of f16 tape values, made once per forward for the ops that
+    /// do not take f16 (see [`TailOp::accepts_f16`]).
+    widened: Vec<Option<Tensor>>,
+    /// Index of the last node that reads each value in forward.
+    last_use: Vec<usize>,
+    /// Stands in for an output that forward freed (see [`TailOp::backward_reads_output`]).
+    placeholder: Tensor,
+    /// Whether backward reads each value (as an op's input, or as the output
+    /// of an op whose backward reads it).
+    kept_for_backward: Vec<bool>,
 }
 
 /// Builds a [`TailGraph`] node by node, in topological order.
@@ -132,7 +145,21 @@ impl TailBuilder {
             requires_grad[n.output] = adapted || through;
         }
         let len = self.names.len();
+        let mut last_use = vec![NEVER_READ; len];
+        let mut kept_for_backward = vec![false; len];
+        for (i, (n, op)) in self.nodes.iter().zip(&self.ops).enumerate() {
+            n.inputs.iter().for_each(|&v| last_use[v] = i);
+            if requires_grad[n.output] {
+                n.inputs.iter().for_each(|&v| kept_for_backward[v] = true);
+                kept_for_backward[n.output] |= op.backward_reads_output();
+            }
+        }
+        kept_for_backward[out] = true;
+        last_use[out] = usize::MAX;
         Ok(TailGraph {
+            last_use,
+            placeholder: Tensor::F32(ArrayD::from_elem(ndarray::IxDyn(&[0]), 0.0)),
+            kept_for_backward,
             names: self.names,
             sources: self.sources,
             nodes: self.nodes,
@@ -141,6 +168,7 @@ impl TailBuilder {
             output: out,
             requires_grad,
             tape: vec![None; len],
+            widened: vec![None; len],
         })
     }
 }
@@ -211,9 +239,25 @@ impl TailGraph {
         linear + consts
     }
 
+    /// Bytes of the frozen values the tail holds (linear weights in their
+    /// storage type, biases, constants).
+    pub fn frozen_bytes(&self) -> usize {
+        let linear: usize =
+            self.ops.iter().filter_map(|op| op.as_linear()).map(|l| l.frozen_bytes()).sum();
+        let consts: usize = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                Source::Constant(t) => t.bytes(),
+                _ => 0,
+            })
+            .sum();
+        linear + consts
+    }
+
     /// Bytes held on the tape by the last forward (the activations backward needs).
     pub fn tape_bytes(&self) -> usize {
-        self.tape.iter().flatten().map(Tensor::bytes).sum()
+        self.tape.iter().chain(&self.widened).flatten().map(Tensor::bytes).sum()
     }
 
     /// Runs the tail on the boundary values (in [`TailGraph::boundary_names`]
@@ -226,20 +270,43 @@ impl TailGraph {
                 got: format!("{} tensors", boundary.len()),
             });
         }
-        self.tape.iter_mut().for_each(|t| *t = None);
+        self.clear_tape();
         for (&id, t) in self.boundary.iter().zip(boundary) {
             self.tape[id] = Some(t);
         }
         for i in 0..self.nodes.len() {
+            widen_inputs(&self.nodes[i].inputs, &*self.ops[i], &self.tape, &mut self.widened);
             let y = {
                 let node = &self.nodes[i];
-                let inputs = gather(&self.sources, &self.tape, &self.names, &node.inputs)?;
+                let inputs = gather(
+                    &self.sources,
+                    &self.tape,
+                    &self.widened,
+                    &self.names,
+                    &node.inputs,
+                    &*self.ops[i],
+                )?;
                 self.ops[i].forward(&inputs, train).map_err(|e| at_node(e, &node.name))?
             };
             let out = self.nodes[i].output;
             self.tape[out] = Some(y);
+            if !train {
+                self.ops[i].release();
+            }
+            // Free what neither a later forward node nor backward reads.
+            for &v in &self.nodes[i].inputs {
+                if self.last_use[v] == i && !(train && self.kept_for_backward[v]) {
+                    self.tape[v] = None;
+                    self.widened[v] = None;
+                }
+            }
+            if self.last_use[out] == NEVER_READ && !(train && self.kept_for_backward[out]) {
+                // Read by nobody (a dead branch of the tail).
+                self.tape[out] = None;
+            }
         }
-        self.tape[self.output].clone().ok_or_else(|| Error::Tail {
+        // The tail's result is f32 even when it is a cached f16 feature (head-only).
+        self.tape[self.output].clone().map(Tensor::into_f32).ok_or_else(|| Error::Tail {
             node: self.names[self.output].clone(),
             msg: String::from("output not computed"),
         })
@@ -269,11 +336,19 @@ impl TailGraph {
                 .enumerate()
                 .map(|(j, &v)| self.requires_grad[v] && op.differentiable(j))
                 .collect();
-            let inputs = gather(&self.sources, &self.tape, &self.names, &node.inputs)?;
-            let output = self.tape[out].as_ref().ok_or_else(|| Error::Tail {
-                node: node.name.clone(),
-                msg: String::from("backward without forward"),
-            })?;
+            let inputs =
+                gather(&self.sources, &self.tape, &self.widened, &self.names, &node.inputs, &**op)?;
+            let output = match &self.tape[out] {
+                Some(t) => t,
+                // Forward freed it: this op's backward does not read it.
+                None if !op.backward_reads_output() => &self.placeholder,
+                None => {
+                    return Err(Error::Tail {
+                        node: node.name.clone(),
+                        msg: String::from("backward without forward"),
+                    });
+                }
+            };
             let dxs =
                 op.backward(&inputs, output, &g, &need).map_err(|e| at_node(e, &node.name))?;
             for ((&v, dx), &want) in node.inputs.iter().zip(dxs).zip(&need) {
@@ -299,22 +374,49 @@ impl TailGraph {
     /// Frees the tape (the activations kept for backward).
     pub fn clear_tape(&mut self) {
         self.tape.iter_mut().for_each(|t| *t = None);
+        self.widened.iter_mut().for_each(|t| *t = None);
+    }
+}
+
+/// Makes the f32 copy of every f16 input that `op` does not take as f16.
+fn widen_inputs(
+    ids: &[ValueId],
+    op: &dyn TailOp,
+    tape: &[Option<Tensor>],
+    widened: &mut [Option<Tensor>],
+) {
+    for (j, &v) in ids.iter().enumerate() {
+        if let Some(t @ Tensor::F16(_)) = &tape[v]
+            && !op.accepts_f16(j)
+            && widened[v].is_none()
+        {
+            widened[v] = t.to_f32("").ok().map(|a| Tensor::F32(a.into_owned()));
+        }
     }
 }
 
 fn gather<'a>(
     sources: &'a [Source],
     tape: &'a [Option<Tensor>],
+    widened: &'a [Option<Tensor>],
     names: &[String],
     ids: &[ValueId],
+    op: &dyn TailOp,
 ) -> Result<Vec<&'a Tensor>> {
     ids.iter()
-        .map(|&v| match &sources[v] {
+        .enumerate()
+        .map(|(j, &v)| match &sources[v] {
             Source::Constant(t) => Ok(t),
-            Source::Boundary | Source::Node => tape[v].as_ref().ok_or_else(|| Error::Tail {
-                node: names[v].clone(),
-                msg: String::from("value not computed yet"),
-            }),
+            Source::Boundary | Source::Node => {
+                let t = match (&tape[v], &widened[v]) {
+                    (Some(Tensor::F16(_)), Some(w)) if !op.accepts_f16(j) => Some(w),
+                    (t, _) => t.as_ref(),
+                };
+                t.ok_or_else(|| Error::Tail {
+                    node: names[v].clone(),
+                    msg: String::from("value not computed yet"),
+                })
+            }
         })
         .collect()
 }

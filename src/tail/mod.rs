@@ -5,9 +5,8 @@
 //! layers run as [`HydraLinear`](crate::HydraLinear); frozen linear weights
 //! are stored f32 or f16; everything accumulates in f32.
 
+pub mod broadcast;
 pub mod graph;
 pub mod ops;
-pub mod tensor;
 
 pub use graph::{TailBuilder, TailGraph, ValueId};
-pub use tensor::Tensor;

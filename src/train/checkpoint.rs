@@ -8,71 +8,30 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::head::{HeadConfig, LinearHead};
 use super::trainer::{TrainConfig, Trainer};
-use crate::adapter::{AdapterFile, CheckpointState, DType, Header, LayerEntry, NamedTensor};
+use crate::adapter::{AdapterFile, CheckpointState, DType, Header, NamedTensor};
 use crate::error::{Error, Result};
-use crate::hydra::{Branch, HydraLinear};
-use crate::onnx::SplitModel;
+use crate::model::{AdaptedModel, HeadConfig, PreparedAdapter};
 use crate::rng::Rng;
-
-const PARTS: [&str; 4] = ["A", "B", "bias_down", "bias_up"];
-
-fn branch_tensors<'a>(name: &str, which: &str, b: &'a Branch) -> Vec<(String, &'a [f32])> {
-    let parts = [Some(&b.a[..]), Some(&b.b[..]), b.bias_down.as_deref(), b.bias_up.as_deref()];
-    PARTS.iter().zip(parts).filter_map(|(p, t)| Some((format!("{name}/{which}/{p}"), t?))).collect()
-}
-
-fn adapter_tensors(name: &str, a: &HydraLinear) -> Vec<(String, Vec<f32>)> {
-    let mut out = Vec::new();
-    for (which, b) in [("parallel", a.parallel()), ("sequential", a.sequential())] {
-        if let Some(b) = b {
-            out.extend(branch_tensors(name, which, b).into_iter().map(|(n, t)| (n, t.to_vec())));
-        }
-    }
-    out
-}
 
 impl Trainer {
     /// The trained adapters (and head) as a file; with `checkpoint`, the
     /// optimiser state and the run's position too.
     pub fn adapter_file(&self, checkpoint: bool, dtype: DType) -> Result<AdapterFile> {
-        let tail = self.model().tail();
-        let mut tensors = Vec::new();
-        let mut layers = Vec::new();
-        let mut rngs = Vec::new();
-        let mut config = None;
-        for (name, a) in tail.adapters() {
-            layers.push(LayerEntry {
-                name: name.to_string(),
-                in_dim: a.in_dim(),
-                out_dim: a.out_dim(),
-            });
-            config.get_or_insert_with(|| a.config().clone());
-            rngs.push(a.rng().state());
-            for (n, t) in adapter_tensors(name, a) {
-                tensors.push(NamedTensor::new(n, vec![t.len()], dtype, t)?);
-            }
-        }
-        // A head-only run has no adapter: its config is recorded as the default.
-        let config = config.unwrap_or_default();
+        let model = self.model();
+        let mut tensors = model.named_tensors(dtype)?;
+        let rngs: Vec<[u64; 4]> = model.tail().adapters().map(|(_, a)| a.rng().state()).collect();
         let mut metadata = BTreeMap::new();
-        metadata.insert("output".into(), tail.output_name().to_string());
+        metadata.insert("output".into(), model.tail().output_name().to_string());
         metadata.insert("steps".into(), self.step().to_string());
         metadata
             .insert("loss".into(), serde_json::to_string(&self.config().loss).unwrap_or_default());
         metadata.insert("created_by".into(), format!("hydra-edge {}", env!("CARGO_PKG_VERSION")));
-        match self.head() {
-            Some(h) => {
-                let (i, o) = h.dims();
-                metadata.insert("head".into(), format!("new:{o}:{i}"));
-                tensors.push(NamedTensor::new("head/W", vec![o, i], dtype, h.w.clone())?);
-                tensors.push(NamedTensor::new("head/b", vec![o], dtype, h.b.clone())?);
-            }
-            None => {
-                metadata.insert("head".into(), "keep".into());
-            }
-        }
+        let head = match model.head() {
+            Some(h) => format!("new:{}:{}", h.dims().1, h.dims().0),
+            None => "keep".into(),
+        };
+        metadata.insert("head".into(), head);
         let checkpoint = if checkpoint {
             let mut extra = BTreeMap::new();
             let (epoch, batch) = self.position();
@@ -103,9 +62,9 @@ impl Trainer {
             None
         };
         let header = Header {
-            config,
-            layers,
-            fingerprint: self.model().fingerprint(),
+            config: model.adapter_config().clone(),
+            layers: model.layer_entries(),
+            fingerprint: model.fingerprint(),
             metadata,
             checkpoint,
         };
@@ -123,7 +82,7 @@ impl Trainer {
     }
 
     /// A trainer continuing from the checkpoint at `path`.
-    pub fn resume(split: SplitModel, cfg: TrainConfig, path: &Path) -> Result<Trainer> {
+    pub fn resume(split: AdaptedModel, cfg: TrainConfig, path: &Path) -> Result<Trainer> {
         let file = AdapterFile::load(path)?;
         let mut t = Trainer::new(split, cfg)?;
         t.load(&file)?;
@@ -138,7 +97,7 @@ impl Trainer {
             HeadConfig::New(c) => Some(c),
         };
         let prepared = PreparedAdapter::new(self.model(), file, want_head)?;
-        let get = |name: &str, len: usize| tensor(file, name, len);
+        let get = |name: &str, len: usize| crate::model::params::tensor(file, name, len);
         let num = |k: &str| -> Result<usize> {
             let cp = file.header.checkpoint.as_ref();
             cp.and_then(|cp| cp.extra.get(k))
@@ -155,9 +114,7 @@ impl Trainer {
                 ));
             }
         }
-        let head = prepared.head.clone();
-        prepared.apply(self.model_mut());
-        *self.head_mut() = head;
+        prepared.apply(self.model_mut())?;
         if let Some(cp) = &file.header.checkpoint {
             let (batch, bad) = (num("batch_in_epoch")?, num("bad_streak")?);
             for ((_, a), s) in self.model_mut().tail_mut().adapters_mut().zip(&cp.rngs) {
@@ -165,8 +122,8 @@ impl Trainer {
             }
             self.set_position(cp.step, cp.epoch, batch, bad);
             if let Ok(t) = num("optimizer_steps") {
-                self.ensure_state(None);
-                let lens = self.param_lens();
+                self.ensure_state(None)?;
+                let lens: Vec<usize> = self.model().params().iter().map(|p| p.len()).collect();
                 let read = |kind: &str| -> Result<Vec<Vec<f32>>> {
                     (0..lens.len())
                         .map(|i| {
@@ -189,98 +146,5 @@ impl Trainer {
             }
         }
         Ok(())
-    }
-}
-
-fn tensor<'f>(file: &'f AdapterFile, name: &str, len: usize) -> Result<&'f NamedTensor> {
-    let t = file
-        .tensor(name)
-        .ok_or_else(|| Error::NotFound { what: "adapter tensor", name: name.into() })?;
-    if t.data.len() != len {
-        return Err(Error::Shape {
-            context: "adapter tensor",
-            expected: format!("{len} values for `{name}`"),
-            got: format!("{}", t.data.len()),
-        });
-    }
-    Ok(t)
-}
-
-/// An adapter file checked against a split model and laid out in the
-/// model's parameter order, ready to be copied in (hot-swapping is this copy).
-#[derive(Clone, Debug)]
-pub struct PreparedAdapter {
-    params: Vec<Vec<f32>>,
-    /// The file's new head, if it has one.
-    pub head: Option<LinearHead>,
-}
-
-impl PreparedAdapter {
-    /// Checks `file` against `model` (fingerprint, layers, shapes, head) without changing anything.
-    /// `want_head`: `Some(classes)` if a new head is expected, `None` to keep the model's output.
-    pub fn new(
-        model: &SplitModel,
-        file: &AdapterFile,
-        want_head: Option<usize>,
-    ) -> Result<PreparedAdapter> {
-        file.check_fingerprint(model.fingerprint())?;
-        let want: Vec<LayerEntry> = model
-            .tail()
-            .adapters()
-            .map(|(n, a)| LayerEntry {
-                name: n.to_string(),
-                in_dim: a.in_dim(),
-                out_dim: a.out_dim(),
-            })
-            .collect();
-        if want != file.header.layers {
-            return Err(Error::Config(format!(
-                "the adapter file's layers {:?} are not this model's adapted layers {:?}",
-                file.header.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
-                want.iter().map(|l| &l.name).collect::<Vec<_>>()
-            )));
-        }
-        let mut params = Vec::new();
-        for (name, a) in model.tail().adapters() {
-            for (n, t) in adapter_tensors(name, a) {
-                params.push(tensor(file, &n, t.len())?.data.clone());
-            }
-        }
-        let head = match (file.header.metadata.get("head").map(String::as_str), want_head) {
-            (Some("keep") | None, None) => None,
-            (Some(h), Some(c)) if h.starts_with("new:") => {
-                let dims: Vec<usize> = h[4..].split(':').filter_map(|s| s.parse().ok()).collect();
-                let [o, i] = dims[..] else {
-                    return Err(Error::Corrupt(format!("bad head entry `{h}`")));
-                };
-                if o != c {
-                    return Err(Error::Config(format!(
-                        "the file's head has {o} outputs, the configuration {c}"
-                    )));
-                }
-                let mut head = LinearHead::new(i, o, 0);
-                head.w.copy_from_slice(&tensor(file, "head/W", o * i)?.data);
-                head.b.copy_from_slice(&tensor(file, "head/b", o)?.data);
-                Some(head)
-            }
-            (h, c) => {
-                return Err(Error::Config(format!(
-                    "the file's head ({h:?}) does not match the configuration (new head: {c:?})"
-                )));
-            }
-        };
-        Ok(PreparedAdapter { params, head })
-    }
-
-    /// Copies the adapter's parameters into the model's adapters.
-    pub fn apply(&self, model: &mut SplitModel) {
-        let mut it = self.params.iter();
-        for (_, a) in model.tail_mut().adapters_mut() {
-            for (p, _) in a.params_and_grads() {
-                if let Some(src) = it.next() {
-                    p.copy_from_slice(src);
-                }
-            }
-        }
     }
 }

@@ -5,13 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::{ArrayD, Axis};
 
+use crate::Tensor;
 use crate::backbone::Feed;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::tail::Tensor;
 
 /// What the model should predict for each sample.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,11 +45,34 @@ pub struct Dataset {
     inputs: BTreeMap<String, Tensor>,
     labels: Labels,
     len: usize,
+    /// Fresh for every data set built (clones share it: same samples).
+    id: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+impl crate::model::Samples for Dataset {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn feed(&self, idx: &[usize]) -> Feed {
+        self.inputs.iter().map(|(k, t)| (k.clone(), select(t, idx))).collect()
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 fn select(t: &Tensor, idx: &[usize]) -> Tensor {
     match t {
         Tensor::F32(a) => Tensor::F32(a.select(Axis(0), idx)),
+        Tensor::F16(a) => Tensor::F16(a.select(Axis(0), idx)),
         Tensor::I64(a) => Tensor::I64(a.select(Axis(0), idx)),
     }
 }
@@ -73,7 +97,7 @@ impl Dataset {
                 });
             }
         }
-        Ok(Dataset { inputs, labels, len })
+        Ok(Dataset { inputs, labels, len, id: next_id() })
     }
 
     /// Loads an `.npz`: every array but `label_key` is a model input; the
@@ -93,6 +117,7 @@ impl Dataset {
                     .collect::<Result<_>>()?,
             ),
             Tensor::F32(a) => Labels::Values(a),
+            t @ Tensor::F16(_) => Labels::Values(t.to_f32("labels")?.into_owned()),
         };
         Dataset::new(arrays, labels)
     }
@@ -119,14 +144,18 @@ impl Dataset {
 
     /// The samples `idx` as a model feed and their labels.
     pub fn batch(&self, idx: &[usize]) -> (Feed, Labels) {
-        let feed = self.inputs.iter().map(|(k, t)| (k.clone(), select(t, idx))).collect();
-        (feed, self.labels.select(idx))
+        (crate::model::Samples::feed(self, idx), self.labels.select(idx))
+    }
+
+    /// The labels of samples `idx`.
+    pub fn batch_labels(&self, idx: &[usize]) -> Labels {
+        self.labels.select(idx)
     }
 
     /// The samples `idx` as a new dataset.
     pub fn subset(&self, idx: &[usize]) -> Dataset {
         let (inputs, labels) = self.batch(idx);
-        Dataset { inputs: inputs.into_iter().collect(), labels, len: idx.len() }
+        Dataset { inputs: inputs.into_iter().collect(), labels, len: idx.len(), id: next_id() }
     }
 
     /// A seeded split into (train, held-out evaluation) with `eval_fraction` of the samples held out.

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 
+use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::tail::Tensor;
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::Corrupt(msg.into())
@@ -177,10 +177,11 @@ pub fn parse_npz(b: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-/// Serialises a tensor as `.npy` (f32 → `<f4`, i64 → `<i8`).
+/// Serialises a tensor as `.npy` (f32 → `<f4`, f16 → `<f2`, i64 → `<i8`).
 pub fn write_npy(t: &Tensor) -> Vec<u8> {
     let (descr, shape) = match t {
         Tensor::F32(a) => ("<f4", a.shape()),
+        Tensor::F16(a) => ("<f2", a.shape()),
         Tensor::I64(a) => ("<i8", a.shape()),
     };
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
@@ -197,6 +198,9 @@ pub fn write_npy(t: &Tensor) -> Vec<u8> {
     out.extend_from_slice(header.as_bytes());
     match t {
         Tensor::F32(a) => {
+            a.as_standard_layout().iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()))
+        }
+        Tensor::F16(a) => {
             a.as_standard_layout().iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()))
         }
         Tensor::I64(a) => {

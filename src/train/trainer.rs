@@ -13,14 +13,12 @@ use std::time::Instant;
 
 use ndarray::ArrayD;
 
-use super::cache::{CacheConfig, FeatureCache, round_boundary};
 use super::data::{Dataset, Labels, epoch_order};
-use super::head::{HeadConfig, LinearHead};
 use super::loss::Loss;
 use super::optim::{Optimizer, OptimizerKind, Schedule, clip_global_norm};
+use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::onnx::SplitModel;
-use crate::tail::Tensor;
+use crate::model::{AdaptedModel, CacheConfig, CacheDtype, HeadConfig, LinearHead};
 
 /// Everything about a training run besides the model and the data.
 #[derive(Clone, Debug)]
@@ -93,6 +91,9 @@ pub struct EpochMetrics {
     pub skipped_steps: usize,
     /// Wall time of the epoch.
     pub seconds: f64,
+    /// Samples that went through the frozen backbone during the epoch
+    /// (building the feature cache included): 0 once the cache holds them.
+    pub prefix_samples: usize,
 }
 
 /// Progress reported to the app.
@@ -143,10 +144,11 @@ enum Outcome {
 /// A training run over a split model.
 #[derive(Debug)]
 pub struct Trainer {
-    split: SplitModel,
+    model: AdaptedModel,
     cfg: TrainConfig,
-    head: Option<LinearHead>,
     opt: Option<Optimizer>,
+    /// The memory estimate, made once per training set.
+    memory: Option<(u64, MemoryReport)>,
     step: u64,
     epoch: u64,
     batch_in_epoch: usize,
@@ -155,7 +157,7 @@ pub struct Trainer {
 
 impl Trainer {
     /// A trainer; nothing runs until [`Trainer::fit`].
-    pub fn new(split: SplitModel, cfg: TrainConfig) -> Result<Trainer> {
+    pub fn new(model: AdaptedModel, cfg: TrainConfig) -> Result<Trainer> {
         if cfg.batch_size == 0 || cfg.epochs == 0 {
             return Err(Error::Config("batch_size and epochs must be at least 1".into()));
         }
@@ -163,10 +165,10 @@ impl Trainer {
             return Err(Error::Config(format!("learning rate {} must be positive", cfg.lr)));
         }
         Ok(Trainer {
-            split,
+            model,
             cfg,
-            head: None,
             opt: None,
+            memory: None,
             step: 0,
             epoch: 0,
             batch_in_epoch: 0,
@@ -174,14 +176,19 @@ impl Trainer {
         })
     }
 
-    /// The split model (its tail holds the trained adapters).
-    pub fn model(&self) -> &SplitModel {
-        &self.split
+    /// The adapted model (its tail holds the trained adapters, and the new head).
+    pub fn model(&self) -> &AdaptedModel {
+        &self.model
     }
 
     /// Mutable [`Trainer::model`].
-    pub fn model_mut(&mut self) -> &mut SplitModel {
-        &mut self.split
+    pub fn model_mut(&mut self) -> &mut AdaptedModel {
+        &mut self.model
+    }
+
+    /// The model, handed back (for inference or export after training).
+    pub fn into_model(self) -> AdaptedModel {
+        self.model
     }
 
     /// The configuration.
@@ -191,7 +198,7 @@ impl Trainer {
 
     /// The new head, if one is trained.
     pub fn head(&self) -> Option<&LinearHead> {
-        self.head.as_ref()
+        self.model.head()
     }
 
     /// Steps taken (including skipped ones).
@@ -206,10 +213,6 @@ impl Trainer {
 
     pub(crate) fn set_position(&mut self, step: u64, epoch: u64, batch: usize, bad: usize) {
         (self.step, self.epoch, self.batch_in_epoch, self.bad_streak) = (step, epoch, batch, bad);
-    }
-
-    pub(crate) fn head_mut(&mut self) -> &mut Option<LinearHead> {
-        &mut self.head
     }
 
     pub(crate) fn optimizer(&self) -> Option<&Optimizer> {
@@ -235,30 +238,26 @@ impl Trainer {
     }
 
     /// Creates the head (on first sight of the feature width) and the optimiser.
-    pub(crate) fn ensure_state(&mut self, feat_dim: Option<usize>) {
-        if let (HeadConfig::New(classes), None, Some(f)) = (self.cfg.head, &self.head, feat_dim) {
-            self.head = Some(LinearHead::new(f, classes, self.cfg.seed));
+    pub(crate) fn ensure_state(&mut self, feat_dim: Option<usize>) -> Result<()> {
+        if let Some(f) = feat_dim {
+            self.model.ensure_head(self.cfg.head, f, self.cfg.seed)?;
         }
         if self.opt.is_none() {
-            let lens = self.param_lens();
+            let lens: Vec<usize> = self.model.params().iter().map(|p| p.len()).collect();
             self.opt = Some(Optimizer::new(self.cfg.optimizer, self.cfg.weight_decay, &lens));
         }
+        Ok(())
     }
 
-    /// Lengths of every trainable tensor, in optimiser order.
-    pub(crate) fn param_lens(&mut self) -> Vec<usize> {
-        let mut lens: Vec<usize> = Vec::new();
-        for (_, a) in self.split.tail_mut().adapters_mut() {
-            lens.extend(a.params_and_grads().iter().map(|(p, _)| p.len()));
-        }
-        if let Some(h) = &self.head {
-            lens.extend([h.w.len(), h.b.len()]);
-        }
-        lens
-    }
-
-    /// Estimates peak memory for training on `train` (runs one forward on a first batch).
+    /// Estimates peak memory for training on `train` (runs one forward on a
+    /// first batch; made once per training set and remembered).
     pub fn estimate_memory(&mut self, train: &Dataset) -> Result<MemoryReport> {
+        use crate::model::Samples;
+        if let Some((id, m)) = self.memory
+            && id == train.id()
+        {
+            return Ok(m);
+        }
         if train.is_empty() {
             return Err(Error::Config("empty training set".into()));
         }
@@ -273,34 +272,37 @@ impl Trainer {
                 t => (k, t),
             })
             .collect();
-        let boundary_bytes: usize =
-            self.split.prefix(&feed)?.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
-        let m = self.split.estimate_memory(&feed)?;
-        let out = self.split.forward(&feed, false)?;
-        self.split.tail_mut().clear_tape();
+        let boundary = self.model.prefix(&feed)?;
+        let boundary_bytes: usize = boundary.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
+        let m = self.model.estimate_memory(&feed)?;
+        let out = self.model.tail_mut().forward(boundary, false)?;
+        self.model.tail_mut().clear_tape();
         let feat: usize = out.shape()[1..].iter().product();
         let head = match self.cfg.head {
-            HeadConfig::New(c) => (feat * c + c) * 4 * 4,
+            // Weights, gradients, two moments; features and logits per sample.
+            HeadConfig::New(c) => feat.saturating_mul(c).saturating_add(c).saturating_mul(16),
             HeadConfig::Keep => 0,
         };
-        let per_sample_cache = if self.cfg.cache.dtype == super::cache::CacheDtype::F16 {
+        let per_sample_cache = if self.cfg.cache.dtype == CacheDtype::F16 {
             boundary_bytes / 2
         } else {
             boundary_bytes
         };
         let cache = if self.cfg.cache.enabled {
-            (per_sample_cache * train.len()).min(self.cfg.cache.ram_budget)
+            per_sample_cache.saturating_mul(train.len()).min(self.cfg.cache.ram_budget)
         } else {
             0
         };
-        let activation = m.per_sample_bytes * self.cfg.batch_size;
-        let params = m.fixed_bytes + head;
-        Ok(MemoryReport {
+        let activation = m.per_sample_bytes.saturating_mul(self.cfg.batch_size);
+        let params = m.fixed_bytes.saturating_add(head);
+        let report = MemoryReport {
             cache_bytes: cache,
             activation_bytes: activation,
             parameter_bytes: params,
-            total_bytes: cache + activation + params,
-        })
+            total_bytes: cache.saturating_add(activation).saturating_add(params),
+        };
+        self.memory = Some((train.id(), report));
+        Ok(report)
     }
 
     /// Trains for the configured epochs (resuming where a checkpoint left off).
@@ -314,6 +316,8 @@ impl Trainer {
     }
 
     /// Like [`Trainer::fit`], stopping once `max_steps` steps have been taken.
+    /// The feature caches live in the model: calling this once per epoch
+    /// builds them once.
     pub fn fit_until(
         &mut self,
         train: &Dataset,
@@ -337,21 +341,11 @@ impl Trainer {
                 ),
             });
         }
-        let mut train_cache = if self.cfg.cache.enabled {
-            Some(FeatureCache::build(&self.split, train, self.cfg.batch_size, &self.cfg.cache)?)
-        } else {
-            None
-        };
-        let mut eval_cache = match eval {
-            Some(e) if self.cfg.cache.enabled && !e.is_empty() => {
-                Some(FeatureCache::build(&self.split, e, self.cfg.batch_size, &self.cfg.cache)?)
-            }
-            _ => None,
-        };
         let schedule = self.schedule(train.len());
         let mut out = Vec::new();
         while (self.epoch as usize) < self.cfg.epochs {
             let t0 = Instant::now();
+            let prefix0 = self.model.prefix_samples();
             let order = epoch_order(train.len(), self.cfg.seed, self.epoch);
             let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
             let (mut loss_sum, mut good, mut skipped) = (0.0f64, 0usize, 0usize);
@@ -361,8 +355,9 @@ impl Trainer {
                     return Ok(out);
                 }
                 let idx = batches[self.batch_in_epoch];
-                let boundary = self.boundary(train, idx, train_cache.as_mut())?;
-                let labels = train.batch(idx).1;
+                let boundary =
+                    self.model.boundary(train, idx, &self.cfg.cache, self.cfg.batch_size)?;
+                let labels = train.batch_labels(idx);
                 let lr = schedule.lr(self.step);
                 match self.train_batch(boundary, &labels, lr)? {
                     Outcome::Done { loss, correct } => {
@@ -395,7 +390,7 @@ impl Trainer {
             }
             let (eval_loss, eval_accuracy) = match eval {
                 Some(e) if !e.is_empty() => {
-                    let (l, a) = self.evaluate_with(e, eval_cache.as_mut())?;
+                    let (l, a) = self.evaluate_with(e, self.cfg.cache.enabled)?;
                     (Some(l), a)
                 }
                 _ => (None, None),
@@ -408,6 +403,7 @@ impl Trainer {
                 eval_accuracy,
                 skipped_steps: skipped,
                 seconds: t0.elapsed().as_secs_f64(),
+                prefix_samples: self.model.prefix_samples() - prefix0,
             };
             on(Event::Epoch(&m));
             out.push(m);
@@ -417,97 +413,64 @@ impl Trainer {
         Ok(out)
     }
 
-    fn boundary(
-        &self,
-        data: &Dataset,
-        idx: &[usize],
-        cache: Option<&mut FeatureCache>,
-    ) -> Result<Vec<Tensor>> {
-        match cache {
-            Some(c) => c.batch(idx),
-            None => {
-                let dtype = self.cfg.cache.dtype;
-                Ok(self
-                    .split
-                    .prefix(&data.batch(idx).0)?
-                    .into_iter()
-                    .map(|t| round_boundary(t, dtype))
-                    .collect())
-            }
-        }
-    }
-
     fn train_batch(&mut self, boundary: Vec<Tensor>, labels: &Labels, lr: f32) -> Result<Outcome> {
-        let out = match self.split.tail_mut().forward(boundary, true) {
+        let feat = match self.model.tail_mut().forward(boundary, true) {
             Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite activations")),
             r => r?,
         };
-        let feat = out.f32("tail output")?.clone();
-        self.ensure_state(Some(feat.shape()[1..].iter().product()));
-        let logits = match &mut self.head {
-            Some(h) => h.forward(&feat)?,
+        let feat = match feat {
+            Tensor::F32(a) => a,
+            t => t.to_f32("tail output")?.into_owned(),
+        };
+        self.ensure_state(Some(feat.shape()[1..].iter().product()))?;
+        let logits = match self.model.head_mut() {
+            Some(h) => h.forward(&feat, true)?,
             None => feat,
         };
         if logits.iter().any(|v| !v.is_finite()) {
+            self.model.tail_mut().clear_tape();
             return Ok(Outcome::Skipped("non-finite output"));
         }
         let lo = self.cfg.loss.compute(&logits, labels)?;
         if !lo.loss.is_finite() {
+            self.model.tail_mut().clear_tape();
             return Ok(Outcome::Skipped("non-finite loss"));
         }
-        let dfeat = match &mut self.head {
-            Some(h) => h.backward(&lo.grad)?,
-            None => lo.grad,
-        };
-        self.split.tail_mut().zero_grad();
-        match self.split.tail_mut().backward(dfeat) {
+        self.model.zero_grad();
+        let back = self.model.backward_prediction(lo.grad);
+        self.model.tail_mut().clear_tape();
+        match back {
             Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite gradient")),
             r => r?,
         }
-        let mut grads: Vec<Vec<f32>> = Vec::new();
-        for (_, a) in self.split.tail_mut().adapters_mut() {
-            grads.extend(a.params_and_grads().iter().map(|(_, g)| g.to_vec()));
-        }
-        if let Some(h) = &self.head {
-            grads.extend([h.gw.clone(), h.gb.clone()]);
-        }
-        if grads.iter().flatten().any(|v| !v.is_finite()) {
+        let opt =
+            self.opt.as_mut().ok_or_else(|| Error::Config("optimizer not initialised".into()))?;
+        let (mut params, grads) = self.model.params_and_grads();
+        if grads.iter().any(|g| g.iter().any(|v| !v.is_finite())) {
             return Ok(Outcome::Skipped("non-finite gradient"));
         }
+        let mut grads: Vec<Vec<f32>> = grads.into_iter().map(<[f32]>::to_vec).collect();
         if let Some(c) = self.cfg.clip_norm {
             clip_global_norm(&mut grads, c);
         }
         let grad_refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
-        let opt =
-            self.opt.as_mut().ok_or_else(|| Error::Config("optimizer not initialised".into()))?;
-        let mut params: Vec<&mut [f32]> = Vec::new();
-        for (_, a) in self.split.tail_mut().adapters_mut() {
-            params.extend(a.params_and_grads().into_iter().map(|(p, _)| p));
-        }
-        if let Some(h) = &mut self.head {
-            params.push(&mut h.w);
-            params.push(&mut h.b);
-        }
         opt.step(&mut params, &grad_refs, lr);
         Ok(Outcome::Done { loss: lo.loss, correct: lo.correct })
     }
 
     /// Mean loss and accuracy on `data` (dropout off), computing the prefix live.
     pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, Option<f64>)> {
-        self.evaluate_with(data, None)
+        self.evaluate_with(data, false)
     }
 
-    fn evaluate_with(
-        &mut self,
-        data: &Dataset,
-        mut cache: Option<&mut FeatureCache>,
-    ) -> Result<(f64, Option<f64>)> {
+    fn evaluate_with(&mut self, data: &Dataset, cached: bool) -> Result<(f64, Option<f64>)> {
         let (mut loss, mut n, mut right, mut judged) = (0.0f64, 0usize, 0usize, 0usize);
         let order: Vec<usize> = (0..data.len()).collect();
+        let cache = CacheConfig { enabled: cached, ..self.cfg.cache.clone() };
         for idx in order.chunks(self.cfg.batch_size) {
-            let boundary = self.boundary(data, idx, cache.as_deref_mut())?;
+            let boundary = self.model.boundary(data, idx, &cache, self.cfg.batch_size)?;
             let logits = self.predict_boundary(boundary)?;
-            let lo = self.cfg.loss.compute(&logits, &data.batch(idx).1)?;
+            let lo = self.cfg.loss.compute(&logits, &data.batch_labels(idx))?;
             loss += lo.loss * idx.len() as f64;
             n += idx.len();
             if let Some((c, j)) = lo.correct {
@@ -515,16 +478,22 @@ impl Trainer {
                 judged += j;
             }
         }
-        self.split.tail_mut().clear_tape();
-        Ok((loss / n.max(1) as f64, (judged > 0).then(|| right as f64 / judged as f64)))
+        if n == 0 {
+            return Err(Error::Config("nothing to evaluate: the data set is empty".into()));
+        }
+        Ok((loss / n as f64, (judged > 0).then(|| right as f64 / judged as f64)))
     }
 
     fn predict_boundary(&mut self, boundary: Vec<Tensor>) -> Result<ArrayD<f32>> {
-        let out = self.split.tail_mut().forward(boundary, false)?;
-        let feat = out.f32("tail output")?.clone();
-        self.ensure_state(Some(feat.shape()[1..].iter().product()));
-        match &mut self.head {
-            Some(h) => h.forward(&feat),
+        let out = self.model.tail_mut().forward(boundary, false)?;
+        self.model.tail_mut().clear_tape();
+        let feat = match out {
+            Tensor::F32(a) => a,
+            t => t.to_f32("tail output")?.into_owned(),
+        };
+        self.ensure_state(Some(feat.shape()[1..].iter().product()))?;
+        match self.model.head_mut() {
+            Some(h) => h.forward(&feat, false),
             None => Ok(feat),
         }
     }
@@ -532,10 +501,12 @@ impl Trainer {
     /// The model's prediction (head output, or the tail's output) for a feed.
     pub fn predict(&mut self, feed: &crate::backbone::Feed) -> Result<ArrayD<f32>> {
         let dtype = self.cfg.cache.dtype;
-        let boundary =
-            self.split.prefix(feed)?.into_iter().map(|t| round_boundary(t, dtype)).collect();
-        let y = self.predict_boundary(boundary);
-        self.split.tail_mut().clear_tape();
-        y
+        let boundary = self
+            .model
+            .prefix(feed)?
+            .into_iter()
+            .map(|t| crate::model::round_boundary(t, dtype))
+            .collect();
+        self.predict_boundary(boundary)
     }
 }

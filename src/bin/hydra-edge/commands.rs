@@ -5,15 +5,18 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use hydra_edge::Tensor;
 use hydra_edge::adapter::{AdapterFile, DType};
 use hydra_edge::backbone::Feed;
 use hydra_edge::export::merge_adapter_file;
-use hydra_edge::infer::{Model, split_config_for};
+use hydra_edge::infer::Model;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::model::split_config_for;
+use hydra_edge::model::{CacheConfig, CacheDtype, HeadConfig};
 use hydra_edge::onnx::layers::linear_layers;
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
-use hydra_edge::tail::Tensor;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::train::npz::{read_npz, write_npz};
-use hydra_edge::train::{CacheConfig, Dataset, Event, HeadConfig, Loss, TrainConfig, Trainer};
+use hydra_edge::train::{Dataset, Event, Loss, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Variant};
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{ArrayD, IxDyn};
@@ -85,7 +88,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
     let mut rows = Vec::new();
     for (what, targets, output) in suggestions {
         let cfg = SplitConfig { targets, output, ..SplitConfig::default() };
-        match SplitModel::new(&model, &cfg) {
+        match AdaptedModel::new(&model, &cfg) {
             Ok(mut s) => {
                 let mem = s.estimate_memory(&feed).ok();
                 let r = s.report();
@@ -206,7 +209,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         adapter.parallel.scale,
         adapter.sequential.scale,
     ) = (rp, rs, sp, ss);
-    let split = SplitModel::new(
+    let split = AdaptedModel::new(
         &model,
         &SplitConfig {
             targets: targets(&a.targets)?,
@@ -351,7 +354,7 @@ fn load_adapted(model: &OnnxModel, adapter: &Path) -> Result<Trainer> {
     let file =
         AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
     let (cfg, classes) = split_config_for(&file);
-    let split = SplitModel::new(model, &cfg)?;
+    let split = AdaptedModel::new(model, &cfg)?;
     let loss = file
         .header
         .metadata
@@ -396,7 +399,7 @@ pub fn merge(
     let m = OnnxModel::load(model)?;
     let file =
         AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
-    let (report, mut split, mut head) = merge_adapter_file(&m, &file, out, softmax)?;
+    let (report, mut adapted) = merge_adapter_file(&m, &file, out, softmax)?;
     let feed = match check {
         Some(p) => {
             let mut f = feed_from_npz(p)?;
@@ -405,13 +408,11 @@ pub fn merge(
         }
         None => synthetic_feed(&m, 4),
     };
-    let mut want = split.forward(&feed, false)?.f32("unmerged")?.clone();
-    if let Some(h) = &mut head {
-        want = h.forward(&want)?;
-    }
+    let want = adapted.predict(&feed, CacheDtype::F32)?;
+    let head = adapted.head().is_some();
+    let split = &adapted;
     let merged = Model::load(out)?;
-    let name =
-        if head.is_some() { "head_logits".to_string() } else { split.report().output.clone() };
+    let name = if head { "head_logits".to_string() } else { split.report().output.clone() };
     let k = merged
         .output_names()
         .iter()
@@ -419,7 +420,21 @@ pub fn merge(
         .with_context(|| format!("merged model lacks `{name}`"))?;
     let got = merged.run(&feed)?.swap_remove(k);
     let got = got.f32("merged")?;
-    let max_abs = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    if got.shape() != want.shape() {
+        bail!("merged output {:?} vs unmerged {:?}", got.shape(), want.shape());
+    }
+    // NaN-aware: a NaN anywhere is an error, never a max that drops it.
+    let max_abs = got
+        .iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) });
+    if !max_abs.is_finite() {
+        bail!(
+            "the merged or unmerged model produced non-finite outputs; {} is not trustworthy",
+            out.display()
+        );
+    }
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
     if json {
         println!(

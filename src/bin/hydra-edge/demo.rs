@@ -8,12 +8,13 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::Result;
+use hydra_edge::Tensor;
 use hydra_edge::backbone::Feed;
 use hydra_edge::export::merge_into_onnx;
 use hydra_edge::infer::Model;
 use hydra_edge::kernels::{self, Kernels, Tier};
-use hydra_edge::onnx::{OnnxModel, SplitConfig, SplitModel, Targets};
-use hydra_edge::tail::Tensor;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::train::npz::parse_npz;
 use hydra_edge::train::{Dataset, Event, Labels, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, f16};
@@ -59,7 +60,7 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
         train.len(),
         test.len()
     ));
-    let split = SplitModel::new(
+    let split = AdaptedModel::new(
         &model,
         &SplitConfig {
             targets: Targets::AllLinear,
@@ -159,7 +160,7 @@ pub fn bench(json: bool) -> Result<()> {
     // A train step on the embedded digits model.
     let model = OnnxModel::from_bytes(MODEL, None)?;
     let train = dataset(USER_TRAIN)?;
-    let split = SplitModel::new(
+    let split = AdaptedModel::new(
         &model,
         &SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() },
     )?;

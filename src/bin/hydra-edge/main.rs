@@ -19,8 +19,9 @@ struct Cli {
     /// Machine-readable JSON output instead of tables and progress bars.
     #[arg(long, global = true)]
     json: bool,
-    /// Threads for the frozen backbone's matrix products.
-    #[arg(long, global = true, default_value_t = 1)]
+    /// Threads for the whole run: the frozen backbone and the trainable tail
+    /// share one pool (0 = one per core).
+    #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
@@ -162,7 +163,10 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-    hydra_edge::backbone::set_threads(cli.threads);
+    if let Err(e) = hydra_edge::parallel::set_threads(cli.threads) {
+        eprintln!("error: --threads: {e}");
+        std::process::exit(1);
+    }
     let json = cli.json;
     let r = match cli.cmd {
         Cmd::Inspect { model } => commands::inspect(&model, json),

@@ -8,8 +8,9 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, ArrayViewD, IxDyn, Zip};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::Result;
-use crate::tail::tensor::{Tensor, broadcast_shape, unbroadcast};
+use crate::tail::broadcast::{broadcast_shape, unbroadcast};
 
 /// Which operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +109,7 @@ impl TailOp for Binary {
                 &b_f32
             }
             Tensor::I64(_) => return Err(fail("gradient of an integer operand")),
+            Tensor::F16(_) => return Err(fail("f16 operand (widened by the graph)")),
         };
         let (sa, sb) = (a.shape(), b.shape());
         match self.kind {

@@ -14,12 +14,13 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, IxDyn};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::{Error, Result};
 use crate::hydra::{
     HydraConfig, HydraLinear, Input, Weights, frozen_backward, frozen_forward, gemm,
 };
 use crate::kernels;
-use crate::tail::tensor::{Tensor, broadcast_shape, unbroadcast};
+use crate::tail::broadcast::{broadcast_shape, unbroadcast};
 
 /// How a linear layer's input is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +124,15 @@ impl Linear {
         self.in_dim * self.out_dim + self.bias_len()
     }
 
+    /// Bytes of the frozen weights (storage type) and bias.
+    pub fn frozen_bytes(&self) -> usize {
+        let w = match self.weights() {
+            Weights::F32(w) => w.len() * 4,
+            Weights::F16(w) => w.len() * 2,
+        };
+        w + self.bias_len() * 4
+    }
+
     fn bias_len(&self) -> usize {
         match &self.inner {
             Inner::Frozen { b, .. } => b.as_ref().map_or(0, Vec::len),
@@ -194,14 +204,55 @@ fn channels_first(x: ArrayD<f32>) -> ArrayD<f32> {
     x.permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()
 }
 
+/// A rows-layout input as it sits on the tape: borrowed when contiguous.
+fn rows_of(x: &Tensor) -> Option<Input<'_>> {
+    match x {
+        Tensor::F32(a) => a.as_slice().map(Input::F32),
+        Tensor::F16(a) => a.as_slice().map(Input::F16),
+        Tensor::I64(_) => None,
+    }
+}
+
 impl TailOp for Linear {
     fn op_type(&self) -> &'static str {
         self.op_type
     }
 
     fn forward(&mut self, inputs: &[&Tensor], train: bool) -> Result<Tensor> {
-        let x = input(inputs, 0)?.f32("Linear input")?;
-        let (rows, shape) = self.rows(x)?;
+        let x = input(inputs, 0)?;
+        let shape = x.shape().to_vec();
+        // Rows layout on a contiguous tape value: the adapter reads the tape's
+        // copy (f32 or f16) and keeps none of its own.
+        if self.layout == Layout::Rows
+            && let Some(rows) = rows_of(x)
+        {
+            if shape.last() != Some(&self.in_dim) {
+                return Err(fail(alloc::format!(
+                    "input {shape:?} does not end in {}",
+                    self.in_dim
+                )));
+            }
+            let n = rows.len() / self.in_dim;
+            let k = kernels::active();
+            let y = match (&mut self.inner, rows) {
+                (Inner::Frozen { w, b }, Input::F32(r)) => {
+                    frozen_forward(k, w, b.as_deref(), r, n, self.in_dim, self.out_dim)
+                }
+                (Inner::Frozen { w, b }, Input::F16(h)) => {
+                    let mut wide = vec![0.0f32; h.len()];
+                    k.f16_to_f32(h, &mut wide);
+                    kernels::stats::count_widened(wide.len());
+                    frozen_forward(k, w, b.as_deref(), &wide, n, self.in_dim, self.out_dim)
+                }
+                (Inner::Adapted(h), rows) => {
+                    h.set_training(train);
+                    h.forward_ext(rows, n, false, true)?
+                }
+            };
+            return Ok(Tensor::F32(self.unrows(y, &shape, self.out_dim)?));
+        }
+        let x = x.to_f32("Linear input")?;
+        let (rows, shape) = self.rows(&x)?;
         let n = rows.len() / self.in_dim;
         let y = match &mut self.inner {
             Inner::Frozen { w, b } => frozen_forward(
@@ -228,21 +279,28 @@ impl TailOp for Linear {
         dy: &ArrayD<f32>,
         need: &[bool],
     ) -> Result<Vec<Option<ArrayD<f32>>>> {
-        let x = input(inputs, 0)?.f32("Linear input")?;
+        let x = input(inputs, 0)?;
         let want_dx = need.first().copied().unwrap_or(false);
-        let (dyr, _) = match self.layout {
-            Layout::Rows => (dy.as_standard_layout().iter().copied().collect::<Vec<f32>>(), ()),
-            Layout::Channels => (channels_last(dy).into_raw_vec_and_offset().0, ()),
+        let dy_std = dy.as_standard_layout();
+        let dyr: alloc::borrow::Cow<'_, [f32]> = match self.layout {
+            Layout::Rows => alloc::borrow::Cow::Borrowed(dy_std.as_slice().unwrap_or_default()),
+            Layout::Channels => {
+                alloc::borrow::Cow::Owned(channels_last(dy).into_raw_vec_and_offset().0)
+            }
         };
         let n = dyr.len() / self.out_dim;
+        let borrowed = if self.layout == Layout::Rows { rows_of(x) } else { None };
         let dx = match &mut self.inner {
             Inner::Frozen { w, .. } => want_dx
                 .then(|| frozen_backward(kernels::active(), w, &dyr, n, self.in_dim, self.out_dim)),
-            Inner::Adapted(h) if want_dx => Some(h.backward(&dyr)?),
-            Inner::Adapted(h) => {
-                h.backward_params_only(&dyr)?;
-                None
-            }
+            Inner::Adapted(h) => match borrowed {
+                Some(rows) => h.backward_with_input(&dyr, rows, want_dx)?,
+                None if want_dx => Some(h.backward(&dyr)?),
+                None => {
+                    h.backward_params_only(&dyr)?;
+                    None
+                }
+            },
         };
         let mut out = vec![None; inputs.len()];
         if let Some(dx) = dx {
@@ -253,6 +311,20 @@ impl TailOp for Linear {
 
     fn differentiable(&self, input: usize) -> bool {
         input == 0
+    }
+
+    fn accepts_f16(&self, input: usize) -> bool {
+        input == 0
+    }
+
+    fn release(&mut self) {
+        if let Inner::Adapted(h) = &mut self.inner {
+            h.clear_saved();
+        }
+    }
+
+    fn backward_reads_output(&self) -> bool {
+        false
     }
 
     fn as_linear(&self) -> Option<&Linear> {

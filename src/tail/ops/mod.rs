@@ -1,6 +1,7 @@
 //! The tail's operators: one file per family, each op with its forward and
 //! its backward. Every op has one output; inputs are f32 activations or
-//! constants, or i64 shape/axes tensors. Backward receives the output's
+//! constants, or i64 shape/axes tensors (f16 activations only where an op
+//! says it takes them, see [`TailOp::accepts_f16`]). Backward receives the output's
 //! gradient and returns one gradient per input that `need` asks for (only
 //! f32 inputs on a differentiable path are ever asked for).
 
@@ -16,7 +17,7 @@ use alloc::vec::Vec;
 
 use ndarray::ArrayD;
 
-use super::tensor::Tensor;
+use crate::Tensor;
 use crate::error::{Error, Result};
 
 /// One tail operator.
@@ -37,6 +38,21 @@ pub trait TailOp: core::fmt::Debug + Send {
         dy: &ArrayD<f32>,
         need: &[bool],
     ) -> Result<Vec<Option<ArrayD<f32>>>>;
+
+    /// Whether input `input` may be an f16 tensor (cached activations) as it
+    /// is; every other input receives f16 values widened to f32.
+    fn accepts_f16(&self, _input: usize) -> bool {
+        false
+    }
+
+    /// Drops whatever forward kept for backward (inference needs none of it).
+    fn release(&mut self) {}
+
+    /// Whether backward reads the op's output value (default: yes); when it
+    /// does not, the tape frees the output as soon as forward is done with it.
+    fn backward_reads_output(&self) -> bool {
+        true
+    }
 
     /// Which inputs a gradient can flow through (default: all).
     fn differentiable(&self, _input: usize) -> bool {

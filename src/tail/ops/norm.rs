@@ -7,8 +7,9 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, Axis, IxDyn};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::Result;
-use crate::tail::tensor::{Tensor, norm_axis};
+use crate::tail::broadcast::norm_axis;
 
 /// Views `a` as `[outer, inner]` where `inner` is the product of the axes from `axis` on.
 fn lanes(a: &ArrayD<f32>, axis: usize) -> (ArrayD<f32>, usize) {

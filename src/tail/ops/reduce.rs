@@ -7,8 +7,9 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, Axis, IxDyn};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::Result;
-use crate::tail::tensor::{Tensor, norm_axis};
+use crate::tail::broadcast::norm_axis;
 
 /// Mean or sum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

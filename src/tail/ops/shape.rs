@@ -8,8 +8,9 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, Axis, IxDyn, Slice as NdSlice};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::Result;
-use crate::tail::tensor::{Tensor, norm_axis};
+use crate::tail::broadcast::norm_axis;
 
 fn reshape_tensor(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let err = |e: ndarray::ShapeError| {
@@ -17,6 +18,9 @@ fn reshape_tensor(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
     };
     Ok(match t {
         Tensor::F32(a) => Tensor::F32(
+            a.as_standard_layout().into_owned().into_shape_with_order(IxDyn(shape)).map_err(err)?,
+        ),
+        Tensor::F16(a) => Tensor::F16(
             a.as_standard_layout().into_owned().into_shape_with_order(IxDyn(shape)).map_err(err)?,
         ),
         Tensor::I64(a) => Tensor::I64(
@@ -213,6 +217,9 @@ impl TailOp for Transpose {
             Tensor::F32(a) => {
                 Tensor::F32(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
             }
+            Tensor::F16(a) => {
+                Tensor::F16(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
+            }
             Tensor::I64(a) => {
                 Tensor::I64(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
             }
@@ -365,6 +372,7 @@ impl TailOp for Slice {
         let r = self.ranges(inputs)?;
         Ok(match input(inputs, 0)? {
             Tensor::F32(a) => Tensor::F32(a.slice_each_axis(|ax| r[ax.axis.index()]).to_owned()),
+            Tensor::F16(a) => Tensor::F16(a.slice_each_axis(|ax| r[ax.axis.index()]).to_owned()),
             Tensor::I64(a) => Tensor::I64(a.slice_each_axis(|ax| r[ax.axis.index()]).to_owned()),
         })
     }
@@ -436,6 +444,7 @@ impl TailOp for Gather {
         let (axis, idx, shape) = self.plan(inputs)?;
         let picked = match input(inputs, 0)? {
             Tensor::F32(a) => Tensor::F32(a.select(Axis(axis), &idx)),
+            Tensor::F16(a) => Tensor::F16(a.select(Axis(axis), &idx)),
             Tensor::I64(a) => Tensor::I64(a.select(Axis(axis), &idx)),
         };
         reshape_tensor(&picked, &shape)

@@ -8,8 +8,8 @@ use alloc::vec::Vec;
 use ndarray::{ArrayD, Zip};
 
 use super::{TailOp, fail, input};
+use crate::Tensor;
 use crate::error::Result;
-use crate::tail::tensor::Tensor;
 
 /// Which function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,6 +246,8 @@ impl TailOp for Cast {
             (Tensor::I64(a), true) => Tensor::F32(a.mapv(|v| v as f32)),
             (Tensor::F32(a), false) => Tensor::I64(a.mapv(|v| v as i64)),
             (Tensor::I64(a), false) => Tensor::I64(a.clone()),
+            (Tensor::F16(a), true) => Tensor::F32(a.mapv(|v| v.to_f32())),
+            (Tensor::F16(a), false) => Tensor::I64(a.mapv(|v| v.to_f32() as i64)),
         })
     }
 

@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::hydra::gemm;
 use crate::rng::Rng;
 
+/// The largest head [`LinearHead::new`] builds (weights): 1 GB of f32.
+pub const MAX_HEAD_PARAMS: usize = 1 << 28;
+
 /// Keep the model's own output, or train a new head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeadConfig {
@@ -34,20 +37,38 @@ pub struct LinearHead {
 }
 
 impl LinearHead {
-    /// A seeded head for `in_dim` features and `out_dim` outputs.
-    pub fn new(in_dim: usize, out_dim: usize, seed: u64) -> LinearHead {
+    /// A seeded head for `in_dim` features and `out_dim` outputs; refuses
+    /// zero or absurd sizes before allocating anything.
+    pub fn new(in_dim: usize, out_dim: usize, seed: u64) -> Result<LinearHead> {
+        let len = in_dim.checked_mul(out_dim).filter(|&n| n > 0 && n <= MAX_HEAD_PARAMS);
+        let Some(len) = len else {
+            return Err(Error::Config(format!(
+                "a head of {out_dim} outputs on {in_dim} features is not possible (at least 1 each, at most {MAX_HEAD_PARAMS} weights)"
+            )));
+        };
         let mut rng = Rng::new(seed ^ 0x4EAD);
-        let bound = 1.0 / (in_dim.max(1) as f32).sqrt();
-        let w = (0..in_dim * out_dim).map(|_| rng.uniform(-bound, bound)).collect();
-        LinearHead {
+        let bound = 1.0 / (in_dim as f32).sqrt();
+        let w = (0..len).map(|_| rng.uniform(-bound, bound)).collect();
+        Ok(LinearHead {
             w,
             b: vec![0.0; out_dim],
-            gw: vec![0.0; in_dim * out_dim],
+            gw: vec![0.0; len],
             gb: vec![0.0; out_dim],
             in_dim,
             out_dim,
             saved: None,
-        }
+        })
+    }
+
+    /// Weights, bias and their gradients, borrowed together (for optimisers).
+    pub fn split_mut(&mut self) -> (&mut [f32], &mut [f32], &[f32], &[f32]) {
+        (&mut self.w, &mut self.b, &self.gw, &self.gb)
+    }
+
+    /// Zeroes the gradients.
+    pub fn zero_grad(&mut self) {
+        self.gw.fill(0.0);
+        self.gb.fill(0.0);
     }
 
     /// (inputs, outputs).
@@ -55,8 +76,8 @@ impl LinearHead {
         (self.in_dim, self.out_dim)
     }
 
-    /// `[B, F…] → [B, N]`, keeping the features for backward.
-    pub fn forward(&mut self, feat: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    /// `[B, F…] → [B, N]`; with `train`, keeps the features for backward.
+    pub fn forward(&mut self, feat: &ArrayD<f32>, train: bool) -> Result<ArrayD<f32>> {
         let b = feat.shape().first().copied().unwrap_or(0);
         if feat.len() != b * self.in_dim {
             return Err(Error::Shape {
@@ -81,7 +102,7 @@ impl LinearHead {
         );
         y.chunks_exact_mut(self.out_dim)
             .for_each(|r| r.iter_mut().zip(&self.b).for_each(|(v, b)| *v += b));
-        self.saved = Some((x, feat.shape().to_vec()));
+        self.saved = train.then(|| (x, feat.shape().to_vec()));
         ArrayD::from_shape_vec(IxDyn(&[b, self.out_dim]), y)
             .map_err(|e| Error::Config(e.to_string()))
     }

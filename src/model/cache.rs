@@ -4,8 +4,13 @@
 //! Each sample's rows of the batch-dependent boundary tensors are stored as
 //! one fixed-size record — f32 activations as f16 (or f32), integer tensors
 //! exactly — in RAM up to a byte budget and in a spill file beyond it.
-//! Boundary tensors without a batch axis (probed by running the prefix at
-//! batch sizes 1 and 2) are stored once. The uncached training path passes
+//! How each boundary tensor depends on the batch is probed by running the
+//! prefix at batch sizes 1, 2 and 3 and comparing *values*, not only shapes:
+//! a tensor with a batch axis is stored per sample, one that is identical at
+//! every batch size is stored once, and an integer tensor of fixed shape whose
+//! values move with the batch (a Reshape target built from `Shape(x)`, as
+//! many exporters write) is stored as `base + (b − 1)·step`, checked at the
+//! third batch size. Anything else is refused with an error naming it. The uncached training path passes
 //! its boundary tensors through the same rounding ([`round_boundary`]), so
 //! training with and without the cache is bit-identical.
 
@@ -17,11 +22,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use half::f16;
 use ndarray::{ArrayD, Axis, IxDyn};
 
-use super::data::Dataset;
+use super::AdaptedModel;
+use crate::Tensor;
+use crate::backbone::Feed;
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::onnx::SplitModel;
-use crate::tail::Tensor;
+
+/// What a feature cache is built from: numbered samples that become model
+/// feeds, with an identity so that a model keeps one cache per data set.
+pub trait Samples {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The samples `idx` as a model feed.
+    fn feed(&self, idx: &[usize]) -> Feed;
+    /// Identifies the samples: equal ids, equal samples.
+    fn id(&self) -> u64;
+}
 
 /// Storage type of cached activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,19 +77,12 @@ impl Default for CacheConfig {
     }
 }
 
-/// Rounds an f32 boundary tensor to the cache's storage precision.
+/// Rounds an f32 boundary tensor to the cache's storage precision: f16
+/// storage hands the tail f16 tensors (the f16 kernels read them as they are).
 pub fn round_boundary(t: Tensor, dtype: CacheDtype) -> Tensor {
-    match (t, dtype) {
-        (Tensor::F32(a), CacheDtype::F16) => {
-            let k = kernels::active();
-            let src: Vec<f32> = a.as_standard_layout().iter().copied().collect();
-            let mut h = vec![f16::ZERO; src.len()];
-            k.f32_to_f16(&src, &mut h);
-            let mut back = vec![0.0f32; src.len()];
-            k.f16_to_f32(&h, &mut back);
-            Tensor::F32(ArrayD::from_shape_vec(a.raw_dim(), back).expect("same shape"))
-        }
-        (t, _) => t,
+    match dtype {
+        CacheDtype::F16 => t.into_f16(),
+        CacheDtype::F32 => t.into_f32(),
     }
 }
 
@@ -77,8 +90,55 @@ pub fn round_boundary(t: Tensor, dtype: CacheDtype) -> Tensor {
 enum Slot {
     /// Rows of a batch-dependent tensor: per-sample shape, byte offset in the record.
     PerSample { shape: Vec<usize>, int: bool, offset: usize, count: usize },
-    /// A tensor without a batch axis, stored once.
+    /// A tensor that is the same for every batch, stored once.
     Shared(Tensor),
+    /// An integer tensor of fixed shape whose values follow the batch size
+    /// (a Reshape target built from `Shape(x)`): `base + (b − 1)·step`.
+    Affine { base: ndarray::ArrayD<i64>, step: ndarray::ArrayD<i64> },
+}
+
+/// How boundary tensor `j` depends on the batch, from the prefix's outputs at
+/// batch sizes 1, 2 and (when the data has them) 3.
+fn probe_slot(j: usize, t1: Tensor, t2: Option<&Tensor>, t3: Option<&Tensor>) -> Result<Probe> {
+    let s1 = t1.shape().to_vec();
+    let Some(t2) = t2 else {
+        // One sample: every batch is batch 1.
+        return Ok(if s1.first() == Some(&1) { Probe::PerSample(t1) } else { Probe::Shared(t1) });
+    };
+    let s2 = t2.shape();
+    if s1.first() == Some(&1) && s2.first() == Some(&2) && s1[1..] == s2[1..] {
+        return Ok(Probe::PerSample(t1));
+    }
+    let unsupported = |why: &str| {
+        Error::Config(format!(
+            "boundary tensor {j} ({s1:?} at batch 1, {s2:?} at batch 2) {why}; train without the feature cache"
+        ))
+    };
+    if s1 != s2 {
+        return Err(unsupported("changes shape with the batch in an unsupported way"));
+    }
+    if &t1 == t2 {
+        return Ok(Probe::Shared(t1));
+    }
+    // Same shape, different values: shape arithmetic on the batch size.
+    let (Tensor::I64(a1), Tensor::I64(a2)) = (&t1, t2) else {
+        return Err(unsupported("has values that depend on the batch but no batch axis"));
+    };
+    let step = a2 - a1;
+    if let Some(t3) = t3 {
+        let ok = matches!(t3, Tensor::I64(a3) if a3.shape() == a1.shape()
+            && a3.iter().zip(a1).zip(&step).all(|((v3, v1), d)| *v3 == v1 + 2 * d));
+        if !ok {
+            return Err(unsupported("depends on the batch size in a way that is not linear"));
+        }
+    }
+    Ok(Probe::Affine { base: a1.clone(), step })
+}
+
+enum Probe {
+    PerSample(Tensor),
+    Shared(Tensor),
+    Affine { base: ndarray::ArrayD<i64>, step: ndarray::ArrayD<i64> },
 }
 
 /// Cached boundary tensors of one dataset.
@@ -98,8 +158,8 @@ static SPILL_ID: AtomicU64 = AtomicU64::new(0);
 impl FeatureCache {
     /// Runs the prefix over `data` in batches of `batch` and stores the result.
     pub fn build(
-        split: &SplitModel,
-        data: &Dataset,
+        split: &AdaptedModel,
+        data: &dyn Samples,
         batch: usize,
         cfg: &CacheConfig,
     ) -> Result<FeatureCache> {
@@ -108,8 +168,9 @@ impl FeatureCache {
             return Err(Error::Config("cannot cache an empty dataset".into()));
         }
         let batch = batch.max(1);
-        let one = split.prefix(&data.batch(&[0]).0)?;
-        let two = if n >= 2 { Some(split.prefix(&data.batch(&[0, 1]).0)?) } else { None };
+        let one = split.prefix(&data.feed(&[0]))?;
+        let two = if n >= 2 { Some(split.prefix(&data.feed(&[0, 1]))?) } else { None };
+        let three = if n >= 3 { Some(split.prefix(&data.feed(&[0, 1, 2]))?) } else { None };
         let elem = |int: bool| {
             if int {
                 8
@@ -122,28 +183,18 @@ impl FeatureCache {
         let mut slots = Vec::new();
         let mut record = 0usize;
         for (j, t1) in one.into_iter().enumerate() {
-            let s1 = t1.shape().to_vec();
-            let batched = match &two {
-                Some(t2) => {
-                    let s2 = t2[j].shape();
-                    let per =
-                        s1.first() == Some(&1) && s2.first() == Some(&2) && s1[1..] == s2[1..];
-                    if !per && s1 != s2 {
-                        return Err(Error::Config(format!(
-                            "boundary tensor {j} changes shape with the batch in an unsupported way ({s1:?} vs {s2:?})"
-                        )));
-                    }
-                    per
+            let t2 = two.as_ref().and_then(|t| t.get(j));
+            let t3 = three.as_ref().and_then(|t| t.get(j));
+            match probe_slot(j, t1, t2, t3)? {
+                Probe::PerSample(t1) => {
+                    let int = matches!(t1, Tensor::I64(_));
+                    let shape = t1.shape()[1..].to_vec();
+                    let count: usize = shape.iter().product();
+                    slots.push(Slot::PerSample { shape, int, offset: record, count });
+                    record += count * elem(int);
                 }
-                None => s1.first() == Some(&1),
-            };
-            if batched {
-                let int = matches!(t1, Tensor::I64(_));
-                let count: usize = s1[1..].iter().product();
-                slots.push(Slot::PerSample { shape: s1[1..].to_vec(), int, offset: record, count });
-                record += count * elem(int);
-            } else {
-                slots.push(Slot::Shared(round_boundary(t1, cfg.dtype)));
+                Probe::Shared(t) => slots.push(Slot::Shared(round_boundary(t, cfg.dtype))),
+                Probe::Affine { base, step } => slots.push(Slot::Affine { base, step }),
             }
         }
         let ram_records = cfg.ram_budget.checked_div(record).map_or(n, |r| r.min(n));
@@ -175,7 +226,7 @@ impl FeatureCache {
         };
         let order: Vec<usize> = (0..n).collect();
         for chunk in order.chunks(batch) {
-            let out = split.prefix(&data.batch(chunk).0)?;
+            let out = split.prefix(&data.feed(chunk))?;
             cache.append(&out, chunk.len())?;
         }
         Ok(cache)
@@ -192,6 +243,15 @@ impl FeatureCache {
                     Tensor::I64(a) => {
                         for (i, v) in a.index_axis(Axis(0), r).iter().enumerate() {
                             rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                    Tensor::F16(a) => {
+                        for (i, v) in a.index_axis(Axis(0), r).iter().enumerate() {
+                            if self.dtype == CacheDtype::F16 {
+                                rec[i * 2..i * 2 + 2].copy_from_slice(&v.to_le_bytes());
+                            } else {
+                                rec[i * 4..i * 4 + 4].copy_from_slice(&v.to_f32().to_le_bytes());
+                            }
                         }
                     }
                     Tensor::F32(a) => {
@@ -224,6 +284,11 @@ impl FeatureCache {
             self.len += 1;
         }
         Ok(())
+    }
+
+    /// Storage type of the cached activations.
+    pub fn dtype(&self) -> CacheDtype {
+        self.dtype
     }
 
     /// Samples cached.
@@ -269,12 +334,12 @@ impl FeatureCache {
                 })?;
             }
         }
-        let k = kernels::active();
         let b = idx.len();
         self.slots
             .iter()
             .map(|slot| match slot {
                 Slot::Shared(t) => Ok(t.clone()),
+                Slot::Affine { base, step } => Ok(Tensor::I64(base + &(step * (b as i64 - 1)))),
                 Slot::PerSample { shape, int, offset, count } => {
                     let mut dims = vec![b];
                     dims.extend_from_slice(shape);
@@ -299,9 +364,7 @@ impl FeatureCache {
                                     .map(|c| f16::from_le_bytes([c[0], c[1]]))
                             })
                             .collect();
-                        let mut v = vec![0.0f32; h.len()];
-                        k.f16_to_f32(&h, &mut v);
-                        Ok(Tensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
+                        Ok(Tensor::F16(ArrayD::from_shape_vec(IxDyn(&dims), h).map_err(err)?))
                     } else {
                         let v: Vec<f32> = (0..b)
                             .flat_map(|r| {

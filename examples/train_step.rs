@@ -1,0 +1,281 @@
+//! The engine benchmark (issue "one owner … and a training step faster than
+//! PyTorch"): all-MiniLM-L6-v2, Hydra r8+8 on the attention-output and
+//! FFN-output dense of the last 2 blocks, a new 2-class head on the pooled
+//! embedding, batch 16 × 64 tokens, AdamW, prefix cached — the recipe of
+//! `../shared/anchors/pytorch_minilm_hydra.py`.
+//!
+//! Reports, side by side in one run:
+//! - the training step (cached boundary → tail → head → loss → backward →
+//!   AdamW) at 1 thread and at every thread count up to `max_threads`;
+//! - tail forward + backward ÷ tract's forward of the same tail (the tail's
+//!   subgraph cut out of the ONNX file with the boundary as its inputs);
+//! - the step's dense GFLOP/s ÷ the GFLOP/s of plain sgemm on exactly the
+//!   products the step ran (shapes recorded during the step, replayed);
+//! - the hot-swap run (an adapter folded into the weights) ÷ the same model
+//!   with no adapter, and the cost of one swap.
+//!
+//! `python3 models/real/build_minilm.py && cargo run --release --example train_step [max_threads] [steps]`
+
+use std::time::Instant;
+
+use hydra_edge::Tensor;
+use hydra_edge::adapter::DType;
+use hydra_edge::hydra::{gemm, record_gemm_shapes};
+use hydra_edge::infer::HotSwap;
+use hydra_edge::kernels::stats;
+use hydra_edge::model::{AdaptedModel, CacheConfig, HeadConfig};
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::parallel::set_threads;
+use hydra_edge::rng::Rng;
+use hydra_edge::train::{Dataset, Labels, OptimizerKind, TrainConfig, Trainer};
+use hydra_edge::{HydraConfig, Variant};
+use ndarray::{ArrayD, IxDyn};
+use tract_onnx::prelude::*;
+
+const SEQ: usize = 64;
+const BATCH: usize = 16;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn recipe() -> SplitConfig {
+    let mut adapter = HydraConfig { variant: Variant::Hydra, ..HydraConfig::default() };
+    adapter.parallel.rank = 8;
+    adapter.sequential.rank = 8;
+    SplitConfig {
+        targets: Targets::Patterns(
+            [
+                "4/attention/output/dense",
+                "4/output/dense",
+                "5/attention/output/dense",
+                "5/output/dense",
+            ]
+            .iter()
+            .map(|p| format!("/encoder/layer.{p}"))
+            .collect(),
+        ),
+        output: Some("pooled".into()),
+        adapter,
+        ..SplitConfig::default()
+    }
+}
+
+fn data(n: usize, seed: u64) -> Result<Dataset, Box<dyn std::error::Error>> {
+    let mut rng = Rng::new(seed);
+    let ids: Vec<i64> = (0..n * SEQ)
+        .map(|i| if i % SEQ == 0 { 101 } else { 1000 + rng.below(29_000) as i64 })
+        .collect();
+    // Real sentences are padded: give each sample a random length.
+    let mask: Vec<i64> = (0..n)
+        .flat_map(|_| {
+            let len = 8 + rng.below((SEQ - 8) as u64) as usize;
+            (0..SEQ).map(move |j| i64::from(j < len))
+        })
+        .collect();
+    let t = |v: Vec<i64>| Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[n, SEQ]), v).unwrap());
+    let labels = Labels::Classes((0..n).map(|_| rng.below(2) as usize).collect());
+    Ok(Dataset::new(
+        [("input_ids".to_string(), t(ids)), ("attention_mask".to_string(), t(mask))],
+        labels,
+    )?)
+}
+
+/// Tract's forward of the tail alone: the ONNX graph with the boundary
+/// tensors as inputs and `pooled` as output, optimized for these shapes.
+fn tract_tail(
+    path: &str,
+    boundary: &[String],
+    values: &[Tensor],
+) -> Result<std::sync::Arc<TypedRunnableModel>, Box<dyn std::error::Error>> {
+    let mut m = tract_onnx::onnx().model_for_path(path)?;
+    m.set_input_names(boundary)?;
+    for (i, v) in values.iter().enumerate() {
+        let fact = match v {
+            Tensor::I64(_) => InferenceFact::dt_shape(i64::datum_type(), v.shape()),
+            _ => InferenceFact::dt_shape(f32::datum_type(), v.shape()),
+        };
+        m.set_input_fact(i, fact)?;
+    }
+    m.select_outputs_by_name(["pooled"])?;
+    Ok(m.into_optimized()?.into_runnable()?)
+}
+
+fn tract_value(t: &Tensor) -> TValue {
+    match t {
+        Tensor::F32(a) => tract_onnx::prelude::Tensor::from(a.clone()).into(),
+        Tensor::F16(a) => tract_onnx::prelude::Tensor::from(a.mapv(|v| v.to_f32())).into(),
+        Tensor::I64(a) => tract_onnx::prelude::Tensor::from(a.clone()).into(),
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let max_threads: usize = std::env::args().nth(1).map_or(Ok(2), |s| s.parse())?;
+    let steps: usize = std::env::args().nth(2).map_or(Ok(20), |s| s.parse())?;
+    let path = std::env::var("HYDRA_MODELS_DIR").unwrap_or_else(|_| "models/real/out".into())
+        + "/minilm.onnx";
+    let onnx = OnnxModel::load(&path)?;
+    let train = data(BATCH * 4, 7)?;
+    let cfg = TrainConfig {
+        epochs: 1_000,
+        batch_size: BATCH,
+        lr: 1e-3,
+        weight_decay: 1e-4,
+        optimizer: OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        head: HeadConfig::New(2),
+        cache: CacheConfig { enabled: true, ..CacheConfig::default() },
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(AdaptedModel::new(&onnx, &recipe())?, cfg)?;
+    println!(
+        "all-MiniLM-L6-v2, Hydra r8+8 on {} layers of the last 2 blocks, new 2-class head, batch {BATCH} × {SEQ} tokens, AdamW, prefix cached",
+        trainer.model().report().adapted.len()
+    );
+    // Build the cache and warm up (first steps allocate and create the head).
+    set_threads(1)?;
+    let f16_before = stats::f16_kernel_calls();
+    trainer.fit_until(&train, None, Some(4), &mut |_| {})?;
+    let mut step_ms = Vec::new();
+    let mut threads_list = vec![1];
+    threads_list.extend((2..=max_threads).filter(|t| *t > 1));
+    for &t in &threads_list {
+        set_threads(t)?;
+        let mut v = Vec::new();
+        for _ in 0..steps {
+            let target = trainer.step() + 1;
+            let t0 = Instant::now();
+            trainer.fit_until(&train, None, Some(target), &mut |_| {})?;
+            v.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        step_ms.push((t, median(v)));
+    }
+    let f16_calls = stats::f16_kernel_calls() - f16_before;
+    let prefix_after_cache = trainer.model().prefix_samples();
+
+    // Tail forward+backward vs tract's forward of the same tail, and dense
+    // GFLOP/s vs plain sgemm on the same shapes, at `max_threads`.
+    set_threads(max_threads)?;
+    let model = trainer.model_mut();
+    let idx: Vec<usize> = (0..BATCH).collect();
+    let cache = CacheConfig::default();
+    let boundary = model.boundary(&train, &idx, &cache, BATCH)?;
+    let names = model.report().boundary.clone();
+    let run_tail =
+        |m: &mut AdaptedModel, record: bool| -> Result<f64, Box<dyn std::error::Error>> {
+            let b = boundary.clone();
+            let t0 = Instant::now();
+            if record {
+                record_gemm_shapes(true);
+            }
+            let y = m.predict_boundary(b, true)?;
+            m.backward_prediction(ArrayD::from_elem(y.raw_dim(), 1e-3))?;
+            let dt = t0.elapsed().as_secs_f64();
+            m.tail_mut().clear_tape();
+            Ok(dt)
+        };
+    run_tail(model, false)?;
+    let ours = median((0..steps).map(|_| run_tail(model, false)).collect::<Result<Vec<_>, _>>()?);
+    run_tail(model, true)?;
+    let shapes = record_gemm_shapes(false);
+    let flops: f64 = shapes.iter().map(|&(m, k, n)| 2.0 * (m * k * n) as f64).sum();
+    let mut sg = Vec::new();
+    for _ in 0..steps.min(10) {
+        let bufs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = shapes
+            .iter()
+            .map(|&(m, k, n)| (vec![0.5; m * k], vec![0.25; k * n], vec![0.0; m * n]))
+            .collect();
+        let t0 = Instant::now();
+        for (&(m, k, n), (a, b, c)) in shapes.iter().zip(bufs) {
+            let mut c = c;
+            gemm(m, k, n, 1.0, &a, (k, 1), &b, (n, 1), 0.0, &mut c);
+            std::hint::black_box(&c);
+        }
+        sg.push(t0.elapsed().as_secs_f64());
+    }
+    let sgemm = median(sg);
+    let plan = tract_tail(&path, &names, &boundary)?;
+    let tv: TVec<TValue> = boundary.iter().map(tract_value).collect();
+    plan.run(tv.clone())?;
+    let tract = median(
+        (0..steps)
+            .map(|_| {
+                let t0 = Instant::now();
+                plan.run(tv.clone()).map(|_| t0.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+
+    // Hot-swap: two adapters on one model, runs at merged weights.
+    let file = trainer.adapter_file(false, DType::F32)?;
+    let mut other = file.clone();
+    for t in &mut other.tensors {
+        t.data.iter_mut().for_each(|v| *v *= 0.5);
+    }
+    let mut hs = HotSwap::new(AdaptedModel::new(&onnx, &recipe())?, Some(2));
+    let a = hs.add("a", &file)?;
+    let b = hs.add("b", &other)?;
+    let feed = train.batch(&idx).0;
+    // Baselines: the same adapter unmerged, and the base model as one tract plan.
+    let mut unmerged = AdaptedModel::from_adapter_file(&onnx, &file)?;
+    let whole = hydra_edge::infer::Model::from_onnx(&onnx)?;
+    let timed = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| {
+        f().map(|_| ())?;
+        let v: Result<Vec<f64>, Box<dyn std::error::Error>> = (0..steps)
+            .map(|_| {
+                let t0 = Instant::now();
+                f()?;
+                Ok(t0.elapsed().as_secs_f64())
+            })
+            .collect();
+        v.map(median)
+    };
+    hs.activate(a)?;
+    let swapped = timed(&mut || hs.run(&feed).map(drop).map_err(Into::into))?;
+    let unmerged_t = timed(&mut || {
+        unmerged.predict(&feed, hydra_edge::model::CacheDtype::F32).map(drop).map_err(Into::into)
+    })?;
+    let base = timed(&mut || whole.run(&feed).map(drop).map_err(Into::into))?;
+    let mut flip = false;
+    let swap = timed(&mut || {
+        flip = !flip;
+        hs.activate(if flip { b } else { a }).map_err(Into::into)
+    })?;
+
+    println!("\n| measure | value |\n|---|---|");
+    for (t, ms) in &step_ms {
+        println!("| training step, {t} thread(s) | {ms:.1} ms |");
+    }
+    println!(
+        "| tail fwd+bwd ÷ tract fwd of the same tail ({max_threads} thr) | {:.1} ms ÷ {:.1} ms = {:.2} |",
+        ours * 1e3,
+        tract * 1e3,
+        ours / tract
+    );
+    println!(
+        "| dense GFLOP/s in the step ÷ sgemm on the same {} products ({max_threads} thr) | {:.1} ÷ {:.1} = {:.2} |",
+        shapes.len(),
+        flops / ours / 1e9,
+        flops / sgemm / 1e9,
+        sgemm / ours
+    );
+    println!(
+        "| hot-swap run (merged) ÷ base model in tract (batch {BATCH}) | {:.1} ms ÷ {:.1} ms = {:.3} |",
+        swapped * 1e3,
+        base * 1e3,
+        swapped / base
+    );
+    println!(
+        "| hot-swap run (merged) ÷ same adapter unmerged | {:.1} ms ÷ {:.1} ms = {:.3} |",
+        swapped * 1e3,
+        unmerged_t * 1e3,
+        swapped / unmerged_t
+    );
+    println!("| one swap (unfold + fold 4 layers) | {:.2} ms |", swap * 1e3);
+    println!("| f16 kernel calls during the timed steps | {f16_calls} |");
+    println!(
+        "| samples through the backbone (cache build + probes) | {prefix_after_cache} for {} samples |",
+        train.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The adapted model: the one owner of everything a training or inference
+//! run holds — the frozen tract backbone, the trainable tail with its
+//! adapters, the optional new head, the named parameter registry and the
+//! feature caches.
+//!
+//! `train`, `infer` and `export` all go through it and never re-derive what
+//! it knows: parameter order and names come from [`AdaptedModel::params`]
+//! (one list for the optimiser, checkpoints, adapter files, hot-swap and
+//! export), boundary tensors from [`AdaptedModel::boundary`] (cached once per
+//! data set and kept across epochs and calls).
+//!
+//! Imports run downhill: `onnx` (the split analysis) and `backbone` sit
+//! below, `train`, `infer` and `export` above.
+
+pub mod cache;
+pub mod head;
+pub mod params;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ndarray::ArrayD;
+
+pub use cache::{CacheConfig, CacheDtype, FeatureCache, Samples, round_boundary};
+pub use head::{HeadConfig, LinearHead};
+pub use params::{ParamSpec, PreparedAdapter};
+
+use crate::Tensor;
+use crate::backbone::{Backbone, Feed};
+use crate::error::Result;
+use crate::hydra::HydraConfig;
+use crate::onnx::{LinearLayer, OnnxModel, SplitConfig, SplitReport};
+use crate::tail::TailGraph;
+
+/// Training memory of the tail, measured on a sample batch.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    /// Frozen tail weights + adapter parameters, gradients and two AdamW moments.
+    pub fixed_bytes: usize,
+    /// Activations kept for backward, per sample (the tape, the adapters'
+    /// saved inputs and `y0` rows).
+    pub per_sample_bytes: usize,
+}
+
+impl MemoryEstimate {
+    /// Bytes at `batch` samples per step.
+    pub fn at_batch(&self, batch: usize) -> usize {
+        self.fixed_bytes.saturating_add(self.per_sample_bytes.saturating_mul(batch))
+    }
+}
+
+/// A frozen backbone, a trainable tail, an optional new head, their
+/// parameters and feature caches.
+#[derive(Debug)]
+pub struct AdaptedModel {
+    backbone: Backbone,
+    tail: TailGraph,
+    report: SplitReport,
+    layers: Vec<LinearLayer>,
+    fingerprint: u64,
+    /// The adapter configuration as the user gave it (each layer derives its
+    /// own seed from it); what adapter files record.
+    adapter_config: HydraConfig,
+    head: Option<LinearHead>,
+    caches: Vec<(u64, FeatureCache)>,
+    prefix_samples: AtomicUsize,
+}
+
+impl AdaptedModel {
+    /// Splits `model` as `cfg` asks and builds the backbone plan for the tail's boundary.
+    pub fn new(model: &OnnxModel, cfg: &SplitConfig) -> Result<AdaptedModel> {
+        let s = crate::onnx::split(model, cfg)?;
+        let backbone = Backbone::new(model, &s.report.boundary)?;
+        Ok(AdaptedModel {
+            backbone,
+            tail: s.tail,
+            report: s.report,
+            layers: s.layers,
+            fingerprint: s.fingerprint,
+            adapter_config: cfg.adapter.clone(),
+            head: None,
+            caches: Vec::new(),
+            prefix_samples: AtomicUsize::new(0),
+        })
+    }
+
+    /// What the split decided.
+    pub fn report(&self) -> &SplitReport {
+        &self.report
+    }
+
+    /// The adapted layers, as found in the model.
+    pub fn adapted_layers(&self) -> &[LinearLayer] {
+        &self.layers
+    }
+
+    /// The adapter configuration the model was built with.
+    pub fn adapter_config(&self) -> &HydraConfig {
+        &self.adapter_config
+    }
+
+    /// Fingerprint of the adapted layers' frozen weights (as in the ONNX
+    /// file, f32), written into adapter files so that an adapter is refused on
+    /// another base model.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The frozen backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// The trainable tail.
+    pub fn tail(&self) -> &TailGraph {
+        &self.tail
+    }
+
+    /// Mutable [`AdaptedModel::tail`].
+    pub fn tail_mut(&mut self) -> &mut TailGraph {
+        &mut self.tail
+    }
+
+    /// The new head, if there is one.
+    pub fn head(&self) -> Option<&LinearHead> {
+        self.head.as_ref()
+    }
+
+    /// Mutable [`AdaptedModel::head`].
+    pub fn head_mut(&mut self) -> Option<&mut LinearHead> {
+        self.head.as_mut()
+    }
+
+    /// Creates the new head `config` asks for, once the feature width is
+    /// known (a no-op if it exists or none is asked for).
+    pub fn ensure_head(&mut self, config: HeadConfig, features: usize, seed: u64) -> Result<()> {
+        if let (HeadConfig::New(classes), None) = (config, &self.head) {
+            self.head = Some(LinearHead::new(features, classes, seed)?);
+        }
+        Ok(())
+    }
+
+    /// Replaces (or removes) the head.
+    pub fn set_head(&mut self, head: Option<LinearHead>) {
+        self.head = head;
+    }
+
+    /// Samples that have gone through the frozen backbone so far (a feature
+    /// cache that works keeps this flat after it is built).
+    pub fn prefix_samples(&self) -> usize {
+        self.prefix_samples.load(Ordering::Relaxed)
+    }
+
+    /// Runs the frozen prefix: the boundary tensors, in the tail's order.
+    pub fn prefix(&self, feed: &Feed) -> Result<Vec<Tensor>> {
+        let n = feed.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+        self.prefix_samples.fetch_add(n, Ordering::Relaxed);
+        self.backbone.run(feed)
+    }
+
+    /// Prefix then tail (no head); the tail keeps its tape for [`AdaptedModel::backward`].
+    pub fn forward(&mut self, feed: &Feed, train: bool) -> Result<Tensor> {
+        let boundary = self.prefix(feed)?;
+        self.tail.forward(boundary, train)
+    }
+
+    /// Back-propagates the gradient of the tail's output.
+    pub fn backward(&mut self, dy: ArrayD<f32>) -> Result<()> {
+        self.tail.backward(dy)
+    }
+
+    /// The boundary tensors of samples `idx` of `data`: from its feature
+    /// cache (built on first use and kept until [`AdaptedModel::drop_caches`])
+    /// when `cache.enabled`, else from the live prefix, rounded the same way.
+    pub fn boundary(
+        &mut self,
+        data: &dyn Samples,
+        idx: &[usize],
+        cache: &CacheConfig,
+        batch: usize,
+    ) -> Result<Vec<Tensor>> {
+        if !cache.enabled {
+            let b = self.prefix(&data.feed(idx))?;
+            return Ok(b.into_iter().map(|t| round_boundary(t, cache.dtype)).collect());
+        }
+        let key = data.id();
+        let at = match self.caches.iter().position(|(k, c)| *k == key && c.dtype() == cache.dtype) {
+            Some(i) => i,
+            None => {
+                let c = FeatureCache::build(self, data, batch, cache)?;
+                self.caches.push((key, c));
+                self.caches.len() - 1
+            }
+        };
+        self.caches[at].1.batch(idx)
+    }
+
+    /// Whether the samples of `data` are cached.
+    pub fn is_cached(&self, data: &dyn Samples) -> bool {
+        self.caches.iter().any(|(k, _)| *k == data.id())
+    }
+
+    /// Frees every feature cache (RAM and spill files).
+    pub fn drop_caches(&mut self) {
+        self.caches.clear();
+    }
+
+    /// Bytes the feature caches hold in RAM.
+    pub fn cache_bytes(&self) -> usize {
+        self.caches.iter().map(|(_, c)| c.ram_bytes()).sum()
+    }
+
+    /// Tail then head on boundary tensors: the model's prediction. With
+    /// `train`, every op keeps what backward needs.
+    pub fn predict_boundary(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<ArrayD<f32>> {
+        let out = self.tail.forward(boundary, train)?;
+        let feat = match out {
+            Tensor::F32(a) => a,
+            t => t.to_f32("tail output")?.into_owned(),
+        };
+        match &mut self.head {
+            Some(h) => h.forward(&feat, train),
+            None => Ok(feat),
+        }
+    }
+
+    /// The gradient of the prediction back through head and tail.
+    pub fn backward_prediction(&mut self, dy: ArrayD<f32>) -> Result<()> {
+        let d = match &mut self.head {
+            Some(h) => h.backward(&dy)?,
+            None => dy,
+        };
+        self.tail.backward(d)
+    }
+
+    /// The prediction for a feed (prefix, tail, head), boundary rounded as
+    /// `dtype` stores it; keeps no training state.
+    pub fn predict(&mut self, feed: &Feed, dtype: CacheDtype) -> Result<ArrayD<f32>> {
+        let boundary = self.prefix(feed)?.into_iter().map(|t| round_boundary(t, dtype)).collect();
+        let y = self.predict_boundary(boundary, false);
+        self.tail.clear_tape();
+        y
+    }
+
+    /// Measures the tail's training memory on `sample` (any batch size).
+    pub fn estimate_memory(&mut self, sample: &Feed) -> Result<MemoryEstimate> {
+        // Training mode draws dropout masks: put the generators back afterwards,
+        // so that estimating never changes what training does.
+        let rngs: Vec<_> = self.tail.adapters().map(|(_, a)| a.rng().clone()).collect();
+        let out = self.forward(sample, true);
+        let saved: usize = self.tail.adapters().map(|(_, a)| a.saved_bytes()).sum();
+        for ((_, a), r) in self.tail.adapters_mut().zip(rngs) {
+            a.set_rng(r);
+            a.clear_saved();
+        }
+        let out = out?;
+        let batch = out.shape().first().copied().unwrap_or(1).max(1);
+        let tape = self.tail.tape_bytes();
+        self.tail.clear_tape();
+        let per_sample = (tape + saved) / batch;
+        let trainable = self.tail.trainable_params() * 4;
+        // Parameters, gradients and two AdamW moments.
+        let fixed = self.tail.frozen_bytes() + trainable * 4;
+        Ok(MemoryEstimate { fixed_bytes: fixed, per_sample_bytes: per_sample })
+    }
+}
+
+/// How to rebuild the model an adapter file was trained on: its layers, its
+/// output tensor, its adapter configuration; and its head's class count.
+pub fn split_config_for(file: &crate::adapter::AdapterFile) -> (SplitConfig, Option<usize>) {
+    use crate::onnx::Targets;
+    let layers: Vec<String> = file.header.layers.iter().map(|l| l.name.clone()).collect();
+    let targets = if layers.is_empty() { Targets::None } else { Targets::Names(layers) };
+    let output = file.header.metadata.get("output").cloned();
+    let classes = file
+        .header
+        .metadata
+        .get("head")
+        .and_then(|h| h.strip_prefix("new:"))
+        .and_then(|h| h.split(':').next())
+        .and_then(|c| c.parse().ok());
+    (
+        SplitConfig {
+            targets,
+            output,
+            adapter: file.header.config.clone(),
+            ..SplitConfig::default()
+        },
+        classes,
+    )
+}
+
+impl AdaptedModel {
+    /// The model `file` was trained on, rebuilt from `onnx`, with the file's
+    /// adapters (and head) loaded; refused if the file belongs to another model.
+    pub fn from_adapter_file(
+        onnx: &OnnxModel,
+        file: &crate::adapter::AdapterFile,
+    ) -> Result<AdaptedModel> {
+        let (cfg, classes) = split_config_for(file);
+        let mut m = AdaptedModel::new(onnx, &cfg)?;
+        PreparedAdapter::new(&m, file, classes)?.apply(&mut m)?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,136 @@
+//! The one thread knob: a single rayon pool shared by tract (the frozen
+//! backbone's matrix products) and the tail (its dense products, batched
+//! attention products and row-wise ops).
+//!
+//! [`set_threads`] builds the pool once per call and hands the same pool to
+//! tract, so `--threads N` means N worker threads in total, never N for tract
+//! plus N for the tail. Work is split into disjoint output blocks whose
+//! arithmetic does not depend on the split (a GEMM is cut along its output
+//! rows or columns, never along `k`), so results are bit-identical for every
+//! thread count — the trainer's determinism does not depend on the knob.
+
+use std::sync::{Arc, RwLock};
+
+use rayon::ThreadPool;
+
+use crate::error::{Error, Result};
+
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+/// The most threads [`set_threads`] accepts; more is a mistake, not a wish.
+pub const MAX_THREADS: usize = 256;
+
+/// Work below this many multiply-adds stays on the calling thread: handing it
+/// to the pool costs more than it saves.
+pub const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// Uses `n` threads for the backbone and the tail (1 = single-threaded, the
+/// default; 0 = one per available core). Refuses `n` above [`MAX_THREADS`].
+pub fn set_threads(n: usize) -> Result<()> {
+    let n = if n == 0 { std::thread::available_parallelism().map_or(1, |c| c.get()) } else { n };
+    if n > MAX_THREADS {
+        return Err(Error::Config(format!(
+            "{n} threads requested; at most {MAX_THREADS} are supported (this machine has {})",
+            std::thread::available_parallelism().map_or(1, |c| c.get())
+        )));
+    }
+    let pool = if n <= 1 {
+        None
+    } else {
+        let p = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("hydra-edge-{i}"))
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start {n} threads: {e}")))?;
+        Some(Arc::new(p))
+    };
+    #[cfg(feature = "onnx")]
+    {
+        use tract_linalg::multithread::{Executor, set_default_executor};
+        set_default_executor(match &pool {
+            Some(p) => Executor::MultiThread(p.clone()),
+            None => Executor::SingleThread,
+        });
+    }
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = pool;
+    Ok(())
+}
+
+/// Threads in use (1 when single-threaded).
+pub fn threads() -> usize {
+    pool().map_or(1, |p| p.current_num_threads())
+}
+
+fn pool() -> Option<Arc<ThreadPool>> {
+    POOL.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Runs `f(i)` for `i in 0..parts`, on the pool when there is one and the
+/// work (`work` multiply-adds in all) is worth it, else in order here.
+pub fn for_each(parts: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
+    match pool() {
+        Some(p) if parts > 1 && work >= MIN_PARALLEL_WORK => {
+            p.install(|| {
+                use rayon::prelude::*;
+                (0..parts).into_par_iter().for_each(f)
+            });
+        }
+        _ => (0..parts).for_each(f),
+    }
+}
+
+/// Splits `len` items into at most `threads()` contiguous ranges whose starts
+/// are multiples of `align` (the last may be short).
+pub fn ranges(len: usize, align: usize) -> Vec<core::ops::Range<usize>> {
+    let t = threads().max(1);
+    let align = align.max(1);
+    let blocks = len.div_ceil(align);
+    let per = blocks.div_ceil(t).max(1) * align;
+    (0..len).step_by(per.max(1)).map(|s| s..(s + per).min(len)).collect()
+}
+
+/// Calls `f(chunk_index, chunk)` on consecutive `chunk`-sized pieces of `data`
+/// (the last may be shorter), in parallel when worth it.
+pub fn chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    match pool() {
+        Some(p) if data.len() > chunk && work >= MIN_PARALLEL_WORK => {
+            p.install(|| {
+                use rayon::prelude::*;
+                data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c))
+            });
+        }
+        _ => data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_everything_once_and_align() {
+        for len in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000] {
+            for align in [1usize, 8] {
+                let r = ranges(len, align);
+                let mut next = 0;
+                for x in &r {
+                    assert_eq!(x.start, next);
+                    assert_eq!(x.start % align, 0);
+                    next = x.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_threads_is_an_error() {
+        assert!(set_threads(MAX_THREADS + 1).is_err());
+    }
+}
