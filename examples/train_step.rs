@@ -82,23 +82,60 @@ fn data(n: usize, seed: u64) -> Result<Dataset, Box<dyn std::error::Error>> {
     )?)
 }
 
-/// Tract's forward of the tail alone: the ONNX graph with the boundary
-/// tensors as inputs and `pooled` as output, optimized for these shapes.
+/// Tract's forward of the tail alone: the ONNX graph cut at the boundary
+/// tensors (they become its inputs, with these shapes) and ending at
+/// `pooled`, optimized by tract.
 fn tract_tail(
-    path: &str,
+    onnx: &OnnxModel,
     boundary: &[String],
     values: &[Tensor],
 ) -> Result<std::sync::Arc<TypedRunnableModel>, Box<dyn std::error::Error>> {
-    let mut m = tract_onnx::onnx().model_for_path(path)?;
-    m.set_input_names(boundary)?;
-    for (i, v) in values.iter().enumerate() {
-        let fact = match v {
-            Tensor::I64(_) => InferenceFact::dt_shape(i64::datum_type(), v.shape()),
-            _ => InferenceFact::dt_shape(f32::datum_type(), v.shape()),
-        };
-        m.set_input_fact(i, fact)?;
+    use hydra_edge::onnx::pb;
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    let mut proto = onnx.proto().clone();
+    let g = proto.graph.as_mut().ok_or("no graph")?;
+    // Keep the nodes `pooled` needs, walking back until a boundary tensor.
+    let mut keep = vec![false; g.node.len()];
+    let mut want: Vec<String> = vec!["pooled".into()];
+    while let Some(t) = want.pop() {
+        if boundary.contains(&t) {
+            continue;
+        }
+        if let Some(i) = g.node.iter().position(|n| n.output.contains(&t))
+            && !keep[i]
+        {
+            keep[i] = true;
+            want.extend(g.node[i].input.iter().filter(|s| !s.is_empty()).cloned());
+        }
     }
-    m.select_outputs_by_name(["pooled"])?;
+    let nodes = std::mem::take(&mut g.node);
+    g.node = nodes.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(n, _)| n).collect();
+    let info = |name: &str, elem_type: i32, dims: &[usize]| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(Value::DimValue(d as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    g.input = boundary
+        .iter()
+        .zip(values)
+        .map(|(b, v)| info(b, if matches!(v, Tensor::I64(_)) { 7 } else { 1 }, v.shape()))
+        .collect();
+    g.output.retain(|o| o.name == "pooled");
+    let m = tract_onnx::onnx().model_for_proto_model(&proto)?;
     Ok(m.into_optimized()?.into_runnable()?)
 }
 
@@ -151,6 +188,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         step_ms.push((t, median(v)));
     }
     let f16_calls = stats::f16_kernel_calls() - f16_before;
+    if std::env::var_os("HYDRA_PROFILE").is_some() {
+        trainer.model_mut().tail_mut().set_profiling(true);
+        let target = trainer.step() + steps as u64;
+        trainer.fit_until(&train, None, Some(target), &mut |_| {})?;
+        println!("per op type over {steps} steps ({max_threads} threads): forward ms, backward ms");
+        for (op, f, b) in trainer.model().tail().profile() {
+            println!("  {op:<24} {:>8.1} {:>8.1}", f * 1e3 / steps as f64, b * 1e3 / steps as f64);
+        }
+        trainer.model_mut().tail_mut().set_profiling(false);
+    }
     let prefix_after_cache = trainer.model().prefix_samples();
 
     // Tail forward+backward vs tract's forward of the same tail, and dense
@@ -194,7 +241,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sg.push(t0.elapsed().as_secs_f64());
     }
     let sgemm = median(sg);
-    let plan = tract_tail(&path, &names, &boundary)?;
+    let plan = tract_tail(&onnx, &names, &boundary)?;
     let tv: TVec<TValue> = boundary.iter().map(tract_value).collect();
     plan.run(tv.clone())?;
     let tract = median(

@@ -20,9 +20,14 @@ static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
 /// The most threads [`set_threads`] accepts; more is a mistake, not a wish.
 pub const MAX_THREADS: usize = 256;
 
-/// Work below this many multiply-adds stays on the calling thread: handing it
+/// Work below this many operations stays on the calling thread: handing it
 /// to the pool costs more than it saves.
 pub const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// A dense product below this many multiply-adds runs on one thread:
+/// matrixmultiply's packing dominates below it (a 64×32×64 attention
+/// product ran at 17 GFLOP/s split in two, 42 on one core).
+pub const MIN_PARALLEL_GEMM: usize = 1 << 21;
 
 /// Uses `n` threads for the backbone and the tail (1 = single-threaded, the
 /// default; 0 = one per available core). Refuses `n` above [`MAX_THREADS`].
@@ -54,6 +59,12 @@ pub fn set_threads(n: usize) -> Result<()> {
     }
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = pool;
     Ok(())
+}
+
+/// Whether the caller already runs on a pool thread (work it hands out
+/// there would only be split again; it runs it itself instead).
+pub fn in_worker() -> bool {
+    rayon::current_thread_index().is_some()
 }
 
 /// Threads in use (1 when single-threaded).

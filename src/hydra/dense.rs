@@ -85,7 +85,10 @@ pub fn gemm(
     #[cfg(feature = "std")]
     {
         record_gemm(m, k, n);
-        if crate::parallel::threads() > 1 && m * k * n >= crate::parallel::MIN_PARALLEL_WORK {
+        if crate::parallel::threads() > 1
+            && m * k * n >= crate::parallel::MIN_PARALLEL_GEMM
+            && !crate::parallel::in_worker()
+        {
             let c_ptr = SendPtr(c.as_mut_ptr());
             // Cut along the longer output side; every element of C is still
             // computed by one sgemm with the same k-order, so the result does

@@ -58,6 +58,10 @@ impl Input<'_> {
             Input::F16(x) => x.len(),
         }
     }
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn all_finite(&self) -> bool {
         match self {
             Input::F32(x) => x.iter().all(|v| v.is_finite()),

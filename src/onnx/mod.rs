@@ -4,6 +4,7 @@
 //! The protobuf types are tract's (`tract_onnx::pb`, prost 0.14), so the same
 //! `ModelProto` feeds tract for the frozen backbone and our own analysis.
 
+pub mod fuse;
 mod import;
 pub mod layers;
 pub mod split;

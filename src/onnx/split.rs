@@ -193,6 +193,7 @@ fn build_tail(
     let absorbed: HashSet<usize> =
         layers.iter().filter(|l| in_tail.contains(&l.node)).filter_map(|l| l.bias_node).collect();
     let chosen_nodes: Vec<usize> = chosen.iter().map(|l| l.node).collect();
+    let (gelu_ends, fused) = super::fuse::fused_gelus(g, nodes);
     let mut b = TailBuilder::new();
     if nodes.is_empty() {
         // Head-only: the tail is the feature tensor itself.
@@ -209,6 +210,17 @@ fn build_tail(
     };
     for &i in nodes {
         if absorbed.contains(&i) {
+            continue;
+        }
+        if let Some(m) = gelu_ends.get(&i) {
+            let x = value(&mut b, &m.input)?;
+            let op = Box::new(crate::tail::ops::unary::Unary::new(
+                crate::tail::ops::unary::UnaryKind::Gelu,
+            ));
+            b.node(&format!("{}/fused_gelu", g.node_name(i)), op, vec![x], &m.output);
+            continue;
+        }
+        if fused.contains(&i) {
             continue;
         }
         let n = &g.nodes[i];

@@ -55,6 +55,8 @@ pub struct TailGraph {
     widened: Vec<Option<Tensor>>,
     /// Index of the last node that reads each value in forward.
     last_use: Vec<usize>,
+    /// Seconds per node in forward and backward, when profiling.
+    profile: Option<Vec<(f64, f64)>>,
     /// Stands in for an output that forward freed (see [`TailOp::backward_reads_output`]).
     placeholder: Tensor,
     /// Whether backward reads each value (as an op's input, or as the output
@@ -158,6 +160,7 @@ impl TailBuilder {
         last_use[out] = usize::MAX;
         Ok(TailGraph {
             last_use,
+            profile: None,
             placeholder: Tensor::F32(ArrayD::from_elem(ndarray::IxDyn(&[0]), 0.0)),
             kept_for_backward,
             names: self.names,
@@ -275,6 +278,7 @@ impl TailGraph {
             self.tape[id] = Some(t);
         }
         for i in 0..self.nodes.len() {
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             widen_inputs(&self.nodes[i].inputs, &*self.ops[i], &self.tape, &mut self.widened);
             let y = {
                 let node = &self.nodes[i];
@@ -290,6 +294,9 @@ impl TailGraph {
             };
             let out = self.nodes[i].output;
             self.tape[out] = Some(y);
+            if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                p[i].0 += t0.elapsed().as_secs_f64();
+            }
             if !train {
                 self.ops[i].release();
             }
@@ -328,6 +335,7 @@ impl TailGraph {
         for i in (0..self.nodes.len()).rev() {
             let out = self.nodes[i].output;
             let Some(g) = grads[out].take() else { continue };
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             let node = &self.nodes[i];
             let op = &mut self.ops[i];
             let need: Vec<bool> = node
@@ -367,8 +375,30 @@ impl TailGraph {
                     None => dx,
                 });
             }
+            if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                p[i].1 += t0.elapsed().as_secs_f64();
+            }
         }
         Ok(())
+    }
+
+    /// Starts (clearing it) or stops timing every node.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| vec![(0.0, 0.0); self.nodes.len()]);
+    }
+
+    /// Seconds spent per op type since profiling started: `(op type,
+    /// forward, backward)`, slowest first.
+    pub fn profile(&self) -> Vec<(&'static str, f64, f64)> {
+        let mut by: Vec<(&'static str, f64, f64)> = Vec::new();
+        for (op, &(f, b)) in self.ops.iter().zip(self.profile.iter().flatten()) {
+            match by.iter_mut().find(|e| e.0 == op.op_type()) {
+                Some(e) => (e.1, e.2) = (e.1 + f, e.2 + b),
+                None => by.push((op.op_type(), f, b)),
+            }
+        }
+        by.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        by
     }
 
     /// Frees the tape (the activations kept for backward).

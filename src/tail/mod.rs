@@ -6,6 +6,7 @@
 //! are stored f32 or f16; everything accumulates in f32.
 
 pub mod broadcast;
+pub mod fastmath;
 pub mod graph;
 pub mod ops;
 

@@ -11,6 +11,7 @@ use super::{TailOp, fail, input};
 use crate::Tensor;
 use crate::error::Result;
 use crate::tail::broadcast::{broadcast_shape, unbroadcast};
+use crate::tail::fastmath as fm;
 
 /// Which operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +56,39 @@ fn zip<T: Copy, U>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> U) -> Resul
     Ok(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)))
 }
 
+/// Whether `small` broadcasts over `big` as a repeated trailing block (a
+/// bias row, a scale vector): leading 1s, then `big`'s trailing dims.
+fn trailing_block(big: &[usize], small: &[usize]) -> bool {
+    let s: Vec<usize> = small.iter().copied().skip_while(|&d| d == 1).collect();
+    s.len() <= big.len() && big[big.len() - s.len()..] == s[..]
+}
+
+/// `f(a, b)` element-wise with numpy broadcasting, on contiguous slices and
+/// the thread pool for the shapes the tail meets most (same shape, scalar,
+/// trailing block on either side); a general strided loop otherwise.
+fn zip_f32(
+    a: &ArrayD<f32>,
+    b: &ArrayD<f32>,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send + Copy,
+) -> Result<ArrayD<f32>> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let (ca, cb) = (a.as_standard_layout(), b.as_standard_layout());
+    let (xa, xb) = (ca.as_slice().unwrap_or_default(), cb.as_slice().unwrap_or_default());
+    let shaped = |shape: &[usize], v: Vec<f32>| {
+        ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| fail(alloc::format!("{e}")))
+    };
+    if sa == sb {
+        return shaped(sa, fm::map2(xa, xb, f));
+    }
+    if sa.len() >= sb.len() && trailing_block(sa, sb) {
+        return shaped(sa, fm::map_rows(xa, xb, f));
+    }
+    if sb.len() >= sa.len() && trailing_block(sb, sa) {
+        return shaped(sb, fm::map_rows(xb, xa, move |y, x| f(x, y)));
+    }
+    zip(a, b, f)
+}
+
 impl TailOp for Binary {
     fn op_type(&self) -> &'static str {
         match self.kind {
@@ -70,11 +104,11 @@ impl TailOp for Binary {
         let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
         match (a, b) {
             (Tensor::F32(a), Tensor::F32(b)) => Ok(Tensor::F32(match self.kind {
-                BinaryKind::Add => zip(a, b, |x, y| x + y)?,
-                BinaryKind::Sub => zip(a, b, |x, y| x - y)?,
-                BinaryKind::Mul => zip(a, b, |x, y| x * y)?,
-                BinaryKind::Div => zip(a, b, |x, y| x / y)?,
-                BinaryKind::Pow => zip(a, b, pow)?,
+                BinaryKind::Add => zip_f32(a, b, |x, y| x + y)?,
+                BinaryKind::Sub => zip_f32(a, b, |x, y| x - y)?,
+                BinaryKind::Mul => zip_f32(a, b, |x, y| x * y)?,
+                BinaryKind::Div => zip_f32(a, b, |x, y| x / y)?,
+                BinaryKind::Pow => zip_f32(a, b, pow)?,
             })),
             (Tensor::I64(a), Tensor::I64(b)) => Ok(Tensor::I64(match self.kind {
                 BinaryKind::Add => zip(a, b, |x, y| x.wrapping_add(y))?,
@@ -124,21 +158,21 @@ impl TailOp for Binary {
             }
             BinaryKind::Mul => {
                 if want(0) {
-                    out[0] = Some(unbroadcast(zip(dy, b, |g, y| g * y)?, sa));
+                    out[0] = Some(unbroadcast(zip_f32(dy, b, |g, y| g * y)?, sa));
                 }
                 if want(1) {
-                    out[1] = Some(unbroadcast(zip(dy, a, |g, x| g * x)?, sb));
+                    out[1] = Some(unbroadcast(zip_f32(dy, a, |g, x| g * x)?, sb));
                 }
             }
             BinaryKind::Div => {
                 if want(0) {
-                    out[0] = Some(unbroadcast(zip(dy, b, |g, y| g / y)?, sa));
+                    out[0] = Some(unbroadcast(zip_f32(dy, b, |g, y| g / y)?, sa));
                 }
                 if want(1) {
                     // d(a/b)/db = −(a/b)/b = −out/b
                     let y = output.f32("Div output")?;
-                    let gy = zip(dy, y, |g, q| g * q)?;
-                    out[1] = Some(unbroadcast(zip(&gy, b, |g, y| -g / y)?, sb));
+                    let gy = zip_f32(dy, y, |g, q| g * q)?;
+                    out[1] = Some(unbroadcast(zip_f32(&gy, b, |g, y| -g / y)?, sb));
                 }
             }
             BinaryKind::Pow => {

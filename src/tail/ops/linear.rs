@@ -341,17 +341,19 @@ impl TailOp for Linear {
 #[derive(Debug, Default)]
 pub struct MatMul;
 
-/// Batch shape, and A and B materialised contiguous at that batch shape.
-struct Batched {
+/// Batch shape, and A and B contiguous at that batch shape (borrowed when
+/// they already are: no copy for the usual equal-batch attention products).
+struct Batched<'a> {
     batch: Vec<usize>,
-    a: ArrayD<f32>,
-    b: ArrayD<f32>,
+    a: alloc::borrow::Cow<'a, ArrayD<f32>>,
+    b: alloc::borrow::Cow<'a, ArrayD<f32>>,
     m: usize,
     k: usize,
     n: usize,
 }
 
-fn batched(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<Batched> {
+fn batched<'a>(a: &'a ArrayD<f32>, b: &'a ArrayD<f32>) -> Result<Batched<'a>> {
+    use alloc::borrow::Cow;
     let (ra, rb) = (a.ndim(), b.ndim());
     if ra < 2 || rb < 2 {
         return Err(fail("MatMul of rank-1 operands is not supported in the tail"));
@@ -371,16 +373,36 @@ fn batched(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<Batched> {
         s.extend(extra);
         s
     };
-    let av = a.broadcast(IxDyn(&full([m, k]))).ok_or_else(|| fail("MatMul broadcast"))?;
-    let bv = b.broadcast(IxDyn(&full([k, n]))).ok_or_else(|| fail("MatMul broadcast"))?;
-    Ok(Batched {
-        a: av.as_standard_layout().into_owned(),
-        b: bv.as_standard_layout().into_owned(),
-        batch,
-        m,
-        k,
-        n,
-    })
+    let fit = |x: &'a ArrayD<f32>, extra: [usize; 2]| -> Result<Cow<'a, ArrayD<f32>>> {
+        let want = full(extra);
+        if x.shape() == want.as_slice() && x.is_standard_layout() {
+            return Ok(Cow::Borrowed(x));
+        }
+        let v = x.broadcast(IxDyn(&want)).ok_or_else(|| fail("MatMul broadcast"))?;
+        Ok(Cow::Owned(v.as_standard_layout().into_owned()))
+    };
+    Ok(Batched { a: fit(a, [m, k])?, b: fit(b, [k, n])?, batch, m, k, n })
+}
+
+/// `out[i] = A_i·B_i` (with the given per-item strides of A and B) for every
+/// batch item, items spread over the pool.
+#[allow(clippy::too_many_arguments)]
+fn batched_gemm(
+    count: usize,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    (a_item, sa): (usize, (usize, usize)),
+    b: &[f32],
+    (b_item, sb): (usize, (usize, usize)),
+    out: &mut [f32],
+) {
+    let item = m * n;
+    if item == 0 {
+        return;
+    }
+    crate::parallel::chunks_mut(out, item, count * m * k * n, |i, c| {
+        gemm(m, k, n, 1.0, &a[i * a_item..], sa, &b[i * b_item..], sb, 0.0, c);
+    });
 }
 
 fn slice(a: &ArrayD<f32>) -> &[f32] {
@@ -398,10 +420,7 @@ impl TailOp for MatMul {
         let count: usize = bt.batch.iter().product();
         let mut y = vec![0.0f32; count * m * n];
         let (a, b) = (slice(&bt.a), slice(&bt.b));
-        for i in 0..count {
-            let c = &mut y[i * m * n..(i + 1) * m * n];
-            gemm(m, k, n, 1.0, &a[i * m * k..], (k, 1), &b[i * k * n..], (n, 1), 0.0, c);
-        }
+        batched_gemm(count, (m, k, n), a, (m * k, (k, 1)), b, (k * n, (n, 1)), &mut y);
         let mut shape = bt.batch;
         shape.extend([m, n]);
         Ok(Tensor::F32(
@@ -431,19 +450,13 @@ impl TailOp for MatMul {
         if need.first().copied().unwrap_or(false) {
             // dA = dY·Bᵀ
             let mut da = vec![0.0f32; count * m * k];
-            for i in 0..count {
-                let c = &mut da[i * m * k..(i + 1) * m * k];
-                gemm(m, n, k, 1.0, &g[i * m * n..], (n, 1), &b[i * k * n..], (1, n), 0.0, c);
-            }
+            batched_gemm(count, (m, n, k), g, (m * n, (n, 1)), b, (k * n, (1, n)), &mut da);
             out[0] = Some(unbroadcast(shaped([m, k], da)?, a0.shape()));
         }
         if need.get(1).copied().unwrap_or(false) {
             // dB = Aᵀ·dY
             let mut db = vec![0.0f32; count * k * n];
-            for i in 0..count {
-                let c = &mut db[i * k * n..(i + 1) * k * n];
-                gemm(k, m, n, 1.0, &a[i * m * k..], (1, k), &g[i * m * n..], (n, 1), 0.0, c);
-            }
+            batched_gemm(count, (k, m, n), a, (m * k, (1, k)), g, (m * n, (n, 1)), &mut db);
             out[1] = Some(unbroadcast(shaped([k, n], db)?, b0.shape()));
         }
         Ok(out)

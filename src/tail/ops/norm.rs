@@ -9,7 +9,9 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use super::{TailOp, fail, input};
 use crate::Tensor;
 use crate::error::Result;
+use crate::parallel;
 use crate::tail::broadcast::norm_axis;
+use crate::tail::fastmath as fm;
 
 /// Views `a` as `[outer, inner]` where `inner` is the product of the axes from `axis` on.
 fn lanes(a: &ArrayD<f32>, axis: usize) -> (ArrayD<f32>, usize) {
@@ -60,13 +62,19 @@ impl TailOp for LayerNorm {
         };
         let src = xs.as_slice().unwrap_or_default();
         let mut y = vec![0.0f32; src.len()];
-        for (row, out) in src.chunks_exact(inner).zip(y.chunks_exact_mut(inner)) {
-            let (mean, rstd) = moments(row, self.eps);
-            for (j, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                let xh = (f64::from(v) - mean) * rstd;
-                *o = (xh as f32) * scale[j] + bias.as_ref().map_or(0.0, |b| b[j]);
+        let eps = self.eps;
+        let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
+        let rows = rows_per_task(inner);
+        parallel::chunks_mut(&mut y, rows * inner, src.len() * 4, |c, out| {
+            let src = &src[c * rows * inner..c * rows * inner + out.len()];
+            for (row, out) in src.chunks_exact(inner).zip(out.chunks_exact_mut(inner)) {
+                let (mean, rstd) = moments(row, eps);
+                let (mean, rstd) = (mean as f32, rstd as f32);
+                for (((o, &v), &s), &b) in out.iter_mut().zip(row).zip(&scale).zip(&bias) {
+                    *o = (v - mean) * rstd * s + b;
+                }
             }
-        }
+        });
         Ok(Tensor::F32(
             ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
         ))
@@ -98,27 +106,37 @@ impl TailOp for LayerNorm {
             .collect();
         let g = dy.as_standard_layout();
         let (src, gs) = (xs.as_slice().unwrap_or_default(), g.as_slice().unwrap_or_default());
+        if gs.len() != src.len() {
+            return Err(fail("LayerNormalization backward: gradient and input sizes differ"));
+        }
         let mut dx = vec![0.0f32; src.len()];
         let nf = inner as f64;
-        for ((row, grow), drow) in
-            src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
-        {
-            let (mean, rstd) = moments(row, self.eps);
-            // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = dy·scale
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for j in 0..inner {
-                let gh = f64::from(grow[j]) * f64::from(scale[j]);
-                let xh = (f64::from(row[j]) - mean) * rstd;
-                sg += gh;
-                sgx += gh * xh;
+        let eps = self.eps;
+        let rows = rows_per_task(inner);
+        parallel::chunks_mut(&mut dx, rows * inner, src.len() * 8, |c, dx| {
+            let r = c * rows * inner..c * rows * inner + dx.len();
+            let (src, gs) = (&src[r.clone()], &gs[r]);
+            for ((row, grow), drow) in
+                src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
+            {
+                let (mean, rstd) = moments(row, eps);
+                // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = dy·scale
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for j in 0..inner {
+                    let gh = f64::from(grow[j]) * f64::from(scale[j]);
+                    let xh = (f64::from(row[j]) - mean) * rstd;
+                    sg += gh;
+                    sgx += gh * xh;
+                }
+                let (mg, mgx, mean, rstd) =
+                    ((sg / nf) as f32, (sgx / nf) as f32, mean as f32, rstd as f32);
+                for j in 0..inner {
+                    let gh = grow[j] * scale[j];
+                    let xh = (row[j] - mean) * rstd;
+                    drow[j] = rstd * (gh - mg - xh * mgx);
+                }
             }
-            let (mg, mgx) = (sg / nf, sgx / nf);
-            for j in 0..inner {
-                let gh = f64::from(grow[j]) * f64::from(scale[j]);
-                let xh = (f64::from(row[j]) - mean) * rstd;
-                drow[j] = (rstd * (gh - mg - xh * mgx)) as f32;
-            }
-        }
+        });
         out[0] =
             Some(ArrayD::from_shape_vec(x.raw_dim(), dx).map_err(|e| fail(alloc::format!("{e}")))?);
         Ok(out)
@@ -127,6 +145,11 @@ impl TailOp for LayerNorm {
     fn differentiable(&self, input: usize) -> bool {
         input == 0
     }
+}
+
+/// Lanes per pool task: about 16K elements.
+fn rows_per_task(inner: usize) -> usize {
+    ((1 << 14) / inner.max(1)).max(1)
 }
 
 /// Mean and 1/√(var + eps) of a lane, in f64.
@@ -172,6 +195,26 @@ impl TailOp for Softmax {
 
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
         let x = input(inputs, 0)?.f32("Softmax input")?;
+        let last = norm_axis(self.axis, x.ndim(), "")? + 1 == x.ndim();
+        if last && let Some(src) = x.as_slice() {
+            // Contiguous lanes along the last axis: the common case (attention).
+            let inner = x.shape().last().copied().unwrap_or(1).max(1);
+            let rows = rows_per_task(inner);
+            let mut y = vec![0.0f32; src.len()];
+            parallel::chunks_mut(&mut y, rows * inner, src.len() * 8, |c, out| {
+                let src = &src[c * rows * inner..c * rows * inner + out.len()];
+                for (row, out) in src.chunks_exact(inner).zip(out.chunks_exact_mut(inner)) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    out.iter_mut().zip(row).for_each(|(o, &v)| *o = fm::exp(v - max));
+                    let sum: f32 = out.iter().sum();
+                    let inv = 1.0 / sum;
+                    out.iter_mut().for_each(|o| *o *= inv);
+                }
+            });
+            return Ok(Tensor::F32(
+                ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
+            ));
+        }
         let (mut y, axis) = self.arrange(x)?;
         let axis = Axis(axis);
         for mut lane in y.lanes_mut(axis) {
@@ -199,7 +242,34 @@ impl TailOp for Softmax {
         if !need.first().copied().unwrap_or(false) {
             return Ok(vec![None]);
         }
-        let (y, axis) = self.arrange(output.f32("Softmax output")?)?;
+        let yo = output.f32("Softmax output")?;
+        let last = norm_axis(self.axis, yo.ndim(), "")? + 1 == yo.ndim();
+        if last && let (Some(ys), Some(gs)) = (yo.as_slice(), dy.as_slice()) {
+            let inner = yo.shape().last().copied().unwrap_or(1).max(1);
+            if ys.len() != gs.len() {
+                return Err(fail("Softmax backward: gradient and output sizes differ"));
+            }
+            let rows = rows_per_task(inner);
+            let mut dx = vec![0.0f32; ys.len()];
+            parallel::chunks_mut(&mut dx, rows * inner, ys.len() * 4, |c, out| {
+                let r = c * rows * inner..c * rows * inner + out.len();
+                let (ys, gs) = (&ys[r.clone()], &gs[r]);
+                for ((y, g), o) in ys
+                    .chunks_exact(inner)
+                    .zip(gs.chunks_exact(inner))
+                    .zip(out.chunks_exact_mut(inner))
+                {
+                    // dx = y ⊙ (dy − Σ dy⊙y)
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    o.iter_mut().zip(y.iter().zip(g)).for_each(|(o, (&y, &g))| *o = y * (g - dot));
+                }
+            });
+            return Ok(vec![Some(
+                ArrayD::from_shape_vec(yo.raw_dim(), dx)
+                    .map_err(|e| fail(alloc::format!("{e}")))?,
+            )]);
+        }
+        let (y, axis) = self.arrange(yo)?;
         let (mut dx, _) = self.arrange(dy)?;
         let axis = Axis(axis);
         // dx = y ⊙ (dy − Σ dy⊙y)

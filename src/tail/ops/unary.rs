@@ -10,6 +10,7 @@ use ndarray::{ArrayD, Zip};
 use super::{TailOp, fail, input};
 use crate::Tensor;
 use crate::error::Result;
+use crate::tail::fastmath as fm;
 
 /// Which function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +75,94 @@ fn gelu(x: f64) -> f64 {
 
 fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Runs `$body` with `$f` bound to `kind`'s function as a concrete closure,
+/// so each element loop is monomorphised (and vectorised).
+macro_rules! with_kind {
+    ($kind:expr, |$x:ident| $f:ident => $body:expr) => {
+        match $kind {
+            UnaryKind::Relu => {
+                let $f = |$x: f32| $x.max(0.0);
+                $body
+            }
+            UnaryKind::Sigmoid => {
+                let $f = |$x: f32| 1.0 / (1.0 + fm::exp(-$x));
+                $body
+            }
+            UnaryKind::Tanh => {
+                let $f = |$x: f32| $x.tanh();
+                $body
+            }
+            UnaryKind::Erf => {
+                let $f = |$x: f32| fm::erf($x);
+                $body
+            }
+            UnaryKind::Gelu => {
+                let $f =
+                    |$x: f32| 0.5 * $x * (1.0 + fm::erf($x * core::f32::consts::FRAC_1_SQRT_2));
+                $body
+            }
+            UnaryKind::GeluTanh => {
+                let $f = |$x: f32| UnaryKind::GeluTanh.apply($x);
+                $body
+            }
+            UnaryKind::Sqrt => {
+                let $f = |$x: f32| $x.sqrt();
+                $body
+            }
+            UnaryKind::Exp => {
+                let $f = |$x: f32| fm::exp($x);
+                $body
+            }
+            UnaryKind::Neg => {
+                let $f = |$x: f32| -$x;
+                $body
+            }
+            UnaryKind::Identity => {
+                let $f = |$x: f32| $x;
+                $body
+            }
+        }
+    };
+}
+
+/// The same, for `dy·f'(x, y)`.
+macro_rules! with_derivative {
+    ($kind:expr, |$g:ident, $x:ident, $y:ident| $f:ident => $body:expr) => {
+        match $kind {
+            UnaryKind::Erf => {
+                let $f = |$g: f32, $x: f32, _y: f32| {
+                    $g * (core::f32::consts::FRAC_2_SQRT_PI * fm::exp(-$x * $x))
+                };
+                $body
+            }
+            UnaryKind::Gelu => {
+                let $f = |$g: f32, $x: f32, _y: f32| {
+                    let cdf = 0.5 * (1.0 + fm::erf($x * core::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = fm::exp(-0.5 * $x * $x) * 0.398_942_3;
+                    $g * (cdf + $x * pdf)
+                };
+                $body
+            }
+            UnaryKind::Sigmoid => {
+                let $f = |$g: f32, _x: f32, $y: f32| $g * $y * (1.0 - $y);
+                $body
+            }
+            UnaryKind::Tanh => {
+                let $f = |$g: f32, _x: f32, $y: f32| $g * (1.0 - $y * $y);
+                $body
+            }
+            UnaryKind::Relu => {
+                let $f = |$g: f32, $x: f32, _y: f32| if $x > 0.0 { $g } else { 0.0 };
+                $body
+            }
+            k => {
+                let $f = |$g: f32, $x: f32, $y: f32| $g * k.derivative($x, $y);
+                $body
+            }
+        }
+    };
 }
 
 impl UnaryKind {
@@ -153,8 +242,13 @@ impl TailOp for Unary {
         if self.kind == UnaryKind::Identity {
             return Ok(x.clone());
         }
-        let kind = self.kind;
-        Ok(Tensor::F32(x.f32("unary input")?.mapv(|v| kind.apply(v))))
+        let x = x.f32("unary input")?;
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().unwrap_or_default();
+        let y = with_kind!(self.kind, |v| f => fm::map(xs, f));
+        Ok(Tensor::F32(
+            ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
+        ))
     }
 
     fn backward(
@@ -168,9 +262,20 @@ impl TailOp for Unary {
             return Ok(vec![None]);
         }
         let (x, y) = (input(inputs, 0)?.f32("unary input")?, output.f32("unary output")?);
-        let kind = self.kind;
-        let dx = Zip::from(dy).and(x).and(y).map_collect(|&g, &x, &y| g * kind.derivative(x, y));
-        Ok(vec![Some(dx)])
+        let (xs, ys, gs) =
+            (x.as_standard_layout(), y.as_standard_layout(), dy.as_standard_layout());
+        let (xs, ys, gs) = (
+            xs.as_slice().unwrap_or_default(),
+            ys.as_slice().unwrap_or_default(),
+            gs.as_slice().unwrap_or_default(),
+        );
+        if xs.len() != gs.len() || ys.len() != gs.len() {
+            return Err(fail("unary backward: gradient and input sizes differ"));
+        }
+        let dx = with_derivative!(self.kind, |g, x, y| f => fm::map3(gs, xs, ys, f));
+        Ok(vec![Some(
+            ArrayD::from_shape_vec(x.raw_dim(), dx).map_err(|e| fail(alloc::format!("{e}")))?,
+        )])
     }
 }
 
