@@ -7,11 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    Framework, InferenceModelExt, IntoRunnable, TValue, Tensor as TractTensor, TypedRunnableModel,
-    tvec,
+    DatumType, Framework, InferenceModelExt, IntoRunnable, SymbolValues, TDim, TValue,
+    Tensor as TractTensor, TractResult, TypedRunnableModel, tvec,
 };
 
 use crate::Tensor;
+use tract_onnx::tract_core::plan::SimpleState;
+
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
 
@@ -72,8 +74,22 @@ impl Backbone {
                     .ok_or_else(|| Error::NotFound { what: "model input", name: name.clone() })?;
                 args.push(TValue::from(to_tract(t)));
             }
-            for v in plan.run(args).map_err(tract_err)? {
-                computed.push(from_tract(&v)?);
+            // Symbols (the batch) as the inputs pin them, for outputs that
+            // tract folded to a symbolic dimension.
+            let mut symbols = SymbolValues::default();
+            for (i, a) in args.iter().enumerate() {
+                let fact = plan.model().input_fact(i).map_err(tract_err)?;
+                for (d, &v) in fact.shape.iter().zip(a.shape()) {
+                    if let TDim::Sym(sym) = d {
+                        symbols.set(sym, v as i64);
+                    }
+                }
+            }
+            let mut state = SimpleState::new(plan).map_err(tract_err)?;
+            let outs = state.run(args).map_err(tract_err)?;
+            let symbols = &symbols;
+            for v in outs {
+                computed.push(from_tract(&v, symbols)?);
             }
         }
         let mut computed = computed.into_iter();
@@ -97,12 +113,31 @@ fn to_tract(t: &Tensor) -> TractTensor {
     }
 }
 
-fn from_tract(t: &TractTensor) -> Result<Tensor> {
+fn from_tract(t: &TractTensor, symbols: &SymbolValues) -> Result<Tensor> {
     if let Ok(v) = t.to_plain_array_view::<f32>() {
         return Ok(Tensor::F32(v.to_owned()));
     }
     if let Ok(v) = t.to_plain_array_view::<i64>() {
         return Ok(Tensor::I64(v.to_owned()));
+    }
+    if let Ok(v) = t.to_plain_array_view::<tract_onnx::prelude::f16>() {
+        return Ok(Tensor::F16(v.to_owned()));
+    }
+    // Shape arithmetic that tract keeps as dimensions, possibly symbolic in
+    // the batch: evaluated with the symbols this run resolved.
+    if let Ok(v) = t.to_plain_array_view::<TDim>() {
+        let ints: Vec<i64> = v
+            .iter()
+            .map(|d| d.eval_to_i64(symbols))
+            .collect::<TractResult<_>>()
+            .map_err(tract_err)?;
+        return Ok(Tensor::I64(
+            ndarray::ArrayD::from_shape_vec(v.raw_dim(), ints).map_err(tract_err)?,
+        ));
+    }
+    if t.datum_type().is_integer() || t.datum_type() == DatumType::Bool {
+        let c = t.cast_to::<i64>().map_err(tract_err)?;
+        return Ok(Tensor::I64(c.to_plain_array_view::<i64>().map_err(tract_err)?.to_owned()));
     }
     if let Ok(c) = t.cast_to::<f32>() {
         return Ok(Tensor::F32(c.to_plain_array_view::<f32>().map_err(tract_err)?.to_owned()));

@@ -133,3 +133,30 @@ fn the_demo_adapts_merges_and_checks() {
     assert!(j["accuracy_after"].as_f64().unwrap() > 0.85);
     assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3);
 }
+
+#[test]
+fn cli_training_runs_the_backbone_only_in_the_first_epoch() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = ok(bin()
+        .args(["--json", "train"])
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .arg("--eval")
+        .arg(digits("digits_user_test.npz"))
+        .args(["--epochs", "4", "--out"])
+        .arg(dir.join("a.hydra"))
+        .output()
+        .unwrap());
+    let epochs: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|j| j.get("epoch").is_some())
+        .collect();
+    assert_eq!(epochs.len(), 4, "{out}");
+    assert!(epochs[0]["prefix_samples"].as_u64().unwrap() > 0, "{out}");
+    for e in &epochs[1..] {
+        assert_eq!(e["prefix_samples"].as_u64(), Some(0), "epoch {e}: the cache must serve it");
+    }
+}

@@ -310,3 +310,64 @@ fn npz_round_trips_and_reads_numpy_files() {
         assert!(parse_npz(&bytes[..cut]).is_err());
     }
 }
+
+#[test]
+fn the_feature_cache_is_built_once_across_fit_until_calls() {
+    // The CLI calls fit_until once per epoch: the backbone must run only in the first.
+    let (train, eval) = (data("digits_user_train.npz"), data("digits_user_test.npz"));
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(3)).unwrap();
+    let per_epoch = train.len().div_ceil(24) as u64;
+    let mut seen = Vec::new();
+    for epoch in 0..3 {
+        let m = t.fit_until(&train, Some(&eval), Some(per_epoch * (epoch + 1)), &mut |_| {});
+        seen.extend(m.unwrap());
+    }
+    assert_eq!(seen.len(), 3);
+    assert!(seen[0].prefix_samples >= train.len() + eval.len(), "{:?}", seen[0]);
+    assert_eq!((seen[1].prefix_samples, seen[2].prefix_samples), (0, 0), "{seen:?}");
+}
+
+#[test]
+fn cached_f16_features_reach_the_f16_kernels_in_training() {
+    // Every layer adapted: the first one reads the cached (f16) model input.
+    let train = data("digits_user_train.npz");
+    let before = hydra_edge::kernels::stats::f16_kernel_calls();
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
+    let steps = train.len().div_ceil(24);
+    // down_f16 in each forward and grad_a_f16 in each backward of the first layer.
+    assert!(hydra_edge::kernels::stats::f16_kernel_calls() - before >= 2 * steps);
+}
+
+#[test]
+fn a_reshape_target_built_from_shape_of_the_input_follows_the_batch_in_the_cache() {
+    // models/test/shape_target.onnx: Reshape(h, Concat(Gather(Shape(x), 0), [2, 4])).
+    // The target has the same shape at every batch size but not the same value;
+    // a cache that froze it at batch 1 would break (or silently mix samples).
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/test/shape_target.onnx");
+    let model = OnnxModel::load(path).unwrap();
+    let mut rng = hydra_edge::rng::Rng::new(11);
+    let n = 10;
+    let x: Vec<f32> = (0..n * 8).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let data = Dataset::new(
+        [("x".to_string(), Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 8]), x).unwrap()))],
+        Labels::Classes((0..n).map(|i| i % 3).collect()),
+    )
+    .unwrap();
+    let run = |enabled: bool| {
+        let split = AdaptedModel::new(
+            &model,
+            &SplitConfig { targets: Targets::Names(vec!["fc1".into()]), ..SplitConfig::default() },
+        )
+        .unwrap();
+        assert!(split.report().boundary.len() >= 2, "{:?}", split.report().boundary);
+        let cache = CacheConfig { enabled, ..CacheConfig::default() };
+        let c = TrainConfig { epochs: 2, batch_size: 3, lr: 1e-2, cache, ..TrainConfig::default() };
+        let mut t = Trainer::new(split, c).unwrap();
+        let m = t.fit(&data, None, &mut |_| {}).unwrap();
+        assert!(!enabled || m[1].prefix_samples == 0, "the second epoch reads the cache");
+        (adapter_bytes(&t), m.iter().map(|m| m.train_loss).collect::<Vec<_>>())
+    };
+    let (cached, live) = (run(true), run(false));
+    assert!(cached == live, "cached {:?} vs live {:?}", cached.1, live.1);
+}

@@ -298,7 +298,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy, "eval_loss": m.eval_loss, "eval_accuracy": m.eval_accuracy, "skipped": m.skipped_steps, "seconds": m.seconds})
+                    json!({"epoch": m.epoch, "train_loss": m.train_loss, "train_accuracy": m.train_accuracy, "eval_loss": m.eval_loss, "eval_accuracy": m.eval_accuracy, "skipped": m.skipped_steps, "seconds": m.seconds, "prefix_samples": m.prefix_samples})
                 );
             } else {
                 println!(
