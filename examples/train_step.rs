@@ -152,6 +152,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps: usize = std::env::args().nth(2).map_or(Ok(20), |s| s.parse())?;
     let path = std::env::var("HYDRA_MODELS_DIR").unwrap_or_else(|_| "models/real/out".into())
         + "/minilm.onnx";
+    // As the CLI does: reuse freed activation memory instead of page-faulting it back.
+    hydra_edge::runtime::keep_freed_memory(256 << 20);
     let onnx = OnnxModel::load(&path)?;
     let train = data(BATCH * 4, 7)?;
     let cfg = TrainConfig {

@@ -44,6 +44,8 @@ pub mod onnx;
 pub mod parallel;
 pub mod rng;
 #[cfg(feature = "std")]
+pub mod runtime;
+#[cfg(feature = "std")]
 pub mod tail;
 #[cfg(feature = "std")]
 pub mod tensor;

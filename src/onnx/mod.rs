@@ -10,6 +10,7 @@ pub mod layers;
 pub mod split;
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -194,23 +195,31 @@ fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<Optio
         )));
     }
     let file = dir.join(rel);
-    let bytes = std::fs::read(&file).map_err(|source| Error::Io {
-        context: format!("reading external data {}", file.display()),
-        source,
-    })?;
-    let start = offset as usize;
+    // Read just this initializer's range: re-reading the whole data file per
+    // initializer cost ~100 × 90 MB for MiniLM.
+    let io =
+        |source| Error::Io { context: format!("reading external data {}", file.display()), source };
+    let mut f = std::fs::File::open(&file).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
     let end = match length {
-        Some(l) => start.checked_add(l as usize),
-        None => Some(bytes.len()),
+        Some(l) => offset.checked_add(l),
+        None => Some(size),
     };
-    let data = end.and_then(|e| bytes.get(start..e)).ok_or_else(|| {
-        Error::Onnx(format!("external data for `{}` is out of range of {}", t.name, file.display()))
-    })?;
-    t.raw_data = data.to_vec();
+    let Some(end) = end.filter(|&e| e <= size && offset <= e) else {
+        return Err(Error::Onnx(format!(
+            "external data for `{}` is out of range of {}",
+            t.name,
+            file.display()
+        )));
+    };
+    let mut data = vec![0u8; (end - offset) as usize];
+    f.seek(SeekFrom::Start(offset)).and_then(|_| f.read_exact(&mut data)).map_err(io)?;
+    let start = offset as usize;
+    t.raw_data = data;
     t.data_location = Some(0);
     t.external_data.clear();
     let file = std::fs::canonicalize(&file).unwrap_or(file);
-    Ok(Some(ExternalRef { file, offset: start as u64, length: data.len() as u64 }))
+    Ok(Some(ExternalRef { file, offset: start as u64, length: end - offset }))
 }
 
 /// Decodes a tensor proto into a tail tensor (float types → f32, integer and bool types → i64).

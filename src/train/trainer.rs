@@ -132,6 +132,8 @@ pub struct MemoryReport {
     pub activation_bytes: usize,
     /// Frozen tail weights, trainable parameters, gradients, optimiser state.
     pub parameter_bytes: usize,
+    /// The frozen backbone plan's weights.
+    pub backbone_bytes: usize,
     /// The sum.
     pub total_bytes: usize,
 }
@@ -295,11 +297,16 @@ impl Trainer {
         };
         let activation = m.per_sample_bytes.saturating_mul(self.cfg.batch_size);
         let params = m.fixed_bytes.saturating_add(head);
+        let backbone = self.model.backbone_bytes();
         let report = MemoryReport {
             cache_bytes: cache,
             activation_bytes: activation,
             parameter_bytes: params,
-            total_bytes: cache.saturating_add(activation).saturating_add(params),
+            backbone_bytes: backbone,
+            total_bytes: cache
+                .saturating_add(activation)
+                .saturating_add(params)
+                .saturating_add(backbone),
         };
         self.memory = Some((train.id(), report));
         Ok(report)
@@ -333,11 +340,12 @@ impl Trainer {
                 estimate: report.total_bytes,
                 budget,
                 detail: format!(
-                    "cache {:.1} MB + activations {:.1} MB (batch {}) + parameters/optimizer {:.1} MB",
+                    "cache {:.1} MB + activations {:.1} MB (batch {}) + parameters/optimizer {:.1} MB + backbone {:.1} MB",
                     report.cache_bytes as f64 / 1e6,
                     report.activation_bytes as f64 / 1e6,
                     self.cfg.batch_size,
-                    report.parameter_bytes as f64 / 1e6
+                    report.parameter_bytes as f64 / 1e6,
+                    report.backbone_bytes as f64 / 1e6
                 ),
             });
         }

@@ -218,6 +218,9 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             ..SplitConfig::default()
         },
     )?;
+    // The backbone plan and the tail hold what they need: free the file's copy.
+    drop(model);
+    hydra_edge::runtime::release_freed_memory();
     let loss = match train.labels() {
         hydra_edge::train::Labels::Classes(_) => Loss::CrossEntropy { label_smoothing: 0.0 },
         hydra_edge::train::Labels::Values(_) => Loss::Mse,
@@ -249,11 +252,12 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         );
         let m = t.estimate_memory(&train)?;
         println!(
-            "estimated peak training memory {:.1} MB (cache {:.1}, activations {:.1}, parameters {:.1})",
+            "estimated peak training memory {:.1} MB (cache {:.1}, activations {:.1}, parameters {:.1}, backbone {:.1})",
             mb(m.total_bytes),
             mb(m.cache_bytes),
             mb(m.activation_bytes),
-            mb(m.parameter_bytes)
+            mb(m.parameter_bytes),
+            mb(m.backbone_bytes)
         );
     }
     let per_epoch = train.len().div_ceil(a.batch) as u64;

@@ -163,6 +163,7 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+    hydra_edge::runtime::keep_freed_memory(256 << 20);
     if let Err(e) = hydra_edge::parallel::set_threads(cli.threads) {
         eprintln!("error: --threads: {e}");
         std::process::exit(1);
