@@ -6,19 +6,34 @@
 //! then merged back into the weights so inference costs what the base model
 //! costs.
 //!
-//! What is built so far:
+//! The layers, bottom up (imports only run downhill):
 //! - [`kernels`]: the f16/f32 low-rank SIMD kernels (scalar, AVX2+FMA+F16C,
-//!   AVX-512F), selected once at run time, forcible with `HYDRA_KERNELS`;
+//!   AVX-512F, NEON, NEON+FP16), selected once at run time, forcible with
+//!   `HYDRA_KERNELS`; [`kernels::stats`] counts which path a run took;
 //! - [`hydra`]: [`hydra::HydraLinear`], its three variants (Hydra, LoRA,
-//!   SeqLoRA), forward, backward and the exact merge / unmerge;
-//! - [`rng`]: the small seeded generator that makes initialisation and
-//!   dropout reproducible.
+//!   SeqLoRA), forward, backward, the exact merge / unmerge and the low-rank
+//!   [`hydra::Delta`] that hot-swap folds in; the dense products;
+//! - [`adapter`]: the `.hydra` file (no_std + alloc); [`rng`]: seeded init
+//!   and dropout;
+//! - [`Tensor`] (f32, f16, i64), [`tail`] (the tape-based engine of the
+//!   trainable tail), [`parallel`] (the one thread pool shared with tract) and
+//!   [`runtime`] (allocator knobs);
+//! - [`onnx`]: loading, graph index, adaptable layers, the gradient-cone
+//!   split and pattern fusion; [`backbone`]: the frozen tract plan;
+//! - [`model`]: [`model::AdaptedModel`], the one owner of backbone, tail,
+//!   head, the named parameter registry and the feature caches;
+//! - [`train`], [`infer`] (one-plan inference, hot-swap on merged weights)
+//!   and [`export`] (merged ONNX), each built on `model` alone.
 //!
 //! ## Features
-//! - `std` (default): run-time CPU detection and the `HYDRA_KERNELS` override.
-//!   Without it the crate is `no_std + alloc` and picks the best tier the
-//!   compile-time target features allow.
-//! - `onnx`, `cli` (default): reserved for the ONNX split and the CLI.
+//! - `std` (default): run-time CPU detection, the `HYDRA_KERNELS` override,
+//!   the tail engine and the thread pool. Without it the crate is
+//!   `no_std + alloc` (kernels, Hydra math and merge, adapter files) and picks
+//!   the best tier the compile-time target features allow.
+//! - `onnx` (default): tract, the split, the model layer, training,
+//!   inference, export.
+//! - `cli` (default): the `hydra-edge` binary.
+//! - `text`: tokenisation for the real-model study example.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -48,14 +48,6 @@ impl Weights {
             Weights::F16(w) => w.iter().all(|v| v.is_finite()),
         }
     }
-
-    /// Runs `f` on an f32 view, widening f16 storage into a temporary.
-    pub(crate) fn with_f32<R>(&self, k: &Kernels, f: impl FnOnce(&[f32]) -> R) -> R {
-        match self {
-            Weights::F32(w) => f(w),
-            Weights::F16(_) => f(&self.to_f32(k)),
-        }
-    }
 }
 
 /// `C[m×n] = alpha·A·B + beta·C` with (row, column) strides for A and B;
@@ -67,18 +59,37 @@ pub fn gemm(
     n: usize,
     alpha: f32,
     a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+) {
+    assert_eq!(c.len(), m * n, "gemm: C shape");
+    gemm_c(m, k, n, alpha, a, sa, b, sb, beta, c, n);
+}
+
+/// [`gemm`] into a block of a wider row-major C (row stride `rsc ≥ n`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_c(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
     (rsa, csa): (usize, usize),
     b: &[f32],
     (rsb, csb): (usize, usize),
     beta: f32,
     c: &mut [f32],
+    rsc: usize,
 ) {
     let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
         if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
     };
     assert!(a.len() >= extent(m, k, rsa, csa), "gemm: A too short");
     assert!(b.len() >= extent(k, n, rsb, csb), "gemm: B too short");
-    assert_eq!(c.len(), m * n, "gemm: C shape");
+    assert!(rsc >= n && c.len() >= extent(m, n, rsc, 1), "gemm: C too short");
     if m == 0 || n == 0 {
         return;
     }
@@ -113,8 +124,8 @@ pub fn gemm(
                             b.as_ptr(),
                             (rsb, csb),
                             beta,
-                            c.0.add(r.start * n),
-                            n,
+                            c.0.add(r.start * rsc),
+                            rsc,
                         )
                     } else {
                         sgemm_raw(
@@ -128,7 +139,7 @@ pub fn gemm(
                             (rsb, csb),
                             beta,
                             c.0.add(r.start),
-                            n,
+                            rsc,
                         )
                     }
                 }
@@ -228,6 +239,73 @@ pub fn record_gemm_shapes(on: bool) -> Vec<(usize, usize, usize)> {
     old
 }
 
+/// Rows of an f16 `W` widened per panel: about 256 KB of f32, so a panel
+/// stays in cache while the product streams over it.
+fn panel_rows(din: usize) -> usize {
+    ((1usize << 16) / din.max(1)).clamp(8, 1024) / 8 * 8
+}
+
+/// `Y[n×out] = X[n×in]·Wᵀ + beta·Y` (W out×in in its storage type). f16
+/// weights are an f16 GEMM: widened one panel of rows at a time into a small
+/// reused buffer, never into a full f32 copy, and never kept.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_x_wt(
+    k: &Kernels,
+    w: &Weights,
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    beta: f32,
+) {
+    match w {
+        Weights::F32(w) => gemm(n, din, dout, 1.0, x, (din, 1), w, (1, din), beta, y),
+        Weights::F16(h) => {
+            let p = panel_rows(din);
+            let mut panel = alloc::vec![0.0f32; p.min(dout) * din];
+            for j0 in (0..dout).step_by(p) {
+                let rows = p.min(dout - j0);
+                let buf = &mut panel[..rows * din];
+                k.f16_to_f32(&h[j0 * din..(j0 + rows) * din], buf);
+                gemm_c(n, din, rows, 1.0, x, (din, 1), buf, (1, din), beta, &mut y[j0..], dout);
+            }
+        }
+    }
+}
+
+/// `dX[n×in] = dY[n×out]·W + beta·dX`, f16 weights widened per panel of
+/// rows (the panels split the inner dimension; they accumulate into dX).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_dy_w(
+    k: &Kernels,
+    w: &Weights,
+    dy: &[f32],
+    dx: &mut [f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+    beta: f32,
+) {
+    match w {
+        Weights::F32(w) => gemm(n, dout, din, 1.0, dy, (dout, 1), w, (din, 1), beta, dx),
+        Weights::F16(h) => {
+            let p = panel_rows(din);
+            let mut panel = alloc::vec![0.0f32; p.min(dout) * din];
+            for (i, j0) in (0..dout).step_by(p).enumerate() {
+                let rows = p.min(dout - j0);
+                let buf = &mut panel[..rows * din];
+                k.f16_to_f32(&h[j0 * din..(j0 + rows) * din], buf);
+                let b = if i == 0 { beta } else { 1.0 };
+                gemm(n, rows, din, 1.0, &dy[j0..], (dout, 1), buf, (din, 1), b, dx);
+            }
+            if dout == 0 && beta == 0.0 {
+                dx.fill(0.0);
+            }
+        }
+    }
+}
+
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer.
 #[cfg(feature = "std")]
 pub(crate) fn frozen_forward(
@@ -240,7 +318,7 @@ pub(crate) fn frozen_forward(
     dout: usize,
 ) -> Vec<f32> {
     let mut y = alloc::vec![0.0f32; n * dout];
-    w.with_f32(k, |w| gemm(n, din, dout, 1.0, x, (din, 1), w, (1, din), 0.0, &mut y));
+    gemm_x_wt(k, w, x, &mut y, n, din, dout, 0.0);
     if let Some(b) = b {
         y.chunks_exact_mut(dout).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
     }
@@ -258,6 +336,40 @@ pub(crate) fn frozen_backward(
     dout: usize,
 ) -> Vec<f32> {
     let mut dx = alloc::vec![0.0f32; n * din];
-    w.with_f32(k, |w| gemm(n, dout, din, 1.0, dy, (dout, 1), w, (din, 1), 0.0, &mut dx));
+    gemm_dy_w(k, w, dy, &mut dx, n, din, dout, 0.0);
     dx
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    /// f16 weights through the panel GEMMs equal f32 products of the same
+    /// (f16-rounded) weights, across several panels and a short last one.
+    #[test]
+    fn f16_panel_products_match_the_widened_weights() {
+        let k = crate::kernels::active();
+        let (n, din, dout) = (5, 40, 3 * panel_rows(40) + 7);
+        let mut rng = crate::rng::Rng::new(9);
+        let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+        let (x, dy, w) = (v(n * din), v(n * dout), v(dout * din));
+        let mut h = vec![f16::ZERO; w.len()];
+        k.f32_to_f16(&w, &mut h);
+        let (w16, w32) =
+            (Weights::F16(h.clone()), Weights::F32(h.iter().map(|v| v.to_f32()).collect()));
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs()))
+        };
+        let (mut y16, mut y32) = (vec![0.5f32; n * dout], vec![0.5f32; n * dout]);
+        gemm_x_wt(k, &w16, &x, &mut y16, n, din, dout, 1.0);
+        gemm_x_wt(k, &w32, &x, &mut y32, n, din, dout, 1.0);
+        assert!(close(&y16, &y32));
+        let (mut d16, mut d32) = (vec![0.25f32; n * din], vec![0.25f32; n * din]);
+        gemm_dy_w(k, &w16, &dy, &mut d16, n, din, dout, 1.0);
+        gemm_dy_w(k, &w32, &dy, &mut d32, n, din, dout, 1.0);
+        assert!(close(&d16, &d32));
+        gemm_dy_w(k, &w16, &dy, &mut d16, n, din, dout, 0.0);
+        gemm_dy_w(k, &w32, &dy, &mut d32, n, din, dout, 0.0);
+        assert!(close(&d16, &d32));
+    }
 }

@@ -345,7 +345,7 @@ impl HydraLinear {
             }
         };
         let mut y = vec![0.0f32; n * dout];
-        self.w0.with_f32(k, |w| gemm_xwt(x32, w, &mut y, n, din, dout));
+        dense::gemm_x_wt(k, &self.w0, x32, &mut y, n, din, dout, 0.0);
         if let Some(b0) = &self.b0 {
             y.chunks_exact_mut(dout)
                 .for_each(|row| row.iter_mut().zip(b0).for_each(|(v, b)| *v += b));
@@ -499,7 +499,7 @@ impl HydraLinear {
         }
         if want_dx {
             let dy0 = dy0_owned.as_deref().unwrap_or(dy);
-            self.w0.with_f32(k, |w| gemm_dyw(dy0, w, &mut dx, n, din, dout));
+            dense::gemm_dy_w(k, &self.w0, dy0, &mut dx, n, din, dout, 1.0);
         }
         if let (Some(p), Some(g)) = (&self.parallel, &mut self.grad_parallel) {
             let c = &self.config.parallel;
@@ -618,16 +618,6 @@ fn widen(k: &Kernels, h: &[f16]) -> Vec<f32> {
     let mut out = vec![0.0; h.len()];
     k.f16_to_f32(h, &mut out);
     out
-}
-
-/// `Y[n×out] = X[n×in]·W0ᵀ` (W0 out×in).
-fn gemm_xwt(x: &[f32], w: &[f32], y: &mut [f32], n: usize, din: usize, dout: usize) {
-    dense::gemm(n, din, dout, 1.0, x, (din, 1), w, (1, din), 0.0, y);
-}
-
-/// `dX[n×in] += dY0[n×out]·W0`.
-fn gemm_dyw(dy: &[f32], w: &[f32], dx: &mut [f32], n: usize, din: usize, dout: usize) {
-    dense::gemm(n, dout, din, 1.0, dy, (dout, 1), w, (din, 1), 1.0, dx);
 }
 
 fn shape(context: &'static str, expected: alloc::string::String, got: usize) -> Error {
