@@ -160,7 +160,7 @@ pub(crate) fn gemm_c(
             (rsb, csb),
             beta,
             c.as_mut_ptr(),
-            n,
+            rsc,
         )
     }
 }
