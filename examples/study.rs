@@ -362,7 +362,7 @@ fn accuracy(t: &mut Trainer, bounds: &[Vec<Tensor>], task: &Task) -> Res<f64> {
             Tensor::F32(a) => a,
             Tensor::I64(_) => return Err("tail output is not f32".into()),
         };
-        let logits = head.forward(&feat)?;
+        let logits = head.forward(&feat, false)?;
         let classes = logits.shape()[1];
         let flat = logits.as_slice().ok_or("logits not contiguous")?;
         for (row, &label) in flat.chunks(classes).zip(labels) {

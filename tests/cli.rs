@@ -160,3 +160,25 @@ fn cli_training_runs_the_backbone_only_in_the_first_epoch() {
         assert_eq!(e["prefix_samples"].as_u64(), Some(0), "epoch {e}: the cache must serve it");
     }
 }
+
+#[test]
+fn impossible_heads_and_thread_counts_are_errors_not_panics() {
+    for head in ["new:0", "new:100000000000"] {
+        let o = bin()
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--targets", "none", "--head", head, "--epochs", "1", "--out"])
+            .arg(std::env::temp_dir().join(format!("hydra-cli-head-{}.hydra", std::process::id())))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "--head {head}: {err}");
+        assert!(err.contains("head of") && !err.contains("panicked"), "--head {head}: {err}");
+    }
+    let o = bin().args(["--threads", "100000", "bench"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("at most 256"), "{err}");
+}

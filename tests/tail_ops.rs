@@ -335,3 +335,52 @@ fn matmul_and_linear_layers() {
         }
     }
 }
+
+#[test]
+fn the_head_op_has_finite_difference_gradients_for_its_input_and_weights() {
+    use hydra_edge::tail::ops::head::LinearHead;
+    let mut rng = Rng::new(21);
+    // Features of rank 3 are flattened after the batch axis, as for a pooled [B, C, 1] tensor.
+    let x = rand_t(&mut rng, &[3, 4, 2], -1.0, 1.0);
+    let mut head = LinearHead::new(8, 5, 7).unwrap();
+    head.b.iter_mut().for_each(|v| *v = rng.uniform(-0.5, 0.5));
+    check("Head input", &mut head, vec![x.clone()], &[true], H, TOL);
+    // dL/dW and dL/db for L = Σ g·y, against central differences in f64.
+    let refs = [&x];
+    let y = TailOp::forward(&mut head, &refs, true).unwrap();
+    let g = ArrayD::from_shape_vec(IxDyn(y.shape()), rand_vec(&mut rng, y.len())).unwrap();
+    TailOp::backward(&mut head, &refs, &y, &g, &[false]).unwrap();
+    let (gw, gb) = (head.gw.clone(), head.gb.clone());
+    let value = |h: &mut LinearHead| -> f64 {
+        let y = TailOp::forward(h, &refs, false).unwrap();
+        y.f32("y").unwrap().iter().zip(g.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+    };
+    for j in 0..head.w.len() {
+        let keep = head.w[j];
+        head.w[j] = keep + H;
+        let plus = value(&mut head);
+        head.w[j] = keep - H;
+        let minus = value(&mut head);
+        head.w[j] = keep;
+        let fd = (plus - minus) / (2.0 * f64::from(H));
+        assert!(
+            (fd - f64::from(gw[j])).abs() <= TOL * (1.0 + fd.abs()),
+            "dW[{j}] {} vs {fd}",
+            gw[j]
+        );
+    }
+    for j in 0..head.b.len() {
+        let keep = head.b[j];
+        head.b[j] = keep + H;
+        let plus = value(&mut head);
+        head.b[j] = keep - H;
+        let minus = value(&mut head);
+        head.b[j] = keep;
+        let fd = (plus - minus) / (2.0 * f64::from(H));
+        assert!(
+            (fd - f64::from(gb[j])).abs() <= TOL * (1.0 + fd.abs()),
+            "db[{j}] {} vs {fd}",
+            gb[j]
+        );
+    }
+}

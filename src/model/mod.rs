@@ -60,7 +60,6 @@ pub struct AdaptedModel {
     /// The adapter configuration as the user gave it (each layer derives its
     /// own seed from it); what adapter files record.
     adapter_config: HydraConfig,
-    head: Option<LinearHead>,
     caches: Vec<(u64, FeatureCache)>,
     prefix_samples: AtomicUsize,
     /// Memory of the backbone plan: its frozen weights (the model's float
@@ -86,7 +85,6 @@ impl AdaptedModel {
             layers: s.layers,
             fingerprint: s.fingerprint,
             adapter_config: cfg.adapter.clone(),
-            head: None,
             caches: Vec::new(),
             prefix_samples: AtomicUsize::new(0),
         })
@@ -129,28 +127,39 @@ impl AdaptedModel {
         &mut self.tail
     }
 
-    /// The new head, if there is one.
+    /// The new head (the tail's last op), if there is one.
     pub fn head(&self) -> Option<&LinearHead> {
-        self.head.as_ref()
+        self.tail.head()
     }
 
     /// Mutable [`AdaptedModel::head`].
     pub fn head_mut(&mut self) -> Option<&mut LinearHead> {
-        self.head.as_mut()
+        self.tail.head_mut()
     }
 
-    /// Creates the new head `config` asks for, once the feature width is
-    /// known (a no-op if it exists or none is asked for).
-    pub fn ensure_head(&mut self, config: HeadConfig, features: usize, seed: u64) -> Result<()> {
-        if let (HeadConfig::New(classes), None) = (config, &self.head) {
-            self.head = Some(LinearHead::new(features, classes, seed)?);
+    /// Appends the new head `config` asks for to the tail, sized from the
+    /// features the tail computes on `boundary` (a no-op if the head exists or
+    /// none is asked for).
+    pub fn ensure_head(
+        &mut self,
+        config: HeadConfig,
+        boundary: &[Tensor],
+        seed: u64,
+    ) -> Result<()> {
+        let HeadConfig::New(classes) = config else { return Ok(()) };
+        if self.tail.head().is_some() {
+            return Ok(());
         }
+        let feat = self.tail.forward(boundary.to_vec(), false);
+        self.tail.clear_tape();
+        let width: usize = feat?.shape().iter().skip(1).product();
+        self.tail.set_head(Some(LinearHead::new(width, classes, seed)?));
         Ok(())
     }
 
-    /// Replaces (or removes) the head.
+    /// Puts `head` at the end of the tail (replacing one there), or removes it.
     pub fn set_head(&mut self, head: Option<LinearHead>) {
-        self.head = head;
+        self.tail.set_head(head);
     }
 
     /// Bytes of frozen weights the backbone plan holds (estimated from the
@@ -224,27 +233,18 @@ impl AdaptedModel {
         self.caches.iter().map(|(_, c)| c.ram_bytes()).sum()
     }
 
-    /// Tail then head on boundary tensors: the model's prediction. With
-    /// `train`, every op keeps what backward needs.
+    /// The tail (its head included) on boundary tensors: the model's
+    /// prediction. With `train`, every op keeps what backward needs.
     pub fn predict_boundary(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<ArrayD<f32>> {
-        let out = self.tail.forward(boundary, train)?;
-        let feat = match out {
-            Tensor::F32(a) => a,
-            t => t.to_f32("tail output")?.into_owned(),
-        };
-        match &mut self.head {
-            Some(h) => h.forward(&feat, train),
-            None => Ok(feat),
+        match self.tail.forward(boundary, train)? {
+            Tensor::F32(a) => Ok(a),
+            t => Ok(t.to_f32("tail output")?.into_owned()),
         }
     }
 
-    /// The gradient of the prediction back through head and tail.
+    /// The gradient of the prediction back through the tail and its head.
     pub fn backward_prediction(&mut self, dy: ArrayD<f32>) -> Result<()> {
-        let d = match &mut self.head {
-            Some(h) => h.backward(&dy)?,
-            None => dy,
-        };
-        self.tail.backward(d)
+        self.tail.backward(dy)
     }
 
     /// The prediction for a feed (prefix, tail, head), boundary rounded as

@@ -83,7 +83,7 @@ impl AdaptedModel {
     pub fn params(&self) -> Vec<ParamSpec> {
         let mut out: Vec<ParamSpec> =
             self.tail.adapters().flat_map(|(n, a)| adapter_specs(n, a)).collect();
-        if let Some(h) = &self.head {
+        if let Some(h) = self.tail.head() {
             let (i, o) = h.dims();
             out.push(ParamSpec { name: "head/W".into(), layer: None, shape: vec![o, i] });
             out.push(ParamSpec { name: "head/b".into(), layer: None, shape: vec![o] });
@@ -99,7 +99,7 @@ impl AdaptedModel {
                 out.extend(b.tensors());
             }
         }
-        if let Some(h) = &self.head {
+        if let Some(h) = self.tail.head() {
             out.extend([&h.w[..], &h.b[..]]);
         }
         out
@@ -107,27 +107,12 @@ impl AdaptedModel {
 
     /// Every parameter with its gradient, in [`AdaptedModel::params`] order.
     pub fn params_and_grads(&mut self) -> (Vec<&mut [f32]>, Vec<&[f32]>) {
-        let (mut p, mut g) = (Vec::new(), Vec::new());
-        for (_, a) in self.tail.adapters_mut() {
-            for (pp, gg) in a.params_and_grads() {
-                p.push(pp);
-                g.push(gg);
-            }
-        }
-        if let Some(h) = &mut self.head {
-            let (w, b, gw, gb) = h.split_mut();
-            p.extend([w, b]);
-            g.extend([gw, gb]);
-        }
-        (p, g)
+        self.tail.params_and_grads()
     }
 
     /// Zeroes every gradient (adapters and head).
     pub fn zero_grad(&mut self) {
         self.tail.zero_grad();
-        if let Some(h) = &mut self.head {
-            h.zero_grad();
-        }
     }
 
     /// The adapted layers as an adapter file lists them.

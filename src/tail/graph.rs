@@ -16,6 +16,8 @@ use super::ops::TailOp;
 use crate::Tensor;
 use crate::error::{Error, Result};
 use crate::hydra::HydraLinear;
+use crate::tail::ops::head::LinearHead;
+use crate::tail::ops::linear::Linear;
 
 /// Index of a value in the graph.
 pub type ValueId = usize;
@@ -55,6 +57,8 @@ pub struct TailGraph {
     widened: Vec<Option<Tensor>>,
     /// Index of the last node that reads each value in forward.
     last_use: Vec<usize>,
+    /// Index of the new head's node (always the last), if there is one.
+    head: Option<usize>,
     /// Seconds per node in forward and backward, when profiling.
     profile: Option<Vec<(f64, f64)>>,
     /// Stands in for an output that forward freed (see [`TailOp::backward_reads_output`]).
@@ -141,7 +145,7 @@ impl TailBuilder {
             .ok_or_else(|| Error::NotFound { what: "tail output", name: String::from(output) })?;
         let mut requires_grad = vec![false; self.names.len()];
         for (n, op) in self.nodes.iter().zip(&self.ops) {
-            let adapted = op.as_linear().is_some_and(|l| l.adapter().is_some());
+            let adapted = op.as_linear().is_some_and(|l| l.adapter().is_some()) || op.trainable();
             let through =
                 n.inputs.iter().enumerate().any(|(i, &v)| requires_grad[v] && op.differentiable(i));
             requires_grad[n.output] = adapted || through;
@@ -161,6 +165,7 @@ impl TailBuilder {
         Ok(TailGraph {
             last_use,
             profile: None,
+            head: None,
             placeholder: Tensor::F32(ArrayD::from_elem(ndarray::IxDyn(&[0]), 0.0)),
             kept_for_backward,
             names: self.names,
@@ -217,14 +222,108 @@ impl TailGraph {
             .filter_map(|(n, op)| Some((n.name.as_str(), op.as_linear_mut()?.adapter_mut()?)))
     }
 
-    /// Zeroes every adapter's gradient.
+    /// Zeroes every adapter's (and the head's) gradient.
     pub fn zero_grad(&mut self) {
         self.adapters_mut().for_each(|(_, a)| a.zero_grad());
+        if let Some(h) = self.head_mut() {
+            h.zero_grad();
+        }
     }
 
-    /// Trainable parameters (all adapters).
+    /// Trainable parameters (all adapters and the head).
     pub fn trainable_params(&self) -> usize {
-        self.adapters().map(|(_, a)| a.num_trainable()).sum()
+        let head = self.head().map_or(0, |h| h.w.len() + h.b.len());
+        self.adapters().map(|(_, a)| a.num_trainable()).sum::<usize>() + head
+    }
+
+    /// Every trainable tensor with its gradient: the adapters in tail order
+    /// (parallel branch first), then the head.
+    pub fn params_and_grads(&mut self) -> (Vec<&mut [f32]>, Vec<&[f32]>) {
+        let (mut p, mut g) = (Vec::new(), Vec::new());
+        for op in self.ops.iter_mut() {
+            if op.as_head().is_some() {
+                if let Some(h) = op.as_head_mut() {
+                    let (w, b, gw, gb) = h.split_mut();
+                    p.extend([w, b]);
+                    g.extend([gw, gb]);
+                }
+            } else if let Some(a) = op.as_linear_mut().and_then(Linear::adapter_mut) {
+                for (pp, gg) in a.params_and_grads() {
+                    p.push(pp);
+                    g.push(gg);
+                }
+            }
+        }
+        (p, g)
+    }
+
+    /// The new head, if the tail ends in one.
+    pub fn head(&self) -> Option<&LinearHead> {
+        self.head.and_then(|i| self.ops[i].as_head())
+    }
+
+    /// Mutable [`TailGraph::head`].
+    pub fn head_mut(&mut self) -> Option<&mut LinearHead> {
+        self.head.and_then(|i| self.ops[i].as_head_mut())
+    }
+
+    /// The features the head reads (the tail's output without the head).
+    pub fn features_name(&self) -> &str {
+        match self.head {
+            Some(i) => &self.names[self.nodes[i].inputs[0]],
+            None => &self.names[self.output],
+        }
+    }
+
+    /// Puts `head` at the end of the tail (replacing the one there), or
+    /// removes the head with `None`: the tail's output becomes the logits, or
+    /// the features again.
+    pub fn set_head(&mut self, head: Option<LinearHead>) {
+        self.clear_tape();
+        match (self.head, head) {
+            (Some(i), Some(h)) => self.ops[i] = Box::new(h),
+            (Some(i), None) => {
+                let node = self.nodes.remove(i);
+                self.ops.remove(i);
+                self.names.pop();
+                self.sources.pop();
+                self.requires_grad.pop();
+                self.tape.pop();
+                self.widened.pop();
+                self.last_use.pop();
+                self.kept_for_backward.pop();
+                let feat = node.inputs[0];
+                self.output = feat;
+                self.last_use[feat] = usize::MAX;
+                self.kept_for_backward[feat] = true;
+                self.head = None;
+            }
+            (None, Some(h)) => {
+                let feat = self.output;
+                let out = self.names.len();
+                self.names.push(format!("{}/head_logits", self.names[feat]));
+                self.sources.push(Source::Node);
+                self.nodes.push(Node {
+                    name: String::from("head"),
+                    inputs: vec![feat],
+                    output: out,
+                });
+                self.ops.push(Box::new(h));
+                self.requires_grad.push(true);
+                self.tape.push(None);
+                self.widened.push(None);
+                self.last_use.push(usize::MAX);
+                self.kept_for_backward.push(true);
+                self.last_use[feat] = self.nodes.len() - 1;
+                self.kept_for_backward[feat] = true;
+                self.output = out;
+                self.head = Some(self.nodes.len() - 1);
+                if let Some(p) = &mut self.profile {
+                    p.push((0.0, 0.0));
+                }
+            }
+            (None, None) => {}
+        }
     }
 
     /// Frozen parameters held by the tail (linear weights and float constants).

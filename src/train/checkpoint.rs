@@ -22,7 +22,7 @@ impl Trainer {
         let mut tensors = model.named_tensors(dtype)?;
         let rngs: Vec<[u64; 4]> = model.tail().adapters().map(|(_, a)| a.rng().state()).collect();
         let mut metadata = BTreeMap::new();
-        metadata.insert("output".into(), model.tail().output_name().to_string());
+        metadata.insert("output".into(), model.report().output.clone());
         metadata.insert("steps".into(), self.step().to_string());
         metadata
             .insert("loss".into(), serde_json::to_string(&self.config().loss).unwrap_or_default());

@@ -239,10 +239,11 @@ impl Trainer {
         }
     }
 
-    /// Creates the head (on first sight of the feature width) and the optimiser.
-    pub(crate) fn ensure_state(&mut self, feat_dim: Option<usize>) -> Result<()> {
-        if let Some(f) = feat_dim {
-            self.model.ensure_head(self.cfg.head, f, self.cfg.seed)?;
+    /// Creates the head (sized from the features of `boundary`, on first
+    /// sight) and the optimiser.
+    pub(crate) fn ensure_state(&mut self, boundary: Option<&[Tensor]>) -> Result<()> {
+        if let Some(b) = boundary {
+            self.model.ensure_head(self.cfg.head, b, self.cfg.seed)?;
         }
         if self.opt.is_none() {
             let lens: Vec<usize> = self.model.params().iter().map(|p| p.len()).collect();
@@ -277,13 +278,16 @@ impl Trainer {
         let boundary = self.model.prefix(&feed)?;
         let boundary_bytes: usize = boundary.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
         let m = self.model.estimate_memory(&feed)?;
-        let out = self.model.tail_mut().forward(boundary, false)?;
-        self.model.tail_mut().clear_tape();
-        let feat: usize = out.shape()[1..].iter().product();
-        let head = match self.cfg.head {
-            // Weights, gradients, two moments; features and logits per sample.
-            HeadConfig::New(c) => feat.saturating_mul(c).saturating_add(c).saturating_mul(16),
-            HeadConfig::Keep => 0,
+        let head = match (self.cfg.head, self.model.head()) {
+            // Not created yet: weights, gradients, two moments (once created
+            // it is one of the tail's trainable parameters, counted above).
+            (HeadConfig::New(c), None) => {
+                let out = self.model.tail_mut().forward(boundary, false)?;
+                self.model.tail_mut().clear_tape();
+                let feat: usize = out.shape()[1..].iter().product();
+                feat.saturating_mul(c).saturating_add(c).saturating_mul(16)
+            }
+            _ => 0,
         };
         let per_sample_cache = if self.cfg.cache.dtype == CacheDtype::F16 {
             boundary_bytes / 2
@@ -422,18 +426,11 @@ impl Trainer {
     }
 
     fn train_batch(&mut self, boundary: Vec<Tensor>, labels: &Labels, lr: f32) -> Result<Outcome> {
-        let feat = match self.model.tail_mut().forward(boundary, true) {
+        self.ensure_state(Some(&boundary))?;
+        // The head is the tail's last op: the tail's output is the prediction.
+        let logits = match self.model.predict_boundary(boundary, true) {
             Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite activations")),
             r => r?,
-        };
-        let feat = match feat {
-            Tensor::F32(a) => a,
-            t => t.to_f32("tail output")?.into_owned(),
-        };
-        self.ensure_state(Some(feat.shape()[1..].iter().product()))?;
-        let logits = match self.model.head_mut() {
-            Some(h) => h.forward(&feat, true)?,
-            None => feat,
         };
         if logits.iter().any(|v| !v.is_finite()) {
             self.model.tail_mut().clear_tape();
@@ -493,17 +490,10 @@ impl Trainer {
     }
 
     fn predict_boundary(&mut self, boundary: Vec<Tensor>) -> Result<ArrayD<f32>> {
-        let out = self.model.tail_mut().forward(boundary, false)?;
+        self.ensure_state(Some(&boundary))?;
+        let y = self.model.predict_boundary(boundary, false);
         self.model.tail_mut().clear_tape();
-        let feat = match out {
-            Tensor::F32(a) => a,
-            t => t.to_f32("tail output")?.into_owned(),
-        };
-        self.ensure_state(Some(feat.shape()[1..].iter().product()))?;
-        match self.model.head_mut() {
-            Some(h) => h.forward(&feat, false),
-            None => Ok(feat),
-        }
+        y
     }
 
     /// The model's prediction (head output, or the tail's output) for a feed.

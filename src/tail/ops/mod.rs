@@ -6,6 +6,7 @@
 //! f32 inputs on a differentiable path are ever asked for).
 
 pub mod binary;
+pub mod head;
 pub mod linear;
 pub mod norm;
 pub mod reduce;
@@ -57,6 +58,21 @@ pub trait TailOp: core::fmt::Debug + Send {
     /// Which inputs a gradient can flow through (default: all).
     fn differentiable(&self, _input: usize) -> bool {
         true
+    }
+
+    /// Whether the op has parameters of its own that train (the new head).
+    fn trainable(&self) -> bool {
+        false
+    }
+
+    /// The op as the new head, if it is one.
+    fn as_head(&self) -> Option<&head::LinearHead> {
+        None
+    }
+
+    /// Mutable [`TailOp::as_head`].
+    fn as_head_mut(&mut self) -> Option<&mut head::LinearHead> {
+        None
     }
 
     /// The op as a linear layer, if it is one (to reach its adapter).
