@@ -355,7 +355,7 @@ fn the_head_op_has_finite_difference_gradients_for_its_input_and_weights() {
         let y = TailOp::forward(h, &refs, false).unwrap();
         y.f32("y").unwrap().iter().zip(g.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
     };
-    for j in 0..head.w.len() {
+    for (j, &want) in gw.iter().enumerate() {
         let keep = head.w[j];
         head.w[j] = keep + H;
         let plus = value(&mut head);
@@ -369,7 +369,7 @@ fn the_head_op_has_finite_difference_gradients_for_its_input_and_weights() {
             gw[j]
         );
     }
-    for j in 0..head.b.len() {
+    for (j, &want) in gb.iter().enumerate() {
         let keep = head.b[j];
         head.b[j] = keep + H;
         let plus = value(&mut head);
