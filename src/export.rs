@@ -325,6 +325,7 @@ fn externalize(
 /// Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    crate::output::check_kind(path)?;
     let io = |context: String| move |source| Error::Io { context, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(

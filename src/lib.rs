@@ -56,6 +56,8 @@ pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 #[cfg(feature = "std")]
+pub mod output;
+#[cfg(feature = "std")]
 pub mod parallel;
 pub mod rng;
 #[cfg(feature = "std")]

@@ -182,3 +182,43 @@ fn impossible_heads_and_thread_counts_are_errors_not_panics() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("at most 256"), "{err}");
 }
+
+#[test]
+fn outputs_that_are_inputs_directories_or_devices_are_refused_before_any_work() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("base.onnx");
+    std::fs::copy(digits("digits_mlp.onnx"), &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let adapter = dir.join("a.hydra");
+    ok(bin()
+        .arg("train")
+        .arg(&model)
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "1", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    // merge M A -o M: refused, M untouched.
+    for out in [model.clone(), adapter.clone(), dir.clone(), PathBuf::from("/dev/null")] {
+        let o = bin().arg("merge").arg(&model).arg(&adapter).arg("-o").arg(&out).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "-o {}: {err}", out.display());
+        assert!(err.contains("refusing to write"), "-o {}: {err}", out.display());
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), before, "the base model is untouched");
+    // An unwritable --out is found before training, not after it.
+    let t0 = std::time::Instant::now();
+    let o = bin()
+        .arg("train")
+        .arg(&model)
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "500", "--out"])
+        .arg(dir.join("no/such/folder/a.hydra"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "refused before 500 epochs");
+}

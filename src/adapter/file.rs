@@ -127,6 +127,7 @@ fn create_temp(path: &Path, dir: &Path, name: &std::ffi::OsStr) -> Result<(PathB
 }
 
 pub(super) fn save(file: &AdapterFile, path: &Path) -> Result<()> {
+    crate::output::check_kind(path)?;
     let (dir, name) = split(path)?;
     let (tmp, f) = create_temp(path, dir, name)?;
     let written = write_synced(file, f, &tmp).and_then(|()| {
@@ -141,7 +142,10 @@ pub(super) fn save(file: &AdapterFile, path: &Path) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_dir(dir)
+    sync_dir(dir)?;
+    // Temporaries of saves that were killed before their rename.
+    let _ = clean_temp_files(path);
+    Ok(())
 }
 
 /// Writes, flushes and fsyncs the temporary file.

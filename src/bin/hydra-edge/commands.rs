@@ -15,6 +15,7 @@ use hydra_edge::model::split_config_for;
 use hydra_edge::model::{CacheConfig, CacheDtype, HeadConfig};
 use hydra_edge::onnx::layers::linear_layers;
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::output::check_output;
 use hydra_edge::train::npz::{read_npz, write_npz};
 use hydra_edge::train::{Dataset, Event, Loss, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Variant};
@@ -191,6 +192,16 @@ fn head(s: &str) -> Result<HeadConfig> {
 }
 
 pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
+    // Every output is checked before any work: an unwritable --out is found now, not after the epochs.
+    let mut inputs: Vec<&Path> = vec![&a.model, &a.data];
+    inputs.extend(a.eval.as_deref());
+    check_output(&a.out, &inputs)?;
+    if let Some(c) = &a.checkpoint {
+        check_output(c, &inputs)?;
+    }
+    if let Some(p) = &a.plot {
+        check_output(p, &inputs)?;
+    }
     let model =
         OnnxModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let train = Dataset::from_npz(&a.data, &a.label_key)?;
@@ -400,6 +411,9 @@ pub fn merge(
     check: Option<&Path>,
     json: bool,
 ) -> Result<()> {
+    let mut inputs = vec![model, adapter];
+    inputs.extend(check);
+    check_output(out, &inputs)?;
     let m = OnnxModel::load(model)?;
     let file =
         AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
@@ -460,6 +474,9 @@ pub fn merge(
 }
 
 pub fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Result<()> {
+    if let Some(o) = output {
+        check_output(o, &[model, input])?;
+    }
     let m = Model::load(model)?;
     let mut feed = feed_from_npz(input)?;
     feed.retain(|k, _| m.input_names().contains(k));
