@@ -222,3 +222,40 @@ fn outputs_that_are_inputs_directories_or_devices_are_refused_before_any_work() 
     assert_eq!(o.status.code(), Some(1));
     assert!(t0.elapsed().as_secs_f64() < 5.0, "refused before 500 epochs");
 }
+
+#[test]
+fn resuming_with_another_batch_size_finishes_instead_of_spinning() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("c.ckpt");
+    let train = |batch: &str, epochs: &str, resume: bool| {
+        let mut c = bin();
+        c.arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--epochs", epochs, "--batch", batch, "--out"])
+            .arg(dir.join("a.hydra"))
+            .arg("--checkpoint")
+            .arg(&ckpt);
+        if resume {
+            c.arg("--resume").arg(&ckpt);
+        }
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if t0.elapsed().as_secs() > 60 {
+                child.kill().unwrap();
+                panic!("training with --batch {batch} did not finish in 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    assert!(train("7", "2", false).success());
+    // The checkpoint's position belongs to batch 7; resuming with 150 (two batches an epoch) must end.
+    assert!(train("150", "4", true).success());
+}

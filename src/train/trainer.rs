@@ -336,6 +336,34 @@ impl Trainer {
         max_steps: Option<u64>,
         on: &mut dyn FnMut(Event<'_>),
     ) -> Result<Vec<EpochMetrics>> {
+        self.fit_inner(train, eval, max_steps, self.cfg.epochs, on)
+    }
+
+    /// Finishes the current epoch (from wherever a checkpoint left it) and
+    /// returns its figures; `None` once all epochs are done. Always makes
+    /// progress: a position past the end of the epoch (a checkpoint taken with
+    /// another batch size or data set) just closes the epoch.
+    pub fn fit_epoch(
+        &mut self,
+        train: &Dataset,
+        eval: Option<&Dataset>,
+        on: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Option<EpochMetrics>> {
+        if self.epoch as usize >= self.cfg.epochs {
+            return Ok(None);
+        }
+        let last = self.epoch as usize + 1;
+        Ok(self.fit_inner(train, eval, None, last, on)?.pop())
+    }
+
+    fn fit_inner(
+        &mut self,
+        train: &Dataset,
+        eval: Option<&Dataset>,
+        max_steps: Option<u64>,
+        epochs: usize,
+        on: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Vec<EpochMetrics>> {
         let report = self.estimate_memory(train)?;
         if let Some(budget) = self.cfg.memory_budget
             && report.total_bytes > budget
@@ -355,7 +383,7 @@ impl Trainer {
         }
         let schedule = self.schedule(train.len());
         let mut out = Vec::new();
-        while (self.epoch as usize) < self.cfg.epochs {
+        while (self.epoch as usize) < epochs.min(self.cfg.epochs) {
             let t0 = Instant::now();
             let prefix0 = self.model.prefix_samples();
             let order = epoch_order(train.len(), self.cfg.seed, self.epoch);

@@ -288,8 +288,8 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             b.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
             b
         });
-        let metrics =
-            t.fit_until(&train, eval.as_ref(), Some(per_epoch * (epoch + 1)), &mut |e| match e {
+        let metrics = t
+            .fit_epoch(&train, eval.as_ref(), &mut |e| match e {
                 Event::Step { loss, .. } => {
                     if let Some(b) = &bar {
                         b.set_message(format!("loss {loss:.4}"));
@@ -298,14 +298,9 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
                 }
                 Event::Skipped { step, reason } => eprintln!("step {step} skipped: {reason}"),
                 Event::Epoch(_) => {}
-            });
-        let metrics = metrics?;
-        // fit_until stops at the step limit before closing the epoch: finish it.
-        let metrics = if metrics.is_empty() {
-            t.fit_until(&train, eval.as_ref(), Some(per_epoch * (epoch + 1)), &mut |_| {})?
-        } else {
-            metrics
-        };
+            })?
+            .into_iter()
+            .collect::<Vec<_>>();
         if let Some(b) = bar {
             b.finish_and_clear();
         }
