@@ -259,3 +259,62 @@ fn resuming_with_another_batch_size_finishes_instead_of_spinning() {
     // The checkpoint's position belongs to batch 7; resuming with 150 (two batches an epoch) must end.
     assert!(train("150", "4", true).success());
 }
+
+#[test]
+fn empty_targets_and_nan_adapters_are_refused() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for t in ["", ","] {
+        let o = bin()
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--targets", t, "--out"])
+            .arg(dir.join("t.hydra"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "--targets `{t}`");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("names no layer"));
+    }
+    let adapter = dir.join("a.hydra");
+    ok(bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "1", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    // A NaN in a tensor, with a valid checksum: refused by eval and merge, nothing written.
+    let mut f = hydra_edge::adapter::AdapterFile::load(&adapter).unwrap();
+    f.tensors[0].data[0] = f32::NAN;
+    let bad = dir.join("nan.hydra");
+    f.save(&bad).unwrap();
+    let o = bin()
+        .arg("eval")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&bad)
+        .arg("--data")
+        .arg(digits("digits_user_test.npz"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("NaN"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = dir.join("merged.onnx");
+    let o = bin()
+        .arg("merge")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&bad)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!out.exists(), "no merged file from a NaN adapter");
+}

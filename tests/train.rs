@@ -371,3 +371,25 @@ fn a_reshape_target_built_from_shape_of_the_input_follows_the_batch_in_the_cache
     let (cached, live) = (run(true), run(false));
     assert!(cached == live, "cached {:?} vs live {:?}", cached.1, live.1);
 }
+
+#[test]
+fn an_adapter_is_refused_by_a_model_configured_with_another_scale_or_variant() {
+    let train = data("digits_user_train.npz");
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let mut scaled = HydraConfig { variant: Variant::Hydra, seed: 3, ..HydraConfig::default() };
+    scaled.parallel.scale = 2.0;
+    for adapter in
+        [scaled, HydraConfig { variant: Variant::Lora, seed: 3, ..HydraConfig::default() }]
+    {
+        let other = AdaptedModel::new(
+            &model(),
+            &SplitConfig { targets: Targets::AllLinear, adapter, ..SplitConfig::default() },
+        )
+        .unwrap();
+        let e = Trainer::new(other, cfg(1)).unwrap().load(&file).unwrap_err();
+        assert!(e.to_string().contains("trained as"), "{e}");
+    }
+    Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap().load(&file).unwrap();
+}

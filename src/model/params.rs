@@ -182,6 +182,31 @@ impl PreparedAdapter {
         want_head: Option<usize>,
     ) -> Result<PreparedAdapter> {
         file.check_fingerprint(model.fingerprint())?;
+        // The math must be the one the file was trained with (a scale or a
+        // variant changed in between gives silently different outputs).
+        let (a, b) = (&file.header.config, model.adapter_config());
+        let branch = |x: &crate::hydra::BranchConfig, y: &crate::hydra::BranchConfig| {
+            (x.rank, x.scale.to_bits(), x.bias) == (y.rank, y.scale.to_bits(), y.bias)
+        };
+        let uses = |v: crate::hydra::Variant| (v.has_parallel(), v.has_sequential());
+        let same = a.variant == b.variant
+            && (!uses(a.variant).0 || branch(&a.parallel, &b.parallel))
+            && (!uses(a.variant).1 || branch(&a.sequential, &b.sequential));
+        if !model.layer_entries().is_empty() && !same {
+            return Err(Error::Config(format!(
+                "the adapter file was trained as {:?} (parallel r={} s={}, sequential r={} s={}); this model is configured as {:?} (parallel r={} s={}, sequential r={} s={})",
+                a.variant,
+                a.parallel.rank,
+                a.parallel.scale,
+                a.sequential.rank,
+                a.sequential.scale,
+                b.variant,
+                b.parallel.rank,
+                b.parallel.scale,
+                b.sequential.rank,
+                b.sequential.scale
+            )));
+        }
         let want = model.layer_entries();
         if want != file.header.layers {
             return Err(Error::Config(format!(
@@ -221,6 +246,12 @@ impl PreparedAdapter {
             .iter()
             .map(|s| tensor(file, &s.name, s.len()).map(|t| t.data.clone()))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(s) = specs.iter().zip(&values).find(|(_, v)| v.iter().any(|x| !x.is_finite())) {
+            return Err(Error::Corrupt(format!(
+                "adapter tensor `{}` holds NaN or infinite values",
+                s.0.name
+            )));
+        }
         Ok(PreparedAdapter { values, head, metadata: file.header.metadata.clone() })
     }
 

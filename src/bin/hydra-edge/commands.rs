@@ -177,7 +177,16 @@ fn targets(s: &str) -> Result<Targets> {
         _ if s.starts_with("last:") => {
             Targets::LastBlocks(s[5..].parse().context("last:K needs a number")?)
         }
-        _ => Targets::Patterns(s.split(',').map(|p| p.trim().to_string()).collect()),
+        _ => {
+            let pats: Vec<String> =
+                s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+            if pats.is_empty() {
+                bail!(
+                    "--targets `{s}` names no layer (use `all`, `last:K`, `none` or name patterns)"
+                );
+            }
+            Targets::Patterns(pats)
+        }
     })
 }
 
@@ -412,15 +421,23 @@ pub fn merge(
     let m = OnnxModel::load(model)?;
     let file =
         AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
-    let (report, mut adapted) = merge_adapter_file(&m, &file, out, softmax)?;
+    // The check data is read (and must hold samples) before anything is written.
     let feed = match check {
         Some(p) => {
             let mut f = feed_from_npz(p)?;
             f.retain(|k, _| m.input_names().contains(k));
+            let n = f.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+            if n == 0 {
+                bail!(
+                    "--check-data {}: no samples of the model's inputs to check with",
+                    p.display()
+                );
+            }
             f
         }
         None => synthetic_feed(&m, 4),
     };
+    let (report, mut adapted) = merge_adapter_file(&m, &file, out, softmax)?;
     let want = adapted.predict(&feed, CacheDtype::F32)?;
     let head = adapted.head().is_some();
     let split = &adapted;
