@@ -300,3 +300,21 @@ fn f16_frozen_tail_weights_stay_close_to_f32() {
     // f16 weights round each weight by ≤ 2⁻¹¹ relative: visible, but small.
     assert!(e > 0.0 && e < 5e-3, "f16 vs f32 tail weights: {e:e}");
 }
+
+#[cfg(unix)]
+#[test]
+fn external_data_behind_a_symlink_out_of_the_folder_is_refused() {
+    let dir = std::env::temp_dir().join(format!("hydra-symlink-{}", std::process::id()));
+    let outside = std::env::temp_dir().join(format!("hydra-symlink-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(model_path("mlp_external.onnx"), dir.join("mlp_external.onnx")).unwrap();
+    std::fs::copy(model_path("mlp_external.weights"), outside.join("w.bin")).unwrap();
+    std::os::unix::fs::symlink(outside.join("w.bin"), dir.join("mlp_external.weights")).unwrap();
+    let e = OnnxModel::load(dir.join("mlp_external.onnx")).unwrap_err();
+    assert!(e.to_string().contains("outside the model's folder"), "{e}");
+    // The same file inside the folder loads.
+    std::fs::remove_file(dir.join("mlp_external.weights")).unwrap();
+    std::fs::copy(outside.join("w.bin"), dir.join("mlp_external.weights")).unwrap();
+    OnnxModel::load(dir.join("mlp_external.onnx")).unwrap();
+}

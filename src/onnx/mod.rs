@@ -195,6 +195,15 @@ fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<Optio
         )));
     }
     let file = dir.join(rel);
+    // The lexical check above does not see symlinks: resolve both and compare.
+    if let (Ok(real), Ok(root)) = (std::fs::canonicalize(&file), std::fs::canonicalize(dir))
+        && !real.starts_with(&root)
+    {
+        return Err(Error::Onnx(format!(
+            "external data path `{location}` resolves to {}, outside the model's folder",
+            real.display()
+        )));
+    }
     // Read just this initializer's range: re-reading the whole data file per
     // initializer cost ~100 × 90 MB for MiniLM.
     let io =
