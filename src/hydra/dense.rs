@@ -218,8 +218,15 @@ unsafe fn sgemm_raw(
 #[cfg(feature = "std")]
 static GEMM_LOG: std::sync::Mutex<Option<Vec<(usize, usize, usize)>>> = std::sync::Mutex::new(None);
 
+/// Whether [`GEMM_LOG`] records: checked without the lock on every product.
+#[cfg(feature = "std")]
+static RECORDING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 #[cfg(feature = "std")]
 fn record_gemm(m: usize, k: usize, n: usize) {
+    if !RECORDING.load(core::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     if let Ok(mut g) = GEMM_LOG.lock()
         && let Some(v) = g.as_mut()
     {
@@ -236,6 +243,7 @@ pub fn record_gemm_shapes(on: bool) -> Vec<(usize, usize, usize)> {
     if on {
         *g = Some(Vec::new());
     }
+    RECORDING.store(on, core::sync::atomic::Ordering::Relaxed);
     old
 }
 

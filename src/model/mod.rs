@@ -258,10 +258,17 @@ impl AdaptedModel {
 
     /// Measures the tail's training memory on `sample` (any batch size).
     pub fn estimate_memory(&mut self, sample: &Feed) -> Result<MemoryEstimate> {
+        let boundary = self.prefix(sample)?;
+        self.estimate_memory_on(boundary)
+    }
+
+    /// [`AdaptedModel::estimate_memory`] on boundary tensors already computed
+    /// (the trainer has them: the prefix runs once at start-up, not twice).
+    pub fn estimate_memory_on(&mut self, boundary: Vec<Tensor>) -> Result<MemoryEstimate> {
         // Training mode draws dropout masks: put the generators back afterwards,
         // so that estimating never changes what training does.
         let rngs: Vec<_> = self.tail.adapters().map(|(_, a)| a.rng().clone()).collect();
-        let out = self.forward(sample, true);
+        let out = self.tail.forward(boundary, true);
         let saved: usize = self.tail.adapters().map(|(_, a)| a.saved_bytes()).sum();
         for ((_, a), r) in self.tail.adapters_mut().zip(rngs) {
             a.set_rng(r);

@@ -277,7 +277,7 @@ impl Trainer {
             .collect();
         let boundary = self.model.prefix(&feed)?;
         let boundary_bytes: usize = boundary.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
-        let m = self.model.estimate_memory(&feed)?;
+        let m = self.model.estimate_memory_on(boundary.clone())?;
         let head = match (self.cfg.head, self.model.head()) {
             // Not created yet: weights, gradients, two moments (once created
             // it is one of the tail's trainable parameters, counted above).
