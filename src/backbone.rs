@@ -97,9 +97,14 @@ impl Backbone {
             .iter()
             .map(|o| match feed.get(o) {
                 Some(t) if self.inputs.contains(o) => Ok(t.clone()),
-                _ => computed
-                    .next()
-                    .ok_or_else(|| Error::Backbone(format!("plan did not return `{o}`"))),
+                None if self.inputs.contains(o) => {
+                    Err(Error::NotFound { what: "model input in the data", name: o.clone() })
+                }
+                _ => computed.next().ok_or_else(|| {
+                    Error::Backbone(format!(
+                        "tract's plan returned fewer outputs than asked for; `{o}` is missing"
+                    ))
+                }),
             })
             .collect()
     }

@@ -69,6 +69,9 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// A data file (`.npz`/`.npy`) that is malformed or truncated.
+    #[error("invalid data file: {0}")]
+    Data(String),
     /// An adapter file that is malformed, truncated, or fails its checksum.
     #[error("corrupt adapter file: {0}")]
     Corrupt(String),

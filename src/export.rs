@@ -96,6 +96,38 @@ pub fn merge_into_onnx(
     head: Option<HeadExport<'_>>,
     out: &Path,
 ) -> Result<MergeReport> {
+    merge_into_onnx_checked(model, split, head, out, &mut |_| Ok(()))
+}
+
+/// Like [`merge_into_onnx`], but `verify` is first handed the merged model
+/// written to a temporary file beside `out` (so that its external data
+/// resolves); only if it returns `Ok` is that file renamed onto `out`. On
+/// failure nothing is left behind: not the temporary file, not the external
+/// weights files this merge placed, and `out` is untouched.
+pub fn merge_into_onnx_checked(
+    model: &OnnxModel,
+    split: &AdaptedModel,
+    head: Option<HeadExport<'_>>,
+    out: &Path,
+    verify: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<MergeReport> {
+    let (bytes, placed) = build(model, split, head, out)?;
+    let external_files = finish(&bytes, placed, out, verify)?;
+    Ok(MergeReport {
+        path: out.to_path_buf(),
+        layers: split.adapted_layers().len(),
+        external_files,
+    })
+}
+
+/// The merged model's bytes, and the external weights files placed beside `out`.
+fn build(
+    model: &OnnxModel,
+    split: &AdaptedModel,
+    head: Option<HeadExport<'_>>,
+    out: &Path,
+) -> Result<(Vec<u8>, Vec<Placed>)> {
+    crate::output::check_kind(out)?;
     let mut proto = model.proto().clone();
     let g = model.index()?;
     let mut uses: HashMap<String, usize> = HashMap::new();
@@ -241,13 +273,33 @@ pub fn merge_into_onnx(
             graph.output.push(out_info(p));
         }
     }
-    let external_files = externalize(graph, model, &changed, out)?;
-    write_atomic(out, &proto.encode_to_vec())?;
-    Ok(MergeReport {
-        path: out.to_path_buf(),
-        layers: split.adapted_layers().len(),
-        external_files,
-    })
+    let placed = externalize(graph, model, &changed, out)?;
+    Ok((proto.encode_to_vec(), placed))
+}
+
+/// Writes `bytes` to a temporary file beside `out`, has `verify` check it,
+/// and renames it onto `out`; on any failure removes the temporary file and
+/// the external files this merge created.
+fn finish(
+    bytes: &[u8],
+    placed: Vec<Placed>,
+    out: &Path,
+    verify: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    let written = write_temp(out, bytes).and_then(|tmp| {
+        let checked = verify(&tmp).and_then(|()| commit(&tmp, out));
+        if checked.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        checked
+    });
+    if let Err(e) = written {
+        for f in placed.iter().filter(|p| p.created) {
+            let _ = std::fs::remove_file(&f.path);
+        }
+        return Err(e);
+    }
+    Ok(placed.into_iter().map(|p| p.path).collect())
 }
 
 fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
@@ -269,63 +321,137 @@ fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
     }
 }
 
+/// An external weights file the merged model points at.
+struct Placed {
+    path: PathBuf,
+    /// Made by this merge (a link or copy), so removed again if it fails.
+    created: bool,
+}
+
+/// Whether the files at `a` and `b` hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
+    match (fa.metadata(), fb.metadata()) {
+        (Ok(ma), Ok(mb)) if ma.len() == mb.len() => {}
+        _ => return false,
+    }
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = match ra.read(&mut ba) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 {
+            return true;
+        }
+        if rb.read_exact(&mut bb[..n]).is_err() || ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
 /// Points untouched, originally external initializers back at their data,
-/// placed next to `out` (hard link, else copy).
+/// placed next to `out` (hard link, else copy). A file of the same name that
+/// is already there is used only if it holds the same bytes; otherwise the
+/// data goes under a new name. Nothing that is there is ever removed.
 fn externalize(
     graph: &mut pb::GraphProto,
     model: &OnnxModel,
     changed: &std::collections::HashSet<String>,
     out: &Path,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Vec<Placed>> {
     let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut placed: HashMap<PathBuf, String> = HashMap::new();
-    let mut files = Vec::new();
-    for t in graph.initializer.iter_mut() {
-        let Some(r) = model.external().get(&t.name) else { continue };
-        // Merged tensors carry new data: they stay inline.
-        if changed.contains(&t.name) {
-            continue;
-        }
-        let location = match placed.get(&r.file) {
-            Some(l) => l.clone(),
-            None => {
-                let name = r
-                    .file
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "weights.bin".into());
-                let target = dir.join(&name);
-                let same = std::fs::canonicalize(&target).ok().as_deref() == Some(r.file.as_path());
-                if !same {
-                    let _ = std::fs::remove_file(&target);
-                    if std::fs::hard_link(&r.file, &target).is_err() {
-                        std::fs::copy(&r.file, &target).map_err(|source| Error::Io {
-                            context: format!("copying external data to {}", target.display()),
-                            source,
-                        })?;
-                    }
-                }
-                files.push(target);
-                placed.insert(r.file.clone(), name.clone());
-                name
+    let mut files: Vec<Placed> = Vec::new();
+    let result = (|| -> Result<()> {
+        for t in graph.initializer.iter_mut() {
+            let Some(r) = model.external().get(&t.name) else { continue };
+            // Merged tensors carry new data: they stay inline.
+            if changed.contains(&t.name) {
+                continue;
             }
-        };
-        let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
-        t.raw_data.clear();
-        t.data_location = Some(1);
-        t.external_data = vec![
-            kv("location", location),
-            kv("offset", r.offset.to_string()),
-            kv("length", r.length.to_string()),
-        ];
+            let location = match placed.get(&r.file) {
+                Some(l) => l.clone(),
+                None => {
+                    let name = r
+                        .file
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "weights.bin".into());
+                    let (name, target, created) = place(&r.file, dir, &name)?;
+                    files.push(Placed { path: target, created });
+                    placed.insert(r.file.clone(), name.clone());
+                    name
+                }
+            };
+            let kv = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+            t.raw_data.clear();
+            t.data_location = Some(1);
+            t.external_data = vec![
+                kv("location", location),
+                kv("offset", r.offset.to_string()),
+                kv("length", r.length.to_string()),
+            ];
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for f in files.iter().filter(|p| p.created) {
+            let _ = std::fs::remove_file(&f.path);
+        }
+        return Err(e);
     }
     Ok(files)
 }
 
+/// Puts the data file `src` into `dir` as `name` (or, when another file
+/// holds that name, `stem.N.ext`): `(name used, path, whether it was created)`.
+fn place(src: &Path, dir: &Path, name: &str) -> Result<(String, PathBuf, bool)> {
+    let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned());
+    let ext = Path::new(name).extension().map(|s| s.to_string_lossy().into_owned());
+    for k in 0..1000 {
+        let candidate = match (k, &stem, &ext) {
+            (0, _, _) => name.to_string(),
+            (_, Some(s), Some(e)) => format!("{s}.{k}.{e}"),
+            _ => format!("{name}.{k}"),
+        };
+        let target = dir.join(&candidate);
+        let exists = std::fs::symlink_metadata(&target).is_ok();
+        if exists {
+            let same_file = std::fs::canonicalize(&target).ok() == std::fs::canonicalize(src).ok();
+            if same_file || same_bytes(&target, src) {
+                return Ok((candidate, target, false));
+            }
+            continue;
+        }
+        if std::fs::hard_link(src, &target).is_err() {
+            std::fs::copy(src, &target).map_err(|source| Error::Io {
+                context: format!("copying external data to {}", target.display()),
+                source,
+            })?;
+        }
+        return Ok((candidate, target, true));
+    }
+    Err(Error::Config(format!(
+        "no free name for the external data file `{name}` in {}",
+        dir.display()
+    )))
+}
+
 /// Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
     crate::output::check_kind(path)?;
+    let tmp = write_temp(path, bytes)?;
+    commit(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Writes and fsyncs `bytes` to a new temporary file beside `path`.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    use std::io::Write;
     let io = |context: String| move |source| Error::Io { context, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
@@ -334,10 +460,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("renaming onto {}", path.display())))?;
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(format!("writing {}", tmp.display()))(e));
+    }
+    Ok(tmp)
+}
+
+/// Renames the finished temporary file onto `path` and syncs the folder.
+fn commit(tmp: &Path, path: &Path) -> Result<()> {
+    // Checked again at the rename: the target may have changed since.
+    crate::output::check_kind(path)?;
+    std::fs::rename(tmp, path).map_err(|source| Error::Io {
+        context: format!("renaming {} onto {}", tmp.display(), path.display()),
+        source,
+    })?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -353,13 +491,32 @@ pub fn merge_adapter_file(
     out: &Path,
     softmax: bool,
 ) -> Result<(MergeReport, AdaptedModel)> {
-    let adapted = AdaptedModel::from_adapter_file(model, file)?;
+    merge_adapter_file_checked(model, file, out, softmax, &mut |_, _| Ok(()))
+}
+
+/// Like [`merge_adapter_file`], with `verify` run on the merged file (at a
+/// temporary path) and the unmerged model before `out` is written; see
+/// [`merge_into_onnx_checked`].
+pub fn merge_adapter_file_checked(
+    model: &OnnxModel,
+    file: &crate::adapter::AdapterFile,
+    out: &Path,
+    softmax: bool,
+    verify: &mut dyn FnMut(&Path, &mut AdaptedModel) -> Result<()>,
+) -> Result<(MergeReport, AdaptedModel)> {
+    let mut adapted = AdaptedModel::from_adapter_file(model, file)?;
     let export = adapted.head().map(|h| HeadExport {
         head: h,
         feature: adapted.report().output.clone(),
         logits: "head_logits".into(),
         softmax: softmax.then(|| "head_probs".to_string()),
     });
-    let report = merge_into_onnx(model, &adapted, export, out)?;
+    let (bytes, placed) = build(model, &adapted, export, out)?;
+    let external_files = finish(&bytes, placed, out, &mut |p| verify(p, &mut adapted))?;
+    let report = MergeReport {
+        path: out.to_path_buf(),
+        layers: adapted.adapted_layers().len(),
+        external_files,
+    };
     Ok((report, adapted))
 }

@@ -318,3 +318,77 @@ fn empty_targets_and_nan_adapters_are_refused() {
     assert_eq!(o.status.code(), Some(1));
     assert!(!out.exists(), "no merged file from a NaN adapter");
 }
+
+/// `digits_mlp.onnx` with its input declared as `dims`.
+fn with_input_dims(path: &std::path::Path, dims: &[i64]) {
+    use hydra_edge::onnx::pb::tensor_shape_proto::{Dimension, dimension::Value};
+    use prost::Message;
+    let bytes = std::fs::read(digits("digits_mlp.onnx")).unwrap();
+    let mut m = hydra_edge::onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+    let input = &mut m.graph.as_mut().unwrap().input[0];
+    let Some(hydra_edge::onnx::pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().unwrap().value.as_mut()
+    else {
+        panic!("tensor input")
+    };
+    t.shape.as_mut().unwrap().dim = dims
+        .iter()
+        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+        .collect();
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn huge_declared_input_dims_are_errors_and_merge_writes_nothing() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-dims-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let adapter = dir.join("a.hydra");
+    ok(bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "1", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    for dims in [vec![1i64 << 40, 64], vec![1, 1 << 62], vec![1 << 20, 1 << 20]] {
+        let model = dir.join("huge.onnx");
+        with_input_dims(&model, &dims);
+        let o = bin().arg("inspect").arg(&model).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(matches!(o.status.code(), Some(0 | 1)), "inspect {dims:?}: {err}");
+        assert!(!err.contains("panicked"), "inspect {dims:?}: {err}");
+        let out = dir.join("merged.onnx");
+        let o = bin().arg("merge").arg(&model).arg(&adapter).arg("-o").arg(&out).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "merge {dims:?}: {err}");
+        assert!(!err.contains("panicked"), "merge {dims:?}: {err}");
+        assert!(!out.exists(), "merge {dims:?} wrote -o");
+    }
+    // A node without outputs: a clear error from inspect, train and merge.
+    {
+        use prost::Message;
+        let bytes = std::fs::read(digits("digits_mlp.onnx")).unwrap();
+        let mut m = hydra_edge::onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.node.push(hydra_edge::onnx::pb::NodeProto {
+            op_type: "Relu".into(),
+            input: vec![g.input[0].name.clone()],
+            ..Default::default()
+        });
+        let model = dir.join("no-output.onnx");
+        std::fs::write(&model, m.encode_to_vec()).unwrap();
+        for args in [vec!["inspect"], vec!["merge", "-o", "x.onnx"]] {
+            let mut c = bin();
+            c.arg(args[0]).arg(&model);
+            if args[0] == "merge" {
+                c.arg(&adapter).arg("-o").arg(dir.join("x.onnx"));
+            }
+            let o = c.output().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains("has no output"), "{args:?}: {err}");
+        }
+    }
+}

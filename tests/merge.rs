@@ -12,7 +12,9 @@ use std::process::Command;
 use hydra_edge::Tensor;
 use hydra_edge::adapter::DType;
 use hydra_edge::backbone::Feed;
-use hydra_edge::export::{HeadExport, merge_adapter_file, merge_into_onnx};
+use hydra_edge::export::{
+    HeadExport, merge_adapter_file, merge_into_onnx, merge_into_onnx_checked,
+};
 use hydra_edge::infer::{HotSwap, Model};
 use hydra_edge::model::AdaptedModel;
 use hydra_edge::model::{HeadConfig, LinearHead};
@@ -296,6 +298,50 @@ fn external_data_stays_external_in_the_merged_file() {
         ext.contains(&"fc1.weight") && !ext.contains(&"fc2.weight"),
         "untouched stay external, merged are inline: {ext:?}"
     );
+}
+
+#[test]
+fn a_merge_whose_check_fails_writes_nothing_and_keeps_foreign_files() {
+    let model = OnnxModel::load(test_model("mlp_external.onnx")).unwrap();
+    let cfg = SplitConfig {
+        targets: Targets::Patterns(vec!["fc2".into()]),
+        adapter: hydra(false),
+        ..SplitConfig::default()
+    };
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+    perturb(&mut split, 3);
+    let dir = out_dir("failed-check");
+    let out = dir.join("merged.onnx");
+    // A user's file that happens to carry the external data file's name.
+    let foreign = dir.join("mlp_external.weights");
+    std::fs::write(&foreign, b"the user's own bytes").unwrap();
+    std::fs::write(&out, b"the previous merged model").unwrap();
+    let mut seen = None;
+    let e = merge_into_onnx_checked(&model, &split, None, &out, &mut |tmp| {
+        // The candidate is complete and loadable where the check runs.
+        Model::load(tmp)?;
+        seen = Some(tmp.to_path_buf());
+        Err(Error::Config("check failed on purpose".into()))
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("on purpose"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous merged model", "-o untouched");
+    assert_eq!(std::fs::read(&foreign).unwrap(), b"the user's own bytes", "never deleted");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!seen.unwrap().exists());
+    assert_eq!(names.len(), 2, "no temporary or external file left: {names:?}");
+    // A passing check: the data goes under a new name beside the foreign file.
+    let report = merge_into_onnx_checked(&model, &split, None, &out, &mut |_| Ok(())).unwrap();
+    assert_eq!(std::fs::read(&foreign).unwrap(), b"the user's own bytes");
+    assert_eq!(report.external_files.len(), 1);
+    assert!(report.external_files[0].ends_with("mlp_external.1.weights"), "{report:?}");
+    let f = feed(&model, 2, 5);
+    let merged = Model::load(&out).unwrap().run(&f).unwrap().swap_remove(0);
+    let want = split.forward(&f, false).unwrap();
+    assert!(max_rel(merged.f32("m").unwrap(), want.f32("u").unwrap()) <= 1e-4);
 }
 
 #[test]

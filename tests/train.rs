@@ -261,6 +261,92 @@ fn adapters_are_refused_on_another_base_model_and_reload_exactly() {
     assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
 }
 
+/// `digits_mlp.onnx` with one value of `fc1.weight` (upstream of `features`) changed.
+fn other_backbone() -> OnnxModel {
+    let mut proto = model().proto().clone();
+    let w = proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "fc1.weight")
+        .unwrap();
+    w.raw_data[0] ^= 1;
+    OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap()
+}
+
+#[test]
+fn head_only_adapters_are_fingerprinted_by_the_weights_that_feed_their_output() {
+    let head_only = |m: &OnnxModel| {
+        let s = AdaptedModel::new(
+            m,
+            &SplitConfig {
+                targets: Targets::None,
+                output: Some("features".into()),
+                ..SplitConfig::default()
+            },
+        )
+        .unwrap();
+        Trainer::new(s, TrainConfig { head: HeadConfig::New(10), ..cfg(1) }).unwrap()
+    };
+    let mut t = head_only(&model());
+    t.fit(&data("digits_user_train.npz"), None, &mut |_| {}).unwrap();
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    head_only(&model()).load(&file).unwrap();
+    // Same output name and width, other weights upstream: refused.
+    let e = head_only(&other_backbone()).load(&file).unwrap_err();
+    assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
+    // Another output of the same width: refused too.
+    let s = AdaptedModel::new(
+        &model(),
+        &SplitConfig {
+            targets: Targets::None,
+            output: Some("logits".into()),
+            ..SplitConfig::default()
+        },
+    );
+    if let Ok(s) = s {
+        assert_ne!(s.fingerprint(), head_only(&model()).model().fingerprint());
+    }
+}
+
+#[test]
+fn adapter_files_with_extra_tensors_wrong_dims_or_a_bad_optimizer_step_are_refused() {
+    let train = data("digits_user_train.npz");
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
+    let good = t.adapter_file(false, DType::F32).unwrap();
+    let fresh = || Trainer::new(split(Variant::Hydra, 0.0), cfg(1)).unwrap();
+    fresh().load(&good).unwrap();
+    // A tensor the model has no place for.
+    let mut extra = good.clone();
+    let mut x = extra.tensors[0].clone();
+    x.name = "fc9/parallel/A".into();
+    extra.tensors.push(x);
+    let e = fresh().load(&extra).unwrap_err();
+    assert!(e.to_string().contains("fc9/parallel/A"), "{e}");
+    // The right number of values in the wrong dims.
+    let mut dims = good.clone();
+    let t0 = &mut dims.tensors[0];
+    t0.shape = vec![t0.data.len(), 1];
+    let e = fresh().load(&dims).unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    // Optimizer moments only belong in a checkpoint.
+    let ckpt = t.adapter_file(true, DType::F32).unwrap();
+    fresh().load(&ckpt).unwrap();
+    let mut moments = good.clone();
+    moments
+        .tensors
+        .extend(ckpt.tensors.iter().filter(|t| t.name.starts_with("optimizer/")).cloned());
+    assert!(fresh().load(&moments).is_err());
+    // A malformed optimizer step is an error, not silently dropped state.
+    let mut bad = ckpt.clone();
+    bad.header.checkpoint.as_mut().unwrap().extra.insert("optimizer_steps".into(), "x1".into());
+    let e = fresh().load(&bad).unwrap_err();
+    assert!(e.to_string().contains("optimizer_steps"), "{e}");
+}
+
 #[test]
 fn mse_and_bce_losses_train_and_bad_labels_are_errors() {
     let train = data("digits_user_train.npz");
@@ -305,10 +391,39 @@ fn npz_round_trips_and_reads_numpy_files() {
     let d = data("digits_user_test.npz");
     assert!(d.len() > 400);
     assert!(Dataset::from_npz(Path::new("/nonexistent.npz"), "label").is_err());
-    assert!(matches!(parse_npz(b"PK\x05\x06 not really"), Err(Error::Corrupt(_))));
+    assert!(matches!(parse_npz(b"PK\x05\x06 not really"), Err(Error::Data(_))));
     for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
         assert!(parse_npz(&bytes[..cut]).is_err());
     }
+}
+
+#[test]
+fn npz_entries_that_share_their_data_are_refused_not_decoded_again() {
+    // One 1 MB array, then a central directory with 2,000 entries that all
+    // point at it: decoding each would need 2 GB.
+    let a = Tensor::F32(ArrayD::zeros(IxDyn(&[1 << 18])));
+    let bytes = write_npz(&[("arrayxx".to_string(), a)].into_iter().collect());
+    let cd = bytes.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+    let eocd = bytes.windows(4).rposition(|w| w == b"PK\x05\x06").unwrap();
+    let entry = &bytes[cd..eocd];
+    let n = 2000u16;
+    let mut evil = bytes[..cd].to_vec();
+    for k in 0..n {
+        // Distinct names, so that only the shared data gives it away.
+        let mut e = entry.to_vec();
+        let name_len = usize::from(u16::from_le_bytes([e[28], e[29]]));
+        e[46 + name_len - 5] = b'a' + (k % 26) as u8;
+        e[46 + name_len - 6] = b'a' + (k / 26 % 26) as u8;
+        evil.extend_from_slice(&e);
+    }
+    let mut end = bytes[eocd..].to_vec();
+    end[8..10].copy_from_slice(&n.to_le_bytes());
+    end[10..12].copy_from_slice(&n.to_le_bytes());
+    end[12..16].copy_from_slice(&((entry.len() * usize::from(n)) as u32).to_le_bytes());
+    evil.extend_from_slice(&end);
+    let e = parse_npz(&evil).unwrap_err();
+    assert!(matches!(e, Error::Data(_)), "{e}");
+    assert!(e.to_string().contains("invalid data file"), "{e}");
 }
 
 #[test]

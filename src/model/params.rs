@@ -244,8 +244,39 @@ impl PreparedAdapter {
         }
         let values = specs
             .iter()
-            .map(|s| tensor(file, &s.name, s.len()).map(|t| t.data.clone()))
+            .map(|s| {
+                let t = tensor(file, &s.name, s.len())?;
+                if t.shape != s.shape {
+                    return Err(Error::Shape {
+                        context: "adapter tensor",
+                        expected: format!("shape {:?} for `{}`", s.shape, s.name),
+                        got: format!("{:?}", t.shape),
+                    });
+                }
+                Ok(t.data.clone())
+            })
             .collect::<Result<Vec<_>>>()?;
+        // Nothing else may ride along: a tensor this model has no place for
+        // means the file is not what it claims (only a checkpoint carries
+        // the optimizer's moments, one per parameter).
+        let optimizer_slot = |name: &str| {
+            file.header.checkpoint.is_some()
+                && ["optimizer/m/", "optimizer/v/"].iter().any(|p| {
+                    name.strip_prefix(p)
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i < specs.len())
+                })
+        };
+        if let Some(t) = file
+            .tensors
+            .iter()
+            .find(|t| !specs.iter().any(|s| s.name == t.name) && !optimizer_slot(&t.name))
+        {
+            return Err(Error::Corrupt(format!(
+                "the file holds tensor `{}`, which this model has no place for",
+                t.name
+            )));
+        }
         if let Some(s) = specs.iter().zip(&values).find(|(_, v)| v.iter().any(|x| !x.is_finite())) {
             return Err(Error::Corrupt(format!(
                 "adapter tensor `{}` holds NaN or infinite values",

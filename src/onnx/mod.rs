@@ -234,7 +234,9 @@ fn resolve_external(t: &mut pb::TensorProto, dir: Option<&Path>) -> Result<Optio
 /// Decodes a tensor proto into a tail tensor (float types → f32, integer and bool types → i64).
 pub fn tensor_from_proto(t: &pb::TensorProto) -> Result<Tensor> {
     let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
-    let count: usize = dims.iter().product();
+    let Some(count) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        return Err(Error::Onnx(format!("tensor `{}` has an overflowing shape {dims:?}", t.name)));
+    };
     let bad = || {
         Error::Onnx(format!(
             "tensor `{}` has {} bytes/values for shape {dims:?}",
@@ -361,6 +363,13 @@ impl<'a> GraphIndex<'a> {
         let mut known: HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
         known.extend(initializers.keys());
         for (i, n) in g.node.iter().enumerate() {
+            // Every ONNX operator has an output; the rest of the crate relies on `output[0]`.
+            if n.output.first().is_none_or(String::is_empty) {
+                return Err(Error::Onnx(format!(
+                    "node {i} (`{}`, {}) has no output",
+                    n.name, n.op_type
+                )));
+            }
             for inp in n.input.iter().filter(|s| !s.is_empty()) {
                 if !known.contains(inp.as_str()) {
                     return Err(Error::Onnx(format!(

@@ -116,9 +116,13 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
     let tail_nodes = cone(&g, &chosen, &output)?;
     let weights =
         chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
-    let fingerprint = crate::adapter::fingerprint(
-        chosen.iter().zip(&weights).map(|(l, w)| (l.name.as_str(), w.as_slice())),
-    );
+    let fingerprint = if chosen.is_empty() {
+        output_fingerprint(&g, &output)?
+    } else {
+        crate::adapter::fingerprint(
+            chosen.iter().zip(&weights).map(|(l, w)| (l.name.as_str(), w.as_slice())),
+        )
+    };
     let tail = build_tail(&g, &layers, &chosen, &tail_nodes, &output, cfg, model.opset())?;
     let boundary: Vec<String> = tail.boundary_names().iter().map(|s| s.to_string()).collect();
     let report = SplitReport {
@@ -131,6 +135,52 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
         trainable_params: tail.trainable_params(),
     };
     Ok(Split { tail, report, layers: chosen, fingerprint })
+}
+
+/// Fingerprint of a split with no adapted layer (a new head only): the
+/// output's name and declared shape, and every constant that feeds it (in
+/// graph order). Without it a head-only adapter would load on any model
+/// with an output of the same name and width.
+fn output_fingerprint(g: &GraphIndex<'_>, output: &str) -> Result<u64> {
+    let mut feeds: HashSet<usize> = HashSet::new();
+    let mut stack: Vec<usize> = g.producer.get(output).copied().into_iter().collect();
+    while let Some(i) = stack.pop() {
+        if feeds.insert(i) {
+            stack.extend(g.nodes[i].input.iter().filter_map(|x| g.producer.get(x.as_str())));
+        }
+    }
+    let mut order: Vec<usize> = feeds.into_iter().collect();
+    order.sort_unstable();
+    let graph = g.model.graph();
+    let shape = graph
+        .output
+        .iter()
+        .chain(&graph.value_info)
+        .find(|v| v.name == output)
+        .map(|v| format!("{:?}", v.r#type))
+        .unwrap_or_default();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut tensors: Vec<(String, Vec<f32>)> = vec![(format!("output {output} {shape}"), vec![])];
+    for i in order {
+        for x in &g.nodes[i].input {
+            let constant = g.initializers.contains_key(x.as_str())
+                || g.constant_nodes.contains_key(x.as_str());
+            if !constant || !seen.insert(x.as_str()) {
+                continue;
+            }
+            let v: Vec<f32> = match g.constant(x)? {
+                Some(crate::Tensor::F32(a)) => a.iter().copied().collect(),
+                Some(crate::Tensor::F16(a)) => a.iter().map(|v| v.to_f32()).collect(),
+                Some(crate::Tensor::I64(a)) => a.iter().map(|&v| v as f32).collect(),
+                None => continue,
+            };
+            // One tensor at a time: a model's weights are never all copied at once.
+            let h = crate::adapter::fingerprint([(x.as_str(), v.as_slice())]);
+            let words = [f32::from_bits(h as u32), f32::from_bits((h >> 32) as u32)];
+            tensors.push((x.clone(), words.to_vec()));
+        }
+    }
+    Ok(crate::adapter::fingerprint(tensors.iter().map(|(n, v)| (n.as_str(), v.as_slice()))))
 }
 
 /// The tail's nodes (indices, in topological order).

@@ -102,12 +102,17 @@ impl Trainer {
             let cp = file.header.checkpoint.as_ref();
             cp.and_then(|cp| cp.extra.get(k))
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| Error::Corrupt(format!("checkpoint lacks `{k}`")))
+                .ok_or_else(|| Error::Corrupt(format!("checkpoint lacks a valid `{k}`")))
         };
         // Validate the checkpoint part too before changing anything.
         if let Some(cp) = &file.header.checkpoint {
             num("batch_in_epoch")?;
             num("bad_streak")?;
+            // Optional (a checkpoint taken before the first step has none),
+            // but when present it must parse: never drop the state silently.
+            if cp.extra.contains_key("optimizer_steps") {
+                num("optimizer_steps")?;
+            }
             if cp.rngs.len() != self.model().tail().adapters().count() {
                 return Err(Error::Corrupt(
                     "checkpoint needs a generator state per adapter".into(),

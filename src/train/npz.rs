@@ -13,7 +13,7 @@ use crate::Tensor;
 use crate::error::{Error, Result};
 
 fn bad(msg: impl Into<String>) -> Error {
-    Error::Corrupt(msg.into())
+    Error::Data(msg.into())
 }
 
 fn u16_at(b: &[u8], o: usize) -> Result<u16> {
@@ -102,7 +102,7 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let b = std::fs::read(path)
         .map_err(|source| Error::Io { context: format!("reading {}", path.display()), source })?;
     parse_npz(&b).map_err(|e| match e {
-        Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
+        Error::Data(m) => Error::Data(format!("{}: {m}", path.display())),
         e => e,
     })
 }
@@ -118,6 +118,9 @@ pub fn parse_npz(b: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     let entries = usize::from(u16_at(b, eocd + 10)?);
     let mut at = u32_at(b, eocd + 16)? as usize;
     let mut out = BTreeMap::new();
+    // Stored entries cannot hold more bytes than the file: entries that
+    // share (or overlap) their data are refused, not decoded again and again.
+    let mut stored = 0usize;
     for _ in 0..entries {
         if !b.get(at..).is_some_and(|s| s.starts_with(b"PK\x01\x02")) {
             return Err(bad("bad zip central directory"));
@@ -170,7 +173,14 @@ pub fn parse_npz(b: &[u8]) -> Result<BTreeMap<String, Tensor>> {
         let data = b
             .get(data_at..data_at + csize as usize)
             .ok_or_else(|| bad(format!("`{name}` truncated")))?;
+        stored = stored.saturating_add(data.len());
+        if stored > b.len() {
+            return Err(bad("zip entries overlap (their data adds up to more than the file)"));
+        }
         let key = name.strip_suffix(".npy").unwrap_or(&name).to_string();
+        if out.contains_key(&key) {
+            return Err(bad(format!("`{key}` is stored twice")));
+        }
         out.insert(key, parse_npy(data)?);
         at += 46 + name_len + extra_len + comment_len;
     }

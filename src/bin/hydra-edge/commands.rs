@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use hydra_edge::Tensor;
 use hydra_edge::adapter::{AdapterFile, DType};
 use hydra_edge::backbone::Feed;
-use hydra_edge::export::merge_adapter_file;
+use hydra_edge::export::{merge_adapter_file_checked, write_atomic};
 use hydra_edge::infer::Model;
 use hydra_edge::model::AdaptedModel;
 use hydra_edge::model::split_config_for;
@@ -26,8 +26,10 @@ use serde_json::json;
 use crate::{TrainArgs, VariantArg};
 
 /// Inputs for a model when none are given: zeros (token ids and masks: 1),
-/// batch `batch`, other symbolic dims 16.
-pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Feed {
+/// batch `batch`, other symbolic dims 16. Declared dims are not trusted: an
+/// input of more than 2²⁶ values (256 MB of f32) is refused, not allocated.
+pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Result<Feed> {
+    const MAX_VALUES: usize = 1 << 26;
     let mut f = Feed::new();
     for name in model.input_names() {
         let dims: Vec<usize> = model
@@ -37,6 +39,13 @@ pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Feed {
             .enumerate()
             .map(|(i, d)| d.unwrap_or(if i == 0 { batch } else { 16 }))
             .collect();
+        let values = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if values.is_none_or(|n| n > MAX_VALUES) {
+            bail!(
+                "input `{name}` declares shape {dims:?}, too large for a synthetic check input \
+                 (more than {MAX_VALUES} values); give real inputs (e.g. --check-data)"
+            );
+        }
         let t = if model.input_is_integer(&name) {
             Tensor::I64(ArrayD::from_elem(IxDyn(&dims), 1))
         } else {
@@ -44,7 +53,7 @@ pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Feed {
         };
         f.insert(name, t);
     }
-    f
+    Ok(f)
 }
 
 fn mb(b: usize) -> f64 {
@@ -85,13 +94,17 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
             None,
         ));
     }
+    // Without a usable synthetic input the suggestions are listed without a memory estimate.
     let feed = synthetic_feed(&model, 1);
+    if let Err(e) = &feed {
+        eprintln!("note: no memory estimates: {e}");
+    }
     let mut rows = Vec::new();
     for (what, targets, output) in suggestions {
         let cfg = SplitConfig { targets, output, ..SplitConfig::default() };
         match AdaptedModel::new(&model, &cfg) {
             Ok(mut s) => {
-                let mem = s.estimate_memory(&feed).ok();
+                let mem = feed.as_ref().ok().and_then(|f| s.estimate_memory(f).ok());
                 let r = s.report();
                 rows.push(json!({"suggestion": what, "trainable": true, "adapted_layers": r.adapted.len(), "tail_ops": r.tail_ops.len(),
                     "boundary": r.boundary, "trainable_params": r.trainable_params, "tail_frozen_params": r.tail_frozen_params,
@@ -138,13 +151,17 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
     for r in rows {
         if r["trainable"] == true {
             println!(
-                "  ✔ {}: {} adapted layers, {} tail ops, {} trainable / {} frozen tail params, ~{:.1} MB to train at batch 32",
+                "  ✔ {}: {} adapted layers, {} tail ops, {} trainable / {} frozen tail params, {}",
                 r["suggestion"].as_str().unwrap_or(""),
                 r["adapted_layers"],
                 r["tail_ops"],
                 r["trainable_params"],
                 r["tail_frozen_params"],
-                r["train_memory_mb_at_batch_32"].as_f64().unwrap_or(f64::NAN)
+                r["train_memory_mb_at_batch_32"]
+                    .as_f64()
+                    .map_or("memory not estimated".into(), |m| format!(
+                        "~{m:.1} MB to train at batch 32"
+                    ))
             );
         } else {
             println!(
@@ -435,37 +452,50 @@ pub fn merge(
             }
             f
         }
-        None => synthetic_feed(&m, 4),
+        None => synthetic_feed(&m, 4)?,
     };
-    let (report, mut adapted) = merge_adapter_file(&m, &file, out, softmax)?;
-    let want = adapted.predict(&feed, CacheDtype::F32)?;
-    let head = adapted.head().is_some();
-    let split = &adapted;
-    let merged = Model::load(out)?;
-    let name = if head { "head_logits".to_string() } else { split.report().output.clone() };
-    let k = merged
-        .output_names()
-        .iter()
-        .position(|o| *o == name)
-        .with_context(|| format!("merged model lacks `{name}`"))?;
-    let got = merged.run(&feed)?.swap_remove(k);
-    let got = got.f32("merged")?;
-    if got.shape() != want.shape() {
-        bail!("merged output {:?} vs unmerged {:?}", got.shape(), want.shape());
-    }
-    // NaN-aware: a NaN anywhere is an error, never a max that drops it.
-    let max_abs = got
-        .iter()
-        .zip(want.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) });
-    if !max_abs.is_finite() {
-        bail!(
-            "the merged or unmerged model produced non-finite outputs; {} is not trustworthy",
-            out.display()
-        );
-    }
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    // The merged model is written to a temporary file beside `out`, checked
+    // against the unmerged one, and only then renamed onto `out`.
+    let (mut max_abs, mut scale) = (0.0f32, 1e-12f32);
+    let mut verify = |tmp: &Path, adapted: &mut AdaptedModel| -> hydra_edge::Result<()> {
+        let refuse = |m: String| hydra_edge::Error::Config(format!("merge check failed: {m}"));
+        let want = adapted.predict(&feed, CacheDtype::F32)?;
+        let name = if adapted.head().is_some() {
+            "head_logits".to_string()
+        } else {
+            adapted.report().output.clone()
+        };
+        let merged = Model::load(tmp)?;
+        let k = merged
+            .output_names()
+            .iter()
+            .position(|o| *o == name)
+            .ok_or_else(|| refuse(format!("the merged model lacks `{name}`")))?;
+        let got = merged.run(&feed)?.swap_remove(k);
+        let got = got.f32("merged")?;
+        if got.shape() != want.shape() {
+            return Err(refuse(format!(
+                "merged output {:?} vs unmerged {:?}",
+                got.shape(),
+                want.shape()
+            )));
+        }
+        // NaN-aware: a NaN anywhere is an error, never a max that drops it.
+        max_abs = got
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) });
+        if !max_abs.is_finite() {
+            return Err(refuse(
+                "the merged or unmerged model produced non-finite outputs; nothing was written"
+                    .into(),
+            ));
+        }
+        scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+        Ok(())
+    };
+    let (report, _) = merge_adapter_file_checked(&m, &file, out, softmax, &mut verify)?;
     if json {
         println!(
             "{}",
@@ -522,7 +552,7 @@ pub fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Res
         map.insert(n.clone(), t);
     }
     if let Some(p) = output {
-        std::fs::write(p, write_npz(&map)).with_context(|| format!("writing {}", p.display()))?;
+        write_atomic(p, &write_npz(&map)).with_context(|| format!("writing {}", p.display()))?;
     }
     if json {
         let shapes: BTreeMap<_, _> =
