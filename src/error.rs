@@ -104,13 +104,13 @@ pub enum Error {
         /// Where the memory goes.
         detail: String,
     },
-    /// Training stopped: too many consecutive steps had non-finite values.
-    #[error(
-        "training diverged: {steps} consecutive steps had a non-finite loss or gradient; the last good checkpoint is untouched"
-    )]
+    /// Training stopped: too many consecutive steps had non-finite values, or
+    /// an epoch's loss rose far above its start. The model holds the diverged
+    /// parameters; `Trainer::restore_best` puts the best epoch's back.
+    #[error("training diverged: {reason}")]
     Diverged {
-        /// Consecutive bad steps.
-        steps: usize,
+        /// What was seen.
+        reason: String,
     },
     /// An I/O error, with what was being done.
     #[cfg(feature = "std")]

@@ -392,3 +392,44 @@ fn huge_declared_input_dims_are_errors_and_merge_writes_nothing() {
         }
     }
 }
+
+#[test]
+fn a_diverging_run_writes_nothing_bad_and_a_worse_run_never_replaces_a_better_adapter() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-diverge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, ckpt) = (dir.join("a.hydra"), dir.join("c.ckpt"));
+    let train = |lr: &str, epochs: &str, extra: &[&str]| {
+        bin()
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .arg("--eval")
+            .arg(digits("digits_user_test.npz"))
+            .args(["--lr", lr, "--epochs", epochs, "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    ok(train("1e-3", "5", &[]));
+    let good = std::fs::read(&out).unwrap();
+    // --lr 30 explodes in the first epoch: an error, no checkpoint of it, --out untouched.
+    let o = train("30", "5", &["--checkpoint", ckpt.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("diverged") && err.contains("nothing was written"), "{err}");
+    assert!(!ckpt.exists(), "no checkpoint holds the exploded weights");
+    assert_eq!(std::fs::read(&out).unwrap(), good);
+    // A run that ends worse than the adapter at --out keeps that adapter.
+    let o = train("1e-4", "2", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("scores better") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), good);
+    let new = dir.join("a.hydra.new");
+    assert!(hydra_edge::adapter::AdapterFile::load(&new).is_ok(), "the run's result is kept aside");
+    // Unless asked.
+    ok(train("1e-4", "2", &["--overwrite"]));
+    assert_ne!(std::fs::read(&out).unwrap(), good);
+}

@@ -203,9 +203,53 @@ fn non_finite_steps_are_skipped_and_then_stop_training_leaving_the_checkpoint_in
     )
     .unwrap();
     let e = t2.fit(&poisoned(1), None, &mut |_| {}).unwrap_err();
-    assert!(matches!(e, Error::Diverged { steps: 4 }), "{e}");
+    assert!(matches!(&e, Error::Diverged { reason } if reason.starts_with("4 consecutive")), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), saved, "the last good checkpoint is untouched");
     assert!(AdapterFile::load(&path).is_ok());
+}
+
+#[test]
+fn the_best_epoch_is_kept_restored_and_survives_a_resume() {
+    let (train, test) = (data("digits_user_train.npz"), data("digits_user_test.npz"));
+    let mut t = Trainer::new(split(Variant::Hydra, 0.0), cfg(6)).unwrap();
+    let m = t.fit_until(&train, Some(&test), Some(3 * 9), &mut |_| {}).unwrap();
+    let path = tmp("best.ckpt");
+    t.save_checkpoint(&path).unwrap();
+    let mut r = Trainer::resume(split(Variant::Hydra, 0.0), cfg(6), &path).unwrap();
+    assert_eq!(r.best_epoch(), t.best_epoch(), "the best epoch survives a resume");
+    assert_eq!(r.start_score(), t.start_score());
+    let rest = r.fit(&train, Some(&test), &mut |_| {}).unwrap();
+    let all: Vec<_> = m.iter().chain(&rest).collect();
+    let (k, best) = all
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.eval_loss.unwrap().total_cmp(&b.1.eval_loss.unwrap()))
+        .map(|(k, m)| (k as u64, m.eval_loss.unwrap()))
+        .unwrap();
+    assert_eq!(r.best_epoch(), Some((k, best)));
+    assert!(r.start_score().unwrap() > best, "the start is measured before any step");
+    assert!(r.restore_best().unwrap());
+    let again = r.evaluate(&test).unwrap().0;
+    assert!((again - best).abs() <= 1e-9 * best.max(1.0), "restored: {again} vs {best}");
+}
+
+#[test]
+fn an_epoch_far_above_its_start_is_divergence() {
+    let train = data("digits_user_train.npz");
+    let mut t =
+        Trainer::new(split(Variant::Hydra, 0.0), TrainConfig { lr: 30.0, ..cfg(3) }).unwrap();
+    let e = t.fit(&train, None, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(&e, Error::Diverged { reason } if reason.contains("at the start") || reason.contains("NaN")),
+        "{e}"
+    );
+    // Off when asked.
+    let mut t = Trainer::new(
+        split(Variant::Hydra, 0.0),
+        TrainConfig { lr: 30.0, divergence_factor: None, max_bad_steps: 1000, ..cfg(1) },
+    )
+    .unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
 }
 
 #[test]

@@ -258,10 +258,10 @@ impl PreparedAdapter {
             .collect::<Result<Vec<_>>>()?;
         // Nothing else may ride along: a tensor this model has no place for
         // means the file is not what it claims (only a checkpoint carries
-        // the optimizer's moments, one per parameter).
+        // the optimizer's moments and the best epoch, one per parameter).
         let optimizer_slot = |name: &str| {
             file.header.checkpoint.is_some()
-                && ["optimizer/m/", "optimizer/v/"].iter().any(|p| {
+                && ["optimizer/m/", "optimizer/v/", "best/"].iter().any(|p| {
                     name.strip_prefix(p)
                         .and_then(|i| i.parse::<usize>().ok())
                         .is_some_and(|i| i < specs.len())

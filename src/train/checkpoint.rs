@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::trainer::{TrainConfig, Trainer};
+use super::trainer::{Best, TrainConfig, Trainer};
 use crate::adapter::{AdapterFile, CheckpointState, DType, Header, NamedTensor};
 use crate::error::{Error, Result};
 use crate::model::{AdaptedModel, HeadConfig, PreparedAdapter};
@@ -37,6 +37,22 @@ impl Trainer {
             let (epoch, batch) = self.position();
             extra.insert("batch_in_epoch".into(), batch.to_string());
             extra.insert("bad_streak".into(), self.bad_streak().to_string());
+            // The divergence reference and the best epoch survive a resume.
+            if let Some(s) = self.start_score() {
+                extra.insert("start_score".into(), s.to_string());
+            }
+            if let Some(b) = self.best() {
+                extra.insert("best_epoch".into(), b.epoch.to_string());
+                extra.insert("best_score".into(), b.score.to_string());
+                for (i, t) in b.params.iter().enumerate() {
+                    tensors.push(NamedTensor::new(
+                        format!("best/{i}"),
+                        vec![t.len()],
+                        DType::F32,
+                        t.clone(),
+                    )?);
+                }
+            }
             if let Some(opt) = self.optimizer() {
                 extra.insert("optimizer_steps".into(), opt.steps().to_string());
                 let (m, v) = opt.state();
@@ -110,8 +126,10 @@ impl Trainer {
             num("bad_streak")?;
             // Optional (a checkpoint taken before the first step has none),
             // but when present it must parse: never drop the state silently.
-            if cp.extra.contains_key("optimizer_steps") {
-                num("optimizer_steps")?;
+            for k in ["optimizer_steps", "best_epoch"] {
+                if cp.extra.contains_key(k) {
+                    num(k)?;
+                }
             }
             if cp.rngs.len() != self.model().tail().adapters().count() {
                 return Err(Error::Corrupt(
@@ -126,6 +144,27 @@ impl Trainer {
                 a.set_rng(Rng::from_state(*s));
             }
             self.set_position(cp.step, cp.epoch, batch, bad);
+            let score = |k: &str| -> Result<Option<f64>> {
+                cp.extra
+                    .get(k)
+                    .map(|v| {
+                        v.parse::<f64>()
+                            .map_err(|_| Error::Corrupt(format!("checkpoint lacks a valid `{k}`")))
+                    })
+                    .transpose()
+            };
+            let start = score("start_score")?;
+            let best = match (num("best_epoch").ok(), score("best_score")?) {
+                (Some(epoch), Some(score)) => {
+                    let lens: Vec<usize> = prepared_lens(self);
+                    let params = (0..lens.len())
+                        .map(|i| get(&format!("best/{i}"), lens[i]).map(|t| t.data.clone()))
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(Best { epoch: epoch as u64, score, params })
+                }
+                _ => None,
+            };
+            self.set_scores(start, best);
             if let Ok(t) = num("optimizer_steps") {
                 self.ensure_state(None)?;
                 let lens: Vec<usize> = self.model().params().iter().map(|p| p.len()).collect();
@@ -152,4 +191,10 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Lengths of the model's parameters, in registry order (the head included
+/// once the file's head has been applied).
+fn prepared_lens(t: &Trainer) -> Vec<usize> {
+    t.model().params().iter().map(|p| p.len()).collect()
 }

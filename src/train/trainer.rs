@@ -51,6 +51,12 @@ pub struct TrainConfig {
     pub memory_budget: Option<usize>,
     /// Non-finite steps in a row tolerated before training stops.
     pub max_bad_steps: usize,
+    /// Stop with [`Error::Diverged`] when an epoch's loss (eval loss when
+    /// held-out data is given, else the epoch's mean train loss) exceeds this
+    /// many times its value at the start (`max(start, 0.1)`), or is not
+    /// finite. `None`: never. With held-out data the start is measured by
+    /// one evaluation before the first step.
+    pub divergence_factor: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +76,7 @@ impl Default for TrainConfig {
             cache: CacheConfig::default(),
             memory_budget: None,
             max_bad_steps: 10,
+            divergence_factor: Some(10.0),
         }
     }
 }
@@ -138,6 +145,15 @@ pub struct MemoryReport {
     pub total_bytes: usize,
 }
 
+/// The best epoch so far, by eval loss when held-out data is given, else by
+/// mean train loss.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Best {
+    pub(crate) epoch: u64,
+    pub(crate) score: f64,
+    pub(crate) params: Vec<Vec<f32>>,
+}
+
 enum Outcome {
     Done { loss: f64, correct: Option<(usize, usize)> },
     Skipped(&'static str),
@@ -155,6 +171,9 @@ pub struct Trainer {
     epoch: u64,
     batch_in_epoch: usize,
     bad_streak: usize,
+    /// The loss the divergence check compares with (see `divergence_factor`).
+    start_score: Option<f64>,
+    best: Option<Best>,
 }
 
 impl Trainer {
@@ -175,6 +194,8 @@ impl Trainer {
             epoch: 0,
             batch_in_epoch: 0,
             bad_streak: 0,
+            start_score: None,
+            best: None,
         })
     }
 
@@ -227,6 +248,43 @@ impl Trainer {
 
     pub(crate) fn bad_streak(&self) -> usize {
         self.bad_streak
+    }
+
+    /// The loss at the start of training that divergence is judged against.
+    pub fn start_score(&self) -> Option<f64> {
+        self.start_score
+    }
+
+    /// `(epoch, score)` of the best epoch so far: lowest eval loss when
+    /// held-out data is given, else lowest mean train loss.
+    pub fn best_epoch(&self) -> Option<(u64, f64)> {
+        self.best.as_ref().map(|b| (b.epoch, b.score))
+    }
+
+    pub(crate) fn best(&self) -> Option<&Best> {
+        self.best.as_ref()
+    }
+
+    pub(crate) fn set_scores(&mut self, start: Option<f64>, best: Option<Best>) {
+        (self.start_score, self.best) = (start, best);
+    }
+
+    /// Puts the best epoch's parameters back into the model (after a
+    /// diverged or overfitted run); `false` if no epoch has finished.
+    pub fn restore_best(&mut self) -> Result<bool> {
+        let Some(best) = &self.best else { return Ok(false) };
+        let (params, _) = self.model.params_and_grads();
+        if params.len() != best.params.len()
+            || params.iter().zip(&best.params).any(|(p, b)| p.len() != b.len())
+        {
+            return Err(Error::Config(
+                "the best epoch's parameters no longer fit the model".into(),
+            ));
+        }
+        for (p, b) in params.into_iter().zip(&best.params) {
+            p.copy_from_slice(b);
+        }
+        Ok(true)
     }
 
     fn schedule(&self, n: usize) -> Schedule {
@@ -383,9 +441,18 @@ impl Trainer {
         }
         let schedule = self.schedule(train.len());
         let mut out = Vec::new();
+        let eval = eval.filter(|e| !e.is_empty());
         while (self.epoch as usize) < epochs.min(self.cfg.epochs) {
             let t0 = Instant::now();
             let prefix0 = self.model.prefix_samples();
+            // The divergence reference with held-out data: one evaluation before the first step.
+            if let Some(e) = eval
+                && self.cfg.divergence_factor.is_some()
+                && self.start_score.is_none()
+                && self.step == 0
+            {
+                self.start_score = Some(self.evaluate_with(e, self.cfg.cache.enabled)?.0);
+            }
             let order = epoch_order(train.len(), self.cfg.seed, self.epoch);
             let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
             let (mut loss_sum, mut good, mut skipped) = (0.0f64, 0usize, 0usize);
@@ -402,6 +469,9 @@ impl Trainer {
                 match self.train_batch(boundary, &labels, lr)? {
                     Outcome::Done { loss, correct } => {
                         self.bad_streak = 0;
+                        if eval.is_none() && self.start_score.is_none() && self.step == 0 {
+                            self.start_score = Some(loss);
+                        }
                         loss_sum += loss;
                         good += 1;
                         if let Some((c, j)) = correct {
@@ -421,7 +491,12 @@ impl Trainer {
                         skipped += 1;
                         on(Event::Skipped { step: self.step, reason });
                         if self.bad_streak > self.cfg.max_bad_steps {
-                            return Err(Error::Diverged { steps: self.bad_streak });
+                            return Err(Error::Diverged {
+                                reason: format!(
+                                    "{} consecutive steps had a non-finite loss or gradient",
+                                    self.bad_streak
+                                ),
+                            });
                         }
                     }
                 }
@@ -429,11 +504,11 @@ impl Trainer {
                 self.batch_in_epoch += 1;
             }
             let (eval_loss, eval_accuracy) = match eval {
-                Some(e) if !e.is_empty() => {
+                Some(e) => {
                     let (l, a) = self.evaluate_with(e, self.cfg.cache.enabled)?;
                     (Some(l), a)
                 }
-                _ => (None, None),
+                None => (None, None),
             };
             let m = EpochMetrics {
                 epoch: self.epoch,
@@ -446,6 +521,37 @@ impl Trainer {
                 prefix_samples: self.model.prefix_samples() - prefix0,
             };
             on(Event::Epoch(&m));
+            let (score, what) = match m.eval_loss {
+                Some(l) => (l, "eval loss"),
+                None => (m.train_loss, "train loss"),
+            };
+            // An epoch whose steps were all skipped has no loss: the
+            // non-finite streak judges it, not this check.
+            let judged = good > 0 || eval.is_some();
+            if let (Some(f), true) = (self.cfg.divergence_factor, judged) {
+                let start = *self.start_score.get_or_insert(score);
+                let num =
+                    |v: f64| if v.abs() < 1e5 { format!("{v:.4}") } else { format!("{v:.3e}") };
+                if !score.is_finite() {
+                    return Err(Error::Diverged {
+                        reason: format!("epoch {}'s {what} is {score}", m.epoch + 1),
+                    });
+                }
+                if score > f * start.max(0.1) {
+                    return Err(Error::Diverged {
+                        reason: format!(
+                            "epoch {}'s {what} {} is over {f}× the {} at the start",
+                            m.epoch + 1,
+                            num(score),
+                            num(start)
+                        ),
+                    });
+                }
+            }
+            if judged && score.is_finite() && self.best.as_ref().is_none_or(|b| score < b.score) {
+                let params = self.model.param_values().into_iter().map(<[f32]>::to_vec).collect();
+                self.best = Some(Best { epoch: m.epoch, score, params });
+            }
             out.push(m);
             self.epoch += 1;
             self.batch_in_epoch = 0;
@@ -494,6 +600,12 @@ impl Trainer {
     /// Mean loss and accuracy on `data` (dropout off), computing the prefix live.
     pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, Option<f64>)> {
         self.evaluate_with(data, false)
+    }
+
+    /// Like [`Trainer::evaluate`], through the feature cache when it is
+    /// enabled (the data set's cache is built once and kept).
+    pub fn evaluate_cached(&mut self, data: &Dataset) -> Result<(f64, Option<f64>)> {
+        self.evaluate_with(data, self.cfg.cache.enabled)
     }
 
     fn evaluate_with(&mut self, data: &Dataset, cached: bool) -> Result<(f64, Option<f64>)> {

@@ -270,6 +270,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         loss,
         head: head(&a.head)?,
         memory_budget: a.budget_mb.map(|m| (m * 1e6) as usize),
+        divergence_factor: (a.divergence_factor > 0.0).then_some(a.divergence_factor),
         cache: CacheConfig { enabled: !a.no_cache, ..CacheConfig::default() },
         ..TrainConfig::default()
     };
@@ -300,6 +301,8 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     let per_epoch = train.len().div_ceil(a.batch) as u64;
     let mut all = Vec::new();
     let start = Instant::now();
+    let mut diverged = None;
+    let mut saved_epoch = None;
     while (t.position().0 as usize) < a.epochs {
         let epoch = t.position().0;
         let bar = (!json).then(|| {
@@ -314,22 +317,28 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             b.set_prefix(format!("{}/{}", epoch + 1, a.epochs));
             b
         });
-        let metrics = t
-            .fit_epoch(&train, eval.as_ref(), &mut |e| match e {
-                Event::Step { loss, .. } => {
-                    if let Some(b) = &bar {
-                        b.set_message(format!("loss {loss:.4}"));
-                        b.inc(1);
-                    }
+        let metrics = t.fit_epoch(&train, eval.as_ref(), &mut |e| match e {
+            Event::Step { loss, .. } => {
+                if let Some(b) = &bar {
+                    b.set_message(format!("loss {loss:.4}"));
+                    b.inc(1);
                 }
-                Event::Skipped { step, reason } => eprintln!("step {step} skipped: {reason}"),
-                Event::Epoch(_) => {}
-            })?
-            .into_iter()
-            .collect::<Vec<_>>();
+            }
+            Event::Skipped { step, reason } => eprintln!("step {step} skipped: {reason}"),
+            Event::Epoch(_) => {}
+        });
         if let Some(b) = bar {
             b.finish_and_clear();
         }
+        let metrics: Vec<_> = match metrics {
+            Ok(m) => m.into_iter().collect(),
+            // No checkpoint of the diverged state: the last one stays the last good one.
+            Err(e @ hydra_edge::Error::Diverged { .. }) => {
+                diverged = Some(e);
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
         for m in metrics {
             if json {
                 println!(
@@ -351,9 +360,39 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         }
         if let Some(c) = &a.checkpoint {
             t.save_checkpoint(c)?;
+            saved_epoch = Some(t.position().0);
         }
     }
-    t.save_adapter(&a.out, DType::F32)?;
+    // What to write: the best epoch (unless --keep-last on a run that did not diverge).
+    if (!a.keep_last || diverged.is_some())
+        && let Some((epoch, score)) = t.best_epoch()
+    {
+        t.restore_best()?;
+        if !json && (diverged.is_some() || epoch + 1 != t.position().0) {
+            let what = if eval.is_some() { "eval loss" } else { "train loss" };
+            println!("keeping epoch {} ({what} {score:.4}), the best", epoch + 1);
+        }
+    }
+    if let Some(e) = diverged {
+        // Only what is true: the checkpoint this run last wrote, or the one it resumed from.
+        let ckpt = match (&a.checkpoint, saved_epoch, &a.resume) {
+            (Some(c), Some(k), _) => {
+                format!("; {} holds epoch {k}, the last good one", c.display())
+            }
+            (_, None, Some(r)) => format!("; {} is untouched", r.display()),
+            _ => String::new(),
+        };
+        let Some((best, _)) = t.best_epoch() else {
+            bail!("{e}; nothing was written to {}{ckpt} (lower --lr)", a.out.display());
+        };
+        write_unless_better(&mut t, a, eval.as_ref().unwrap_or(&train))?;
+        bail!(
+            "{e}; wrote epoch {}'s adapter (the best) to {}{ckpt} (lower --lr)",
+            best + 1,
+            a.out.display()
+        );
+    }
+    write_unless_better(&mut t, a, eval.as_ref().unwrap_or(&train))?;
     if !json && !all.is_empty() {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
         println!(
@@ -383,6 +422,39 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     } else {
         println!("wrote {} ({:.1}s)", a.out.display(), start.elapsed().as_secs_f64());
     }
+    Ok(())
+}
+
+/// Writes the trainer's adapter to `--out`, unless a file there loads on this
+/// model and scores better on `data` (and `--overwrite` is not given): then
+/// that file is kept, this run's adapter goes to `OUT.new`, and it is an
+/// error.
+fn write_unless_better(t: &mut Trainer, a: &TrainArgs, data: &Dataset) -> Result<()> {
+    let mine = t.adapter_file(false, DType::F32)?;
+    let existing = if a.overwrite { None } else { AdapterFile::load(&a.out).ok() };
+    if let Some(old) = existing {
+        let new_score = t.evaluate_cached(data)?.0;
+        // Only a file this model can load is comparable; the trainer gets its own parameters back.
+        let old_score = match t.load(&old) {
+            Ok(()) => Some(t.evaluate_cached(data)?.0),
+            Err(_) => None,
+        };
+        t.load(&mine)?;
+        if let Some(old_score) = old_score.filter(|&s| s < new_score) {
+            let mut new_path = a.out.clone().into_os_string();
+            new_path.push(".new");
+            let new_path = std::path::PathBuf::from(new_path);
+            check_output(&new_path, &[&a.model, &a.data, &a.out])?;
+            mine.save(&new_path)?;
+            bail!(
+                "{} holds an adapter that scores better on this run's {} data (loss {old_score:.4} vs {new_score:.4}): kept it, and wrote this run's adapter to {} (pass --overwrite to replace it)",
+                a.out.display(),
+                if a.eval.is_some() { "eval" } else { "training" },
+                new_path.display()
+            );
+        }
+    }
+    mine.save(&a.out)?;
     Ok(())
 }
 

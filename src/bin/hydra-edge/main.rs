@@ -154,6 +154,16 @@ struct TrainArgs {
     /// Disable the feature cache.
     #[arg(long)]
     no_cache: bool,
+    /// Write the last epoch's adapter, not the best one (lowest eval loss
+    /// with --eval, else lowest train loss).
+    #[arg(long)]
+    keep_last: bool,
+    /// Replace an existing --out even when it scores better on this run's data.
+    #[arg(long)]
+    overwrite: bool,
+    /// Stop when an epoch's loss exceeds this many times its start (0: never).
+    #[arg(long, default_value_t = 10.0)]
+    divergence_factor: f64,
 }
 
 fn main() {
