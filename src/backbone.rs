@@ -24,6 +24,41 @@ fn tract_err(e: impl core::fmt::Display) -> Error {
     Error::Backbone(format!("{e:#}"))
 }
 
+std::thread_local! {
+    /// Set while this thread is inside [`guard`]: its panics are reported as errors.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs tract code, turning a panic into an error. tract checks most
+/// malformed graphs and returns errors, but some (a node missing an input
+/// its op indexes, found by `tests/fuzz.rs`) panic inside it; a user's bad
+/// file must never crash the app. The panic message is kept in the error,
+/// and not printed by the panic hook (chained: other panics print as before).
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    r.unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::Backbone(format!(
+            "tract failed while {what} (the model is probably malformed): {msg}"
+        )))
+    })
+}
+
 /// A tract plan over an ONNX model with chosen outputs.
 #[derive(Debug, Clone)]
 pub struct Backbone {
@@ -44,11 +79,13 @@ impl Backbone {
         let plan = if computed.is_empty() {
             None
         } else {
-            let onnx = tract_onnx::onnx();
-            let mut m = onnx.model_for_proto_model(model.proto()).map_err(tract_err)?;
-            m.select_outputs_by_name(computed.iter().map(|s| s.as_str())).map_err(tract_err)?;
-            let typed = m.into_optimized().map_err(tract_err)?;
-            Some(typed.into_runnable().map_err(tract_err)?)
+            Some(guard("building the plan", || {
+                let onnx = tract_onnx::onnx();
+                let mut m = onnx.model_for_proto_model(model.proto()).map_err(tract_err)?;
+                m.select_outputs_by_name(computed.iter().map(|s| s.as_str())).map_err(tract_err)?;
+                let typed = m.into_optimized().map_err(tract_err)?;
+                typed.into_runnable().map_err(tract_err)
+            })?)
         };
         Ok(Backbone { plan, inputs, outputs: outputs.to_vec() })
     }
@@ -85,8 +122,10 @@ impl Backbone {
                     }
                 }
             }
-            let mut state = SimpleState::new(plan).map_err(tract_err)?;
-            let outs = state.run(args).map_err(tract_err)?;
+            let outs = guard("running the plan", || {
+                let mut state = SimpleState::new(plan).map_err(tract_err)?;
+                state.run(args).map_err(tract_err)
+            })?;
             let symbols = &symbols;
             for v in outs {
                 computed.push(from_tract(&v, symbols)?);

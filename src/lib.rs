@@ -23,7 +23,9 @@
 //! - [`model`]: [`model::AdaptedModel`], the one owner of backbone, tail,
 //!   head, the named parameter registry and the feature caches;
 //! - [`train`], [`infer`] (one-plan inference, hot-swap on merged weights)
-//!   and [`export`] (merged ONNX), each built on `model` alone.
+//!   and [`export`] (merged ONNX), each built on `model` alone;
+//!   [`fuzz_checks`]: the bodies of the fuzz targets (`fuzz/`,
+//!   `tests/fuzz.rs`), one per input path.
 //!
 //! ## Features
 //! - `std` (default): run-time CPU detection, the `HYDRA_KERNELS` override,
@@ -44,6 +46,8 @@ pub mod adapter;
 pub mod error;
 #[cfg(feature = "onnx")]
 pub mod export;
+#[cfg(feature = "onnx")]
+pub mod fuzz_checks;
 pub mod hydra;
 #[cfg(feature = "onnx")]
 pub mod infer;

@@ -103,7 +103,11 @@ impl Dataset {
     /// Loads an `.npz`: every array but `label_key` is a model input; the
     /// `label_key` array holds class indices (integers) or float targets.
     pub fn from_npz(path: &Path, label_key: &str) -> Result<Dataset> {
-        let mut arrays = super::npz::read_npz(path)?;
+        Dataset::from_arrays(super::npz::read_npz(path)?, label_key)
+    }
+
+    /// Like [`Dataset::from_npz`], from arrays already read.
+    pub fn from_arrays(mut arrays: BTreeMap<String, Tensor>, label_key: &str) -> Result<Dataset> {
         let labels = arrays
             .remove(label_key)
             .ok_or_else(|| Error::NotFound { what: "label array", name: label_key.into() })?;
