@@ -114,7 +114,9 @@ pub enum Error {
     },
     /// An I/O error, with what was being done.
     #[cfg(feature = "std")]
-    #[error("{context}: {source}")]
+    // The source is not repeated here: it is `source()`, and a chain printer
+    // (`{:#}` in anyhow, or the app's own) shows it once.
+    #[error("{context}")]
     Io {
         /// What was being read or written.
         context: String,

@@ -479,6 +479,15 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
+    // Temporaries of writes to `path` that were killed before their rename.
+    if let (Some(name), Ok(entries)) = (path.file_name(), std::fs::read_dir(dir)) {
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(())
 }
 

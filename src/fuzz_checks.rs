@@ -132,3 +132,14 @@ pub fn checkpoint(model: &OnnxModel, train: &Dataset, bytes: &[u8]) -> Reached {
     let _ = t.adapter_file(true, crate::adapter::DType::F32);
     reached
 }
+
+/// The adapter-file reader: whatever the bytes, `from_bytes` returns (never
+/// panics, never over-allocates), and what it accepts re-encodes to a file
+/// that reads back to the same bytes.
+pub fn adapter_file(bytes: &[u8]) -> Reached {
+    let Ok(file) = AdapterFile::from_bytes(bytes) else { return Reached::Nothing };
+    let encoded = file.to_bytes().expect("a file the reader accepts must encode");
+    let again = AdapterFile::from_bytes(&encoded).expect("an encoded file must read back");
+    assert!(again.to_bytes().expect("re-encode") == encoded, "adapter round trip");
+    Reached::Ran
+}

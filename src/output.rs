@@ -74,7 +74,17 @@ mod tests {
         assert!(check_output(&dir.join("new.onnx"), &[&input]).is_ok());
         assert!(check_output(&dir.join("missing/new.onnx"), &[]).is_err());
         #[cfg(unix)]
-        assert!(check_output(Path::new("/dev/null"), &[]).is_err());
+        {
+            assert!(check_output(Path::new("/dev/null"), &[]).is_err());
+            // A FIFO: a rename would replace it with a regular file.
+            let fifo = dir.join("pipe");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            if made.is_ok_and(|s| s.success()) {
+                let e = check_output(&fifo, &[]).unwrap_err();
+                assert!(e.to_string().contains("not a regular file"), "{e}");
+                assert!(check_kind(&fifo).is_err(), "checked again at the rename");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

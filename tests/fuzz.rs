@@ -537,6 +537,35 @@ fn checkpoint_and_resume_survive_mutated_files() {
 }
 
 #[test]
+fn adapter_reader_survives_mutated_files() {
+    let seeds = corpus("read_adapter");
+    let mut depth = Depth::default();
+    for seed in first_seed()..first_seed() + iters() * 4 {
+        let mut rng = Rng::new(seed);
+        let (name, base) = &seeds[rng.below(seeds.len() as u64) as usize];
+        let mut b = base.clone();
+        let what = mutate_bytes(&mut rng, &mut b);
+        // Mostly with the checksum fixed, so that the header and tensors are reached.
+        if rng.below(4) != 0 && b.len() >= 4 {
+            let body = b.len() - 4;
+            let crc = crc32fast::hash(&b[..body]).to_le_bytes();
+            b[body..].copy_from_slice(&crc);
+        }
+        let r = run_case(
+            "read_adapter",
+            seed,
+            &format!("{name}: {what}"),
+            &b,
+            &fuzz_checks::adapter_file,
+        );
+        // Parsed and the rest are one stage here.
+        depth.add(if r == Reached::Nothing { r } else { Reached::Ran });
+    }
+    let ran = depth.0.get("Ran").copied().unwrap_or(0);
+    assert!(ran > 0, "some mutated adapter files must still read: {:?}", depth.0);
+}
+
+#[test]
 fn the_seed_corpus_is_where_the_fuzz_targets_look_for_it() {
     for d in ["onnx", "npz", "read_adapter"] {
         assert!(!corpus(d).is_empty());

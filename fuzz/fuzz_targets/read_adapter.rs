@@ -8,15 +8,10 @@
 //! header and tensor parsing behind it.
 #![no_main]
 
-use hydra_edge::adapter::AdapterFile;
 use libfuzzer_sys::fuzz_target;
 
 fn check(data: &[u8]) {
-    if let Ok(file) = AdapterFile::from_bytes(data) {
-        let bytes = file.to_bytes().expect("a file the reader accepts must encode");
-        let again = AdapterFile::from_bytes(&bytes).expect("an encoded file must read back");
-        assert_eq!(again.to_bytes().expect("re-encode"), bytes);
-    }
+    hydra_edge::fuzz_checks::adapter_file(data);
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -56,12 +56,28 @@ pub fn synthetic_feed(model: &OnnxModel, batch: usize) -> Result<Feed> {
     Ok(f)
 }
 
+/// `e`, with "`verb` PATH" in front unless it already names the path (an
+/// I/O error's context does), so that no message says a path twice.
+fn named_err(e: hydra_edge::Error, verb: &str, path: &Path) -> anyhow::Error {
+    let text = e.to_string();
+    let shown = path.display().to_string();
+    if text.contains(&shown) {
+        anyhow::Error::new(e)
+    } else {
+        anyhow::Error::new(e).context(format!("{verb} {shown}"))
+    }
+}
+
+fn named<T>(r: hydra_edge::Result<T>, verb: &str, path: &Path) -> Result<T> {
+    r.map_err(|e| named_err(e, verb, path))
+}
+
 fn mb(b: usize) -> f64 {
     b as f64 / 1e6
 }
 
 pub fn inspect(path: &Path, json: bool) -> Result<()> {
-    let model = OnnxModel::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let model = named(OnnxModel::load(path), "loading", path)?;
     let g = model.index()?;
     let layers = linear_layers(&g)?;
     let inputs: Vec<_> =
@@ -228,8 +244,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     if let Some(p) = &a.plot {
         check_output(p, &inputs)?;
     }
-    let model =
-        OnnxModel::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = named(OnnxModel::load(&a.model), "loading", &a.model)?;
     let train = Dataset::from_npz(&a.data, &a.label_key)?;
     let eval = a.eval.as_ref().map(|p| Dataset::from_npz(p, &a.label_key)).transpose()?;
     let (rp, rs) = pair::<usize>(&a.rank, "rank")?;
@@ -275,8 +290,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         ..TrainConfig::default()
     };
     let mut t = match &a.resume {
-        Some(p) => Trainer::resume(split, cfg, p)
-            .with_context(|| format!("resuming from {}", p.display()))?,
+        Some(p) => Trainer::resume(split, cfg, p).map_err(|e| named_err(e, "resuming from", p))?,
         None => Trainer::new(split, cfg)?,
     };
     let r = t.model().report().clone();
@@ -459,8 +473,7 @@ fn write_unless_better(t: &mut Trainer, a: &TrainArgs, data: &Dataset) -> Result
 }
 
 fn load_adapted(model: &OnnxModel, adapter: &Path) -> Result<Trainer> {
-    let file =
-        AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    let file = named(AdapterFile::load(adapter), "loading", adapter)?;
     let (cfg, classes) = split_config_for(&file);
     let split = AdaptedModel::new(model, &cfg)?;
     let loss = file
@@ -508,8 +521,7 @@ pub fn merge(
     inputs.extend(check);
     check_output(out, &inputs)?;
     let m = OnnxModel::load(model)?;
-    let file =
-        AdapterFile::load(adapter).with_context(|| format!("loading {}", adapter.display()))?;
+    let file = named(AdapterFile::load(adapter), "loading", adapter)?;
     // The check data is read (and must hold samples) before anything is written.
     let feed = match check {
         Some(p) => {
@@ -624,7 +636,7 @@ pub fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Res
         map.insert(n.clone(), t);
     }
     if let Some(p) = output {
-        write_atomic(p, &write_npz(&map)).with_context(|| format!("writing {}", p.display()))?;
+        named(write_atomic(p, &write_npz(&map)), "writing", p)?;
     }
     if json {
         let shapes: BTreeMap<_, _> =
