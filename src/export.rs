@@ -459,12 +459,28 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    // A new file, never one that is there (a symlink planted at the name included).
+    let create = || std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
+    let mut f = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // This process's own leftover (a pid is not reused while it runs).
+            std::fs::remove_file(&tmp).and_then(|()| create())
+        }
+        r => r,
+    }
+    .map_err(io(format!("creating {}", tmp.display())))?;
     if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(format!("writing {}", tmp.display()))(e));
     }
     Ok(tmp)
+}
+
+/// Whether process `pid` is running (Linux: `/proc`; elsewhere assumed so,
+/// which only means a stale temporary file stays).
+fn process_alive(pid: u32) -> bool {
+    let proc_fs = Path::new("/proc/self").exists();
+    !proc_fs || Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Renames the finished temporary file onto `path` and syncs the folder.
@@ -479,11 +495,16 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    // Temporaries of writes to `path` that were killed before their rename.
+    // Temporaries of writes to `path` that were killed before their rename
+    // (named by their process id: a live process's are left alone).
     if let (Some(name), Ok(entries)) = (path.file_name(), std::fs::read_dir(dir)) {
         let prefix = format!(".{}.tmp-", name.to_string_lossy());
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid != std::process::id() && !process_alive(pid) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -95,8 +95,8 @@ pub fn onnx_model(bytes: &[u8]) -> Reached {
 
 /// The NPZ reader, the data set built from what it returns, and the writer:
 /// what the reader accepts writes back to arrays that read back the same.
-pub fn npz(bytes: &[u8]) {
-    let Ok(arrays) = parse_npz(bytes) else { return };
+pub fn npz(bytes: &[u8]) -> Reached {
+    let Ok(arrays) = parse_npz(bytes) else { return Reached::Nothing };
     let written = write_npz(&arrays);
     let again = parse_npz(&written).expect("an NPZ we wrote must read back");
     // Bytes, not values: a NaN read back is the same NaN, though not `==`.
@@ -105,7 +105,9 @@ pub fn npz(bytes: &[u8]) {
         let idx: Vec<usize> = (0..d.len().min(3)).collect();
         let _ = d.batch(&idx);
         let _ = d.batch_labels(&idx);
+        return Reached::Ran;
     }
+    Reached::Parsed
 }
 
 /// A checkpoint (or adapter file) applied to `model`, then one epoch of

@@ -435,6 +435,37 @@ fn a_diverging_run_writes_nothing_bad_and_a_worse_run_never_replaces_a_better_ad
     // Unless asked.
     ok(train("1e-4", "2", &["--overwrite"]));
     assert_ne!(std::fs::read(&out).unwrap(), good);
+    // Divergence after good epochs: the checkpoint keeps the last good epoch,
+    // --out gets the best one (carried through the resume), and it says so.
+    let out2 = dir.join("b.hydra");
+    let c = ckpt.to_str().unwrap().to_string();
+    let run = |lr: &str, epochs: &str, resume: bool| {
+        let mut extra = vec!["--checkpoint", c.as_str(), "--overwrite"];
+        if resume {
+            extra.extend(["--resume", c.as_str()]);
+        }
+        let mut cmd = bin();
+        cmd.arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .arg("--eval")
+            .arg(digits("digits_user_test.npz"))
+            .args(["--lr", lr, "--epochs", epochs, "--out"])
+            .arg(&out2)
+            .args(&extra);
+        cmd.output().unwrap()
+    };
+    ok(run("1e-3", "3", false));
+    let good_ckpt = std::fs::read(&ckpt).unwrap();
+    let o = run("30", "6", true);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("diverged") && err.contains("untouched: it holds epoch 3"), "{err}");
+    assert!(err.contains("wrote epoch 3's adapter (the best)"), "{err}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), good_ckpt, "the last good checkpoint is untouched");
+    let best = hydra_edge::adapter::AdapterFile::load(&out2).unwrap();
+    assert!(best.tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite() && v.abs() < 1e3)));
 }
 
 #[test]
@@ -473,7 +504,7 @@ fn training_killed_at_any_moment_leaves_a_checkpoint_that_resumes() {
             epochs.push(f.header.checkpoint.unwrap().epoch);
         }
     }
-    assert!(epochs.len() >= 6, "the runs got far enough to checkpoint: {epochs:?}");
+    assert!(epochs.len() >= 3, "the runs got far enough to checkpoint: {epochs:?}");
     assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "resumes move forward: {epochs:?}");
     let stale: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -496,4 +527,152 @@ fn training_killed_at_any_moment_leaves_a_checkpoint_that_resumes() {
         .unwrap();
     ok(o);
     assert!(AdapterFile::load(&dir.join("final.hydra")).is_ok());
+}
+
+/// `.npz` with the digits input `x` and `label`, `n` samples.
+fn digits_npz(path: &std::path::Path, n: usize) {
+    use hydra_edge::Tensor;
+    use ndarray::{ArrayD, IxDyn};
+    let map = [
+        ("x".to_string(), Tensor::F32(ArrayD::zeros(IxDyn(&[n, 64])))),
+        ("label".to_string(), Tensor::I64(ArrayD::zeros(IxDyn(&[n])))),
+    ]
+    .into_iter()
+    .collect();
+    std::fs::write(path, hydra_edge::train::npz::write_npz(&map)).unwrap();
+}
+
+#[test]
+fn empty_data_overflowing_batches_and_clashing_outputs_are_errors() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.npz");
+    digits_npz(&empty, 0);
+    let adapter = dir.join("a.hydra");
+    let train = |extra: &[&str]| {
+        bin()
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--epochs", "1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    ok(train(&["--out", adapter.to_str().unwrap()]));
+    let fails = |o: Output, what: &str, want: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{what}: {err}");
+    };
+    // 0 samples: eval, merge --check-data and train --eval are errors, not "loss 0".
+    let o = bin()
+        .arg("eval")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    fails(o, "eval on 0 samples", "nothing to evaluate");
+    let merged = dir.join("m.onnx");
+    let o = bin()
+        .arg("merge")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&merged)
+        .arg("--check-data")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    fails(o, "merge --check-data with 0 samples", "no samples");
+    assert!(!merged.exists());
+    let o =
+        train(&["--eval", empty.to_str().unwrap(), "--out", dir.join("b.hydra").to_str().unwrap()]);
+    fails(o, "train --eval with 0 samples", "no samples");
+    // A batch size that overflows the estimate still meets the budget.
+    let o = train(&[
+        "--batch",
+        "18446744073709551615",
+        "--budget-mb",
+        "1",
+        "--out",
+        dir.join("c.hydra").to_str().unwrap(),
+    ]);
+    fails(o, "--batch u64::MAX --budget-mb 1", "exceeds the budget");
+    // Outputs that clash with each other or with the checkpoint resumed from.
+    let ckpt = dir.join("c.ckpt");
+    ok(train(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        dir.join("d.hydra").to_str().unwrap(),
+    ]));
+    let same = dir.join("same");
+    fails(
+        train(&["--out", same.to_str().unwrap(), "--plot", same.to_str().unwrap()]),
+        "--plot = --out",
+        "refusing to write",
+    );
+    fails(
+        train(&["--out", ckpt.to_str().unwrap(), "--resume", ckpt.to_str().unwrap()]),
+        "--out = --resume",
+        "refusing to write",
+    );
+    ok(train(&[
+        "--out",
+        dir.join("e.hydra").to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]));
+    // An adapter for another configuration at --out is kept; the run's goes beside it.
+    let before = std::fs::read(&adapter).unwrap();
+    let o = train(&["--rank", "2", "--out", adapter.to_str().unwrap()]);
+    fails(o, "--out holds another configuration's adapter", "another model or configuration");
+    assert_eq!(std::fs::read(&adapter).unwrap(), before);
+    assert!(dir.join("a.hydra.new").exists());
+}
+
+#[test]
+fn stale_temporary_files_of_dead_processes_are_removed_by_the_next_write() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Process ids that cannot be running (above the kernel's pid_max).
+    let (dead, live) = (4_194_305u32 + 7, std::process::id());
+    let adapter = dir.join("a.hydra");
+    let merged = dir.join("m.onnx");
+    let plant =
+        [dir.join(format!(".a.hydra.tmp.{dead}.0")), dir.join(format!(".m.onnx.tmp-{dead}"))];
+    let keep =
+        [dir.join(format!(".a.hydra.tmp.{live}.0")), dir.join(format!(".m.onnx.tmp-{live}"))];
+    for p in plant.iter().chain(&keep) {
+        std::fs::write(p, b"half a file").unwrap();
+    }
+    ok(bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "1", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    ok(bin()
+        .arg("merge")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&merged)
+        .output()
+        .unwrap());
+    for p in &plant {
+        assert!(!p.exists(), "{} removed", p.display());
+    }
+    for p in &keep {
+        assert!(p.exists(), "{}: a live process's temporary file is left alone", p.display());
+    }
 }

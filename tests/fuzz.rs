@@ -369,6 +369,7 @@ fn npz_reader_survives_mutated_files() {
     for (name, bytes) in &seeds {
         run_case("npz", 0, name, bytes, &fuzz_checks::npz);
     }
+    let mut depth = Depth::default();
     for seed in first_seed()..first_seed() + iters() * 4 {
         let mut rng = Rng::new(seed);
         let (name, base) = &seeds[rng.below(seeds.len() as u64) as usize];
@@ -399,8 +400,16 @@ fn npz_reader_survives_mutated_files() {
         } else {
             mutate_bytes(&mut rng, &mut b)
         };
-        run_case("npz", seed, &format!("{name}: {what}"), &b, &fuzz_checks::npz);
+        let r = run_case("npz", seed, &format!("{name}: {what}"), &b, &fuzz_checks::npz);
+        depth.add(r);
     }
+    let ran = depth.0.get("Ran").copied().unwrap_or(0);
+    eprintln!("npz: reached {:?}", depth.0);
+    assert!(
+        ran > 0 && depth.0.contains_key("Nothing"),
+        "some mutated files read, some not: {:?}",
+        depth.0
+    );
 }
 
 fn digits(f: &str) -> PathBuf {

@@ -4,4 +4,6 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| hydra_edge::fuzz_checks::npz(data));
+fuzz_target!(|data: &[u8]| {
+    hydra_edge::fuzz_checks::npz(data);
+});

@@ -199,11 +199,18 @@ pub(super) fn load(path: &Path) -> Result<AdapterFile> {
     Ok(file)
 }
 
+/// Whether process `pid` is running (Linux: `/proc`; elsewhere assumed so).
+fn process_alive(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
 /// Removes the temporary files that interrupted [`AdapterFile::save`]s to
 /// `path` left behind (`.NAME.tmp.*` beside it) and returns how many.
 ///
-/// Call it only while nothing else is saving to `path` (e.g. when an app
-/// starts): a save in progress would lose its temporary file and fail.
+/// Every save calls it after its rename. Temporaries of another process that
+/// is still running (its id is in the name) are left alone; on systems
+/// without `/proc` every other process is assumed alive, so only this
+/// process's own leftovers go.
 pub fn clean_temp_files(path: &Path) -> Result<usize> {
     let (dir, name) = split(path)?;
     let prefix = temp_prefix(name);
@@ -212,7 +219,16 @@ pub fn clean_temp_files(path: &Path) -> Result<usize> {
     let mut removed = 0;
     for entry in entries {
         let entry = entry.map_err(io_error(format!("listing {}", dir.display())))?;
-        if entry.file_name().as_encoded_bytes().starts_with(prefix) {
+        let file = entry.file_name();
+        if let Some(rest) = file.as_encoded_bytes().strip_prefix(prefix) {
+            // `PID.N`: another live process's save in progress is left alone.
+            let pid = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|r| r.split('.').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && process_alive(p)) {
+                continue;
+            }
             let p = entry.path();
             match fs::remove_file(&p) {
                 Ok(()) => removed += 1,

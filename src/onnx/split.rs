@@ -189,7 +189,13 @@ fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<
     let mut stack: Vec<usize> =
         chosen.iter().flat_map(|l| [Some(l.node), l.bias_node]).flatten().collect();
     while let Some(i) = stack.pop() {
-        if !down.insert(i) {
+        // A tensor's shape does not depend on the adapters' values: `Shape`
+        // (and `Size`) of a trainable tensor, and everything computed from it
+        // and frozen values alone (masks, position ids, `Expand` and `Reshape`
+        // targets, `ConstantOfShape`, …), is frozen — computed by the
+        // backbone on the base model, whose tensors have the same shapes, and
+        // handed to the tail as a boundary tensor.
+        if matches!(g.nodes[i].op_type.as_str(), "Shape" | "Size") || !down.insert(i) {
             continue;
         }
         for o in &g.nodes[i].output {

@@ -500,7 +500,8 @@ impl Trainer {
                         }
                     }
                 }
-                self.step += 1;
+                // A checkpoint may say anything: never overflow.
+                self.step = self.step.saturating_add(1);
                 self.batch_in_epoch += 1;
             }
             let (eval_loss, eval_accuracy) = match eval {
@@ -553,7 +554,7 @@ impl Trainer {
                 self.best = Some(Best { epoch: m.epoch, score, params });
             }
             out.push(m);
-            self.epoch += 1;
+            self.epoch = self.epoch.saturating_add(1);
             self.batch_in_epoch = 0;
         }
         Ok(out)

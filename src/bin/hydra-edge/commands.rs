@@ -237,16 +237,28 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     // Every output is checked before any work: an unwritable --out is found now, not after the epochs.
     let mut inputs: Vec<&Path> = vec![&a.model, &a.data];
     inputs.extend(a.eval.as_deref());
-    check_output(&a.out, &inputs)?;
-    if let Some(c) = &a.checkpoint {
-        check_output(c, &inputs)?;
-    }
-    if let Some(p) = &a.plot {
-        check_output(p, &inputs)?;
+    // --out, --checkpoint and --plot must be three different files, and none
+    // may be an input (--resume included: --out must not replace the
+    // checkpoint a run resumes from; --checkpoint may, that is its job).
+    let mut outs: Vec<&Path> = vec![&a.out];
+    outs.extend(a.checkpoint.as_deref());
+    outs.extend(a.plot.as_deref());
+    for (k, o) in outs.iter().enumerate() {
+        let mut forbidden = inputs.clone();
+        forbidden.extend(outs.iter().take(k));
+        if k == 0 || Some(*o) != a.checkpoint.as_deref() {
+            forbidden.extend(a.resume.as_deref());
+        }
+        check_output(o, &forbidden)?;
     }
     let model = named(OnnxModel::load(&a.model), "loading", &a.model)?;
     let train = Dataset::from_npz(&a.data, &a.label_key)?;
     let eval = a.eval.as_ref().map(|p| Dataset::from_npz(p, &a.label_key)).transpose()?;
+    if let (Some(p), Some(e)) = (&a.eval, &eval)
+        && e.is_empty()
+    {
+        bail!("--eval {}: no samples", p.display());
+    }
     let (rp, rs) = pair::<usize>(&a.rank, "rank")?;
     let (sp, ss) = pair::<f32>(&a.scale, "scale")?;
     let mut adapter = HydraConfig { seed: a.seed, ..HydraConfig::default() };
@@ -316,6 +328,8 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     let mut all = Vec::new();
     let start = Instant::now();
     let mut diverged = None;
+    // The epochs a resumed run's checkpoint holds; what this run saved.
+    let resumed_at = t.position().0;
     let mut saved_epoch = None;
     while (t.position().0 as usize) < a.epochs {
         let epoch = t.position().0;
@@ -393,7 +407,10 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             (Some(c), Some(k), _) => {
                 format!("; {} holds epoch {k}, the last good one", c.display())
             }
-            (_, None, Some(r)) => format!("; {} is untouched", r.display()),
+            (_, None, Some(r)) => format!(
+                "; {} is untouched: it holds epoch {resumed_at}, the last good one",
+                r.display()
+            ),
             _ => String::new(),
         };
         let Some((best, _)) = t.best_epoch() else {
@@ -446,30 +463,39 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
 fn write_unless_better(t: &mut Trainer, a: &TrainArgs, data: &Dataset) -> Result<()> {
     let mine = t.adapter_file(false, DType::F32)?;
     let existing = if a.overwrite { None } else { AdapterFile::load(&a.out).ok() };
-    if let Some(old) = existing {
-        let new_score = t.evaluate_cached(data)?.0;
-        // Only a file this model can load is comparable; the trainer gets its own parameters back.
-        let old_score = match t.load(&old) {
-            Ok(()) => Some(t.evaluate_cached(data)?.0),
-            Err(_) => None,
-        };
-        t.load(&mine)?;
-        if let Some(old_score) = old_score.filter(|&s| s < new_score) {
-            let mut new_path = a.out.clone().into_os_string();
-            new_path.push(".new");
-            let new_path = std::path::PathBuf::from(new_path);
-            check_output(&new_path, &[&a.model, &a.data, &a.out])?;
-            mine.save(&new_path)?;
-            bail!(
-                "{} holds an adapter that scores better on this run's {} data (loss {old_score:.4} vs {new_score:.4}): kept it, and wrote this run's adapter to {} (pass --overwrite to replace it)",
-                a.out.display(),
-                if a.eval.is_some() { "eval" } else { "training" },
-                new_path.display()
-            );
+    let Some(old) = existing else {
+        mine.save(&a.out)?;
+        return Ok(());
+    };
+    let new_score = t.evaluate_cached(data)?.0;
+    // Only a file this model can load is comparable; the trainer gets its own parameters back.
+    let old_score = match t.load(&old) {
+        Ok(()) => Some(t.evaluate_cached(data)?.0),
+        Err(_) => None,
+    };
+    t.load(&mine)?;
+    let why = match old_score {
+        Some(s) if s < new_score => format!(
+            "holds an adapter that scores better on this run's {} data (loss {s:.4} vs {new_score:.4})",
+            if a.eval.is_some() { "eval" } else { "training" }
+        ),
+        Some(_) => {
+            mine.save(&a.out)?;
+            return Ok(());
         }
-    }
-    mine.save(&a.out)?;
-    Ok(())
+        // A valid adapter for another model or configuration: not this run's to replace.
+        None => "holds an adapter for another model or configuration".to_string(),
+    };
+    let mut new_path = a.out.clone().into_os_string();
+    new_path.push(".new");
+    let new_path = std::path::PathBuf::from(new_path);
+    check_output(&new_path, &[&a.model, &a.data, &a.out])?;
+    mine.save(&new_path)?;
+    bail!(
+        "{} {why}: kept it, and wrote this run's adapter to {} (pass --overwrite to replace it)",
+        a.out.display(),
+        new_path.display()
+    );
 }
 
 fn load_adapted(model: &OnnxModel, adapter: &Path) -> Result<Trainer> {

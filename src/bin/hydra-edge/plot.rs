@@ -6,8 +6,16 @@ use anyhow::{Result, anyhow};
 use hydra_edge::train::EpochMetrics;
 use plotters::prelude::*;
 
+/// Draws the curve into memory, then writes it atomically (never in place).
 pub fn learning_curve(m: &[EpochMetrics], path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    let mut svg = String::new();
+    draw(m, &mut svg)?;
+    hydra_edge::export::write_atomic(path, svg.as_bytes())?;
+    Ok(())
+}
+
+fn draw(m: &[EpochMetrics], svg: &mut String) -> Result<()> {
+    let root = SVGBackend::with_string(svg, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let n = m.len().max(1) as f64;
     let top = m
