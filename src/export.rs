@@ -45,6 +45,18 @@ pub struct MergeReport {
     pub external_files: Vec<PathBuf>,
 }
 
+/// `base`, or `base_K` for the first K that no tensor or node uses yet; taken.
+fn fresh(taken: &mut std::collections::HashSet<String>, base: String) -> String {
+    let mut name = base.clone();
+    let mut k = 1;
+    while taken.contains(&name) {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    taken.insert(name.clone());
+    name
+}
+
 fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
     pb::TensorProto {
         name: name.to_string(),
@@ -141,6 +153,17 @@ fn build(
     let mut replaced: HashMap<String, pb::TensorProto> = HashMap::new();
     let mut extra_nodes: Vec<(usize, pb::NodeProto)> = Vec::new();
     let graph = proto.graph.as_mut().ok_or_else(|| Error::Onnx("no graph".into()))?;
+    // Every name the graph already uses: a new tensor must take none of them
+    // (node names may be empty or repeated in ONNX, so they are not relied on).
+    let mut taken: std::collections::HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().chain(n.input.iter()).chain(std::iter::once(&n.name)))
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .chain(graph.input.iter().map(|v| &v.name))
+        .chain(graph.output.iter().map(|v| &v.name))
+        .cloned()
+        .collect();
     for layer in split.adapted_layers() {
         let trained = adapters.get(layer.name.as_str()).ok_or_else(|| Error::NotFound {
             what: "adapter for layer",
@@ -163,13 +186,16 @@ fn build(
             )));
         }
         let data: Vec<f32> = data.into_iter().map(|v| v / alpha).collect();
-        // A weight shared with another node gets a copy of its own.
-        let node = &mut graph.node[layer.node];
-        let wname = if uses.get(&layer.weight).copied().unwrap_or(0) > 1 {
-            format!("{}/merged", node.name)
+        // A weight shared with another node, or produced by a node (Constant,
+        // ConstantOfShape) rather than an initializer, gets a new initializer
+        // of its own under a fresh name.
+        let is_init = g.initializers.contains_key(layer.weight.as_str());
+        let wname = if uses.get(&layer.weight).copied().unwrap_or(0) > 1 || !is_init {
+            fresh(&mut taken, format!("{}/merged_weight", layer.name))
         } else {
             layer.weight.clone()
         };
+        let node = &mut graph.node[layer.node];
         node.input[1] = wname.clone();
         replaced.insert(wname.clone(), f32_tensor(&wname, &dims, &data));
         let Some(b) = b else { continue };
@@ -182,8 +208,10 @@ fn build(
                     .unwrap_or_else(|| vec![o]);
                 let dims = if old.iter().product::<usize>() == o { old } else { vec![o] };
                 let scaled: Vec<f32> = b.iter().map(|v| v / beta).collect();
-                let bname2 = if uses.get(bname).copied().unwrap_or(0) > 1 {
-                    format!("{}/merged_bias", layer.name)
+                let bname2 = if uses.get(bname).copied().unwrap_or(0) > 1
+                    || !g.initializers.contains_key(bname.as_str())
+                {
+                    fresh(&mut taken, format!("{}/merged_bias", layer.name))
                 } else {
                     bname.clone()
                 };
@@ -196,7 +224,7 @@ fn build(
                 replaced.insert(bname2.clone(), f32_tensor(&bname2, &dims, &scaled));
             }
             (None, LinearKind::Gemm { .. } | LinearKind::Conv1x1) => {
-                let bname = format!("{}/merged_bias", layer.name);
+                let bname = fresh(&mut taken, format!("{}/merged_bias", layer.name));
                 let node = &mut graph.node[layer.node];
                 node.input.resize(2, String::new());
                 node.input.push(bname.clone());
@@ -208,14 +236,14 @@ fn build(
             (None, LinearKind::MatMul) => {
                 let node = &mut graph.node[layer.node];
                 let y = node.output[0].clone();
-                let pre = format!("{}/merged_pre_bias", layer.name);
+                let pre = fresh(&mut taken, format!("{}/merged_pre_bias", layer.name));
                 node.output[0] = pre.clone();
-                let bname = format!("{}/merged_bias", layer.name);
+                let bname = fresh(&mut taken, format!("{}/merged_bias", layer.name));
                 new_inits.push(f32_tensor(&bname, &[o], &b));
                 extra_nodes.push((
                     layer.node + 1,
                     pb::NodeProto {
-                        name: format!("{}/merged_bias_add", layer.name),
+                        name: fresh(&mut taken, format!("{}/merged_bias_add", layer.name)),
                         op_type: "Add".into(),
                         input: vec![pre, bname],
                         output: vec![y],
@@ -238,12 +266,37 @@ fn build(
     graph.initializer.extend(new_inits);
     if let Some(h) = head {
         let (i, o) = h.head.dims();
-        graph.initializer.push(f32_tensor("head.weight", &[o, i], &h.head.w));
-        graph.initializer.push(f32_tensor("head.bias", &[o], &h.head.b));
+        for name in std::iter::once(&h.logits).chain(h.softmax.as_ref()) {
+            if taken.contains(name) {
+                return Err(Error::Config(format!(
+                    "the model already has a tensor named `{name}`; the new head's output needs that name"
+                )));
+            }
+        }
+        let (wname, bname) =
+            (fresh(&mut taken, "head.weight".into()), fresh(&mut taken, "head.bias".into()));
+        graph.initializer.push(f32_tensor(&wname, &[o, i], &h.head.w));
+        graph.initializer.push(f32_tensor(&bname, &[o], &h.head.b));
+        // Features of rank > 2 ([N, C, 1, 1] after a pool, [N, T, H]) are
+        // flattened as the trained head saw them; a no-op on [N, C].
+        let flat = fresh(&mut taken, format!("{}/flat", h.feature));
+        graph.node.push(pb::NodeProto {
+            name: fresh(&mut taken, "head/flatten".into()),
+            op_type: "Flatten".into(),
+            input: vec![h.feature.clone()],
+            output: vec![flat.clone()],
+            attribute: vec![pb::AttributeProto {
+                name: "axis".into(),
+                r#type: 2,
+                i: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
         let gemm = pb::NodeProto {
-            name: "head".into(),
+            name: fresh(&mut taken, "head".into()),
             op_type: "Gemm".into(),
-            input: vec![h.feature.clone(), "head.weight".into(), "head.bias".into()],
+            input: vec![flat, wname, bname],
             output: vec![h.logits.clone()],
             attribute: vec![pb::AttributeProto {
                 name: "transB".into(),
@@ -258,7 +311,7 @@ fn build(
         graph.output.push(out_info(&h.logits));
         if let Some(p) = &h.softmax {
             graph.node.push(pb::NodeProto {
-                name: "head/softmax".into(),
+                name: fresh(&mut taken, "head/softmax".into()),
                 op_type: "Softmax".into(),
                 input: vec![h.logits.clone()],
                 output: vec![p.clone()],

@@ -35,6 +35,11 @@ pub const SUPPORTED: &[&str] = &[
     "Softmax",
     "ReduceMean",
     "ReduceSum",
+    "ReduceL2",
+    "Dropout",
+    "Expand",
+    "IsNaN",
+    "Where",
     "GlobalAveragePool",
     "Flatten",
     "Reshape",
@@ -99,6 +104,8 @@ pub(crate) fn build_op(g: &GraphIndex<'_>, i: usize, opset: i64) -> Result<Box<d
         "Exp" => unary(UnaryKind::Exp),
         "Neg" => unary(UnaryKind::Neg),
         "Identity" => unary(UnaryKind::Identity),
+        // Inference form: the frozen model's own dropout is off while adapters train.
+        "Dropout" => unary(UnaryKind::Identity),
         "Gelu" => match a.string("approximate").as_deref() {
             None | Some("none") => unary(UnaryKind::Gelu),
             Some("tanh") => unary(UnaryKind::GeluTanh),
@@ -140,8 +147,12 @@ pub(crate) fn build_op(g: &GraphIndex<'_>, i: usize, opset: i64) -> Result<Box<d
             let legacy = opset < 13;
             Ok(Box::new(Softmax::new(a.int("axis").unwrap_or(if legacy { 1 } else { -1 }), legacy)))
         }
-        "ReduceMean" | "ReduceSum" => {
-            let kind = if n.op_type == "ReduceMean" { ReduceKind::Mean } else { ReduceKind::Sum };
+        "ReduceMean" | "ReduceSum" | "ReduceL2" => {
+            let kind = match n.op_type.as_str() {
+                "ReduceMean" => ReduceKind::Mean,
+                "ReduceSum" => ReduceKind::Sum,
+                _ => ReduceKind::L2,
+            };
             let axes_from_input = (kind == ReduceKind::Sum && opset >= 13) || opset >= 18;
             let axes = if axes_from_input {
                 a.ints("axes")
@@ -153,6 +164,9 @@ pub(crate) fn build_op(g: &GraphIndex<'_>, i: usize, opset: i64) -> Result<Box<d
             Ok(Box::new(Reduce::new(kind, axes, keep, noop)))
         }
         "GlobalAveragePool" => Ok(Box::new(GlobalAveragePool)),
+        "Expand" => Ok(Box::new(crate::tail::ops::select::Expand)),
+        "IsNaN" => Ok(Box::new(crate::tail::ops::select::IsNan)),
+        "Where" => Ok(Box::new(crate::tail::ops::select::Where)),
         "Flatten" => {
             Ok(Box::new(ReshapeLike::new(ReshapeKind::Flatten(a.int("axis").unwrap_or(1)))))
         }

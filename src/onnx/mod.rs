@@ -384,7 +384,14 @@ impl<'a> GraphIndex<'a> {
                     return Err(Error::Onnx(format!("tensor `{out}` is produced twice")));
                 }
                 known.insert(out.as_str());
-                if n.op_type == "Constant" {
+                // ConstantOfShape of a constant shape is a constant too (old
+                // Caffe2 exports and "light" models produce weights this way).
+                let constant_shape = n.op_type == "ConstantOfShape"
+                    && n.input.first().is_some_and(|s| {
+                        initializers.contains_key(s.as_str())
+                            || constant_nodes.contains_key(s.as_str())
+                    });
+                if n.op_type == "Constant" || constant_shape {
                     constant_nodes.insert(out.as_str(), i);
                 }
             }
@@ -405,6 +412,39 @@ impl<'a> GraphIndex<'a> {
         let Some(&i) = self.constant_nodes.get(name) else { return Ok(None) };
         let n = &self.nodes[i];
         let a = Attrs::of(n);
+        if n.op_type == "ConstantOfShape" {
+            let dims = self
+                .constant(&n.input[0])?
+                .ok_or_else(|| Error::Onnx(format!("`{name}`: shape is not constant")))?
+                .to_i64_vec("ConstantOfShape shape")?;
+            let dims: Vec<usize> = dims
+                .iter()
+                .map(|&d| usize::try_from(d))
+                .collect::<core::result::Result<_, _>>()
+                .map_err(|_| Error::Onnx(format!("`{name}`: negative dims {dims:?}")))?;
+            let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if count.is_none_or(|c| c > 1 << 28) {
+                return Err(Error::Onnx(format!(
+                    "`{name}`: ConstantOfShape {dims:?} is too large"
+                )));
+            }
+            let value = match a.tensor("value") {
+                Some(t) => tensor_from_proto(t)?,
+                None => Tensor::scalar(0.0),
+            };
+            let shape = ndarray::IxDyn(&dims);
+            return Ok(Some(match value {
+                Tensor::I64(v) => Tensor::I64(ndarray::ArrayD::from_elem(
+                    shape,
+                    v.iter().next().copied().unwrap_or(0),
+                )),
+                v => {
+                    let v =
+                        v.to_f32("ConstantOfShape value")?.iter().next().copied().unwrap_or(0.0);
+                    Tensor::F32(ndarray::ArrayD::from_elem(shape, v))
+                }
+            }));
+        }
         if let Some(t) = a.tensor("value") {
             return tensor_from_proto(t).map(Some);
         }

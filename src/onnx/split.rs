@@ -101,7 +101,6 @@ fn layer_seed(base: u64, k: usize) -> u64 {
 pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
     let g = model.index()?;
     let layers = linear_layers(&g)?;
-    let chosen: Vec<LinearLayer> = cfg.targets.select(&layers)?.into_iter().cloned().collect();
     let output = match &cfg.output {
         Some(o) => o.clone(),
         None => model
@@ -113,6 +112,17 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
     if !g.producer.contains_key(output.as_str()) {
         return Err(Error::NotFound { what: "output or feature tensor", name: output });
     }
+    // `all` and `last:K` are judged against the chosen output: only the
+    // layers that feed it (a cut before the last layers leaves those out).
+    // Layers named explicitly must feed it, or the split says so.
+    let feeding: Vec<LinearLayer> = match cfg.targets {
+        Targets::AllLinear | Targets::LastBlocks(_) => {
+            let up = upstream(&g, &output);
+            layers.iter().filter(|l| up.contains(&l.node)).cloned().collect()
+        }
+        _ => layers.clone(),
+    };
+    let chosen: Vec<LinearLayer> = cfg.targets.select(&feeding)?.into_iter().cloned().collect();
     let tail_nodes = cone(&g, &chosen, &output)?;
     let weights =
         chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
@@ -183,6 +193,20 @@ fn output_fingerprint(g: &GraphIndex<'_>, output: &str) -> Result<u64> {
     Ok(crate::adapter::fingerprint(tensors.iter().map(|(n, v)| (n.as_str(), v.as_slice()))))
 }
 
+/// The nodes that `output` depends on.
+fn upstream(g: &GraphIndex<'_>, output: &str) -> HashSet<usize> {
+    let mut up: HashSet<usize> = HashSet::new();
+    let mut tensors = vec![output];
+    while let Some(t) = tensors.pop() {
+        if let Some(&i) = g.producer.get(t)
+            && up.insert(i)
+        {
+            tensors.extend(g.nodes[i].input.iter().filter(|s| !s.is_empty()).map(String::as_str));
+        }
+    }
+    up
+}
+
 /// The tail's nodes (indices, in topological order).
 fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<usize>> {
     let mut down: HashSet<usize> = HashSet::new();
@@ -202,15 +226,7 @@ fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<
             stack.extend(g.consumers.get(o.as_str()).into_iter().flatten().copied());
         }
     }
-    let mut up: HashSet<usize> = HashSet::new();
-    let mut tensors = vec![output];
-    while let Some(t) = tensors.pop() {
-        if let Some(&i) = g.producer.get(t)
-            && up.insert(i)
-        {
-            tensors.extend(g.nodes[i].input.iter().filter(|s| !s.is_empty()).map(String::as_str));
-        }
-    }
+    let up = upstream(g, output);
     for l in chosen {
         if !up.contains(&l.node) {
             return Err(Error::Config(format!(

@@ -10,6 +10,7 @@ pub mod head;
 pub mod linear;
 pub mod norm;
 pub mod reduce;
+pub mod select;
 pub mod shape;
 pub mod unary;
 

@@ -18,6 +18,8 @@ pub enum ReduceKind {
     Mean,
     /// ReduceSum.
     Sum,
+    /// ReduceL2: the Euclidean norm.
+    L2,
 }
 
 /// ReduceMean / ReduceSum with axes from the attribute (older opsets) or the
@@ -73,13 +75,18 @@ impl TailOp for Reduce {
         match self.kind {
             ReduceKind::Mean => "ReduceMean",
             ReduceKind::Sum => "ReduceSum",
+            ReduceKind::L2 => "ReduceL2",
         }
     }
 
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
         let x = input(inputs, 0)?.f32("reduce input")?;
         let axes = self.axes(inputs, x.ndim())?;
-        let mut y = sum_keep(x, &axes);
+        let mut y = if self.kind == ReduceKind::L2 {
+            sum_keep(&x.mapv(|v| v * v), &axes).mapv(f32::sqrt)
+        } else {
+            sum_keep(x, &axes)
+        };
         if self.kind == ReduceKind::Mean {
             let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
             let inv = 1.0 / count.max(1) as f32;
@@ -112,11 +119,26 @@ impl TailOp for Reduce {
                 g = g.insert_axis(Axis(a));
             }
         }
+        if self.kind == ReduceKind::L2 {
+            // d‖x‖/dx = x / ‖x‖ (0 where the norm is 0).
+            let mut y = _output.f32("ReduceL2 output")?.to_owned();
+            if !self.keepdims {
+                for &a in &axes {
+                    y = y.insert_axis(Axis(a));
+                }
+            }
+            let gy = ndarray::Zip::from(&g)
+                .and(&y)
+                .map_collect(|&g, &y| if y > 0.0 { g / y } else { 0.0 });
+            let gy = gy.broadcast(x.raw_dim()).ok_or_else(|| fail("reduce gradient shape"))?;
+            out[0] = Some(ndarray::Zip::from(&gy).and(x).map_collect(|&g, &x| g * x));
+            return Ok(out);
+        }
         let scale = match self.kind {
             ReduceKind::Mean => {
                 1.0 / axes.iter().map(|&a| x.shape()[a]).product::<usize>().max(1) as f32
             }
-            ReduceKind::Sum => 1.0,
+            ReduceKind::Sum | ReduceKind::L2 => 1.0,
         };
         let full = g
             .broadcast(x.raw_dim())
