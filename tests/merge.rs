@@ -445,3 +445,81 @@ fn an_adapter_for_another_base_model_is_refused_for_merge_and_hot_swap() {
     assert!(matches!(hs.add("u", &file), Err(Error::FingerprintMismatch { .. })));
     assert!(!out_dir("refuse").join("x.onnx").exists());
 }
+
+#[test]
+fn weights_from_constant_nodes_merge_into_fresh_initializers_and_names_stay_unique() {
+    // digits_mlp with `fc2.weight` produced by a Constant node (as some
+    // exporters write weights) and a new head on a model that has `head.*`.
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/digits/digits_mlp.onnx");
+    let mut proto = OnnxModel::load(&base).unwrap().proto().clone();
+    let g = proto.graph.as_mut().unwrap();
+    let k = g.initializer.iter().position(|t| t.name == "fc2.weight").unwrap();
+    let w = g.initializer.remove(k);
+    g.node.insert(
+        0,
+        hydra_edge::onnx::pb::NodeProto {
+            name: String::new(),
+            op_type: "Constant".into(),
+            output: vec!["fc2.weight".into()],
+            attribute: vec![hydra_edge::onnx::pb::AttributeProto {
+                name: "value".into(),
+                r#type: 4,
+                t: Some(w),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let model = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let cfg = SplitConfig {
+        targets: Targets::Patterns(vec!["fc2".into()]),
+        output: Some("features".into()),
+        ..SplitConfig::default()
+    };
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+    assert_eq!(split.adapted_layers().len(), 1, "a Constant-node weight is adaptable");
+    perturb(&mut split, 4);
+    let f = feed(&model, 3, 2);
+    let feats = split.forward(&f, false).unwrap();
+    let mut head = LinearHead::new(feats.shape()[1], 3, 1).unwrap();
+    head.b.iter_mut().for_each(|b| *b = 0.2);
+    let want = head.forward(feats.f32("f").unwrap(), false).unwrap();
+    let dir = out_dir("constant-weights");
+    let out = dir.join("merged.onnx");
+    let export = HeadExport {
+        head: &head,
+        feature: "features".into(),
+        logits: "head_logits".into(),
+        softmax: None,
+    };
+    merge_into_onnx(&model, &split, Some(export), &out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let merged: hydra_edge::onnx::pb::ModelProto =
+        prost::Message::decode(bytes.as_slice()).unwrap();
+    let g = merged.graph.as_ref().unwrap();
+    let mut names: Vec<&str> = g
+        .initializer
+        .iter()
+        .map(|t| t.name.as_str())
+        .chain(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)))
+        .collect();
+    let n = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), n, "every tensor defined once");
+    let mut nodes: Vec<&str> =
+        g.node.iter().map(|n| n.name.as_str()).filter(|s| !s.is_empty()).collect();
+    let n = nodes.len();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(nodes.len(), n, "new node names are unique (the model already has `head`)");
+    let got = Model::load(&out).unwrap();
+    let k = got.output_names().iter().position(|o| o == "head_logits").unwrap();
+    let y = got.run(&f).unwrap().swap_remove(k);
+    assert!(max_rel(y.f32("y").unwrap(), &want) <= 1e-4);
+    let ort = onnxruntime(&out, &f, &dir);
+    assert!(
+        max_rel(ort["head_logits"].f32("ort").unwrap(), &want) <= 1e-4,
+        "a valid file for onnxruntime"
+    );
+}

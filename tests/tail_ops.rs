@@ -376,3 +376,51 @@ fn the_head_op_has_finite_difference_gradients_for_its_input_and_weights() {
         assert!((fd - f64::from(want)).abs() <= TOL * (1.0 + fd.abs()), "db[{j}] {want} vs {fd}");
     }
 }
+
+#[test]
+fn masks_and_norms_from_exporters() {
+    use hydra_edge::tail::ops::select::{Expand, IsNan, Where};
+    let mut rng = Rng::new(21);
+    // ReduceL2 over one axis, with and without keepdims.
+    for keep in [true, false] {
+        let mut op = Reduce::new(ReduceKind::L2, Some(vec![1]), keep, false);
+        check("ReduceL2", &mut op, vec![rand_t(&mut rng, &[3, 5], -1.0, 1.0)], &[true], H, TOL);
+    }
+    let y = Reduce::new(ReduceKind::L2, Some(vec![1]), false, false)
+        .forward(&[&t(&[1, 2], vec![3.0, 4.0])], false)
+        .unwrap();
+    assert_eq!(y.f32("y").unwrap().as_slice().unwrap(), &[5.0]);
+    // Expand: [3, 1] to [2, 3, 4] (bidirectional broadcast), gradient summed back.
+    let shape = ints(&[3], vec![2, 3, 4]);
+    check(
+        "Expand",
+        &mut Expand,
+        vec![rand_t(&mut rng, &[3, 1], -1.0, 1.0), shape],
+        &[true, false],
+        H,
+        TOL,
+    );
+    // Where with a broadcast integer condition; gradients to both branches.
+    let cond = ints(&[1, 4], vec![1, 0, 0, 1]);
+    let (a, b) = (rand_t(&mut rng, &[3, 4], -1.0, 1.0), rand_t(&mut rng, &[3, 1], -1.0, 1.0));
+    check(
+        "Where",
+        &mut Where,
+        vec![cond.clone(), a.clone(), b.clone()],
+        &[false, true, true],
+        H,
+        TOL,
+    );
+    let y = Where.forward(&[&cond, &a, &b], false).unwrap();
+    let (ya, a, b) = (y.f32("y").unwrap(), a.f32("a").unwrap(), b.f32("b").unwrap());
+    assert_eq!(ya[[2, 0]], a[[2, 0]]);
+    assert_eq!(ya[[2, 1]], b[[2, 0]]);
+    // IsNaN → Where: PyTorch's attention export zeroes NaN rows of a softmax.
+    let x = t(&[2, 2], vec![f32::NAN, 0.5, 0.25, f32::NAN]);
+    let m = IsNan.forward(&[&x], false).unwrap();
+    assert_eq!(m.i64("m").unwrap().as_slice().unwrap(), &[1, 0, 0, 1]);
+    assert!(!IsNan.differentiable(0));
+    let zero = t(&[], vec![0.0]);
+    let y = Where.forward(&[&m, &zero, &x], false).unwrap();
+    assert_eq!(y.f32("y").unwrap().as_slice().unwrap(), &[0.0, 0.5, 0.25, 0.0]);
+}
