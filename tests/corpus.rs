@@ -153,3 +153,44 @@ fn the_torchscript_export_is_refused_with_tracts_reason() {
     let ort = onnxruntime(&corpus("minilm_legacy.onnx"), &check, &dir);
     assert_eq!(ort["sentence_embedding"].shape(), &[2, 384], "onnxruntime runs it");
 }
+
+#[test]
+#[cfg(feature = "cli")]
+fn inspect_and_train_end_the_tail_at_the_same_ranked_output() {
+    let bin = env!("CARGO_BIN_EXE_hydra-edge");
+    // The dynamo export has one output; this repo's MiniLM build has three,
+    // the hidden states first: the pooled [N, 384] embedding is the default.
+    let minilm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/real/out/minilm.onnx");
+    assert!(minilm.exists(), "run models/real/build_minilm.py (see .ci/run)");
+    let model = OnnxModel::load(&minilm).unwrap();
+    assert_eq!(model.output_names()[0], "last_hidden_state");
+    assert_eq!(model.ranked_outputs()[0], "pooled");
+    let split = AdaptedModel::new(
+        &model,
+        &SplitConfig { targets: Targets::LastBlocks(1), ..SplitConfig::default() },
+    )
+    .unwrap();
+    assert_eq!(split.report().output, "pooled", "train's default output");
+    for (args, want) in
+        [(vec![], "pooled"), (vec!["--output-tensor", "last_hidden_state"], "last_hidden_state")]
+    {
+        let o = Command::new(bin)
+            .arg("--json")
+            .arg("inspect")
+            .arg(&minilm)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["output"], want);
+        let head = j["suggestions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["suggestion"].as_str().unwrap().starts_with("head only"))
+            .unwrap();
+        assert!(head["suggestion"].as_str().unwrap().contains(&format!("`{want}`")), "{head}");
+        assert_eq!(head["trainable"], true, "{head}");
+    }
+}

@@ -167,7 +167,12 @@ pub fn linear_layers(g: &GraphIndex<'_>) -> Result<Vec<LinearLayer>> {
                   output: String,
                   in_dim,
                   out_dim| LinearLayer {
-            block: block_of(&name).or_else(|| block_of(weight)),
+            // The node's name, else its weight's or bias's (exporters that
+            // name nodes `node_MatMul_92` still name the bias after the
+            // parameter, `bert.encoder.layer.5.output.dense.bias`).
+            block: block_of(&name)
+                .or_else(|| block_of(weight))
+                .or_else(|| bias.as_deref().and_then(block_of)),
             name: name.clone(),
             node: i,
             bias_node,

@@ -128,22 +128,34 @@ impl OnnxModel {
 
     /// The declared shape of input `name`: `Some(d)` for fixed dims, `None` for symbolic ones.
     pub fn input_shape(&self, name: &str) -> Option<Vec<Option<usize>>> {
-        use pb::tensor_shape_proto::dimension::Value;
-        let vi = self.graph().input.iter().find(|i| i.name == name)?;
-        let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
-            return None;
-        };
-        Some(
-            t.shape
-                .as_ref()?
-                .dim
-                .iter()
-                .map(|d| match d.value {
-                    Some(Value::DimValue(v)) if v > 0 => Some(v as usize),
-                    _ => None,
-                })
-                .collect(),
-        )
+        declared_shape(self.graph().input.iter().find(|i| i.name == name)?)
+    }
+
+    /// The declared shape of output `name` (as [`OnnxModel::input_shape`]).
+    pub fn output_shape(&self, name: &str) -> Option<Vec<Option<usize>>> {
+        declared_shape(self.graph().output.iter().find(|o| o.name == name)?)
+    }
+
+    /// The graph outputs, best tail end first: declared rank 2 (`[B, H]`
+    /// pooled embeddings, `[B, C]` logits) before other known ranks
+    /// (`[B, T, H]` hidden states, feature maps), before undeclared ones;
+    /// graph order within each. The first is the default output of a split
+    /// and of `inspect`.
+    pub fn ranked_outputs(&self) -> Vec<String> {
+        let mut outs: Vec<(usize, String)> = self
+            .output_names()
+            .into_iter()
+            .map(|o| {
+                let key = match self.output_shape(&o).map(|s| s.len()) {
+                    Some(2) => 0,
+                    Some(_) => 1,
+                    None => 2,
+                };
+                (key, o)
+            })
+            .collect();
+        outs.sort_by_key(|(k, _)| *k);
+        outs.into_iter().map(|(_, o)| o).collect()
     }
 
     /// Whether input `name` holds integers (token ids) rather than floats.
@@ -167,6 +179,25 @@ impl OnnxModel {
     pub fn index(&self) -> Result<GraphIndex<'_>> {
         GraphIndex::new(self)
     }
+}
+
+/// The declared dims of a value: `Some(d)` for fixed ones, `None` for symbolic ones.
+fn declared_shape(vi: &pb::ValueInfoProto) -> Option<Vec<Option<usize>>> {
+    use pb::tensor_shape_proto::dimension::Value;
+    let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    Some(
+        t.shape
+            .as_ref()?
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Value::DimValue(v)) if v > 0 => Some(v as usize),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// Loads the bytes of an initializer stored as external data into

@@ -104,7 +104,7 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
     let output = match &cfg.output {
         Some(o) => o.clone(),
         None => model
-            .output_names()
+            .ranked_outputs()
             .into_iter()
             .next()
             .ok_or_else(|| Error::Onnx("the model has no outputs".into()))?,

@@ -76,14 +76,38 @@ fn mb(b: usize) -> f64 {
     b as f64 / 1e6
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<()> {
+pub fn inspect(path: &Path, output: Option<&str>, json: bool) -> Result<()> {
     let model = named(OnnxModel::load(path), "loading", path)?;
     let g = model.index()?;
     let layers = linear_layers(&g)?;
     let inputs: Vec<_> =
         model.input_names().into_iter().map(|n| (n.clone(), model.input_shape(&n))).collect();
+    // The cuts are judged against one output: the one asked for, else the
+    // first ranked (what `train` picks without --output-tensor).
+    let ranked = model.ranked_outputs();
+    let chosen = match output {
+        Some(o) => o.to_string(),
+        None => ranked.first().cloned().context("the model has no outputs")?,
+    };
+    if !g.producer.contains_key(chosen.as_str()) {
+        bail!("--output-tensor `{chosen}` is not a tensor of this model");
+    }
+    let up: std::collections::HashSet<usize> = {
+        let mut up = std::collections::HashSet::new();
+        let mut stack = vec![chosen.as_str()];
+        while let Some(t) = stack.pop() {
+            if let Some(&i) = g.producer.get(t)
+                && up.insert(i)
+            {
+                stack.extend(g.nodes[i].input.iter().map(String::as_str));
+            }
+        }
+        up
+    };
+    let layers: Vec<_> = layers.into_iter().filter(|l| up.contains(&l.node)).collect();
+    let out = Some(chosen.clone());
     let mut suggestions: Vec<(String, Targets, Option<String>)> =
-        vec![("all linear layers".into(), Targets::AllLinear, None)];
+        vec![("all linear layers".into(), Targets::AllLinear, out.clone())];
     let blocks: Vec<&str> =
         layers.iter().filter_map(|l| l.block.as_deref()).fold(Vec::new(), |mut v, b| {
             if !v.contains(&b) {
@@ -95,21 +119,17 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
         suggestions.push((
             format!("linear layers of the last {k} block(s)"),
             Targets::LastBlocks(k),
-            None,
+            out.clone(),
         ));
     }
-    if let Some(last) = layers.last().filter(|l| !model.input_names().contains(&l.input)) {
-        suggestions.push((
-            format!("head only: a new head on `{}`", last.input),
-            Targets::None,
-            Some(last.input.clone()),
-        ));
+    if let Some(last) = layers.last() {
         suggestions.push((
             format!("last layer `{}`", last.name),
             Targets::Names(vec![last.name.clone()]),
-            None,
+            out.clone(),
         ));
     }
+    suggestions.push((format!("head only: a new head on `{chosen}`"), Targets::None, out.clone()));
     // Without a usable synthetic input the suggestions are listed without a memory estimate.
     let feed = synthetic_feed(&model, 1);
     if let Err(e) = &feed {
@@ -135,7 +155,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
         let l: Vec<_> = layers.iter().map(|l| json!({"name": l.name, "kind": format!("{:?}", l.kind), "in": l.in_dim, "out": l.out_dim, "block": l.block, "weight": l.weight})).collect();
         println!(
             "{}",
-            json!({"model": path, "opset": model.opset(), "params": model.num_params(), "inputs": inputs, "outputs": model.output_names(), "linear_layers": l, "suggestions": rows})
+            json!({"model": path, "opset": model.opset(), "params": model.num_params(), "inputs": inputs, "outputs": ranked.iter().map(|o| json!({"name": o, "shape": model.output_shape(o)})).collect::<Vec<_>>(), "output": chosen, "linear_layers": l, "suggestions": rows})
         );
         return Ok(());
     }
@@ -149,10 +169,20 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
             .collect();
         println!("  input  {n} [{}]", dims.join(", "));
     }
-    for o in model.output_names() {
-        println!("  output {o}");
+    for o in &ranked {
+        let dims: Vec<String> = model
+            .output_shape(o)
+            .unwrap_or_default()
+            .iter()
+            .map(|d| d.map_or("?".into(), |d| d.to_string()))
+            .collect();
+        let mark = if *o == chosen { "  ← the cuts below end here" } else { "" };
+        println!("  output {o} [{}]{mark}", dims.join(", "));
     }
-    println!("adaptable linear layers ({}):", layers.len());
+    if !ranked.contains(&chosen) {
+        println!("  tensor {chosen}  ← the cuts below end here");
+    }
+    println!("adaptable linear layers feeding `{chosen}` ({}):", layers.len());
     for l in &layers {
         println!(
             "  {:<48} {:?} {}→{} {}",

@@ -33,6 +33,9 @@ enum Cmd {
     Inspect {
         /// The ONNX model.
         model: PathBuf,
+        /// Judge the cuts against this tensor (default: the first ranked output, as `train`).
+        #[arg(long)]
+        output_tensor: Option<String>,
     },
     /// Train an adapter (and optionally a new head) on an .npz dataset.
     Train(Box<TrainArgs>),
@@ -121,7 +124,8 @@ struct TrainArgs {
     /// `keep` the model's output, or `new:N` for a new N-way head on the tail's output.
     #[arg(long, default_value = "keep")]
     head: String,
-    /// The tensor the tail ends at (default: the model's first output).
+    /// The tensor the tail ends at (default: the first of the model's outputs as `inspect`
+    /// ranks them: declared `[B, H]`/`[B, C]` outputs first).
     #[arg(long)]
     output_tensor: Option<String>,
     /// Epochs.
@@ -180,7 +184,9 @@ fn main() {
     }
     let json = cli.json;
     let r = match cli.cmd {
-        Cmd::Inspect { model } => commands::inspect(&model, json),
+        Cmd::Inspect { model, output_tensor } => {
+            commands::inspect(&model, output_tensor.as_deref(), json)
+        }
         Cmd::Train(a) => commands::train(&a, json),
         Cmd::Eval { model, adapter, data, label_key } => {
             commands::eval(&model, &adapter, &data, &label_key, json)
