@@ -676,3 +676,70 @@ fn stale_temporary_files_of_dead_processes_are_removed_by_the_next_write() {
         assert!(p.exists(), "{}: a live process's temporary file is left alone", p.display());
     }
 }
+
+#[test]
+fn the_recipe_is_settable_nothing_to_train_is_an_error_and_run_goes_in_batches() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-recipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = |extra: &[&str]| {
+        bin()
+            .arg("--json")
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--epochs", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = dir.join("a.hydra");
+    let o = train(&["--targets", "none", "--head", "keep", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to train"));
+    assert!(!out.exists());
+    // Every knob of the recipe, and different recipes give different adapters.
+    let mut files = Vec::new();
+    for (k, recipe) in [
+        vec!["--schedule", "constant", "--clip", "0", "--weight-decay", "0"],
+        vec!["--optimizer", "sgd", "--lr", "0.05", "--warmup", "3", "--dropout", "0.1"],
+        vec!["--min-lr", "1e-4"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = dir.join(format!("r{k}.hydra"));
+        let mut args = recipe.clone();
+        args.extend(["--out", f.to_str().unwrap()]);
+        let j: Vec<serde_json::Value> =
+            ok(train(&args)).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let last = j.last().unwrap();
+        assert_eq!(last["adapted"].as_array().unwrap().len(), 3, "{last}");
+        files.push(std::fs::read(&f).unwrap());
+    }
+    assert!(files[0] != files[1] && files[1] != files[2]);
+    let o = train(&["--dropout", "1.5"]);
+    assert_eq!(o.status.code(), Some(1));
+    // run: batches of 7 give the outputs of one batch of 200, in order.
+    let (one, many) = (dir.join("one.npz"), dir.join("many.npz"));
+    for (batch, path) in [("1000", &one), ("7", &many)] {
+        ok(bin()
+            .arg("run")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--input")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--batch", batch, "--output"])
+            .arg(path)
+            .output()
+            .unwrap());
+    }
+    let read = |p: &PathBuf| hydra_edge::train::npz::read_npz(p).unwrap();
+    let (a, b) = (read(&one), read(&many));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        assert_eq!(v.shape()[0], 200, "{k}");
+        let (x, y) = (v.f32("a").unwrap(), b[k].f32("b").unwrap());
+        let err = x.iter().zip(y.iter()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5, "{k}: batched run differs by {err}");
+    }
+}

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::json;
 
-use crate::{TrainArgs, VariantArg};
+use crate::{OptimizerArg, ScheduleArg, TrainArgs, VariantArg};
 
 /// Inputs for a model when none are given: zeros (token ids and masks: 1),
 /// batch `batch`, other symbolic dims 16. Declared dims are not trusted: an
@@ -303,10 +303,21 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         adapter.parallel.scale,
         adapter.sequential.scale,
     ) = (rp, rs, sp, ss);
+    if !(0.0..1.0).contains(&a.dropout) {
+        bail!("--dropout {} must be in [0, 1)", a.dropout);
+    }
+    (adapter.parallel.dropout, adapter.sequential.dropout) = (a.dropout, a.dropout);
+    let head_cfg = head(&a.head)?;
+    let targets = targets(&a.targets)?;
+    if matches!(targets, Targets::None) && head_cfg == HeadConfig::Keep {
+        bail!(
+            "nothing to train: --targets none adapts no layer and --head keep adds no head (use --head new:N, or name layers)"
+        );
+    }
     let split = AdaptedModel::new(
         &model,
         &SplitConfig {
-            targets: targets(&a.targets)?,
+            targets,
             output: a.output_tensor.clone(),
             adapter,
             ..SplitConfig::default()
@@ -323,9 +334,20 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         epochs: a.epochs,
         batch_size: a.batch,
         lr: a.lr,
+        min_lr: match a.schedule {
+            ScheduleArg::Cosine => a.min_lr,
+            ScheduleArg::Constant => a.lr,
+        },
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        optimizer: match a.optimizer {
+            OptimizerArg::Adamw => hydra_edge::train::OptimizerKind::default(),
+            OptimizerArg::Sgd => hydra_edge::train::OptimizerKind::Sgd { momentum: 0.9 },
+        },
+        clip_norm: (a.clip > 0.0).then_some(a.clip),
         seed: a.seed,
         loss,
-        head: head(&a.head)?,
+        head: head_cfg,
         memory_budget: a.budget_mb.map(|m| (m * 1e6) as usize),
         divergence_factor: (a.divergence_factor > 0.0).then_some(a.divergence_factor),
         cache: CacheConfig { enabled: !a.no_cache, ..CacheConfig::default() },
@@ -344,6 +366,19 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             r.tail_ops.len(),
             r.output
         );
+        // Which layers, by name and shape: a pattern may match more than meant.
+        let shown = 12;
+        for l in t.model().adapted_layers().iter().take(shown) {
+            println!("  adapted {} ({}→{})", l.name, l.in_dim, l.out_dim);
+        }
+        if r.adapted.len() > shown {
+            println!("  … and {} more (--json lists them all)", r.adapted.len() - shown);
+        }
+        if a.resume.is_none() && !a.no_cache {
+            println!(
+                "epoch 1 runs the frozen backbone once per sample to build the feature cache; later epochs read it"
+            );
+        }
         let m = t.estimate_memory(&train)?;
         println!(
             "estimated peak training memory {:.1} MB (cache {:.1}, activations {:.1}, parameters {:.1}, backbone {:.1})",
@@ -398,6 +433,12 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
             Err(e) => return Err(e.into()),
         };
         for m in metrics {
+            if !json && m.prefix_samples > 0 && !a.no_cache && m.epoch == 0 {
+                println!(
+                    "  (epoch 1 built the feature cache: {} samples through the backbone)",
+                    m.prefix_samples
+                );
+            }
             if json {
                 println!(
                     "{}",
@@ -478,7 +519,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     if json {
         println!(
             "{}",
-            json!({"adapter": a.out, "trainable_params": r.trainable_params, "seconds": start.elapsed().as_secs_f64()})
+            json!({"adapter": a.out, "trainable_params": r.trainable_params, "adapted": r.adapted, "output": r.output, "seconds": start.elapsed().as_secs_f64()})
         );
     } else {
         println!("wrote {} ({:.1}s)", a.out.display(), start.elapsed().as_secs_f64());
@@ -555,10 +596,55 @@ pub fn eval(model: &Path, adapter: &Path, data: &Path, label_key: &str, json: bo
         println!(
             "{} samples: loss {loss:.4}{}",
             d.len(),
-            acc.map_or(String::new(), |a| format!(", accuracy {a:.3}"))
+            acc.map_or(String::new(), |a| format!(", accuracy {a:.4}"))
         );
     }
     Ok(())
+}
+
+/// Rows `start..end` (axis 0) of a tensor.
+fn slice_rows(t: &Tensor, start: usize, end: usize) -> Tensor {
+    use ndarray::{Axis, Slice};
+    let s = Slice::from(start..end);
+    match t {
+        Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
+    }
+}
+
+/// The batches' outputs joined along axis 0 (an output without a batch axis: the first).
+fn concat_rows(parts: Vec<&Tensor>) -> Result<Tensor> {
+    use ndarray::{Axis, concatenate};
+    let first = parts.first().copied().context("no batch ran")?;
+    if parts.len() == 1 || first.shape().is_empty() {
+        return Ok(first.clone());
+    }
+    let err = |e: ndarray::ShapeError| anyhow::anyhow!("outputs of the batches do not stack: {e}");
+    Ok(match first {
+        Tensor::F32(_) => {
+            let v: Vec<_> = parts
+                .iter()
+                .map(|t| t.f32("output").map(|a| a.view()))
+                .collect::<hydra_edge::Result<_>>()?;
+            Tensor::F32(concatenate(Axis(0), &v).map_err(err)?)
+        }
+        Tensor::I64(_) => {
+            let v: Vec<_> = parts
+                .iter()
+                .map(|t| t.i64("output").map(|a| a.view()))
+                .collect::<hydra_edge::Result<_>>()?;
+            Tensor::I64(concatenate(Axis(0), &v).map_err(err)?)
+        }
+        Tensor::F16(_) => {
+            let v: Vec<_> = parts
+                .iter()
+                .map(|t| t.to_f32("output").map(|a| a.into_owned()))
+                .collect::<hydra_edge::Result<_>>()?;
+            let views: Vec<_> = v.iter().map(|a| a.view()).collect();
+            Tensor::F32(concatenate(Axis(0), &views).map_err(err)?)
+        }
+    })
 }
 
 fn feed_from_npz(path: &Path) -> Result<Feed> {
@@ -655,15 +741,43 @@ pub fn merge(
     Ok(())
 }
 
-pub fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Result<()> {
+pub fn run(
+    model: &Path,
+    input: &Path,
+    output: Option<&Path>,
+    batch: usize,
+    json: bool,
+) -> Result<()> {
     if let Some(o) = output {
         check_output(o, &[model, input])?;
+    }
+    if batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let m = Model::load(model)?;
     let mut feed = feed_from_npz(input)?;
     feed.retain(|k, _| m.input_names().contains(k));
+    let n = feed.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+    if feed.values().any(|t| t.shape().first() != Some(&n)) {
+        bail!("the input arrays disagree on the number of samples (axis 0)");
+    }
     let t0 = Instant::now();
-    let outs = m.run(&feed)?;
+    // In batches: the model's peak memory is that of one batch, not of the file.
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for start in (0..n.max(1)).step_by(batch) {
+        let end = (start + batch).min(n);
+        let part: Feed = feed
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), slice_rows(t, start, end.max(start)))))
+            .collect::<Result<_>>()?;
+        parts.push(m.run(&part)?);
+        if n == 0 {
+            break;
+        }
+    }
+    let outs: Vec<Tensor> = (0..m.output_names().len())
+        .map(|k| concat_rows(parts.iter().map(|p| &p[k]).collect()))
+        .collect::<Result<_>>()?;
     let secs = t0.elapsed().as_secs_f64();
     let mut map = BTreeMap::new();
     for (n, t) in m.output_names().iter().zip(outs) {

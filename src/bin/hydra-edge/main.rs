@@ -78,6 +78,9 @@ enum Cmd {
         /// Write the outputs to this .npz.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Samples per run of the model (the outputs are concatenated).
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
     },
     /// Kernel and train-step figures on this machine.
     Bench,
@@ -94,6 +97,18 @@ enum VariantArg {
     Hydra,
     Lora,
     Seqlora,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Cosine,
+    Constant,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerArg {
+    Adamw,
+    Sgd,
 }
 
 #[derive(Args)]
@@ -137,6 +152,27 @@ struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Learning-rate schedule after warmup: `cosine` (decays to --min-lr at the last step) or `constant`.
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: ScheduleArg,
+    /// Floor of the cosine decay.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f32,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Clip gradients to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Decoupled weight decay.
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f32,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Dropout on the adapters' inputs (both branches).
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -194,7 +230,9 @@ fn main() {
         Cmd::Merge { model, adapter, output, softmax, check_data } => {
             commands::merge(&model, &adapter, &output, softmax, check_data.as_deref(), json)
         }
-        Cmd::Run { model, input, output } => commands::run(&model, &input, output.as_deref(), json),
+        Cmd::Run { model, input, output, batch } => {
+            commands::run(&model, &input, output.as_deref(), batch, json)
+        }
         Cmd::Bench => demo::bench(json),
         Cmd::Demo { epochs } => demo::demo(epochs, json),
     };
