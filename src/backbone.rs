@@ -59,6 +59,14 @@ pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+/// The error of the first attempt, when the retry failed too.
+fn first_error(e: &Error) -> Error {
+    Error::Backbone(match e {
+        Error::Backbone(m) => m.clone(),
+        e => e.to_string(),
+    })
+}
+
 /// A tract plan over an ONNX model with chosen outputs.
 #[derive(Debug, Clone)]
 pub struct Backbone {
@@ -67,6 +75,8 @@ pub struct Backbone {
     inputs: Vec<String>,
     /// What the plan returns, in order.
     outputs: Vec<String>,
+    /// The model's `value_info` had to be ignored (stale declared types).
+    ignored_value_info: bool,
 }
 
 impl Backbone {
@@ -76,18 +86,52 @@ impl Backbone {
     pub fn new(model: &OnnxModel, outputs: &[String]) -> Result<Backbone> {
         let inputs = model.input_names();
         let computed: Vec<&String> = outputs.iter().filter(|o| !inputs.contains(o)).collect();
+        let mut ignored = false;
         let plan = if computed.is_empty() {
             None
         } else {
-            Some(guard("building the plan", || {
-                let onnx = tract_onnx::onnx();
-                let mut m = onnx.model_for_proto_model(model.proto()).map_err(tract_err)?;
-                m.select_outputs_by_name(computed.iter().map(|s| s.as_str())).map_err(tract_err)?;
-                let typed = m.into_optimized().map_err(tract_err)?;
-                typed.into_runnable().map_err(tract_err)
-            })?)
+            let build = |proto: &tract_onnx::pb::ModelProto| {
+                guard("building the plan", || {
+                    let onnx = tract_onnx::onnx();
+                    let mut m = onnx.model_for_proto_model(proto).map_err(tract_err)?;
+                    m.select_outputs_by_name(computed.iter().map(|s| s.as_str()))
+                        .map_err(tract_err)?;
+                    let typed = m.into_optimized().map_err(tract_err)?;
+                    typed.into_runnable().map_err(tract_err)
+                })
+            };
+            match build(model.proto()) {
+                Ok(p) => Some(p),
+                // Declared intermediate types and shapes (`value_info`) are
+                // hints; converters leave stale ones (onnxconverter-common's
+                // fp16 pass types a Cast-to-f32 output f16). tract takes them
+                // as facts and refuses; onnxruntime ignores them. Without them
+                // tract infers every type itself.
+                Err(first) if !model.graph().value_info.is_empty() => {
+                    let mut bare = model.proto().clone();
+                    if let Some(g) = bare.graph.as_mut() {
+                        g.value_info.clear();
+                    }
+                    let p = build(&bare).map_err(|_| first_error(&first))?;
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        eprintln!(
+                            "note: tract refused the model's declared intermediate types ({first}); the plan was built without them"
+                        )
+                    });
+                    ignored = true;
+                    Some(p)
+                }
+                Err(e) => return Err(e),
+            }
         };
-        Ok(Backbone { plan, inputs, outputs: outputs.to_vec() })
+        Ok(Backbone { plan, inputs, outputs: outputs.to_vec(), ignored_value_info: ignored })
+    }
+
+    /// Whether the model's declared intermediate types (`value_info`) had to
+    /// be ignored to build the plan (they contradict the graph).
+    pub fn ignored_value_info(&self) -> bool {
+        self.ignored_value_info
     }
 
     /// The model's input names, in the order tract takes them.

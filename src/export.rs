@@ -7,8 +7,10 @@
 //! creates is added (Gemm C, Conv B, or an Add after a MatMul). A new head is
 //! appended as a Gemm (and optional Softmax) with named outputs. Everything
 //! else is left as it was; initializers the input kept as external data stay
-//! external, in a weights file next to the output (hard-linked, or copied when
-//! it cannot be), and the merged file points there.
+//! external, in a weights file copied next to the output (a copy, not a hard
+//! link: the `onnx` Python package refuses external data files with several
+//! links as a possible hardlink attack, for the base model and the merged one
+//! alike), and the merged file points there.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,14 +59,49 @@ fn fresh(taken: &mut std::collections::HashSet<String>, base: String) -> String 
     name
 }
 
-fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> pb::TensorProto {
+/// A tensor of `dtype` (ONNX: 1 f32, 10 f16, 11 f64; anything else is
+/// written f32) holding `v`: merged weights keep the model's own type, so an
+/// fp16 model merges into an fp16 model.
+fn typed_tensor(name: &str, dims: &[usize], v: &[f32], dtype: i32) -> pb::TensorProto {
+    let (data_type, raw_data): (i32, Vec<u8>) = match dtype {
+        10 => (10, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()),
+        11 => (11, v.iter().flat_map(|x| f64::from(*x).to_le_bytes()).collect()),
+        _ => (1, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    };
     pb::TensorProto {
         name: name.to_string(),
         dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: 1,
-        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        data_type,
+        raw_data,
         ..Default::default()
     }
+}
+
+/// The element type of tensor `name`: an initializer's, a Constant node's
+/// value's, else what the graph declares for it (inputs, outputs,
+/// value_info); f32 (1) when nothing says.
+fn dtype_of(g: &crate::onnx::GraphIndex<'_>, name: &str) -> i32 {
+    if let Some(t) = g.initializers.get(name) {
+        return t.data_type;
+    }
+    if let Some(&i) = g.constant_nodes.get(name)
+        && let Some(t) =
+            g.nodes[i].attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref())
+    {
+        return t.data_type;
+    }
+    let graph = g.model.graph();
+    graph
+        .value_info
+        .iter()
+        .chain(&graph.output)
+        .chain(&graph.input)
+        .find(|v| v.name == name)
+        .and_then(|v| {
+            let pb::type_proto::Value::TensorType(t) = v.r#type.as_ref()?.value.as_ref()?;
+            Some(t.elem_type)
+        })
+        .unwrap_or(1)
 }
 
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -197,7 +234,8 @@ fn build(
         };
         let node = &mut graph.node[layer.node];
         node.input[1] = wname.clone();
-        replaced.insert(wname.clone(), f32_tensor(&wname, &dims, &data));
+        let wtype = dtype_of(&g, &layer.weight);
+        replaced.insert(wname.clone(), typed_tensor(&wname, &dims, &data, wtype));
         let Some(b) = b else { continue };
         match (&layer.bias, layer.kind) {
             (Some(bname), _) => {
@@ -221,7 +259,8 @@ fn build(
                         *inp = bname2.clone();
                     }
                 }
-                replaced.insert(bname2.clone(), f32_tensor(&bname2, &dims, &scaled));
+                let btype = dtype_of(&g, bname);
+                replaced.insert(bname2.clone(), typed_tensor(&bname2, &dims, &scaled, btype));
             }
             (None, LinearKind::Gemm { .. } | LinearKind::Conv1x1) => {
                 let bname = fresh(&mut taken, format!("{}/merged_bias", layer.name));
@@ -231,7 +270,7 @@ fn build(
                 if let LinearKind::Gemm { .. } = layer.kind {
                     node.attribute.retain(|a| a.name != "beta");
                 }
-                new_inits.push(f32_tensor(&bname, &[o], &b));
+                new_inits.push(typed_tensor(&bname, &[o], &b, wtype));
             }
             (None, LinearKind::MatMul) => {
                 let node = &mut graph.node[layer.node];
@@ -239,7 +278,7 @@ fn build(
                 let pre = fresh(&mut taken, format!("{}/merged_pre_bias", layer.name));
                 node.output[0] = pre.clone();
                 let bname = fresh(&mut taken, format!("{}/merged_bias", layer.name));
-                new_inits.push(f32_tensor(&bname, &[o], &b));
+                new_inits.push(typed_tensor(&bname, &[o], &b, wtype));
                 extra_nodes.push((
                     layer.node + 1,
                     pb::NodeProto {
@@ -275,8 +314,10 @@ fn build(
         }
         let (wname, bname) =
             (fresh(&mut taken, "head.weight".into()), fresh(&mut taken, "head.bias".into()));
-        graph.initializer.push(f32_tensor(&wname, &[o, i], &h.head.w));
-        graph.initializer.push(f32_tensor(&bname, &[o], &h.head.b));
+        // The head computes in its feature's type (f32 unless the model says otherwise).
+        let htype = dtype_of(&g, &h.feature);
+        graph.initializer.push(typed_tensor(&wname, &[o, i], &h.head.w, htype));
+        graph.initializer.push(typed_tensor(&bname, &[o], &h.head.b, htype));
         // Features of rank > 2 ([N, C, 1, 1] after a pool, [N, T, H]) are
         // flattened as the trained head saw them; a no-op on [N, C].
         let flat = fresh(&mut taken, format!("{}/flat", h.feature));
@@ -307,7 +348,7 @@ fn build(
             ..Default::default()
         };
         graph.node.push(gemm);
-        let out_info = |name: &str| value_info(name, o);
+        let out_info = |name: &str| value_info(name, o, htype);
         graph.output.push(out_info(&h.logits));
         if let Some(p) = &h.softmax {
             graph.node.push(pb::NodeProto {
@@ -325,6 +366,12 @@ fn build(
             });
             graph.output.push(out_info(p));
         }
+    }
+    // Declared intermediate types that contradict the graph (the backbone
+    // had to ignore them) would make the merged file invalid for onnxruntime
+    // too: they are hints, so they go.
+    if split.backbone().ignored_value_info() {
+        graph.value_info.clear();
     }
     let placed = externalize(graph, model, &changed, out)?;
     Ok((proto.encode_to_vec(), placed))
@@ -355,7 +402,7 @@ fn finish(
     Ok(placed.into_iter().map(|p| p.path).collect())
 }
 
-fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
+fn value_info(name: &str, width: usize, elem_type: i32) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{Dimension, dimension::Value};
     let dim = |v: Value| Dimension { value: Some(v), ..Default::default() };
     let shape = pb::TensorShapeProto {
@@ -365,7 +412,7 @@ fn value_info(name: &str, width: usize) -> pb::ValueInfoProto {
         name: name.into(),
         r#type: Some(pb::TypeProto {
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: 1,
+                elem_type,
                 shape: Some(shape),
             })),
             ..Default::default()
@@ -406,7 +453,7 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 }
 
 /// Points untouched, originally external initializers back at their data,
-/// placed next to `out` (hard link, else copy). A file of the same name that
+/// copied next to `out`. A file of the same name that
 /// is already there is used only if it holds the same bytes; otherwise the
 /// data goes under a new name. Nothing that is there is ever removed.
 fn externalize(
@@ -479,11 +526,19 @@ fn place(src: &Path, dir: &Path, name: &str) -> Result<(String, PathBuf, bool)> 
             }
             continue;
         }
-        if std::fs::hard_link(src, &target).is_err() {
-            std::fs::copy(src, &target).map_err(|source| Error::Io {
+        // Copied, never hard-linked (see the module docs); the copy is made
+        // to a temporary name and renamed, so a kill leaves no torn file
+        // under the name the merged model points at.
+        let tmp = dir.join(format!(".{candidate}.tmp-{}", std::process::id()));
+        let copied = std::fs::copy(src, &tmp)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &target));
+        if let Err(source) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Io {
                 context: format!("copying external data to {}", target.display()),
                 source,
-            })?;
+            });
         }
         return Ok((candidate, target, true));
     }

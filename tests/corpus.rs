@@ -85,24 +85,22 @@ fn onnxruntime(
     parse_npz(&std::fs::read(&out).unwrap()).unwrap()
 }
 
-#[test]
-fn a_torch_dynamo_sentence_encoder_trains_merges_and_matches_onnxruntime() {
-    let path = corpus("minilm_dynamo.onnx");
-    let model = OnnxModel::load(&path).unwrap();
-    // Every linear layer of the encoder, through the export's IsNaN/Where
-    // attention, its Shape/Expand mean-pooling mask and its ReduceL2 norm.
-    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+/// Adapts `targets` of a corpus encoder with a new 2-way head, trains one
+/// epoch, merges (checked against the unmerged model before -o is written)
+/// and compares onnxruntime on the merged file; returns (layers, loss, tract
+/// error, onnxruntime error) and the merged file.
+fn train_merge_check(name: &str, targets: Targets, tol: f32) -> (usize, f64, f32, f32, PathBuf) {
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    let cfg = SplitConfig { targets, ..SplitConfig::default() };
     let adapted = AdaptedModel::new(&model, &cfg).unwrap();
     let r = adapted.report().clone();
-    assert_eq!(r.adapted.len(), 36, "6 blocks × 6 linear layers");
     assert_eq!(r.output, "sentence_embedding");
     for op in ["IsNaN", "Where", "ReduceL2", "Expand"] {
-        assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail");
+        assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{name}: {op} runs in the tail");
     }
-    assert!(!r.tail_ops.iter().any(|(o, _)| o == "Shape"), "shape arithmetic stays frozen");
-    // One epoch on token sequences, a new 2-way head on the embedding.
+    assert!(!r.tail_ops.iter().any(|(o, _)| o == "Shape"), "{name}: shape arithmetic stays frozen");
     let (inputs, labels) = tokens(32, 16, 7);
-    let train = Dataset::new(inputs.clone(), Labels::Classes(labels)).unwrap();
+    let train = Dataset::new(inputs, Labels::Classes(labels)).unwrap();
     let tc = TrainConfig {
         epochs: 1,
         batch_size: 16,
@@ -112,32 +110,57 @@ fn a_torch_dynamo_sentence_encoder_trains_merges_and_matches_onnxruntime() {
     };
     let mut t = Trainer::new(adapted, tc).unwrap();
     let m = t.fit(&train, None, &mut |_| {}).unwrap();
-    assert!(m[0].train_loss.is_finite() && m[0].skipped_steps == 0, "{m:?}");
+    assert!(m[0].train_loss.is_finite() && m[0].skipped_steps == 0, "{name}: {m:?}");
     let file = t.adapter_file(false, DType::F32).unwrap();
-    // Merge, checked against the unmerged model before -o is written.
-    let dir = scratch("dynamo");
+    let dir = scratch(name);
     let out = dir.join("merged.onnx");
     let (check, _) = tokens(4, 16, 9);
     let feed: Feed = check.clone().into_iter().collect();
-    let mut want = None;
+    let (mut want, mut e_tract) = (None, f32::NAN);
     merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
         let w = unmerged.predict(&feed, CacheDtype::F32)?;
         let merged = Model::load(tmp)?;
         let k = merged.output_names().iter().position(|o| o == "head_logits").unwrap();
         let got = merged.run(&feed)?.swap_remove(k);
-        let e = max_rel(got.f32("merged").unwrap(), &w);
-        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+        e_tract = max_rel(got.f32("merged").unwrap(), &w);
+        assert!(e_tract <= tol, "{name}: merged vs unmerged in tract: {e_tract:e}");
         want = Some(w);
         Ok(())
     })
     .unwrap();
     let ort = onnxruntime(&out, &check, &dir);
-    let e = max_rel(ort["head_logits"].f32("ort").unwrap(), want.as_ref().unwrap());
-    assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
+    let e_ort = max_rel(ort["head_logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(
+        e_ort <= tol,
+        "{name}: onnxruntime on the merged file vs the unmerged model: {e_ort:e}"
+    );
     eprintln!(
-        "minilm_dynamo: 36 layers, 1 epoch loss {:.4}, merged vs onnxruntime {e:.2e}",
+        "{name}: {} layers, 1 epoch loss {:.4}, merged vs unmerged {e_tract:.2e}, onnxruntime {e_ort:.2e}",
+        r.adapted.len(),
         m[0].train_loss
     );
+    (r.adapted.len(), m[0].train_loss, e_tract, e_ort, out)
+}
+
+#[test]
+fn a_torch_dynamo_sentence_encoder_trains_merges_and_matches_onnxruntime() {
+    // Every linear layer, through the export's IsNaN/Where attention, its
+    // Shape/Expand mean-pooling mask and its ReduceL2 norm.
+    let (layers, ..) = train_merge_check("minilm_dynamo.onnx", Targets::AllLinear, 1e-4);
+    assert_eq!(layers, 36, "6 blocks × 6 linear layers");
+}
+
+#[test]
+fn an_fp16_export_merges_into_an_fp16_model() {
+    // `last:2` finds its blocks through the bias names (nodes are `node_MatMul_N`).
+    let (layers, .., out) = train_merge_check("minilm_half.onnx", Targets::LastBlocks(2), 1e-2);
+    assert_eq!(layers, 12);
+    let count = |p: &Path| {
+        let m = OnnxModel::load(p).unwrap();
+        m.graph().initializer.iter().filter(|t| t.data_type == 10).count()
+    };
+    let (base, merged) = (count(&corpus("minilm_half.onnx")), count(&out));
+    assert!(base > 100 && merged >= base, "f16 initializers: base {base}, merged {merged}");
 }
 
 #[test]

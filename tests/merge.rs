@@ -282,6 +282,12 @@ fn external_data_stays_external_in_the_merged_file() {
     );
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0].ends_with("mlp_external.weights"));
+    // A copy, not a hard link: the onnx package refuses multiply-linked data files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&files[0]).unwrap().nlink(), 1, "not hard-linked");
+    }
     let merged = std::fs::read(files[0].parent().unwrap().join("merged.onnx")).unwrap();
     let proto: hydra_edge::onnx::pb::ModelProto =
         prost::Message::decode(merged.as_slice()).unwrap();
@@ -522,4 +528,45 @@ fn weights_from_constant_nodes_merge_into_fresh_initializers_and_names_stay_uniq
         max_rel(ort["head_logits"].f32("ort").unwrap(), &want) <= 1e-4,
         "a valid file for onnxruntime"
     );
+}
+
+#[test]
+fn stale_declared_types_are_ignored_and_dropped_from_the_merged_file() {
+    // A converter left `value_info` saying an f32 tensor is f16: tract
+    // refuses the declaration; the plan is built without it, and the merged
+    // file (valid for onnxruntime) no longer carries it.
+    use hydra_edge::onnx::pb;
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/digits/digits_mlp.onnx");
+    let mut proto = OnnxModel::load(&base).unwrap().proto().clone();
+    let g = proto.graph.as_mut().unwrap();
+    let hidden = g.node[0].output[0].clone();
+    g.value_info.push(pb::ValueInfoProto {
+        name: hidden.clone(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 10,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let model = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let mut split = AdaptedModel::new(
+        &model,
+        &SplitConfig { targets: Targets::Patterns(vec!["fc2".into()]), ..SplitConfig::default() },
+    )
+    .unwrap();
+    assert!(split.backbone().ignored_value_info(), "node 0's output `{hidden}`");
+    perturb(&mut split, 8);
+    let dir = out_dir("stale-types");
+    let out = dir.join("merged.onnx");
+    merge_into_onnx(&model, &split, None, &out).unwrap();
+    let merged = OnnxModel::load(&out).unwrap();
+    assert!(merged.graph().value_info.is_empty());
+    let f = feed(&model, 2, 3);
+    let want = split.forward(&f, false).unwrap();
+    let ort = onnxruntime(&out, &f, &dir);
+    let name = split.report().output.clone();
+    assert!(max_rel(ort[&name].f32("ort").unwrap(), want.f32("want").unwrap()) <= 1e-4);
 }

