@@ -743,3 +743,83 @@ fn the_recipe_is_settable_nothing_to_train_is_an_error_and_run_goes_in_batches()
         assert!(err <= 1e-5, "{k}: batched run differs by {err}");
     }
 }
+
+#[test]
+fn hostile_head_entries_missing_inputs_and_labels_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let adapter = dir.join("h.hydra");
+    ok(bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "1", "--targets", "none", "--head", "new:10", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    let fails = |o: Output, what: &str, want: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{what}: {err}");
+    };
+    // A head entry whose product overflows (checksum valid): refused before any allocation.
+    let mut f = hydra_edge::adapter::AdapterFile::load(&adapter).unwrap();
+    f.header.metadata.insert("head".into(), "new:10:4611686018427387904".into());
+    let bad = dir.join("huge-head.hydra");
+    f.save(&bad).unwrap();
+    let o = bin()
+        .arg("eval")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&bad)
+        .arg("--data")
+        .arg(digits("digits_user_test.npz"))
+        .output()
+        .unwrap();
+    fails(o, "eval with a huge head entry", "head");
+    let out = dir.join("m.onnx");
+    let o = bin()
+        .arg("merge")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&bad)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    fails(o, "merge with a huge head entry", "head");
+    assert!(!out.exists());
+    // Data without the model's input, or without the label array: named.
+    let no_input = dir.join("no-input.npz");
+    let map = [
+        (
+            "pixels".to_string(),
+            hydra_edge::Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[4, 64]))),
+        ),
+        (
+            "label".to_string(),
+            hydra_edge::Tensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[4]))),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    std::fs::write(&no_input, hydra_edge::train::npz::write_npz(&map)).unwrap();
+    let o = bin()
+        .arg("eval")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("--data")
+        .arg(&no_input)
+        .output()
+        .unwrap();
+    fails(o, "data without the model's input", "`x`");
+    let o = bin()
+        .arg("eval")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("--data")
+        .arg(digits("digits_user_test.npz"))
+        .args(["--label-key", "labels"])
+        .output()
+        .unwrap();
+    fails(o, "a wrong --label-key", "label array `labels` not found");
+}
