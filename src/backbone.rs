@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoRunnable, SymbolValues, TDim, TValue,
-    Tensor as TractTensor, TractResult, TypedRunnableModel, tvec,
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, SymbolValues, TDim,
+    TValue, Tensor as TractTensor, TractResult, TypedRunnableModel, tvec,
 };
 
 use crate::Tensor;
@@ -59,6 +59,26 @@ pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+/// Small concrete input shapes for a first per-shape plan: declared dims as
+/// they are, symbolic ones 1 for the batch and 8 for the rest.
+fn probe_shapes(model: &OnnxModel) -> Vec<(DatumType, Vec<usize>)> {
+    model
+        .input_names()
+        .iter()
+        .map(|n| {
+            let dt = if model.input_is_integer(n) { DatumType::I64 } else { DatumType::F32 };
+            let dims = model
+                .input_shape(n)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, d)| d.unwrap_or(if i == 0 { 1 } else { 8 }))
+                .collect();
+            (dt, dims)
+        })
+        .collect()
+}
+
 /// The error of the first attempt, when the retry failed too.
 fn first_error(e: &Error) -> Error {
     Error::Backbone(match e {
@@ -67,10 +87,43 @@ fn first_error(e: &Error) -> Error {
     })
 }
 
+type Runnable = Arc<TypedRunnableModel>;
+type PlanCache = Arc<std::sync::Mutex<HashMap<Vec<Vec<usize>>, Runnable>>>;
+
+/// How the backbone runs.
+#[derive(Debug, Clone)]
+enum Plan {
+    /// One plan for every input shape (the batch and lengths stay symbolic).
+    Any(Runnable),
+    /// tract cannot type the graph with symbolic dims (e.g. a Flatten over
+    /// the product of two of them): one plan per concrete input shapes,
+    /// made on first use and kept.
+    PerShape { proto: Arc<tract_onnx::pb::ModelProto>, outputs: Vec<String>, plans: PlanCache },
+}
+
+/// A plan for `proto` computing `outputs`, with the inputs' types and shapes
+/// fixed to `shapes` (or left as declared when `None`).
+fn build_plan(
+    proto: &tract_onnx::pb::ModelProto,
+    outputs: &[String],
+    shapes: Option<&[(DatumType, Vec<usize>)]>,
+) -> Result<Runnable> {
+    guard("building the plan", || {
+        let onnx = tract_onnx::onnx();
+        let mut m = onnx.model_for_proto_model(proto).map_err(tract_err)?;
+        for (i, (dt, s)) in shapes.unwrap_or_default().iter().enumerate() {
+            m.set_input_fact(i, InferenceFact::dt_shape(*dt, s.clone())).map_err(tract_err)?;
+        }
+        m.select_outputs_by_name(outputs.iter().map(|s| s.as_str())).map_err(tract_err)?;
+        let typed = m.into_optimized().map_err(tract_err)?;
+        typed.into_runnable().map_err(tract_err)
+    })
+}
+
 /// A tract plan over an ONNX model with chosen outputs.
 #[derive(Debug, Clone)]
 pub struct Backbone {
-    plan: Option<Arc<TypedRunnableModel>>,
+    plan: Option<Plan>,
     /// The model inputs the plan takes, in order.
     inputs: Vec<String>,
     /// What the plan returns, in order.
@@ -90,42 +143,67 @@ impl Backbone {
         let plan = if computed.is_empty() {
             None
         } else {
-            let build = |proto: &tract_onnx::pb::ModelProto| {
-                guard("building the plan", || {
-                    let onnx = tract_onnx::onnx();
-                    let mut m = onnx.model_for_proto_model(proto).map_err(tract_err)?;
-                    m.select_outputs_by_name(computed.iter().map(|s| s.as_str()))
-                        .map_err(tract_err)?;
-                    let typed = m.into_optimized().map_err(tract_err)?;
-                    typed.into_runnable().map_err(tract_err)
-                })
-            };
-            match build(model.proto()) {
-                Ok(p) => Some(p),
+            let computed: Vec<String> = computed.into_iter().cloned().collect();
+            let build = |proto: &tract_onnx::pb::ModelProto| build_plan(proto, &computed, None);
+            let mut proto = model.proto().clone();
+            let symbolic = match build(&proto) {
+                Ok(p) => Ok(p),
                 // Declared intermediate types and shapes (`value_info`) are
                 // hints; converters leave stale ones (onnxconverter-common's
                 // fp16 pass types a Cast-to-f32 output f16). tract takes them
                 // as facts and refuses; onnxruntime ignores them. Without them
                 // tract infers every type itself.
                 Err(first) if !model.graph().value_info.is_empty() => {
-                    let mut bare = model.proto().clone();
+                    let mut bare = proto.clone();
                     if let Some(g) = bare.graph.as_mut() {
                         g.value_info.clear();
                     }
-                    let p = build(&bare).map_err(|_| first_error(&first))?;
+                    match build(&bare) {
+                        Ok(p) => {
+                            static SAID: std::sync::Once = std::sync::Once::new();
+                            SAID.call_once(|| {
+                                eprintln!(
+                                    "note: tract refused the model's declared intermediate types ({first}); the plan was built without them"
+                                )
+                            });
+                            ignored = true;
+                            proto = bare;
+                            Ok(p)
+                        }
+                        Err(_) => Err(first_error(&first)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match symbolic {
+                Ok(p) => Some(Plan::Any(p)),
+                // Last resort: concrete input shapes. Tried now on a small
+                // probe shape, so that a model tract cannot run at all still
+                // fails here, with the first error.
+                Err(first) => {
+                    let probe = probe_shapes(model);
+                    let plan = build_plan(&proto, &computed, Some(&probe))
+                        .map_err(|_| first_error(&first))?;
                     static SAID: std::sync::Once = std::sync::Once::new();
                     SAID.call_once(|| {
                         eprintln!(
-                            "note: tract refused the model's declared intermediate types ({first}); the plan was built without them"
+                            "note: tract cannot plan this model for symbolic input shapes ({first}); a plan is built per input shape instead (each new batch or length costs one plan build)"
                         )
                     });
-                    ignored = true;
-                    Some(p)
+                    let key: Vec<Vec<usize>> = probe.iter().map(|(_, s)| s.clone()).collect();
+                    let plans: PlanCache = Arc::default();
+                    plans.lock().unwrap_or_else(|e| e.into_inner()).insert(key, plan);
+                    Some(Plan::PerShape { proto: Arc::new(proto), outputs: computed, plans })
                 }
-                Err(e) => return Err(e),
             }
         };
         Ok(Backbone { plan, inputs, outputs: outputs.to_vec(), ignored_value_info: ignored })
+    }
+
+    /// Whether tract could not plan the model for symbolic input shapes, so
+    /// that a plan is built per concrete input shape.
+    pub fn plans_per_shape(&self) -> bool {
+        matches!(self.plan, Some(Plan::PerShape { .. }))
     }
 
     /// Whether the model's declared intermediate types (`value_info`) had to
@@ -155,6 +233,24 @@ impl Backbone {
                     .ok_or_else(|| Error::NotFound { what: "model input", name: name.clone() })?;
                 args.push(TValue::from(to_tract(t)));
             }
+            let plan: Runnable = match plan {
+                Plan::Any(p) => p.clone(),
+                Plan::PerShape { proto, outputs, plans } => {
+                    let key: Vec<Vec<usize>> = args.iter().map(|a| a.shape().to_vec()).collect();
+                    let mut plans = plans.lock().unwrap_or_else(|e| e.into_inner());
+                    match plans.get(&key) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let shapes: Vec<(DatumType, Vec<usize>)> =
+                                args.iter().map(|a| (a.datum_type(), a.shape().to_vec())).collect();
+                            let p = build_plan(proto, outputs, Some(&shapes))?;
+                            plans.insert(key, p.clone());
+                            p
+                        }
+                    }
+                }
+            };
+            let plan = &plan;
             // Symbols (the batch) as the inputs pin them, for outputs that
             // tract folded to a symbolic dimension.
             let mut symbols = SymbolValues::default();

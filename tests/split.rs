@@ -318,3 +318,87 @@ fn external_data_behind_a_symlink_out_of_the_folder_is_refused() {
     std::fs::copy(outside.join("w.bin"), dir.join("mlp_external.weights")).unwrap();
     OnnxModel::load(dir.join("mlp_external.onnx")).unwrap();
 }
+
+/// Minimal reproduction of a tract (0.23) limitation, kept for upstream:
+/// `Flatten` of a tensor whose shape holds the square of a symbol
+/// (`[N, S, S]`, as PyTorch's TorchScript exporter writes for BERT's
+/// attention mask) fails tract's analysis with "Can not compute a shape with
+/// square of symbols"; onnxruntime runs it. The backbone falls back to one
+/// plan per concrete input shape.
+#[test]
+fn a_model_tract_cannot_plan_symbolically_runs_with_per_shape_plans() {
+    use hydra_edge::onnx::pb;
+    use pb::tensor_shape_proto::{Dimension, dimension::Value};
+    let sym = |s: &str| Dimension { value: Some(Value::DimParam(s.into())), ..Default::default() };
+    let vi = |name: &str, dims: Option<Vec<Dimension>>| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: dims.map(|dim| pb::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let axis = |name: &str, v: i64| pb::TensorProto {
+        name: name.into(),
+        dims: vec![1],
+        data_type: 7,
+        int64_data: vec![v],
+        ..Default::default()
+    };
+    let node = |op: &str, ins: &[&str], out: &str| pb::NodeProto {
+        op_type: op.into(),
+        name: out.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let mut flatten = node("Flatten", &["ab"], "y");
+    flatten.attribute.push(pb::AttributeProto {
+        name: "axis".into(),
+        r#type: 2,
+        i: 1,
+        ..Default::default()
+    });
+    let proto = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(pb::GraphProto {
+            name: "square_of_symbols".into(),
+            node: vec![
+                node("Unsqueeze", &["x", "ax1"], "a"),
+                node("Unsqueeze", &["x", "ax2"], "b"),
+                node("Mul", &["a", "b"], "ab"),
+                flatten,
+            ],
+            initializer: vec![axis("ax1", 1), axis("ax2", 2)],
+            input: vec![vi("x", Some(vec![sym("N"), sym("S")]))],
+            output: vec![vi("y", None)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let backbone = Backbone::new(&model, &["y".to_string()]).unwrap();
+    assert!(backbone.plans_per_shape(), "tract planned it symbolically: drop the fallback's note");
+    for (n, s) in [(2usize, 3usize), (1, 5), (2, 3)] {
+        let x: Vec<f32> = (0..n * s).map(|v| v as f32).collect();
+        let mut f = Feed::new();
+        f.insert(
+            "x".into(),
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, s]), x.clone()).unwrap()),
+        );
+        let y = backbone.run(&f).unwrap().remove(0);
+        let y = y.f32("y").unwrap();
+        assert_eq!(y.shape(), &[n, s * s]);
+        for b in 0..n {
+            for i in 0..s {
+                for j in 0..s {
+                    assert_eq!(y[[b, i * s + j]], x[b * s + i] * x[b * s + j]);
+                }
+            }
+        }
+    }
+}
