@@ -823,3 +823,41 @@ fn hostile_head_entries_missing_inputs_and_labels_are_clear_errors() {
         .unwrap();
     fails(o, "a wrong --label-key", "label array `labels` not found");
 }
+
+#[test]
+fn targets_are_exact_names_globs_or_unambiguous_substrings() {
+    let out = std::env::temp_dir().join(format!("hydra-cli-targets-{}.hydra", std::process::id()));
+    let train = |t: &str| {
+        bin()
+            .arg("--json")
+            .arg("train")
+            .arg(digits("digits_mlp.onnx"))
+            .arg("--data")
+            .arg(digits("digits_user_train.npz"))
+            .args(["--epochs", "1", "--overwrite", "--targets", t, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    // `fc` is a substring of fc1 and fc2: an error that names both, not two layers adapted.
+    let o = train("fc");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("matches 2 layers") && err.contains("fc1") && err.contains("fc2"),
+        "{err}"
+    );
+    for (t, want) in
+        [("fc1", vec!["fc1"]), ("fc*", vec!["fc1", "fc2"]), ("fc2,head", vec!["fc2", "head"])]
+    {
+        let j: Vec<serde_json::Value> =
+            ok(train(t)).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let adapted: Vec<&str> = j.last().unwrap()["adapted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(adapted, want, "--targets {t}");
+    }
+}

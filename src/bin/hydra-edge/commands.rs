@@ -253,6 +253,42 @@ fn targets(s: &str) -> Result<Targets> {
     })
 }
 
+/// `--targets` items, resolved against the model's layers: an exact layer
+/// name is that layer; a glob (`*`, `?`) is every layer it matches; any other
+/// item is a substring that must match exactly one layer — a substring that
+/// matches several is an error naming them (it would silently adapt more
+/// layers than meant).
+fn resolve_targets(t: Targets, model: &OnnxModel) -> Result<Targets> {
+    let Targets::Patterns(items) = t else { return Ok(t) };
+    let g = model.index()?;
+    let layers = linear_layers(&g)?;
+    let mut names: Vec<String> = Vec::new();
+    for p in &items {
+        let hits: Vec<&str> = if layers.iter().any(|l| l.name == *p) {
+            vec![p.as_str()]
+        } else {
+            layers
+                .iter()
+                .filter(|l| hydra_edge::onnx::layers::matches(p, &l.name))
+                .map(|l| l.name.as_str())
+                .collect()
+        };
+        match hits.len() {
+            0 => bail!(
+                "--targets `{p}` matches no adaptable layer (`hydra-edge inspect` lists them)"
+            ),
+            n if n > 1 && !p.contains(['*', '?']) => bail!(
+                "--targets `{p}` matches {n} layers ({}{}): name one exactly, or use a glob such as `{p}*` to mean all of them",
+                hits.iter().take(4).copied().collect::<Vec<_>>().join(", "),
+                if n > 4 { ", …" } else { "" }
+            ),
+            _ => names.extend(hits.iter().map(|h| h.to_string())),
+        }
+    }
+    names.dedup();
+    Ok(Targets::Names(names))
+}
+
 fn head(s: &str) -> Result<HeadConfig> {
     match s {
         "keep" => Ok(HeadConfig::Keep),
@@ -308,7 +344,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
     }
     (adapter.parallel.dropout, adapter.sequential.dropout) = (a.dropout, a.dropout);
     let head_cfg = head(&a.head)?;
-    let targets = targets(&a.targets)?;
+    let targets = resolve_targets(targets(&a.targets)?, &model)?;
     if matches!(targets, Targets::None) && head_cfg == HeadConfig::Keep {
         bail!(
             "nothing to train: --targets none adapts no layer and --head keep adds no head (use --head new:N, or name layers)"
