@@ -661,7 +661,7 @@ fn stale_temporary_files_of_dead_processes_are_removed_by_the_next_write() {
         .arg(&adapter)
         .output()
         .unwrap());
-    ok(bin()
+    let said = ok(bin()
         .arg("merge")
         .arg(digits("digits_mlp.onnx"))
         .arg(&adapter)
@@ -669,6 +669,10 @@ fn stale_temporary_files_of_dead_processes_are_removed_by_the_next_write() {
         .arg(&merged)
         .output()
         .unwrap());
+    assert!(
+        said.contains("synthetic inputs only"),
+        "without --check-data the check is weak: {said}"
+    );
     for p in &plant {
         assert!(!p.exists(), "{} removed", p.display());
     }

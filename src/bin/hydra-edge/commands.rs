@@ -761,7 +761,7 @@ pub fn merge(
     if json {
         println!(
             "{}",
-            json!({"merged": out, "layers": report.layers, "external_files": report.external_files, "max_abs_error": max_abs, "max_rel_error": max_abs / scale})
+            json!({"merged": out, "layers": report.layers, "external_files": report.external_files, "max_abs_error": max_abs, "max_rel_error": max_abs / scale, "checked_on": if check.is_some() { "data" } else { "synthetic" }})
         );
     } else {
         println!(
@@ -772,6 +772,11 @@ pub fn merge(
         );
         for f in &report.external_files {
             println!("  external weights: {}", f.display());
+        }
+        if check.is_none() {
+            println!(
+                "  note: checked on synthetic inputs only (constant values, token ids 1), a weak check; pass --check-data with real inputs"
+            );
         }
     }
     Ok(())
