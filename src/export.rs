@@ -584,13 +584,6 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Whether process `pid` is running (Linux: `/proc`; elsewhere assumed so,
-/// which only means a stale temporary file stays).
-fn process_alive(pid: u32) -> bool {
-    let proc_fs = Path::new("/proc/self").exists();
-    !proc_fs || Path::new("/proc").join(pid.to_string()).exists()
-}
-
 /// Renames the finished temporary file onto `path` and syncs the folder.
 fn commit(tmp: &Path, path: &Path) -> Result<()> {
     // Checked again at the rename: the target may have changed since.
@@ -612,7 +605,7 @@ fn commit(tmp: &Path, path: &Path) -> Result<()> {
             let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            if pid != std::process::id() && !process_alive(pid) {
+            if pid != std::process::id() && !crate::output::process_alive(pid) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

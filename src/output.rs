@@ -8,6 +8,13 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Whether process `pid` is running (Linux: `/proc`; elsewhere assumed so,
+/// which only means a stale temporary file stays): the sweeps of killed
+/// writers' temporaries leave a live process's alone.
+pub(crate) fn process_alive(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
 fn refuse(path: &Path, why: impl Into<String>) -> Error {
     Error::Config(format!("refusing to write {}: {}", path.display(), why.into()))
 }

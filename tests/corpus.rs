@@ -5,6 +5,8 @@
 //! corpus table gives for it.
 #![cfg(feature = "onnx")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +19,6 @@ use hydra_edge::infer::Model;
 use hydra_edge::model::{AdaptedModel, CacheDtype, HeadConfig};
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
-use hydra_edge::train::npz::{parse_npz, write_npz};
 use hydra_edge::train::{Dataset, Labels, TrainConfig, Trainer};
 use ndarray::{ArrayD, IxDyn};
 
@@ -59,30 +60,7 @@ fn max_rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
 }
 
-/// Runs a model with onnxruntime (Python) and returns its outputs by name.
-fn onnxruntime(
-    model: &Path,
-    feed: &BTreeMap<String, Tensor>,
-    dir: &Path,
-) -> BTreeMap<String, Tensor> {
-    let (inp, out) = (dir.join("ort_in.npz"), dir.join("ort_out.npz"));
-    std::fs::write(&inp, write_npz(feed)).unwrap();
-    let script = "import sys, numpy as np, onnxruntime as ort\n\
-        m, i, o = sys.argv[1:4]\n\
-        s = ort.InferenceSession(m)\n\
-        f = dict(np.load(i))\n\
-        r = s.run(None, {x.name: f[x.name] for x in s.get_inputs()})\n\
-        np.savez(o, **{x.name: v for x, v in zip(s.get_outputs(), r)})\n";
-    let st = Command::new("python3")
-        .args(["-c", script])
-        .arg(model)
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python3 with onnxruntime (installed by .ci/run)");
-    assert!(st.success(), "onnxruntime failed on {}", model.display());
-    parse_npz(&std::fs::read(&out).unwrap()).unwrap()
-}
+use common::onnxruntime;
 
 /// Adapts `targets` of a corpus encoder with a new 2-way head, trains one
 /// epoch, merges (checked against the unmerged model before -o is written)

@@ -5,9 +5,10 @@
 //! hot-swapping among adapters gives each adapter's own outputs.
 #![cfg(feature = "onnx")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use hydra_edge::Tensor;
 use hydra_edge::adapter::DType;
@@ -20,7 +21,6 @@ use hydra_edge::model::AdaptedModel;
 use hydra_edge::model::{HeadConfig, LinearHead};
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
-use hydra_edge::train::npz::{parse_npz, write_npz};
 use hydra_edge::train::{TrainConfig, Trainer};
 use hydra_edge::{Error, HydraConfig, Variant};
 use ndarray::{ArrayD, IxDyn};
@@ -111,25 +111,8 @@ fn perturb(split: &mut AdaptedModel, seed: u64) {
 
 /// Runs the merged file with onnxruntime (Python) and returns its outputs.
 fn onnxruntime(model: &Path, feed: &Feed, dir: &Path) -> BTreeMap<String, Tensor> {
-    let inp = dir.join("ort_in.npz");
-    let out = dir.join("ort_out.npz");
     let map: BTreeMap<String, Tensor> = feed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    std::fs::write(&inp, write_npz(&map)).unwrap();
-    let script = "import sys, numpy as np, onnxruntime as ort\n\
-        m, i, o = sys.argv[1:4]\n\
-        s = ort.InferenceSession(m)\n\
-        f = dict(np.load(i))\n\
-        r = s.run(None, {x.name: f[x.name] for x in s.get_inputs()})\n\
-        np.savez(o, **{x.name: v for x, v in zip(s.get_outputs(), r)})\n";
-    let st = Command::new("python3")
-        .args(["-c", script])
-        .arg(model)
-        .arg(&inp)
-        .arg(&out)
-        .status()
-        .expect("python3 with onnxruntime (installed by .ci/run)");
-    assert!(st.success(), "onnxruntime failed on {}", model.display());
-    parse_npz(&std::fs::read(&out).unwrap()).unwrap()
+    common::onnxruntime(model, &map, dir)
 }
 
 struct Case {

@@ -199,11 +199,6 @@ pub(super) fn load(path: &Path) -> Result<AdapterFile> {
     Ok(file)
 }
 
-/// Whether process `pid` is running (Linux: `/proc`; elsewhere assumed so).
-fn process_alive(pid: u32) -> bool {
-    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
-}
-
 /// Removes the temporary files that interrupted [`AdapterFile::save`]s to
 /// `path` left behind (`.NAME.tmp.*` beside it) and returns how many.
 ///
@@ -226,7 +221,7 @@ pub fn clean_temp_files(path: &Path) -> Result<usize> {
                 .ok()
                 .and_then(|r| r.split('.').next())
                 .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| p != std::process::id() && process_alive(p)) {
+            if pid.is_some_and(|p| p != std::process::id() && crate::output::process_alive(p)) {
                 continue;
             }
             let p = entry.path();

@@ -494,6 +494,22 @@ impl<'a> GraphIndex<'a> {
         Err(Error::Onnx(format!("Constant node `{}` has no supported value attribute", n.name)))
     }
 
+    /// The nodes that tensor `output` depends on.
+    pub fn upstream(&self, output: &str) -> HashSet<usize> {
+        let mut up: HashSet<usize> = HashSet::new();
+        let mut tensors = vec![output];
+        while let Some(t) = tensors.pop() {
+            if let Some(&i) = self.producer.get(t)
+                && up.insert(i)
+            {
+                tensors.extend(
+                    self.nodes[i].input.iter().filter(|s| !s.is_empty()).map(String::as_str),
+                );
+            }
+        }
+        up
+    }
+
     /// Whether `name` is a constant.
     pub fn is_constant(&self, name: &str) -> bool {
         self.initializers.contains_key(name) || self.constant_nodes.contains_key(name)

@@ -117,7 +117,7 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
     // Layers named explicitly must feed it, or the split says so.
     let feeding: Vec<LinearLayer> = match cfg.targets {
         Targets::AllLinear | Targets::LastBlocks(_) => {
-            let up = upstream(&g, &output);
+            let up = g.upstream(&output);
             layers.iter().filter(|l| up.contains(&l.node)).cloned().collect()
         }
         _ => layers.clone(),
@@ -193,20 +193,6 @@ fn output_fingerprint(g: &GraphIndex<'_>, output: &str) -> Result<u64> {
     Ok(crate::adapter::fingerprint(tensors.iter().map(|(n, v)| (n.as_str(), v.as_slice()))))
 }
 
-/// The nodes that `output` depends on.
-fn upstream(g: &GraphIndex<'_>, output: &str) -> HashSet<usize> {
-    let mut up: HashSet<usize> = HashSet::new();
-    let mut tensors = vec![output];
-    while let Some(t) = tensors.pop() {
-        if let Some(&i) = g.producer.get(t)
-            && up.insert(i)
-        {
-            tensors.extend(g.nodes[i].input.iter().filter(|s| !s.is_empty()).map(String::as_str));
-        }
-    }
-    up
-}
-
 /// The tail's nodes (indices, in topological order).
 fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<usize>> {
     let mut down: HashSet<usize> = HashSet::new();
@@ -226,7 +212,7 @@ fn cone(g: &GraphIndex<'_>, chosen: &[LinearLayer], output: &str) -> Result<Vec<
             stack.extend(g.consumers.get(o.as_str()).into_iter().flatten().copied());
         }
     }
-    let up = upstream(g, output);
+    let up = g.upstream(output);
     for l in chosen {
         if !up.contains(&l.node) {
             return Err(Error::Config(format!(

@@ -80,3 +80,31 @@ pub fn rerun_self(args: &[&str]) -> Command {
     cmd.args(args);
     cmd
 }
+
+/// Runs `model` with onnxruntime (Python, installed by .ci/run) on `inputs`
+/// and returns its outputs by name; `dir` holds the exchange files.
+#[cfg(feature = "onnx")]
+pub fn onnxruntime(
+    model: &std::path::Path,
+    inputs: &std::collections::BTreeMap<String, hydra_edge::Tensor>,
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, hydra_edge::Tensor> {
+    use hydra_edge::train::npz::{parse_npz, write_npz};
+    let (inp, out) = (dir.join("ort_in.npz"), dir.join("ort_out.npz"));
+    std::fs::write(&inp, write_npz(inputs)).unwrap();
+    let script = "import sys, numpy as np, onnxruntime as ort\n\
+        m, i, o = sys.argv[1:4]\n\
+        s = ort.InferenceSession(m)\n\
+        f = dict(np.load(i))\n\
+        r = s.run(None, {x.name: f[x.name] for x in s.get_inputs()})\n\
+        np.savez(o, **{x.name: v for x, v in zip(s.get_outputs(), r)})\n";
+    let st = Command::new("python3")
+        .args(["-c", script])
+        .arg(model)
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .expect("python3 with onnxruntime (installed by .ci/run)");
+    assert!(st.success(), "onnxruntime failed on {}", model.display());
+    parse_npz(&std::fs::read(&out).unwrap()).unwrap()
+}

@@ -92,18 +92,7 @@ pub fn inspect(path: &Path, output: Option<&str>, json: bool) -> Result<()> {
     if !g.producer.contains_key(chosen.as_str()) {
         bail!("--output-tensor `{chosen}` is not a tensor of this model");
     }
-    let up: std::collections::HashSet<usize> = {
-        let mut up = std::collections::HashSet::new();
-        let mut stack = vec![chosen.as_str()];
-        while let Some(t) = stack.pop() {
-            if let Some(&i) = g.producer.get(t)
-                && up.insert(i)
-            {
-                stack.extend(g.nodes[i].input.iter().map(String::as_str));
-            }
-        }
-        up
-    };
+    let up = g.upstream(&chosen);
     let layers: Vec<_> = layers.into_iter().filter(|l| up.contains(&l.node)).collect();
     let out = Some(chosen.clone());
     let mut suggestions: Vec<(String, Targets, Option<String>)> =
