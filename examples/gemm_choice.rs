@@ -1,11 +1,15 @@
-//! Why the tail's dense products use matrixmultiply (split over the one
-//! thread pool) rather than tract-linalg's kernels: both on the tail's own
-//! shapes (MiniLM FFN and attention-output products at batch 16 × 64, and one
-//! attention head's product), same run, same threads. tract packs both
-//! operands on every call through a selection and packing API that changes
-//! between releases; matrixmultiply takes strided slices as they are.
+//! Which GEMM the tail's dense products use, measured on the tail's own
+//! shapes (MiniLM FFN and attention-output products at batch 16 × 64, both as
+//! `x·W` and as `x·Wᵀ`, and one attention head's products), single-threaded,
+//! interleaved in one run: the crate's own packed kernel on the active tier
+//! (`kernels::Kernels::sgemm`, AVX-512 12×32 / AVX2 6×16 / NEON 8×8 tiles),
+//! matrixmultiply (the portable fallback, no AVX-512 kernel), and
+//! tract-linalg's kernels (which pack both operands on every call through a
+//! selection and packing API that changes between releases). The pool splits
+//! each product by rows or columns for every choice alike, so one thread is
+//! the comparison that decides.
 //!
-//! `cargo run --release --example gemm_choice [threads]`
+//! `cargo run --release --example gemm_choice`
 
 use std::time::Instant;
 use tract_linalg::MmmDispatch;
@@ -45,32 +49,74 @@ fn tract_mm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) -
 }
 
 fn main() -> TractResult<()> {
-    hydra_edge::parallel::set_threads(std::env::args().nth(1).map_or(1, |s| s.parse().unwrap()))
-        .unwrap();
-    for &(m, k, n) in &[(1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384), (64, 32, 64)] {
+    let own = hydra_edge::kernels::active();
+    println!("own kernel tier: {}", own.tier());
+    println!("shape m×k×n (B layout): own / matrixmultiply / tract GFLOP/s, own ÷ matrixmultiply");
+    let shapes = [
+        (1024, 384, 1536, true),
+        (1024, 1536, 384, true),
+        (1024, 384, 384, true),
+        (1024, 384, 1536, false),
+        (1024, 1536, 384, false),
+        (64, 32, 64, true),
+        (64, 64, 32, true),
+    ];
+    for &(m, k, n, b_row) in &shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.1).collect();
-        let mut c1 = vec![0.0f32; m * n];
-        let mut c2 = vec![0.0f32; m * n];
-        tract_mm(m, k, n, &a, &b, &mut c1)?;
-        hydra_edge::hydra::gemm(m, k, n, 1.0, &a, (k, 1), &b, (n, 1), 0.0, &mut c2);
-        let err = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        let reps = 20;
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            tract_mm(m, k, n, &a, &b, &mut c1)?;
+        let sb = if b_row { (n, 1) } else { (1, k) };
+        let (mut c0, mut c1, mut c2) =
+            (vec![0.0f32; m * n], vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        let mm = |c: &mut [f32]| unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                sb.0 as isize,
+                sb.1 as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        };
+        own.sgemm(m, k, n, 1.0, &a, (k, 1), &b, sb, 0.0, &mut c0, n);
+        mm(&mut c1);
+        let err = c0.iter().zip(&c1).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(5.0, 2000.0) as usize;
+        let (mut t_own, mut t_mm, mut t_tract) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                own.sgemm(m, k, n, 1.0, &a, (k, 1), &b, sb, 0.0, &mut c0, n);
+            }
+            t_own = t_own.min(t0.elapsed().as_secs_f64() / reps as f64);
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                mm(&mut c1);
+            }
+            t_mm = t_mm.min(t0.elapsed().as_secs_f64() / reps as f64);
+            if b_row {
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    tract_mm(m, k, n, &a, &b, &mut c2)?;
+                }
+                t_tract = t_tract.min(t0.elapsed().as_secs_f64() / reps as f64);
+            }
         }
-        let tt = t0.elapsed().as_secs_f64() / reps as f64;
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            hydra_edge::hydra::gemm(m, k, n, 1.0, &a, (k, 1), &b, (n, 1), 0.0, &mut c2);
-        }
-        let tm = t0.elapsed().as_secs_f64() / reps as f64;
         let gf = 2.0 * (m * k * n) as f64 / 1e9;
+        let tract = if b_row { format!("{:.1}", gf / t_tract) } else { "–".into() };
         println!(
-            "{m}x{k}x{n}: tract {:.1} GF/s, matrixmultiply {:.1} GF/s, err {err}",
-            gf / tt,
-            gf / tm
+            "{m}×{k}×{n} ({}): {:.1} / {:.1} / {tract}, {:.2}× (max |own − mm| {err:.1e})",
+            if b_row { "row-major" } else { "Wᵀ" },
+            gf / t_own,
+            gf / t_mm,
+            t_mm / t_own
         );
     }
     Ok(())

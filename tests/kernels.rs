@@ -368,3 +368,139 @@ fn rank_above_max_is_caught_at_the_safe_entry() {
     let k = kernels::active();
     k.grad_u(&[], &[0.0; 65], &mut [], 0, 1, 65);
 }
+
+/// `α·A·B + β·C` in f64, with the Σ|term| scale for the tolerance.
+#[allow(clippy::too_many_arguments)]
+fn gemm_reference(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &[f32],
+    rsc: usize,
+) -> reference::Ref {
+    let (mut value, mut scale) = (Vec::new(), Vec::new());
+    for i in 0..m {
+        for j in 0..n {
+            let (mut v, mut s) = (0.0f64, 0.0f64);
+            for p in 0..k {
+                let t = f64::from(a[i * rsa + p * csa]) * f64::from(b[p * rsb + j * csb]);
+                v += t;
+                s += t.abs();
+            }
+            let old = if beta == 0.0 { 0.0 } else { f64::from(beta) * f64::from(c[i * rsc + j]) };
+            value.push(f64::from(alpha) * v + old);
+            scale.push(f64::from(alpha).abs() * s + old.abs());
+        }
+    }
+    reference::Ref { value, scale }
+}
+
+/// The packed sgemm against the f64 reference on every tier: edge sizes
+/// around each tier's micro-tile and the packing blocks (k past 256, n past
+/// 1024), row- and column-major A and B, a C wider than the product, α and β
+/// (β = 0 over NaN must not read C).
+#[test]
+fn sgemm_matches_reference_on_every_tier() {
+    let ks = tiers();
+    let mut rng = Rng::new(7);
+    let mut cases = Vec::new();
+    for &m in &[1, 5, 6, 7, 12, 13, 17, 31, 145] {
+        for &k in &[0, 1, 3, 16, 257] {
+            for &n in &[1, 7, 15, 16, 17, 32, 33, 65] {
+                cases.push((m, k, n));
+            }
+        }
+    }
+    cases.extend([(3, 600, 1100), (150, 300, 40), (64, 32, 64), (64, 64, 32)]);
+    for (idx, &(m, k, n)) in cases.iter().enumerate() {
+        let a_row = idx % 2 == 0;
+        let b_row = idx % 3 != 0;
+        let (alpha, beta) = [(1.0, 0.0), (0.5, 1.0), (1.0, -0.5), (2.0, 0.0)][idx % 4];
+        let rsc = n + idx % 5;
+        let a = rand_vec(&mut rng, m * k);
+        let b = rand_vec(&mut rng, k * n);
+        let c0: Vec<f32> =
+            if beta == 0.0 { vec![f32::NAN; m * rsc] } else { rand_vec(&mut rng, m * rsc) };
+        let sa = if a_row { (k, 1) } else { (1, m) };
+        let sb = if b_row { (n, 1) } else { (1, k) };
+        let want = gemm_reference((m, k, n), alpha, &a, sa, &b, sb, beta, &c0, rsc);
+        for kern in &ks {
+            let mut c = c0.clone();
+            kern.sgemm(m, k, n, alpha, &a, sa, &b, sb, beta, &mut c, rsc);
+            let got: Vec<f32> =
+                (0..m).flat_map(|i| c[i * rsc..i * rsc + n].iter().copied()).collect();
+            let what =
+                format!("sgemm {} m={m} k={k} n={n} a_row={a_row} b_row={b_row}", kern.tier());
+            assert_close(&got, &want, tol_f32(k), 0.0, &what);
+            // Padding between rows of C is never written.
+            for i in 0..m {
+                for j in n..rsc {
+                    let (g, w) = (c[i * rsc + j], c0[i * rsc + j]);
+                    assert!(g.to_bits() == w.to_bits(), "{what}: wrote C padding ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
+/// A product cut along its rows or columns (as the thread pool cuts it) is
+/// bit-identical to the whole one on every tier, at every cut.
+#[test]
+fn sgemm_split_is_bit_identical_on_every_tier() {
+    let ks = tiers();
+    let mut rng = Rng::new(8);
+    let (m, k, n) = (61, 300, 83);
+    let a = rand_vec(&mut rng, m * k);
+    let b = rand_vec(&mut rng, k * n);
+    let c0 = rand_vec(&mut rng, m * n);
+    for kern in &ks {
+        let mut whole = c0.clone();
+        kern.sgemm(m, k, n, 0.75, &a, (k, 1), &b, (1, k), 0.5, &mut whole, n);
+        for cut in [1, 5, 12, 13, 30, 60] {
+            let mut c = c0.clone();
+            let (top, bottom) = c.split_at_mut(cut * n);
+            kern.sgemm(cut, k, n, 0.75, &a, (k, 1), &b, (1, k), 0.5, top, n);
+            kern.sgemm(m - cut, k, n, 0.75, &a[cut * k..], (k, 1), &b, (1, k), 0.5, bottom, n);
+            assert!(
+                c.iter().zip(&whole).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "sgemm {}: row cut at {cut} differs",
+                kern.tier()
+            );
+        }
+        for cut in [1, 16, 17, 33, 64, 82] {
+            let mut c = c0.clone();
+            kern.sgemm(m, k, cut, 0.75, &a, (k, 1), &b, (1, k), 0.5, &mut c, n);
+            kern.sgemm(
+                m,
+                k,
+                n - cut,
+                0.75,
+                &a,
+                (k, 1),
+                &b[cut * k..],
+                (1, k),
+                0.5,
+                &mut c[cut..],
+                n,
+            );
+            assert!(
+                c.iter().zip(&whole).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "sgemm {}: column cut at {cut} differs",
+                kern.tier()
+            );
+        }
+    }
+}
+
+/// Strides that reach past the slices are refused before any work.
+#[test]
+#[should_panic(expected = "sgemm: B too short")]
+fn sgemm_checks_its_operands() {
+    let k = Kernels::for_tier(Tier::best()).unwrap();
+    let mut c = vec![0.0; 4];
+    k.sgemm(2, 3, 2, 1.0, &[0.0; 6], (3, 1), &[0.0; 5], (2, 1), 0.0, &mut c, 2);
+}

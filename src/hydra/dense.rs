@@ -192,6 +192,12 @@ unsafe fn sgemm_raw(
     c: *mut f32,
     rsc: usize,
 ) {
+    let kernels = crate::kernels::active();
+    if kernels.tier().has_fast_sgemm() {
+        // SAFETY: the caller's contract is the kernel's.
+        unsafe { (kernels.sgemm)(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc) };
+        return;
+    }
     // SAFETY: the caller's contract.
     unsafe {
         matrixmultiply::sgemm(

@@ -139,6 +139,16 @@ impl Tier {
         Tier::ALL.into_iter().filter(|t| t.is_supported())
     }
 
+    /// Whether the crate's own packed sgemm ([`Kernels::sgemm`]) is the one
+    /// the tail's dense products use on this tier. It is where it was
+    /// measured to win (`examples/gemm_choice`: AVX-512 ~2× matrixmultiply on
+    /// the MiniLM tail's shapes, AVX2 on par); elsewhere (the scalar tier,
+    /// and NEON until it is measured on a board rather than under qemu)
+    /// matrixmultiply runs them.
+    pub fn has_fast_sgemm(self) -> bool {
+        matches!(self, Tier::Avx2 | Tier::Avx512)
+    }
+
     /// The widest tier this machine can run.
     pub fn best() -> Tier {
         Tier::available().last().unwrap_or(Tier::Scalar)
@@ -221,7 +231,23 @@ pub struct Kernels {
     pub(crate) grad_b: ScaledFn<f32, f32, f32>,
     pub(crate) merge_f32: ScaledFn<f32, f32, f32>,
     pub(crate) merge_f16: ScaledFn<f32, f32, f16>,
+    pub(crate) sgemm: SgemmFn,
 }
+
+/// A tier's packed sgemm `(m, k, n, α, A, (rsa, csa), B, (rsb, csb), β, C, rsc)`.
+pub(crate) type SgemmFn = unsafe fn(
+    usize,
+    usize,
+    usize,
+    f32,
+    *const f32,
+    (usize, usize),
+    *const f32,
+    (usize, usize),
+    f32,
+    *mut f32,
+    usize,
+);
 
 /// A tier's bulk conversion.
 pub(crate) type ConvertFn<A, B> = unsafe fn(&[A], &mut [B]);
@@ -275,6 +301,49 @@ impl Kernels {
         assert_eq!(src.len(), dst.len(), "f32_to_f16: length mismatch");
         // SAFETY: as above.
         unsafe { (self.f32_to_f16)(src, dst) }
+    }
+
+    /// `C[m×n] = α·A[m×k]·B[k×n] + β·C` with strided A and B
+    /// (`A(i, p) = a[i·rsa + p·csa]`, `B(p, j) = b[p·rsb + j·csb]`) and C
+    /// row-major with row stride `rsc ≥ n`; `β = 0` never reads C. Packed,
+    /// register-blocked, single-threaded (callers split it: see
+    /// `hydra::gemm`); each element of C is summed along `k` in one order
+    /// wherever it falls in the tiling, so a split along rows or columns is
+    /// bit-identical to the whole product.
+    #[track_caller]
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: &[f32],
+        sa: (usize, usize),
+        b: &[f32],
+        sb: (usize, usize),
+        beta: f32,
+        c: &mut [f32],
+        rsc: usize,
+    ) {
+        let extent = |rows: usize, cols: usize, rs: usize, cs: usize| -> Option<usize> {
+            if rows == 0 || cols == 0 {
+                Some(0)
+            } else {
+                (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)?.checked_add(1)
+            }
+        };
+        assert!(extent(m, k, sa.0, sa.1).is_some_and(|e| a.len() >= e), "sgemm: A too short");
+        assert!(extent(k, n, sb.0, sb.1).is_some_and(|e| b.len() >= e), "sgemm: B too short");
+        assert!(
+            rsc >= n && extent(m, n, rsc, 1).is_some_and(|e| c.len() >= e),
+            "sgemm: C too short"
+        );
+        // SAFETY: supported tier; every element the strides reach is inside
+        // its slice (asserted); `c` is a unique borrow, so it aliases neither.
+        unsafe {
+            (self.sgemm)(m, k, n, alpha, a.as_ptr(), sa, b.as_ptr(), sb, beta, c.as_mut_ptr(), rsc)
+        }
     }
 
     /// `U[n×r] = X[n×d]·Aᵀ` with `A` r×d.

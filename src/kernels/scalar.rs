@@ -53,4 +53,5 @@ super::simd::tier_table! {
     tier: crate::kernels::Tier::Scalar,
     simd: Scalar,
     tiles: down(2, 4) nn(2, 4) tn(2, 4, 8) vr(4, 2)
+    gemm(4, 4)
 }

@@ -130,7 +130,8 @@ pub(crate) unsafe fn vstore_partial<S: Simd, E: Elem>(p: *mut E, v: S::V, len: u
 ///
 /// `tiles` fixes the register blocking of each kernel family, chosen per
 /// tier from its register count: `down(rows, ranks)`, `nn(rows, vectors)`,
-/// `tn(vectors for 4, 2, 1 ranks)`, `vr(outputs for 1 vector, outputs for 4 vectors)`.
+/// `tn(vectors for 4, 2, 1 ranks)`, `vr(outputs for 1 vector, outputs for 4 vectors)`,
+/// `gemm(rows, vectors)` (the packed sgemm's micro-tile).
 macro_rules! tier_table {
     (
         tier: $tier:expr,
@@ -138,6 +139,7 @@ macro_rules! tier_table {
         $(#[$attr:meta])*
         tiles: down($dm:literal, $dk:literal) nn($nm:literal, $nv:literal)
                tn($t4:literal, $t2:literal, $t1:literal) vr($vr1:literal, $vr4:literal)
+               gemm($gm:literal, $gv:literal)
     ) => {
         use half::f16;
         use $crate::kernels::generic as g;
@@ -228,6 +230,27 @@ macro_rules! tier_table {
             unsafe { g::merge::<$S, f16, $nm, $nv>(b, a, w, s, m, d, r) }
         }
 
+        $(#[$attr])*
+        /// # Safety
+        /// Tier features available; strides checked by `Kernels::sgemm`.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn sgemm(
+            m: usize,
+            k: usize,
+            n: usize,
+            alpha: f32,
+            a: *const f32,
+            sa: (usize, usize),
+            b: *const f32,
+            sb: (usize, usize),
+            beta: f32,
+            c: *mut f32,
+            rsc: usize,
+        ) {
+            // SAFETY: forwarded precondition.
+            unsafe { g::sgemm::<$S, $gm, $gv>(m, k, n, alpha, a, sa, b, sb, beta, c, rsc) }
+        }
+
         pub(crate) static TABLE: Kernels = Kernels {
             tier: $tier,
             f16_to_f32,
@@ -242,6 +265,7 @@ macro_rules! tier_table {
             grad_b,
             merge_f32,
             merge_f16,
+            sgemm,
         };
     };
 }

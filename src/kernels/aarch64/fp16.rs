@@ -38,6 +38,7 @@ crate::kernels::simd::tier_table! {
     simd: Neon,
     #[target_feature(enable = "neon,fp16")]
     tiles: down(4, 4) nn(4, 4) tn(4, 8, 8) vr(16, 4)
+    gemm(8, 2)
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -69,4 +69,5 @@ crate::kernels::simd::tier_table! {
     simd: Neon,
     #[target_feature(enable = "neon")]
     tiles: down(4, 4) nn(4, 4) tn(4, 8, 8) vr(16, 4)
+    gemm(8, 2)
 }

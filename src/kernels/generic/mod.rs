@@ -18,7 +18,10 @@
 //! Every function here is `unsafe`: callers guarantee the tier's features and
 //! the slice shapes (checked in `kernels::Kernels`).
 
+mod gemm;
 mod outer;
+
+pub(crate) use gemm::sgemm;
 
 pub(crate) use outer::{grad_a, grad_b, grad_u};
 

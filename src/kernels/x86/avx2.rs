@@ -65,4 +65,5 @@ crate::kernels::simd::tier_table! {
     simd: Avx2,
     #[target_feature(enable = "avx2,fma,f16c")]
     tiles: down(2, 4) nn(2, 4) tn(2, 4, 8) vr(8, 2)
+    gemm(6, 2)
 }

@@ -60,4 +60,5 @@ crate::kernels::simd::tier_table! {
     simd: Avx512,
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     tiles: down(4, 4) nn(4, 4) tn(4, 8, 8) vr(16, 4)
+    gemm(12, 2)
 }
