@@ -198,7 +198,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (op, f, b) in trainer.model().tail().profile() {
             println!("  {op:<24} {:>8.1} {:>8.1}", f * 1e3 / steps as f64, b * 1e3 / steps as f64);
         }
+        if std::env::var_os("HYDRA_PROFILE_NODES").is_some() {
+            for (name, op, f, b) in trainer.model().tail().profile_nodes() {
+                let (f, b) = (f * 1e3 / steps as f64, b * 1e3 / steps as f64);
+                println!("    {op:<12} {f:>7.2} {b:>7.2}  {name}");
+            }
+        }
         trainer.model_mut().tail_mut().set_profiling(false);
+    }
+    if std::env::var_os("TRAIN_STEP_ONLY").is_some() {
+        // For profilers: stop after the timed steps.
+        for (t, ms) in &step_ms {
+            println!("training step, {t} thread(s): {ms:.1} ms");
+        }
+        return Ok(());
     }
     let prefix_after_cache = trainer.model().prefix_samples();
 

@@ -24,7 +24,8 @@ pub fn exp(x: f32) -> f32 {
     // Round to nearest with the 1.5·2²³ trick: `floor` is a libm call
     // below SSE4.1 and would keep the loop scalar.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * core::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * core::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -33,7 +34,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let y = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from the bits of `t` = 1.5·2²³ + n (exact for |n| < 2²²), so no
+    // float → int conversion (Rust's saturating `as` keeps the loop scalar).
+    let y = y * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if under { 0.0 } else { y }
 }
 
@@ -50,12 +53,93 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - p * t * exp(-z * z)).copysign(x)
 }
 
+// The loops below are compiled three times: for the baseline target, and
+// inside `#[target_feature]` functions for AVX2+FMA and AVX-512F, so `exp`,
+// `erf` and the ops' closures (inlined into them) run 8 or 16 lanes wide on
+// a CPU that has them. The arithmetic is the same in every version (Rust
+// never contracts `a·b + c` into an FMA by itself), so results are
+// bit-identical across tiers. The tier follows `kernels::active()`, so
+// `HYDRA_KERNELS=scalar` runs the baseline loops.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident<$F:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        #[inline(always)]
+        fn $name<$F: $bound>(tier: crate::kernels::Tier, $($arg: $ty),*) {
+            #[inline(always)]
+            fn base<$F: $bound>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512<$F: $bound>($($arg: $ty),*) {
+                base($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2<$F: $bound>($($arg: $ty),*) {
+                base($($arg),*)
+            }
+            match tier {
+                // SAFETY: callers pass `kernels::active().tier()` or a tier
+                // `Tier::is_supported` accepted: this CPU runs it.
+                #[cfg(target_arch = "x86_64")]
+                crate::kernels::Tier::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                crate::kernels::Tier::Avx2 => unsafe { avx2($($arg),*) },
+                _ => base($($arg),*),
+            }
+        }
+    };
+}
+
+multiversion! {
+    /// `o[i] = f(x[i])`.
+    fn apply1<F: Fn(f32) -> f32>(o: &mut [f32], x: &[f32], f: &F) {
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    }
+}
+
+multiversion! {
+    /// `o[i] = f(a[i], b[i])`.
+    fn apply2<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+    }
+}
+
+multiversion! {
+    /// `o[i] = f(a[i], b[i], c[i])`.
+    fn apply3<F: Fn(f32, f32, f32) -> f32>(
+        o: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+        f: &F
+    ) {
+        let n = o.len().min(a.len()).min(b.len()).min(c.len());
+        let (o, a, b, c) = (&mut o[..n], &a[..n], &b[..n], &c[..n]);
+        for i in 0..n {
+            o[i] = f(a[i], b[i], c[i]);
+        }
+    }
+}
+
+multiversion! {
+    /// `o[i] = f(a[i], b[i % b.len()])` over whole rows of `b.len()`.
+    fn apply_rows<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+        for (o, a) in o.chunks_mut(b.len().max(1)).zip(a.chunks(b.len().max(1))) {
+            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+        }
+    }
+}
+
+fn tier() -> crate::kernels::Tier {
+    crate::kernels::active().tier()
+}
+
 /// `out[i] = f(x[i])`, in parallel chunks.
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     let mut out = alloc::vec![0.0f32; x.len()];
     parallel::chunks_mut(&mut out, CHUNK, x.len() * 8, |c, o| {
-        let x = &x[c * CHUNK..c * CHUNK + o.len()];
-        o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+        apply1(tier(), o, &x[c * CHUNK..c * CHUNK + o.len()], &f);
     });
     out
 }
@@ -65,8 +149,8 @@ pub fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> 
     debug_assert_eq!(a.len(), b.len());
     let mut out = alloc::vec![0.0f32; a.len()];
     parallel::chunks_mut(&mut out, CHUNK, a.len() * 8, |c, o| {
-        let (a, b) = (&a[c * CHUNK..c * CHUNK + o.len()], &b[c * CHUNK..c * CHUNK + o.len()]);
-        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+        let r = c * CHUNK..c * CHUNK + o.len();
+        apply2(tier(), o, &a[r.clone()], &b[r], &f);
     });
     out
 }
@@ -82,10 +166,7 @@ pub fn map3(
     let mut out = alloc::vec![0.0f32; a.len()];
     parallel::chunks_mut(&mut out, CHUNK, a.len() * 8, |k, o| {
         let r = k * CHUNK..k * CHUNK + o.len();
-        let (a, b, c) = (&a[r.clone()], &b[r.clone()], &c[r]);
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = f(a[i], b[i], c[i]);
-        }
+        apply3(tier(), o, &a[r.clone()], &b[r.clone()], &c[r], &f);
     });
     out
 }
@@ -97,10 +178,7 @@ pub fn map_rows(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send)
     let chunk = (CHUNK / w).max(1) * w;
     let mut out = alloc::vec![0.0f32; a.len()];
     parallel::chunks_mut(&mut out, chunk, a.len() * 8, |c, o| {
-        let a = &a[c * chunk..c * chunk + o.len()];
-        for (o, a) in o.chunks_mut(w).zip(a.chunks(w)) {
-            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
-        }
+        apply_rows(tier(), o, &a[c * chunk..c * chunk + o.len()], b, &f);
     });
     out
 }
@@ -108,6 +186,22 @@ pub fn map_rows(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loops compiled for AVX2 and AVX-512 give the baseline's bits.
+    #[test]
+    fn every_tier_computes_the_same_bits() {
+        let x: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.0137).collect();
+        let gelu = |x: f32| 0.5 * x * (1.0 + erf(x * core::f32::consts::FRAC_1_SQRT_2));
+        let base = x.iter().map(|&x| gelu(x)).collect::<Vec<_>>();
+        for t in crate::kernels::Tier::available() {
+            let mut o = vec![0.0f32; x.len()];
+            apply1(t, &mut o, &x, &gelu);
+            assert!(o.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{t}");
+            apply3(t, &mut o, &x, &x, &x, &|a: f32, b: f32, c: f32| exp(a) * b - c);
+            let want = x.iter().map(|&a| exp(a) * a - a);
+            assert!(o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{t}");
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_f64() {

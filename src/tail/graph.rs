@@ -500,6 +500,17 @@ impl TailGraph {
         by
     }
 
+    /// Seconds per node since profiling started: `(output name, op type,
+    /// forward, backward)`, in graph order.
+    pub fn profile_nodes(&self) -> Vec<(&str, &'static str, f64, f64)> {
+        self.nodes
+            .iter()
+            .zip(&self.ops)
+            .zip(self.profile.iter().flatten())
+            .map(|((node, op), &(f, b))| (self.names[node.output].as_str(), op.op_type(), f, b))
+            .collect()
+    }
+
     /// Frees the tape (the activations kept for backward).
     pub fn clear_tape(&mut self) {
         self.tape.iter_mut().for_each(|t| *t = None);

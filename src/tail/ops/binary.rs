@@ -80,6 +80,15 @@ fn zip_f32(
     if sa == sb {
         return shaped(sa, fm::map2(xa, xb, f));
     }
+    // A scalar on either side (a scale, an epsilon): one pass, no rows.
+    if xb.len() == 1 && sb.len() <= sa.len() {
+        let y = xb[0];
+        return shaped(sa, fm::map(xa, move |x| f(x, y)));
+    }
+    if xa.len() == 1 && sa.len() <= sb.len() {
+        let x = xa[0];
+        return shaped(sb, fm::map(xb, move |y| f(x, y)));
+    }
     if sa.len() >= sb.len() && trailing_block(sa, sb) {
         return shaped(sa, fm::map_rows(xa, xb, f));
     }
