@@ -331,12 +331,25 @@ pub(crate) fn frozen_forward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
-    let mut y = alloc::vec![0.0f32; n * dout];
-    gemm_x_wt(k, w, x, &mut y, n, din, dout, 0.0);
-    if let Some(b) = b {
-        y.chunks_exact_mut(dout).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-    }
+    let (mut y, beta) = bias_rows(b, n, dout);
+    gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
     y
+}
+
+/// `n` rows of the bias (`β = 1` for the product that adds to them), or `n`
+/// rows of zeros (`β = 0`): the bias goes in with the product's own store,
+/// not in a second pass over the output.
+pub(crate) fn bias_rows(b: Option<&[f32]>, n: usize, dout: usize) -> (Vec<f32>, f32) {
+    match b {
+        Some(b) if b.len() == dout && dout > 0 => {
+            let mut y = Vec::with_capacity(n * dout);
+            for _ in 0..n {
+                y.extend_from_slice(b);
+            }
+            (y, 1.0)
+        }
+        _ => (alloc::vec![0.0f32; n * dout], 0.0),
+    }
 }
 
 /// `dX[n×in] = dY[n×out]·W0` for a frozen layer.

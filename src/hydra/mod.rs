@@ -344,12 +344,8 @@ impl HydraLinear {
                 &xf
             }
         };
-        let mut y = vec![0.0f32; n * dout];
-        dense::gemm_x_wt(k, &self.w0, x32, &mut y, n, din, dout, 0.0);
-        if let Some(b0) = &self.b0 {
-            y.chunks_exact_mut(dout)
-                .for_each(|row| row.iter_mut().zip(b0).for_each(|(v, b)| *v += b));
-        }
+        let (mut y, beta) = dense::bias_rows(self.b0.as_deref(), n, dout);
+        dense::gemm_x_wt(k, &self.w0, x32, &mut y, n, din, dout, beta);
         if self.merged {
             self.saved = None;
             return Ok(y);
