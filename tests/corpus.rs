@@ -27,7 +27,11 @@ fn corpus(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/corpus/out"));
     let p = dir.join(name);
-    assert!(p.exists(), "{} missing: run `bash models/corpus/setup.sh` (see .ci/run)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `bash models/corpus/setup.sh` (or `bash scripts/test.sh`, which does all the set-up)",
+        p.display()
+    );
     p
 }
 
@@ -159,7 +163,10 @@ fn inspect_and_train_end_the_tail_at_the_same_ranked_output() {
     // The dynamo export has one output; this repo's MiniLM build has three,
     // the hidden states first: the pooled [N, 384] embedding is the default.
     let minilm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/real/out/minilm.onnx");
-    assert!(minilm.exists(), "run models/real/build_minilm.py (see .ci/run)");
+    assert!(
+        minilm.exists(),
+        "run models/real/build_minilm.py (or `bash scripts/test.sh`, which does all the set-up)"
+    );
     let model = OnnxModel::load(&minilm).unwrap();
     assert_eq!(model.output_names()[0], "last_hidden_state");
     assert_eq!(model.ranked_outputs()[0], "pooled");

@@ -34,7 +34,11 @@ fn real_model(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/real/out"));
     let p = dir.join(name);
-    assert!(p.exists(), "{} missing: run models/real/build_*.py (see .ci/run)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run models/real/build_*.py (or `bash scripts/test.sh`, which does all the set-up)",
+        p.display()
+    );
     p
 }
 

@@ -1,5 +1,5 @@
 //! Split parity on the real backbones, built from PyPI packages by
-//! models/real/build_*.py (CI runs them first; see .ci/run):
+//! models/real/build_*.py (`bash scripts/test.sh` runs them first):
 //! all-MiniLM-L6-v2 with its last encoder block in the tail, and
 //! EfficientNet-Lite0 with its last 1×1 conv and classifier.
 #![cfg(feature = "onnx")]
@@ -20,7 +20,7 @@ fn real(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} is missing: run `python3 models/real/build_minilm.py` and `python3 models/real/build_efficientnet_lite0.py` (see .ci/run)",
+        "{} is missing: run `python3 models/real/build_minilm.py` and `python3 models/real/build_efficientnet_lite0.py` (or `bash scripts/test.sh`, which does all the set-up)",
         p.display()
     );
     p

@@ -81,7 +81,7 @@ pub fn rerun_self(args: &[&str]) -> Command {
     cmd
 }
 
-/// Runs `model` with onnxruntime (Python, installed by .ci/run) on `inputs`
+/// Runs `model` with onnxruntime (Python, installed by scripts/test.sh) on `inputs`
 /// and returns its outputs by name; `dir` holds the exchange files.
 #[cfg(feature = "onnx")]
 pub fn onnxruntime(
@@ -104,7 +104,7 @@ pub fn onnxruntime(
         .arg(&inp)
         .arg(&out)
         .status()
-        .expect("python3 with onnxruntime (installed by .ci/run)");
+        .expect("python3 with onnxruntime (installed by scripts/test.sh)");
     assert!(st.success(), "onnxruntime failed on {}", model.display());
     parse_npz(&std::fs::read(&out).unwrap()).unwrap()
 }
