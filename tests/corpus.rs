@@ -199,3 +199,79 @@ fn inspect_and_train_end_the_tail_at_the_same_ranked_output() {
         assert_eq!(head["trainable"], true, "{head}");
     }
 }
+
+/// A MobileNetV3-style CNN from torch.onnx's TorchScript exporter without
+/// constant folding: the cut after the depthwise conv puts the project and
+/// last 1×1 convs, their BatchNormalization nodes, the residual Add,
+/// HardSwish, Max, the pooling and the Gemm classifier in the tail. Trains
+/// one epoch on the model's own logits head, merges (BN stays a node; the
+/// adapters fold into the convs and Gemms), matches tract and onnxruntime.
+#[test]
+fn a_torchscript_cnn_with_batchnorm_and_hardswish_trains_merges_and_matches() {
+    let name = "mobilenetv3_block.onnx";
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    let layers = [
+        "/project/project.0/Conv",
+        "/last/last.0/Conv",
+        "/classifier/classifier.0/Gemm",
+        "/classifier/classifier.3/Gemm",
+    ];
+    let cfg = SplitConfig {
+        targets: Targets::Names(layers.iter().map(|s| s.to_string()).collect()),
+        ..SplitConfig::default()
+    };
+    let adapted = AdaptedModel::new(&model, &cfg).unwrap();
+    let r = adapted.report().clone();
+    assert_eq!(r.output, "logits");
+    assert_eq!(r.adapted.len(), 4);
+    for op in ["BatchNormalization", "HardSwish", "Max", "GlobalAveragePool"] {
+        assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail: {:?}", r.tail_ops);
+    }
+    let mut rng = Rng::new(5);
+    let images = |rng: &mut Rng, n: usize| {
+        let v = (0..n * 3 * 32 * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v).unwrap())
+    };
+    let x = images(&mut rng, 32);
+    let labels: Vec<usize> = (0..32).map(|_| rng.below(10) as usize).collect();
+    let train =
+        Dataset::new(BTreeMap::from([("image".to_string(), x)]), Labels::Classes(labels)).unwrap();
+    let tc = TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 1e-3,
+        head: HeadConfig::Keep,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(adapted, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m[0].train_loss.is_finite() && m[0].skipped_steps == 0, "{m:?}");
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let dir = scratch("mobilenet");
+    let out = dir.join("merged.onnx");
+    let check: BTreeMap<String, Tensor> =
+        [("image".to_string(), images(&mut rng, 4))].into_iter().collect();
+    let feed: Feed = check.clone().into_iter().collect();
+    let mut want = None;
+    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
+        let w = unmerged.predict(&feed, CacheDtype::F32)?;
+        let merged = Model::load(tmp)?;
+        let k = merged.output_names().iter().position(|o| o == "logits").unwrap();
+        let got = merged.run(&feed)?.swap_remove(k);
+        let e = max_rel(got.f32("merged").unwrap(), &w);
+        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+        // The adapters changed the model: the merged logits are not the base's.
+        let base = Model::load(corpus(name))?.run(&feed)?.swap_remove(0);
+        assert!(max_rel(base.f32("base").unwrap(), &w) > 1e-6, "training changed nothing");
+        want = Some(w);
+        Ok(())
+    })
+    .unwrap();
+    let merged = OnnxModel::load(&out).unwrap();
+    let bn = merged.graph().node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+    assert_eq!(bn, 5, "BatchNormalization nodes are kept as they were");
+    let ort = onnxruntime(&out, &check, &dir);
+    let e = max_rel(ort["logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
+    eprintln!("{name}: 4 layers, 1 epoch loss {:.4}, onnxruntime {e:.2e}", m[0].train_loss);
+}

@@ -12,10 +12,10 @@ use hydra_edge::rng::Rng;
 use hydra_edge::tail::ops::TailOp;
 use hydra_edge::tail::ops::binary::{Binary, BinaryKind};
 use hydra_edge::tail::ops::linear::{Layout, Linear, MatMul};
-use hydra_edge::tail::ops::norm::{LayerNorm, Softmax};
+use hydra_edge::tail::ops::norm::{BatchNorm, LayerNorm, Softmax};
 use hydra_edge::tail::ops::reduce::{GlobalAveragePool, Reduce, ReduceKind};
 use hydra_edge::tail::ops::shape::{Concat, Gather, ReshapeKind, ReshapeLike, Slice, Transpose};
-use hydra_edge::tail::ops::unary::{Cast, Clip, Unary, UnaryKind};
+use hydra_edge::tail::ops::unary::{Cast, Clip, HardSigmoid, Unary, UnaryKind};
 use ndarray::{ArrayD, IxDyn};
 
 fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
@@ -423,4 +423,69 @@ fn masks_and_norms_from_exporters() {
     let zero = t(&[], vec![0.0]);
     let y = Where.forward(&[&m, &zero, &x], false).unwrap();
     assert_eq!(y.f32("y").unwrap().as_slice().unwrap(), &[0.0, 0.5, 0.25, 0.0]);
+}
+
+/// The ops MobileNetV3- and ResNet-style exports put in the gradient cone:
+/// HardSigmoid / HardSwish (values on every side of their kinks), Max / Min
+/// with broadcasting (no ties), BatchNormalization in inference form
+/// (against its formula, and finite differences).
+#[test]
+fn cnn_activation_and_norm_ops() {
+    // Clear of the kinks at αx + β ∈ {0, 1} (HardSwish: x = ±3).
+    let v: Vec<f32> = (0..24).map(|i| [-4.5, -2.2, -0.7, 0.4, 1.9, 3.8][i % 6]).collect();
+    check("HardSwish", &mut HardSigmoid::swish(), vec![t(&[4, 6], v.clone())], &[true], H, TOL);
+    let y = HardSigmoid::swish().forward(&[&t(&[6], v[..6].to_vec())], false).unwrap();
+    let want = [0.0, -2.2 * (-2.2 / 6.0 + 0.5), -0.7 * (-0.7 / 6.0 + 0.5), 0.4 * (0.4 / 6.0 + 0.5)];
+    for (g, w) in y.f32("y").unwrap().iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "HardSwish value {g} vs {w}");
+    }
+    let v: Vec<f32> = (0..24).map(|i| [-4.0, -1.2, 0.3, 1.7, 3.1, 6.0][i % 6]).collect();
+    check("HardSigmoid", &mut HardSigmoid::new(0.2, 0.5), vec![t(&[4, 6], v)], &[true], H, TOL);
+
+    let mut rng = Rng::new(11);
+    let shapes: [(&[usize], &[usize]); 3] =
+        [(&[2, 3, 4], &[4]), (&[2, 1, 4], &[3, 1]), (&[3, 4], &[3, 4])];
+    for kind in [BinaryKind::Max, BinaryKind::Min] {
+        for (sa, sb) in shapes {
+            // a on the grid ±0.25, ±0.75 and b on 0, ±0.5, ±1, each jittered by
+            // < 0.1: every pair is ≥ 0.05 apart, so no tie within the FD step.
+            let mut grid = |shape: &[usize], off: f32| {
+                let n = shape.iter().product();
+                let v = (0..n)
+                    .map(|_| (rng.below(4) as f32 - 2.0) * 0.5 + off + rng.uniform(-0.1, 0.1))
+                    .collect();
+                t(shape, v)
+            };
+            let (a, b) = (grid(sa, 0.25), grid(sb, 0.0));
+            check(
+                &format!("{kind:?} {sa:?}×{sb:?}"),
+                &mut Binary::new(kind),
+                vec![a, b],
+                &[true, true],
+                1e-3,
+                TOL,
+            );
+        }
+    }
+    let y = Binary::new(BinaryKind::Max)
+        .forward(&[&t(&[3], vec![1.0, -2.0, 5.0]), &t(&[1], vec![0.5])], false)
+        .unwrap();
+    assert_eq!(y.f32("y").unwrap().iter().copied().collect::<Vec<_>>(), [1.0, 0.5, 5.0]);
+
+    let (scale, bias, mean, var) =
+        ([1.5, -0.5, 2.0], [0.1, 0.2, -0.3], [0.4, -1.0, 0.0], [0.25, 4.0, 1.0]);
+    let mut bn = BatchNorm::new(&scale, &bias, &mean, &var, 1e-5).unwrap();
+    let x = rand_t(&mut rng, &[2, 3, 2, 2], -1.0, 1.0);
+    let y = bn.forward(&[&x], false).unwrap();
+    let (xv, yv) = (x.f32("x").unwrap(), y.f32("y").unwrap());
+    for ((idx, &xi), &yi) in xv.indexed_iter().zip(yv.iter()) {
+        let c = idx[1];
+        let want = (xi - mean[c]) / (var[c] + 1e-5f32).sqrt() * scale[c] + bias[c];
+        assert!((yi - want).abs() < 1e-5, "BatchNormalization value {yi} vs {want}");
+    }
+    check("BatchNormalization", &mut bn, vec![x], &[true], H, TOL);
+    assert!(BatchNorm::new(&[1.0], &[0.0], &[0.0], &[-1.0], 1e-5).is_err(), "negative variance");
+    assert!(BatchNorm::new(&[1.0, 2.0], &[0.0], &[0.0], &[1.0], 1e-5).is_err(), "length mismatch");
+    let wrong = rand_t(&mut rng, &[2, 4, 2], -1.0, 1.0);
+    assert!(bn.forward(&[&wrong], false).is_err(), "wrong channel count is an error");
 }

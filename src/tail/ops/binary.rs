@@ -1,4 +1,4 @@
-//! Broadcasting binary ops: Add, Sub, Mul, Div, Pow (numpy rules). Backward
+//! Broadcasting binary ops: Add, Sub, Mul, Div, Pow, Max, Min (numpy rules). Backward
 //! sums each input's gradient back down to that input's shape. Integer
 //! inputs (shape arithmetic) are supported for Add, Sub, Mul, Div.
 
@@ -26,6 +26,10 @@ pub enum BinaryKind {
     Div,
     /// `a^b`.
     Pow,
+    /// `max(a, b)` (ONNX Max of two inputs); ties send the gradient to `a`.
+    Max,
+    /// `min(a, b)` (ONNX Min of two inputs); ties send the gradient to `a`.
+    Min,
 }
 
 /// A broadcasting binary op.
@@ -106,6 +110,8 @@ impl TailOp for Binary {
             BinaryKind::Mul => "Mul",
             BinaryKind::Div => "Div",
             BinaryKind::Pow => "Pow",
+            BinaryKind::Max => "Max",
+            BinaryKind::Min => "Min",
         }
     }
 
@@ -118,6 +124,8 @@ impl TailOp for Binary {
                 BinaryKind::Mul => zip_f32(a, b, |x, y| x * y)?,
                 BinaryKind::Div => zip_f32(a, b, |x, y| x / y)?,
                 BinaryKind::Pow => zip_f32(a, b, pow)?,
+                BinaryKind::Max => zip_f32(a, b, |x, y| if x >= y || x.is_nan() { x } else { y })?,
+                BinaryKind::Min => zip_f32(a, b, |x, y| if x <= y || x.is_nan() { x } else { y })?,
             })),
             (Tensor::I64(a), Tensor::I64(b)) => Ok(Tensor::I64(match self.kind {
                 BinaryKind::Add => zip(a, b, |x, y| x.wrapping_add(y))?,
@@ -125,6 +133,8 @@ impl TailOp for Binary {
                 BinaryKind::Mul => zip(a, b, |x, y| x.wrapping_mul(y))?,
                 BinaryKind::Div => zip(a, b, |x, y| if y == 0 { 0 } else { x / y })?,
                 BinaryKind::Pow => return Err(fail("integer Pow is not supported")),
+                BinaryKind::Max => zip(a, b, |x, y| x.max(y))?,
+                BinaryKind::Min => zip(a, b, |x, y| x.min(y))?,
             })),
             (Tensor::F32(a), Tensor::I64(b)) if self.kind == BinaryKind::Pow => {
                 Ok(Tensor::F32(zip(a, &b.mapv(|v| v as f32), pow)?))
@@ -182,6 +192,31 @@ impl TailOp for Binary {
                     let y = output.f32("Div output")?;
                     let gy = zip_f32(dy, y, |g, q| g * q)?;
                     out[1] = Some(unbroadcast(zip_f32(&gy, b, |g, y| -g / y)?, sb));
+                }
+            }
+            BinaryKind::Max | BinaryKind::Min => {
+                let max = self.kind == BinaryKind::Max;
+                // The input that was chosen gets dy (ties: a).
+                let a_wins = move |x: f32, y: f32| {
+                    if max { x >= y || x.is_nan() } else { x <= y || x.is_nan() }
+                };
+                let (av, bv) = views(a, b)?;
+                if dy.shape() != av.shape() {
+                    return Err(fail("Max/Min backward: gradient shape differs from the output's"));
+                }
+                if want(0) {
+                    let d = Zip::from(dy)
+                        .and(&av)
+                        .and(&bv)
+                        .map_collect(|&g, &x, &y| if a_wins(x, y) { g } else { 0.0 });
+                    out[0] = Some(unbroadcast(d, sa));
+                }
+                if want(1) {
+                    let d = Zip::from(dy)
+                        .and(&av)
+                        .and(&bv)
+                        .map_collect(|&g, &x, &y| if a_wins(x, y) { 0.0 } else { g });
+                    out[1] = Some(unbroadcast(d, sb));
                 }
             }
             BinaryKind::Pow => {

@@ -283,3 +283,106 @@ impl TailOp for Softmax {
         Ok(vec![Some(dx)])
     }
 }
+
+/// ONNX BatchNormalization in inference form: `y = (x − mean)/√(var + ε)·scale
+/// + bias` per channel (axis 1) with constant statistics, folded at build
+/// time into `y = x·m + c`. Frozen: backward is `dx = dy·m`.
+#[derive(Debug)]
+pub struct BatchNorm {
+    mul: Vec<f32>,
+    add: Vec<f32>,
+}
+
+impl BatchNorm {
+    /// From the four constant per-channel inputs and ε; errors if their
+    /// lengths differ or a variance is negative.
+    pub fn new(
+        scale: &[f32],
+        bias: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        epsilon: f32,
+    ) -> Result<BatchNorm> {
+        let c = scale.len();
+        if bias.len() != c || mean.len() != c || var.len() != c || c == 0 {
+            return Err(fail(alloc::format!(
+                "BatchNormalization: scale, bias, mean and var have {}, {}, {}, {} values",
+                c,
+                bias.len(),
+                mean.len(),
+                var.len()
+            )));
+        }
+        let mut mul = Vec::with_capacity(c);
+        let mut add = Vec::with_capacity(c);
+        for i in 0..c {
+            let v = f64::from(var[i]) + f64::from(epsilon);
+            if v.is_nan() || v <= 0.0 {
+                return Err(fail(alloc::format!(
+                    "BatchNormalization: var + ε = {v} at channel {i}"
+                )));
+            }
+            let m = f64::from(scale[i]) / v.sqrt();
+            mul.push(m as f32);
+            add.push((f64::from(bias[i]) - f64::from(mean[i]) * m) as f32);
+        }
+        Ok(BatchNorm { mul, add })
+    }
+
+    /// `[N, C, rest…]` with `C` = the channel count, as (N, C, rest).
+    fn dims(&self, shape: &[usize]) -> Result<(usize, usize, usize)> {
+        if shape.len() < 2 || shape[1] != self.mul.len() {
+            return Err(fail(alloc::format!(
+                "BatchNormalization: input {shape:?} does not have {} channels on axis 1",
+                self.mul.len()
+            )));
+        }
+        Ok((shape[0], shape[1], shape[2..].iter().product()))
+    }
+
+    fn apply(&self, x: &ArrayD<f32>, shift: bool) -> Result<ArrayD<f32>> {
+        let (n, c, rest) = self.dims(x.shape())?;
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().unwrap_or_default();
+        let mut out = vec![0.0f32; xs.len()];
+        for (i, (o, v)) in out.chunks_mut(rest.max(1)).zip(xs.chunks(rest.max(1))).enumerate() {
+            let ch = i % c;
+            let (m, a) = (self.mul[ch], if shift { self.add[ch] } else { 0.0 });
+            o.iter_mut().zip(v).for_each(|(o, &v)| *o = v * m + a);
+        }
+        debug_assert_eq!(out.len(), n * c * rest);
+        ArrayD::from_shape_vec(IxDyn(x.shape()), out).map_err(|e| fail(alloc::format!("{e}")))
+    }
+}
+
+impl TailOp for BatchNorm {
+    fn op_type(&self) -> &'static str {
+        "BatchNormalization"
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        Ok(Tensor::F32(self.apply(input(inputs, 0)?.f32("BatchNormalization input")?, true)?))
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let mut out = vec![None; inputs.len()];
+        if need.first().copied().unwrap_or(false) {
+            out[0] = Some(self.apply(dy, false)?);
+        }
+        Ok(out)
+    }
+
+    fn differentiable(&self, input: usize) -> bool {
+        input == 0
+    }
+
+    fn backward_reads_output(&self) -> bool {
+        false
+    }
+}

@@ -376,3 +376,82 @@ impl TailOp for Cast {
         self.to_float
     }
 }
+
+/// ONNX HardSigmoid `max(0, min(1, α·x + β))`, and HardSwish
+/// `x·HardSigmoid(x)` with α = 1/6, β = 1/2 (MobileNetV3's activations).
+#[derive(Debug)]
+pub struct HardSigmoid {
+    alpha: f32,
+    beta: f32,
+    swish: bool,
+}
+
+impl HardSigmoid {
+    /// HardSigmoid with the given slope and offset (ONNX defaults: 0.2, 0.5).
+    pub fn new(alpha: f32, beta: f32) -> HardSigmoid {
+        HardSigmoid { alpha, beta, swish: false }
+    }
+
+    /// HardSwish.
+    pub fn swish() -> HardSigmoid {
+        HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5, swish: true }
+    }
+}
+
+impl TailOp for HardSigmoid {
+    fn op_type(&self) -> &'static str {
+        if self.swish { "HardSwish" } else { "HardSigmoid" }
+    }
+
+    fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
+        let x = input(inputs, 0)?.f32("HardSigmoid input")?;
+        let xs = x.as_standard_layout();
+        let (a, b, swish) = (self.alpha, self.beta, self.swish);
+        let y = fm::map(xs.as_slice().unwrap_or_default(), move |v| {
+            let h = (a * v + b).clamp(0.0, 1.0);
+            if swish { v * h } else { h }
+        });
+        Ok(Tensor::F32(
+            ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
+        ))
+    }
+
+    fn backward(
+        &mut self,
+        inputs: &[&Tensor],
+        _output: &Tensor,
+        dy: &ArrayD<f32>,
+        need: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        if !need.first().copied().unwrap_or(false) {
+            return Ok(vec![None]);
+        }
+        let x = input(inputs, 0)?.f32("HardSigmoid input")?;
+        if x.shape() != dy.shape() {
+            return Err(fail("HardSigmoid backward: gradient and input shapes differ"));
+        }
+        let (a, b, swish) = (self.alpha, self.beta, self.swish);
+        let dx = Zip::from(dy).and(x).map_collect(|&g, &v| {
+            let z = a * v + b;
+            let inside = z > 0.0 && z < 1.0;
+            match (swish, inside) {
+                // d/dx x·(αx + β) = 2αx + β inside; 1 above, 0 below.
+                (true, true) => g * (2.0 * a * v + b),
+                (true, false) => {
+                    if z >= 1.0 {
+                        g
+                    } else {
+                        0.0
+                    }
+                }
+                (false, true) => g * a,
+                (false, false) => 0.0,
+            }
+        });
+        Ok(vec![Some(dx)])
+    }
+
+    fn backward_reads_output(&self) -> bool {
+        false
+    }
+}
