@@ -130,6 +130,22 @@ pub struct Backbone {
     outputs: Vec<String>,
     /// The model's `value_info` had to be ignored (stale declared types).
     ignored_value_info: bool,
+    /// The batch every input declares as a fixed first dim (`[1, 3, 224,
+    /// 224]`), if they all do.
+    fixed_batch: Option<usize>,
+}
+
+/// The first dim every input of `model` declares as fixed, if all agree.
+fn fixed_batch_of(model: &OnnxModel, inputs: &[String]) -> Option<usize> {
+    let mut batch = None;
+    for name in inputs {
+        let b = model.input_shape(name)?.first().copied()??;
+        if batch.is_some_and(|x| x != b) {
+            return None;
+        }
+        batch = Some(b);
+    }
+    batch
 }
 
 impl Backbone {
@@ -197,7 +213,14 @@ impl Backbone {
                 }
             }
         };
-        Ok(Backbone { plan, inputs, outputs: outputs.to_vec(), ignored_value_info: ignored })
+        let fixed_batch = fixed_batch_of(model, &inputs);
+        Ok(Backbone {
+            plan,
+            inputs,
+            outputs: outputs.to_vec(),
+            ignored_value_info: ignored,
+            fixed_batch,
+        })
     }
 
     /// Whether tract could not plan the model for symbolic input shapes, so
@@ -222,8 +245,65 @@ impl Backbone {
         &self.outputs
     }
 
+    /// The batch size the model's inputs fix (`Some(1)` for a `[1, 3, 224,
+    /// 224]` input), if they do.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.fixed_batch
+    }
+
     /// Runs the plan on `feed` (every model input, by name).
+    ///
+    /// A model whose inputs fix the batch at 1 (many exports do) runs any
+    /// batch one sample at a time: outputs with a first dim of 1 are
+    /// concatenated along it, outputs every sample computes alike (shape
+    /// values) are kept once. A model fixed at another batch runs only that
+    /// batch; others are an error that says so.
     pub fn run(&self, feed: &Feed) -> Result<Vec<Tensor>> {
+        let Some(fixed) = self.fixed_batch else { return self.run_plan(feed) };
+        let (name, n) = match self.inputs.iter().find_map(|i| Some((i, feed.get(i)?))) {
+            Some((i, t)) => (i, t.shape().first().copied().unwrap_or(1)),
+            None => return self.run_plan(feed),
+        };
+        if n == fixed {
+            return self.run_plan(feed);
+        }
+        if fixed != 1 || n == 0 {
+            return Err(Error::Config(format!(
+                "the model's inputs fix the batch at {fixed} (`{name}` is declared with a first dim of {fixed}); it runs batches of exactly {fixed}, not {n}: use --batch {fixed} and train without the feature cache (--no-cache), or re-export the model with a dynamic batch"
+            )));
+        }
+        let mut per_sample: Vec<Vec<Tensor>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut one = Feed::new();
+            for (k, t) in feed {
+                let t = if self.inputs.contains(k) && t.shape().first() == Some(&n) {
+                    take_row(t, i)
+                } else {
+                    t.clone()
+                };
+                one.insert(k.clone(), t);
+            }
+            per_sample.push(self.run_plan(&one)?);
+        }
+        let outputs = per_sample.first().map_or(0, Vec::len);
+        (0..outputs)
+            .map(|j| {
+                let parts: Vec<&Tensor> = per_sample.iter().map(|o| &o[j]).collect();
+                if parts.iter().all(|t| t.shape().first() == Some(&1)) {
+                    concat_rows(&parts)
+                } else if parts.iter().all(|t| *t == parts[0]) {
+                    Ok(parts[0].clone())
+                } else {
+                    Err(Error::Backbone(format!(
+                        "`{}` has no batch axis but differs between samples; this batch-1 model cannot run batches of {n}: use --batch 1",
+                        self.outputs[j]
+                    )))
+                }
+            })
+            .collect()
+    }
+
+    fn run_plan(&self, feed: &Feed) -> Result<Vec<Tensor>> {
         let mut computed = Vec::new();
         if let Some(plan) = &self.plan {
             let mut args = tvec![];
@@ -287,6 +367,46 @@ impl Backbone {
             })
             .collect()
     }
+}
+
+/// Row `i` of `t` along its first axis, keeping that axis (length 1).
+fn take_row(t: &Tensor, i: usize) -> Tensor {
+    use ndarray::{Axis, Slice};
+    let s = Slice::from(i..i + 1);
+    match t {
+        Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
+    }
+}
+
+/// `parts` (one row each) stacked along the first axis.
+fn concat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    use ndarray::{ArrayD, ArrayViewD, Axis};
+    fn cat<T: Clone>(v: Vec<ArrayViewD<'_, T>>) -> Result<ArrayD<T>> {
+        ndarray::concatenate(Axis(0), &v)
+            .map_err(|e| Error::Backbone(format!("stacking samples: {e}")))
+    }
+    let kind = |t: &Tensor| core::mem::discriminant(t);
+    if parts.iter().any(|t| kind(t) != kind(parts[0])) {
+        return Err(Error::Backbone("samples gave outputs of different types".into()));
+    }
+    Ok(match parts[0] {
+        Tensor::F32(_) => Tensor::F32(cat(parts
+            .iter()
+            .filter_map(|t| t.f32("").ok())
+            .map(|a| a.view())
+            .collect())?),
+        Tensor::F16(_) => Tensor::F16(cat(parts
+            .iter()
+            .filter_map(|t| if let Tensor::F16(a) = t { Some(a.view()) } else { None })
+            .collect())?),
+        Tensor::I64(_) => Tensor::I64(cat(parts
+            .iter()
+            .filter_map(|t| t.i64("").ok())
+            .map(|a| a.view())
+            .collect())?),
+    })
 }
 
 fn to_tract(t: &Tensor) -> TractTensor {

@@ -275,3 +275,61 @@ fn a_torchscript_cnn_with_batchnorm_and_hardswish_trains_merges_and_matches() {
     assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
     eprintln!("{name}: 4 layers, 1 epoch loss {:.4}, onnxruntime {e:.2e}", m[0].train_loss);
 }
+
+/// `mobilenetv3_block.onnx` with its batch dim fixed at `batch` (as many
+/// exports declare `[1, 3, 224, 224]`), written by the `onnx` package.
+fn fixed_batch_copy(batch: usize, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("fixed{batch}.onnx"));
+    let script = format!(
+        "import onnx\nm = onnx.load({src:?})\nfor v in list(m.graph.input) + list(m.graph.output):\n    d = v.type.tensor_type.shape.dim[0]\n    d.ClearField('dim_param')\n    d.dim_value = {batch}\nonnx.save(m, {out:?})\n",
+        src = corpus("mobilenetv3_block.onnx").display().to_string(),
+        out = out.display().to_string(),
+    );
+    let st = Command::new("python3").arg("-c").arg(script).status().expect("python3 with onnx");
+    assert!(st.success(), "writing the fixed-batch copy");
+    out
+}
+
+/// A model whose inputs fix the batch at 1 runs any batch one sample at a
+/// time (the feature cache's probes at batches 2 and 3 included) and gives
+/// the dynamic model's answers; one fixed at 2 says what it runs.
+#[test]
+fn a_fixed_batch_model_trains_at_any_batch_or_says_why_not() {
+    let dir = scratch("fixed");
+    let layers = ["/last/last.0/Conv", "/classifier/classifier.0/Gemm"];
+    let cfg = SplitConfig {
+        targets: Targets::Names(layers.iter().map(|s| s.to_string()).collect()),
+        ..SplitConfig::default()
+    };
+    let fixed = OnnxModel::load(fixed_batch_copy(1, &dir)).unwrap();
+    let dynamic = OnnxModel::load(corpus("mobilenetv3_block.onnx")).unwrap();
+    let (mut a, mut b) =
+        (AdaptedModel::new(&fixed, &cfg).unwrap(), AdaptedModel::new(&dynamic, &cfg).unwrap());
+    assert_eq!(a.backbone().fixed_batch(), Some(1));
+    assert_eq!(b.backbone().fixed_batch(), None);
+    let mut rng = Rng::new(3);
+    let v = (0..6 * 3 * 32 * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let x = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[6, 3, 32, 32]), v).unwrap());
+    let feed: Feed = [("image".to_string(), x.clone())].into_iter().collect();
+    let (pa, pb) =
+        (a.predict(&feed, CacheDtype::F32).unwrap(), b.predict(&feed, CacheDtype::F32).unwrap());
+    assert_eq!(pa.shape(), [6, 10]);
+    assert!(
+        max_rel(&pa, &pb) <= 1e-5,
+        "batch of 6 through a batch-1 model: {:e}",
+        max_rel(&pa, &pb)
+    );
+    let labels: Vec<usize> = (0..6).map(|i| i % 10).collect();
+    let train =
+        Dataset::new(BTreeMap::from([("image".to_string(), x)]), Labels::Classes(labels)).unwrap();
+    let tc =
+        TrainConfig { epochs: 2, batch_size: 4, head: HeadConfig::Keep, ..TrainConfig::default() };
+    let mut t = Trainer::new(a, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m.iter().all(|e| e.train_loss.is_finite()), "{m:?}");
+
+    let two = OnnxModel::load(fixed_batch_copy(2, &dir)).unwrap();
+    let mut c = AdaptedModel::new(&two, &cfg).unwrap();
+    let err = c.predict(&feed, CacheDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("fix the batch at 2") && err.contains("--batch 2"), "{err}");
+}
