@@ -1,5 +1,7 @@
 //! The frozen layer's own products (`x·W0ᵀ`, `dy·W0`) — large and dense, so
-//! they go to `matrixmultiply` — and the storage of `W0` (f32 or f16).
+//! they go to the packed sgemm of `kernels` (or matrixmultiply on the tiers
+//! where that is not faster: `Tier::has_fast_sgemm`) — and the storage of
+//! `W0` (f32 or f16).
 
 use alloc::vec::Vec;
 use half::f16;

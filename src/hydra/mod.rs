@@ -10,7 +10,7 @@
 //! (`c`, `e`: the optional branch biases, zero at init.) Batches are row
 //! vectors, as in the paper's code: `X` is n×in, `Y = X·W0ᵀ + b0 + …` is n×out.
 //! Every low-rank product runs on [`crate::kernels`]; the dense products with
-//! `W0` run on `matrixmultiply`. Merge, unmerge and the hot-swap delta are in
+//! `W0` run on the kernels' packed sgemm (see `dense`). Merge, unmerge and the hot-swap delta are in
 //! [`merge`](self::merge).
 //!
 //! Backward, given `dY`:
