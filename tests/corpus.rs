@@ -333,3 +333,61 @@ fn a_fixed_batch_model_trains_at_any_batch_or_says_why_not() {
     let err = c.predict(&feed, CacheDtype::F32).unwrap_err().to_string();
     assert!(err.contains("fix the batch at 2") && err.contains("--batch 2"), "{err}");
 }
+
+/// The other linear-layer forms of a TorchScript export: `torch.addmm` as a
+/// Gemm with transB = 0, alpha ≠ 1 and beta = 2, and a bias-less nn.Linear as
+/// a MatMul with a transposed constant. All three adapt (the default
+/// targets), train on the model's own logits and merge; merged vs unmerged and
+/// onnxruntime ≤ 1e-4.
+#[test]
+fn gemm_with_alpha_beta_and_untransposed_b_and_biasless_linears_merge_exactly() {
+    let name = "linear_zoo.onnx";
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    let adapted = AdaptedModel::new(&model, &SplitConfig::default()).unwrap();
+    let r = adapted.report().clone();
+    assert_eq!(r.output, "logits");
+    let names: Vec<&str> = r.adapted.iter().map(String::as_str).collect();
+    assert_eq!(names.len(), 3, "two Gemms and the bias-less MatMul: {names:?}");
+    let mut rng = Rng::new(21);
+    let xs = |rng: &mut Rng, n: usize| {
+        let v = (0..n * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 32]), v).unwrap())
+    };
+    let labels: Vec<usize> = (0..64).map(|_| rng.below(10) as usize).collect();
+    let train = Dataset::new(
+        BTreeMap::from([("x".to_string(), xs(&mut rng, 64))]),
+        Labels::Classes(labels),
+    )
+    .unwrap();
+    let tc = TrainConfig {
+        epochs: 2,
+        batch_size: 16,
+        lr: 1e-2,
+        head: HeadConfig::Keep,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(adapted, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m.iter().all(|e| e.train_loss.is_finite()), "{m:?}");
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let dir = scratch("linear-zoo");
+    let out = dir.join("merged.onnx");
+    let check: BTreeMap<String, Tensor> = BTreeMap::from([("x".to_string(), xs(&mut rng, 5))]);
+    let feed: Feed = check.clone().into_iter().collect();
+    let mut want = None;
+    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
+        let w = unmerged.predict(&feed, CacheDtype::F32)?;
+        let got = Model::load(tmp)?.run(&feed)?.swap_remove(0);
+        let e = max_rel(got.f32("merged").unwrap(), &w);
+        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+        let base = Model::load(corpus(name))?.run(&feed)?.swap_remove(0);
+        assert!(max_rel(base.f32("base").unwrap(), &w) > 1e-6, "training changed nothing");
+        want = Some(w);
+        Ok(())
+    })
+    .unwrap();
+    let ort = onnxruntime(&out, &check, &dir);
+    let e = max_rel(ort["logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
+    eprintln!("{name}: {names:?}, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
+}

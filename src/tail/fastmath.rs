@@ -61,6 +61,34 @@ pub fn erf(x: f32) -> f32 {
 // bit-identical across tiers. The tier follows `kernels::active()`, so
 // `HYDRA_KERNELS=scalar` runs the baseline loops.
 macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub(crate) fn $name(tier: crate::kernels::Tier, $($arg: $ty),*) {
+            #[inline(always)]
+            fn base($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512($($arg: $ty),*) {
+                base($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) {
+                base($($arg),*)
+            }
+            match tier {
+                // SAFETY: callers pass `kernels::active().tier()` or a tier
+                // `Tier::is_supported` accepted: this CPU runs it.
+                #[cfg(target_arch = "x86_64")]
+                crate::kernels::Tier::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                crate::kernels::Tier::Avx2 => unsafe { avx2($($arg),*) },
+                _ => base($($arg),*),
+            }
+        }
+    };
     ($(#[$doc:meta])* fn $name:ident<$F:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         #[inline(always)]
@@ -90,6 +118,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(crate) use multiversion;
 
 multiversion! {
     /// `o[i] = f(x[i])`.
@@ -131,7 +161,8 @@ multiversion! {
     }
 }
 
-fn tier() -> crate::kernels::Tier {
+/// The active kernel tier (which copy of a multiversioned loop runs).
+pub(crate) fn tier() -> crate::kernels::Tier {
     crate::kernels::active().tier()
 }
 

@@ -14,9 +14,71 @@ use crate::tail::broadcast::norm_axis;
 use crate::tail::fastmath as fm;
 
 /// Views `a` as `[outer, inner]` where `inner` is the product of the axes from `axis` on.
-fn lanes(a: &ArrayD<f32>, axis: usize) -> (ArrayD<f32>, usize) {
+/// (Borrowed when `a` is already contiguous.)
+fn lanes(a: &ArrayD<f32>, axis: usize) -> (ndarray::CowArray<'_, f32, IxDyn>, usize) {
     let inner: usize = a.shape()[axis..].iter().product();
-    (a.as_standard_layout().into_owned(), inner.max(1))
+    (a.as_standard_layout(), inner.max(1))
+}
+
+fm::multiversion! {
+    /// LayerNormalization forward over whole lanes of `inner`.
+    fn ln_forward_rows(
+        src: &[f32],
+        out: &mut [f32],
+        scale: &[f32],
+        bias: &[f32],
+        inner: usize,
+        eps: f32
+    ) {
+        for (row, out) in src.chunks_exact(inner).zip(out.chunks_exact_mut(inner)) {
+            let (mean, rstd) = moments(row, eps);
+            let (mean, rstd) = (mean as f32, rstd as f32);
+            for (((o, &v), &s), &b) in out.iter_mut().zip(row).zip(scale).zip(bias) {
+                *o = (v - mean) * rstd * s + b;
+            }
+        }
+    }
+}
+
+fm::multiversion! {
+    /// LayerNormalization backward over whole lanes of `inner`:
+    /// `dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))`, `ĝ = dy·scale`.
+    fn ln_backward_rows(src: &[f32], gs: &[f32], dx: &mut [f32], scale: &[f32], inner: usize, eps: f32) {
+        let nf = inner as f64;
+        for ((row, grow), drow) in
+            src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
+        {
+            let (mean, rstd) = moments(row, eps);
+            let (mut sg, mut sgx) = ([0.0f64; 8], [0.0f64; 8]);
+            let whole = inner / 8 * 8;
+            let (g8s, s8s, x8s) = (
+                grow[..whole].chunks_exact(8),
+                scale[..whole].chunks_exact(8),
+                row[..whole].chunks_exact(8),
+            );
+            for ((g8, s8), x8) in g8s.zip(s8s).zip(x8s) {
+                for l in 0..8 {
+                    let gh = f64::from(g8[l]) * f64::from(s8[l]);
+                    sg[l] += gh;
+                    sgx[l] += gh * ((f64::from(x8[l]) - mean) * rstd);
+                }
+            }
+            for j in whole..inner {
+                let gh = f64::from(grow[j]) * f64::from(scale[j]);
+                sg[0] += gh;
+                sgx[0] += gh * ((f64::from(row[j]) - mean) * rstd);
+            }
+            let (mg, mgx, mean, rstd) = (
+                (sg.iter().sum::<f64>() / nf) as f32,
+                (sgx.iter().sum::<f64>() / nf) as f32,
+                mean as f32,
+                rstd as f32,
+            );
+            for (((d, &g), &sc), &x) in drow.iter_mut().zip(grow).zip(scale).zip(row) {
+                *d = rstd * (g * sc - mg - (x - mean) * rstd * mgx);
+            }
+        }
+    }
 }
 
 /// ONNX LayerNormalization (opset 17): normalise over axes `axis..`, then
@@ -65,15 +127,10 @@ impl TailOp for LayerNorm {
         let eps = self.eps;
         let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
         let rows = rows_per_task(inner);
+        let tier = fm::tier();
         parallel::chunks_mut(&mut y, rows * inner, src.len() * 4, |c, out| {
             let src = &src[c * rows * inner..c * rows * inner + out.len()];
-            for (row, out) in src.chunks_exact(inner).zip(out.chunks_exact_mut(inner)) {
-                let (mean, rstd) = moments(row, eps);
-                let (mean, rstd) = (mean as f32, rstd as f32);
-                for (((o, &v), &s), &b) in out.iter_mut().zip(row).zip(&scale).zip(&bias) {
-                    *o = (v - mean) * rstd * s + b;
-                }
-            }
+            ln_forward_rows(tier, src, out, &scale, &bias, inner, eps);
         });
         Ok(Tensor::F32(
             ArrayD::from_shape_vec(x.raw_dim(), y).map_err(|e| fail(alloc::format!("{e}")))?,
@@ -110,32 +167,12 @@ impl TailOp for LayerNorm {
             return Err(fail("LayerNormalization backward: gradient and input sizes differ"));
         }
         let mut dx = vec![0.0f32; src.len()];
-        let nf = inner as f64;
         let eps = self.eps;
         let rows = rows_per_task(inner);
+        let tier = fm::tier();
         parallel::chunks_mut(&mut dx, rows * inner, src.len() * 8, |c, dx| {
             let r = c * rows * inner..c * rows * inner + dx.len();
-            let (src, gs) = (&src[r.clone()], &gs[r]);
-            for ((row, grow), drow) in
-                src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
-            {
-                let (mean, rstd) = moments(row, eps);
-                // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = dy·scale
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for j in 0..inner {
-                    let gh = f64::from(grow[j]) * f64::from(scale[j]);
-                    let xh = (f64::from(row[j]) - mean) * rstd;
-                    sg += gh;
-                    sgx += gh * xh;
-                }
-                let (mg, mgx, mean, rstd) =
-                    ((sg / nf) as f32, (sgx / nf) as f32, mean as f32, rstd as f32);
-                for j in 0..inner {
-                    let gh = grow[j] * scale[j];
-                    let xh = (row[j] - mean) * rstd;
-                    drow[j] = rstd * (gh - mg - xh * mgx);
-                }
-            }
+            ln_backward_rows(tier, &src[r.clone()], &gs[r], dx, &scale, inner, eps);
         });
         out[0] =
             Some(ArrayD::from_shape_vec(x.raw_dim(), dx).map_err(|e| fail(alloc::format!("{e}")))?);
@@ -152,11 +189,30 @@ fn rows_per_task(inner: usize) -> usize {
     ((1 << 14) / inner.max(1)).max(1)
 }
 
-/// Mean and 1/√(var + eps) of a lane, in f64.
+/// Mean and 1/√(var + eps) of a lane, in f64, summed in 8 interleaved
+/// partial sums (independent accumulators the compiler can keep in one
+/// vector; a single running sum would stay scalar).
+#[inline(always)]
 fn moments(row: &[f32], eps: f32) -> (f64, f64) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+    let whole = row.len() / 8 * 8;
+    let (head, tail) = row.split_at(whole);
+    let mut acc = [0.0f64; 8];
+    for c in head.chunks_exact(8) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v);
+        }
+    }
+    let mean = (acc.iter().sum::<f64>() + tail.iter().map(|&v| f64::from(v)).sum::<f64>()) / n;
+    let mut acc = [0.0f64; 8];
+    for c in head.chunks_exact(8) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = f64::from(v) - mean;
+            *a += d * d;
+        }
+    }
+    let rest: f64 = tail.iter().map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean)).sum();
+    let var = (acc.iter().sum::<f64>() + rest) / n;
     (mean, 1.0 / (var + f64::from(eps)).sqrt())
 }
 
