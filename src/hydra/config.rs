@@ -109,7 +109,7 @@ impl HydraConfig {
             }
             if b.rank == 0 || b.rank > max {
                 return Err(Error::Config(format!(
-                    "{name} rank {} must be in 1..={max} (min(in={in_dim}, out={out_dim}, {MAX_RANK}))",
+                    "{name} rank {} must be in 1..={max} (min(in={in_dim}, out={out_dim}, {MAX_RANK})): pass a rank of at most {max}, or leave this {in_dim}→{out_dim} layer out of the targets (a classifier's logits layer often is this narrow; `--head new:N` trains a new one instead)",
                     b.rank
                 )));
             }
