@@ -473,3 +473,78 @@ fn a_dynamo_vit_adapts_its_blocks_trains_and_merges() {
     let err = AdaptedModel::new(&model, &cfg).unwrap_err().to_string();
     assert!(err.contains("64→5") && err.contains("rank of at most 5"), "{err}");
 }
+
+/// An int8 QDQ model (onnxruntime's `quantize_static` on `linear_zoo.onnx`:
+/// QuantizeLinear/DequantizeLinear around every weight and activation): its
+/// quantized layers are refused as targets with an error that says why and
+/// what to do, whether chosen by `all` or by name; the quantized model runs
+/// frozen in tract, so a new head on its output trains, merges and matches
+/// onnxruntime.
+#[test]
+fn an_int8_qdq_model_runs_frozen_and_its_quantized_layers_are_refused_as_targets() {
+    let dir = scratch("qdq");
+    let q = dir.join("linear_zoo_qdq.onnx");
+    let script = format!(
+        "import numpy as np\nfrom onnxruntime.quantization import quantize_static, QuantFormat, QuantType, CalibrationDataReader\nclass R(CalibrationDataReader):\n    def __init__(self):\n        g = np.random.default_rng(0)\n        self.it = iter([{{'x': g.uniform(-1, 1, (4, 32)).astype(np.float32)}} for _ in range(8)])\n    def get_next(self):\n        return next(self.it, None)\nquantize_static({src:?}, {out:?}, R(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)\n",
+        src = corpus("linear_zoo.onnx").display().to_string(),
+        out = q.display().to_string(),
+    );
+    let st =
+        Command::new("python3").arg("-c").arg(script).status().expect("python3 with onnxruntime");
+    assert!(st.success(), "quantizing with onnxruntime");
+    let model = OnnxModel::load(&q).unwrap();
+    assert!(model.graph().node.iter().any(|n| n.op_type == "DequantizeLinear"));
+    for targets in
+        [Targets::AllLinear, Targets::LastBlocks(1), Targets::Names(vec!["/l2/MatMul".into()])]
+    {
+        let cfg = SplitConfig { targets: targets.clone(), ..SplitConfig::default() };
+        let err = AdaptedModel::new(&model, &cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("int8-quantized") && err.contains("quantize after merging"),
+            "{targets:?}: {err}"
+        );
+    }
+    // Head-only: the quantized backbone runs in tract, frozen.
+    let cfg = SplitConfig { targets: Targets::None, ..SplitConfig::default() };
+    let adapted = AdaptedModel::new(&model, &cfg).unwrap();
+    let mut rng = Rng::new(4);
+    let xs = |rng: &mut Rng, n: usize| {
+        let v = (0..n * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 32]), v).unwrap())
+    };
+    let labels: Vec<usize> = (0..48).map(|_| rng.below(3) as usize).collect();
+    let train = Dataset::new(
+        BTreeMap::from([("x".to_string(), xs(&mut rng, 48))]),
+        Labels::Classes(labels),
+    )
+    .unwrap();
+    let tc = TrainConfig {
+        epochs: 2,
+        batch_size: 16,
+        lr: 1e-2,
+        head: HeadConfig::New(3),
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(adapted, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m.iter().all(|e| e.train_loss.is_finite()), "{m:?}");
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let out = dir.join("merged.onnx");
+    let check = BTreeMap::from([("x".to_string(), xs(&mut rng, 6))]);
+    let feed: Feed = check.clone().into_iter().collect();
+    let mut want = None;
+    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
+        let w = unmerged.predict(&feed, CacheDtype::F32)?;
+        let merged = Model::load(tmp)?;
+        let k = merged.output_names().iter().position(|o| o == "head_logits").unwrap();
+        let e = max_rel(merged.run(&feed)?.swap_remove(k).f32("merged").unwrap(), &w);
+        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+        want = Some(w);
+        Ok(())
+    })
+    .unwrap();
+    let ort = onnxruntime(&out, &check, &dir);
+    let e = max_rel(ort["head_logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(e <= 1e-4, "onnxruntime on the merged QDQ file vs tract's unmerged run: {e:e}");
+    eprintln!("linear_zoo QDQ: head-only loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
+}

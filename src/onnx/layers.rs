@@ -152,6 +152,38 @@ pub fn block_of(name: &str) -> Option<String> {
     None
 }
 
+/// Linear layers whose weight is quantized: a Gemm / MatMul / Conv whose
+/// weight input is a `DequantizeLinear` of a constant (the QDQ format of
+/// onnxruntime's quantizer and of quantization-aware exports), as
+/// `(node name, weight tensor)`. They run in the frozen backbone as they are;
+/// hydra-edge does not adapt them (an adapter merged into int8 weights would
+/// need requantizing, which changes the model beyond the adapter).
+pub fn quantized_layers(g: &GraphIndex<'_>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if !matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Conv") {
+            continue;
+        }
+        let Some(w) = n.input.get(1) else { continue };
+        let dq = g.producer.get(w.as_str()).map(|&p| &g.nodes[p]);
+        if dq.is_some_and(|d| {
+            d.op_type == "DequantizeLinear" && d.input.first().is_some_and(|x| g.is_constant(x))
+        }) {
+            out.push((g.node_name(i), w.clone()));
+        }
+    }
+    out
+}
+
+/// Whether `targets` names (or matches) the layer `name` with weight `weight`.
+pub(crate) fn targets_mention(targets: &Targets, name: &str, weight: &str) -> bool {
+    match targets {
+        Targets::Names(ns) => ns.iter().any(|n| n == name),
+        Targets::Patterns(ps) => ps.iter().any(|p| matches(p, name) || matches(p, weight)),
+        _ => false,
+    }
+}
+
 /// Every adaptable linear layer of the graph, in topological order.
 pub fn linear_layers(g: &GraphIndex<'_>) -> Result<Vec<LinearLayer>> {
     let outputs: Vec<String> = g.model.output_names();

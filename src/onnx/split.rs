@@ -122,7 +122,38 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
         }
         _ => layers.clone(),
     };
-    let chosen: Vec<LinearLayer> = cfg.targets.select(&feeding)?.into_iter().cloned().collect();
+    let quantized: Vec<(String, String)> = {
+        let up = g.upstream(&output);
+        super::layers::quantized_layers(&g)
+            .into_iter()
+            .filter(|(n, _)| up.iter().any(|&i| g.node_name(i) == *n))
+            .collect()
+    };
+    let refuse_quantized = |which: &[&(String, String)]| {
+        let names: Vec<&str> = which.iter().take(3).map(|(n, _)| n.as_str()).collect();
+        Error::Config(format!(
+            "{} linear layer(s) feeding `{output}` have int8-quantized weights (QDQ: DequantizeLinear of an int8 constant), e.g. {}; hydra-edge runs them frozen but does not adapt quantized weights (merging an adapter would need requantizing them): adapt the float model and quantize after merging, or train a new head (--targets none --head new:N)",
+            which.len(),
+            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        ))
+    };
+    let named: Vec<&(String, String)> = quantized
+        .iter()
+        .filter(|(n, w)| super::layers::targets_mention(&cfg.targets, n, w))
+        .collect();
+    if !named.is_empty() {
+        return Err(refuse_quantized(&named));
+    }
+    let chosen: Vec<LinearLayer> = match cfg.targets.select(&feeding) {
+        Ok(c) if c.is_empty() && !quantized.is_empty() && cfg.targets != Targets::None => {
+            return Err(refuse_quantized(&quantized.iter().collect::<Vec<_>>()));
+        }
+        Ok(c) => c.into_iter().cloned().collect(),
+        Err(_) if !quantized.is_empty() && feeding.is_empty() => {
+            return Err(refuse_quantized(&quantized.iter().collect::<Vec<_>>()));
+        }
+        Err(e) => return Err(e),
+    };
     let tail_nodes = cone(&g, &chosen, &output)?;
     let weights =
         chosen.iter().map(|l| l.weights(&g).map(|(w, _)| w)).collect::<Result<Vec<_>>>()?;
