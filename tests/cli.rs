@@ -670,8 +670,8 @@ fn stale_temporary_files_of_dead_processes_are_removed_by_the_next_write() {
         .output()
         .unwrap());
     assert!(
-        said.contains("synthetic inputs only"),
-        "without --check-data the check is weak: {said}"
+        said.contains("the adapter's training data"),
+        "without --check-data the check runs on the recorded training data: {said}"
     );
     for p in &plant {
         assert!(!p.exists(), "{} removed", p.display());
@@ -864,4 +864,45 @@ fn targets_are_exact_names_globs_or_unambiguous_substrings() {
             .collect();
         assert_eq!(adapted, want, "--targets {t}");
     }
+}
+
+/// `train` records where its data came from, and `merge` without
+/// `--check-data` checks on the first samples of it (saying so); when the
+/// file is gone it falls back to synthetic inputs and says that check is weak.
+#[test]
+fn merge_checks_on_the_adapters_own_training_data_by_default() {
+    let dir = std::env::temp_dir().join(format!("hydra-cli-recorded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("train.npz");
+    std::fs::copy(digits("digits_user_train.npz"), &data).unwrap();
+    let adapter = dir.join("a.hydra");
+    ok(bin()
+        .arg("train")
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--epochs", "1", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    let file = hydra_edge::adapter::AdapterFile::load(&adapter).unwrap();
+    let recorded = file.header.metadata.get("data").expect("the data path is recorded");
+    assert_eq!(std::path::Path::new(recorded), std::fs::canonicalize(&data).unwrap());
+    let merge = |out: &str| {
+        ok(bin()
+            .arg("--json")
+            .arg("merge")
+            .arg(digits("digits_mlp.onnx"))
+            .arg(&adapter)
+            .arg("-o")
+            .arg(dir.join(out))
+            .output()
+            .unwrap())
+    };
+    let j: serde_json::Value = serde_json::from_str(merge("m1.onnx").trim()).unwrap();
+    let on = j["checked_on"].as_str().unwrap();
+    assert!(on.contains("train.npz") && on.contains("training data"), "{j}");
+    std::fs::remove_file(&data).unwrap();
+    let j: serde_json::Value = serde_json::from_str(merge("m2.onnx").trim()).unwrap();
+    assert_eq!(j["checked_on"], "synthetic", "{j}");
 }

@@ -1,7 +1,7 @@
 //! inspect, train, eval, merge, run.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -557,7 +557,13 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
 /// that file is kept, this run's adapter goes to `OUT.new`, and it is an
 /// error.
 fn write_unless_better(t: &mut Trainer, a: &TrainArgs, data: &Dataset) -> Result<()> {
-    let mine = t.adapter_file(false, DType::F32)?;
+    let mut mine = t.adapter_file(false, DType::F32)?;
+    // Where the data came from, so that `merge` can check on real inputs.
+    for (key, path) in [("data", Some(&a.data)), ("eval_data", a.eval.as_ref())] {
+        if let Some(p) = path.and_then(|p| std::fs::canonicalize(p).ok()) {
+            mine.header.metadata.insert(key.into(), p.display().to_string());
+        }
+    }
     let existing = if a.overwrite { None } else { AdapterFile::load(&a.out).ok() };
     let Some(old) = existing else {
         mine.save(&a.out)?;
@@ -672,6 +678,48 @@ fn concat_rows(parts: Vec<&Tensor>) -> Result<Tensor> {
     })
 }
 
+/// Samples checked by `merge` when the adapter names its data.
+const RECORDED_CHECK_SAMPLES: usize = 16;
+
+/// The first samples of the data the adapter was trained on (its eval data
+/// first), when the adapter records the file, the file still reads, and it
+/// holds every input of the model; else `None` (merge then checks on
+/// synthetic inputs and says so).
+fn recorded_data(file: &AdapterFile, m: &OnnxModel) -> Option<(PathBuf, Feed)> {
+    let md = &file.header.metadata;
+    for key in ["eval_data", "data"] {
+        let Some(p) = md.get(key).map(PathBuf::from).filter(|p| p.is_file()) else { continue };
+        let Ok(mut f) = feed_from_npz(&p) else { continue };
+        f.retain(|k, _| m.input_names().contains(k));
+        if f.len() != m.input_names().len() {
+            continue;
+        }
+        let mut first = Feed::new();
+        for (k, t) in f {
+            let n = t.shape().first().copied().unwrap_or(0).min(RECORDED_CHECK_SAMPLES);
+            if n == 0 {
+                break;
+            }
+            first.insert(k, first_rows(&t, n));
+        }
+        if first.len() == m.input_names().len() {
+            return Some((p, first));
+        }
+    }
+    None
+}
+
+/// The first `n` rows of `t` along its first axis.
+fn first_rows(t: &Tensor, n: usize) -> Tensor {
+    use ndarray::{Axis, Slice};
+    let s = Slice::from(0..n);
+    match t {
+        Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
+        Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
+    }
+}
+
 fn feed_from_npz(path: &Path) -> Result<Feed> {
     Ok(read_npz(path)?.into_iter().collect())
 }
@@ -690,6 +738,7 @@ pub fn merge(
     let m = OnnxModel::load(model)?;
     let file = named(AdapterFile::load(adapter), "loading", adapter)?;
     // The check data is read (and must hold samples) before anything is written.
+    let mut recorded = None;
     let feed = match check {
         Some(p) => {
             let mut f = feed_from_npz(p)?;
@@ -703,7 +752,18 @@ pub fn merge(
             }
             f
         }
-        None => synthetic_feed(&m, 4)?,
+        None => match recorded_data(&file, &m) {
+            Some((p, f)) => {
+                recorded = Some(p);
+                f
+            }
+            None => synthetic_feed(&m, 4)?,
+        },
+    };
+    let checked_on = match (check, &recorded) {
+        (Some(p), _) => format!("{}", p.display()),
+        (None, Some(p)) => format!("{} (the adapter's training data)", p.display()),
+        (None, None) => "synthetic".to_string(),
     };
     // The merged model is written to a temporary file beside `out`, checked
     // against the unmerged one, and only then renamed onto `out`.
@@ -750,7 +810,7 @@ pub fn merge(
     if json {
         println!(
             "{}",
-            json!({"merged": out, "layers": report.layers, "external_files": report.external_files, "max_abs_error": max_abs, "max_rel_error": max_abs / scale, "checked_on": if check.is_some() { "data" } else { "synthetic" }})
+            json!({"merged": out, "layers": report.layers, "external_files": report.external_files, "max_abs_error": max_abs, "max_rel_error": max_abs / scale, "checked_on": checked_on})
         );
     } else {
         println!(
@@ -762,10 +822,12 @@ pub fn merge(
         for f in &report.external_files {
             println!("  external weights: {}", f.display());
         }
-        if check.is_none() {
+        if checked_on == "synthetic" {
             println!(
                 "  note: checked on synthetic inputs only (constant values, token ids 1), a weak check; pass --check-data with real inputs"
             );
+        } else {
+            println!("  checked on {checked_on}");
         }
     }
     Ok(())

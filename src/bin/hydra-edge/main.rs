@@ -64,7 +64,8 @@ enum Cmd {
         /// Append a Softmax after a new head.
         #[arg(long)]
         softmax: bool,
-        /// Data to check merged against unmerged on (default: synthetic inputs).
+        /// Data to check merged against unmerged on (default: the first 16
+        /// samples of the adapter's recorded training data, else synthetic inputs).
         #[arg(long)]
         check_data: Option<PathBuf>,
     },
