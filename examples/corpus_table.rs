@@ -126,13 +126,8 @@ fn row(dir: &Path, corpus: &Path, c: &Case) -> Res<String> {
     let trainable = r.trainable_params;
     let labels: Vec<usize> = (0..32).map(|i| i % 2).collect();
     let train = Dataset::new(inputs(c.kind, 32, 7), Labels::Classes(labels))?;
-    let tc = TrainConfig {
-        epochs: 1,
-        batch_size: 8,
-        lr: 1e-3,
-        head: c.head.clone(),
-        ..TrainConfig::default()
-    };
+    let tc =
+        TrainConfig { epochs: 1, batch_size: 8, lr: 1e-3, head: c.head, ..TrainConfig::default() };
     let mut t = Trainer::new(adapted, tc)?;
     let loss = t.fit(&train, None, &mut |_| {})?[0].train_loss;
     let file = t.adapter_file(false, DType::F32)?;
@@ -181,21 +176,21 @@ fn main() -> Res<()> {
             file: "minilm_dynamo.onnx",
             kind: "tokens",
             targets: Targets::AllLinear,
-            head: new2.clone(),
+            head: new2,
             note: "torch.onnx dynamo",
         },
         Case {
             file: "minilm_half.onnx",
             kind: "tokens",
             targets: Targets::LastBlocks(2),
-            head: new2.clone(),
+            head: new2,
             note: "dynamo, fp16",
         },
         Case {
             file: "minilm_legacy.onnx",
             kind: "tokens",
             targets: Targets::AllLinear,
-            head: new2.clone(),
+            head: new2,
             note: "TorchScript",
         },
         Case {
