@@ -902,6 +902,27 @@ fn merge_checks_on_the_adapters_own_training_data_by_default() {
     let j: serde_json::Value = serde_json::from_str(merge("m1.onnx").trim()).unwrap();
     let on = j["checked_on"].as_str().unwrap();
     assert!(on.contains("train.npz") && on.contains("training data"), "{j}");
+    // A recorded file that no longer fits the model (same names, wrong
+    // width): the check falls back to synthetic inputs and says so.
+    let mut arrays = hydra_edge::train::npz::parse_npz(&std::fs::read(&data).unwrap()).unwrap();
+    for (k, t) in arrays.iter_mut() {
+        if t.is_float() && k != "label" {
+            *t = hydra_edge::Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[4, 3])));
+        }
+    }
+    std::fs::write(&data, hydra_edge::train::npz::write_npz(&arrays)).unwrap();
+    let o = bin()
+        .arg("--json")
+        .arg("merge")
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("-o")
+        .arg(dir.join("m3.onnx"))
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_str(ok(o.clone()).trim()).unwrap();
+    assert_eq!(j["checked_on"], "synthetic", "{j}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not run on this model"));
     std::fs::remove_file(&data).unwrap();
     let j: serde_json::Value = serde_json::from_str(merge("m2.onnx").trim()).unwrap();
     assert_eq!(j["checked_on"], "synthetic", "{j}");

@@ -328,6 +328,35 @@ fn a_fixed_batch_model_trains_at_any_batch_or_says_why_not() {
     let m = t.fit(&train, None, &mut |_| {}).unwrap();
     assert!(m.iter().all(|e| e.train_loss.is_finite()), "{m:?}");
 
+    // An export that bakes the batch of 1 into the tail (Flatten written as
+    // Reshape to [1, -1]): batches are refused with the reason, batch 1 trains.
+    let baked = dir.join("baked.onnx");
+    let script = format!(
+        "import onnx, numpy as np\nfrom onnx import numpy_helper\nm = onnx.load({src:?})\nfor n in m.graph.node:\n    if n.op_type == 'Flatten':\n        n.op_type = 'Reshape'\n        del n.attribute[:]\n        n.input.append('batch_one_shape')\nm.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], dtype=np.int64), 'batch_one_shape'))\nonnx.save(m, {out:?})\n",
+        src = fixed_batch_copy(1, &dir).display().to_string(),
+        out = baked.display().to_string(),
+    );
+    assert!(Command::new("python3").arg("-c").arg(script).status().unwrap().success());
+    let baked = OnnxModel::load(&baked).unwrap();
+    let mut c = AdaptedModel::new(&baked, &cfg).unwrap();
+    let err = c.predict(&feed, CacheDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("--batch 1"), "{err}");
+    let one: Feed = feed
+        .iter()
+        .map(|(k, t)| {
+            let Tensor::F32(a) = t else { unreachable!() };
+            (
+                k.clone(),
+                Tensor::F32(a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..1)).to_owned()),
+            )
+        })
+        .collect();
+    let p1 = c.predict(&one, CacheDtype::F32).unwrap();
+    assert!(
+        max_rel(&p1, &pb.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..1)).to_owned())
+            <= 1e-5
+    );
+
     let two = OnnxModel::load(fixed_batch_copy(2, &dir)).unwrap();
     let mut c = AdaptedModel::new(&two, &cfg).unwrap();
     let err = c.predict(&feed, CacheDtype::F32).unwrap_err().to_string();

@@ -26,7 +26,7 @@ pub use params::{ParamSpec, PreparedAdapter};
 
 use crate::Tensor;
 use crate::backbone::{Backbone, Feed};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hydra::HydraConfig;
 use crate::onnx::{LinearLayer, OnnxModel, SplitConfig, SplitReport};
 use crate::tail::TailGraph;
@@ -65,6 +65,9 @@ pub struct AdaptedModel {
     /// Memory of the backbone plan: its frozen weights (the model's float
     /// initializers that are not in the tail) and tract's packed copies.
     backbone_bytes: usize,
+    /// For a model whose inputs fix the batch at 1: whether the tail was seen
+    /// to give each sample of a batch the answer it gives that sample alone.
+    batch_checked: bool,
 }
 
 impl AdaptedModel {
@@ -87,6 +90,7 @@ impl AdaptedModel {
             adapter_config: cfg.adapter.clone(),
             caches: Vec::new(),
             prefix_samples: AtomicUsize::new(0),
+            batch_checked: false,
         })
     }
 
@@ -236,10 +240,67 @@ impl AdaptedModel {
     /// The tail (its head included) on boundary tensors: the model's
     /// prediction. With `train`, every op keeps what backward needs.
     pub fn predict_boundary(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<ArrayD<f32>> {
+        if self.backbone.fixed_batch() == Some(1) && !self.batch_checked {
+            self.check_batching(&boundary)?;
+        }
         match self.tail.forward(boundary, train)? {
             Tensor::F32(a) => Ok(a),
             t => Ok(t.to_f32("tail output")?.into_owned()),
         }
+    }
+
+    /// A model whose inputs fix the batch at 1 runs batches one sample at a
+    /// time through the backbone, but its tail sees the whole batch: an
+    /// export that bakes the 1 into a tail reshape (`[1, -1, H]`) would mix
+    /// the samples. The first time the tail gets more than one sample, its
+    /// answer for the first sample is compared with the answer for that
+    /// sample alone; a difference is an error that says to use batch 1.
+    fn check_batching(&mut self, boundary: &[Tensor]) -> Result<()> {
+        let n = boundary
+            .iter()
+            .filter(|t| t.is_float())
+            .filter_map(|t| t.shape().first().copied())
+            .max()
+            .unwrap_or(1);
+        if n <= 1 {
+            return Ok(());
+        }
+        let first = |t: &Tensor| -> Tensor {
+            use ndarray::{Axis, Slice};
+            if !(t.is_float() && t.shape().first() == Some(&n)) {
+                return t.clone();
+            }
+            let s = Slice::from(0..1);
+            match t {
+                Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
+                Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
+                Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
+            }
+        };
+        let alone = self.tail.forward(boundary.iter().map(first).collect(), false);
+        let batched = self.tail.forward(boundary.to_vec(), false);
+        let same = match (alone, batched) {
+            (Ok(a), Ok(b)) => {
+                let (a, b) = (a.into_f32(), b.into_f32());
+                let (a, b) = (a.f32("alone")?, b.f32("batched")?);
+                let row = a.len();
+                a.shape().first() == Some(&1)
+                    && b.shape().first() == Some(&n)
+                    && b.len() == row * n
+                    && {
+                        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                        a.iter().zip(b.iter()).all(|(x, y)| (x - y).abs() <= 1e-4 * scale)
+                    }
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(Error::Config(format!(
+                "the model's inputs fix the batch at 1, and its tail does not give a sample the same answer in a batch of {n} as alone (an export that reshapes to a batch of 1 inside the graph); train and run it with --batch 1"
+            )));
+        }
+        self.batch_checked = true;
+        Ok(())
     }
 
     /// The gradient of the prediction back through the tail and its head.

@@ -64,7 +64,7 @@ macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         #[inline(always)]
-        pub(crate) fn $name(tier: crate::kernels::Tier, $($arg: $ty),*) {
+        pub(crate) fn $name(kern: &crate::kernels::Kernels, $($arg: $ty),*) {
             #[inline(always)]
             fn base($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -77,9 +77,9 @@ macro_rules! multiversion {
             fn avx2($($arg: $ty),*) {
                 base($($arg),*)
             }
-            match tier {
-                // SAFETY: callers pass `kernels::active().tier()` or a tier
-                // `Tier::is_supported` accepted: this CPU runs it.
+            match kern.tier() {
+                // SAFETY: a `Kernels` table exists only for a tier this CPU
+                // runs (`Kernels::for_tier` / `kernels::active`).
                 #[cfg(target_arch = "x86_64")]
                 crate::kernels::Tier::Avx512 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
@@ -92,7 +92,7 @@ macro_rules! multiversion {
     ($(#[$doc:meta])* fn $name:ident<$F:ident: $bound:path>($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         #[inline(always)]
-        fn $name<$F: $bound>(tier: crate::kernels::Tier, $($arg: $ty),*) {
+        fn $name<$F: $bound>(kern: &crate::kernels::Kernels, $($arg: $ty),*) {
             #[inline(always)]
             fn base<$F: $bound>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -105,9 +105,9 @@ macro_rules! multiversion {
             fn avx2<$F: $bound>($($arg: $ty),*) {
                 base($($arg),*)
             }
-            match tier {
-                // SAFETY: callers pass `kernels::active().tier()` or a tier
-                // `Tier::is_supported` accepted: this CPU runs it.
+            match kern.tier() {
+                // SAFETY: a `Kernels` table exists only for a tier this CPU
+                // runs (`Kernels::for_tier` / `kernels::active`).
                 #[cfg(target_arch = "x86_64")]
                 crate::kernels::Tier::Avx512 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
@@ -161,9 +161,10 @@ multiversion! {
     }
 }
 
-/// The active kernel tier (which copy of a multiversioned loop runs).
-pub(crate) fn tier() -> crate::kernels::Tier {
-    crate::kernels::active().tier()
+/// The active kernel table (its tier picks which copy of a multiversioned
+/// loop runs).
+pub(crate) fn tier() -> &'static crate::kernels::Kernels {
+    crate::kernels::active()
 }
 
 /// `out[i] = f(x[i])`, in parallel chunks.
@@ -225,12 +226,13 @@ mod tests {
         let gelu = |x: f32| 0.5 * x * (1.0 + erf(x * core::f32::consts::FRAC_1_SQRT_2));
         let base = x.iter().map(|&x| gelu(x)).collect::<Vec<_>>();
         for t in crate::kernels::Tier::available() {
+            let t = crate::kernels::Kernels::for_tier(t).unwrap();
             let mut o = vec![0.0f32; x.len()];
             apply1(t, &mut o, &x, &gelu);
-            assert!(o.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{t}");
+            assert!(o.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", t.tier());
             apply3(t, &mut o, &x, &x, &x, &|a: f32, b: f32, c: f32| exp(a) * b - c);
             let want = x.iter().map(|&a| exp(a) * a - a);
-            assert!(o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{t}");
+            assert!(o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", t.tier());
         }
     }
 

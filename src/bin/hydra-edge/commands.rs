@@ -680,6 +680,8 @@ fn concat_rows(parts: Vec<&Tensor>) -> Result<Tensor> {
 
 /// Samples checked by `merge` when the adapter names its data.
 const RECORDED_CHECK_SAMPLES: usize = 16;
+/// Recorded data files above this size are not read for the check.
+const RECORDED_MAX_BYTES: u64 = 256 << 20;
 
 /// The first samples of the data the adapter was trained on (its eval data
 /// first), when the adapter records the file, the file still reads, and it
@@ -689,15 +691,22 @@ fn recorded_data(file: &AdapterFile, m: &OnnxModel) -> Option<(PathBuf, Feed)> {
     let md = &file.header.metadata;
     for key in ["eval_data", "data"] {
         let Some(p) = md.get(key).map(PathBuf::from).filter(|p| p.is_file()) else { continue };
+        // Read whole to take 16 samples: not for a file that would strain a device.
+        if std::fs::metadata(&p).map_or(true, |md| md.len() > RECORDED_MAX_BYTES) {
+            continue;
+        }
         let Ok(mut f) = feed_from_npz(&p) else { continue };
         f.retain(|k, _| m.input_names().contains(k));
         if f.len() != m.input_names().len() {
             continue;
         }
+        // A model that fixes its batch gets exactly that many samples.
+        let fixed = m.input_names().iter().find_map(|k| m.input_shape(k)?.first().copied()?);
         let mut first = Feed::new();
         for (k, t) in f {
-            let n = t.shape().first().copied().unwrap_or(0).min(RECORDED_CHECK_SAMPLES);
-            if n == 0 {
+            let have = t.shape().first().copied().unwrap_or(0);
+            let n = fixed.unwrap_or(have.min(RECORDED_CHECK_SAMPLES));
+            if n == 0 || n > have {
                 break;
             }
             first.insert(k, first_rows(&t, n));
@@ -760,7 +769,7 @@ pub fn merge(
             None => synthetic_feed(&m, 4)?,
         },
     };
-    let checked_on = match (check, &recorded) {
+    let mut checked_on = match (check, &recorded) {
         (Some(p), _) => format!("{}", p.display()),
         (None, Some(p)) => format!("{} (the adapter's training data)", p.display()),
         (None, None) => "synthetic".to_string(),
@@ -768,45 +777,65 @@ pub fn merge(
     // The merged model is written to a temporary file beside `out`, checked
     // against the unmerged one, and only then renamed onto `out`.
     let (mut max_abs, mut scale) = (0.0f32, 1e-12f32);
-    let mut verify = |tmp: &Path, adapted: &mut AdaptedModel| -> hydra_edge::Result<()> {
-        let refuse = |m: String| hydra_edge::Error::Config(format!("merge check failed: {m}"));
-        let want = adapted.predict(&feed, CacheDtype::F32)?;
-        let name = if adapted.head().is_some() {
-            "head_logits".to_string()
-        } else {
-            adapted.report().output.clone()
+    // Set when the unmerged model cannot run the check data at all (a
+    // recorded file that no longer fits the model): then, and only then,
+    // the check is retried on synthetic inputs. A check that runs and
+    // disagrees is never retried.
+    let data_unusable = std::cell::Cell::new(false);
+    let mut verify =
+        |feed: &Feed, tmp: &Path, adapted: &mut AdaptedModel| -> hydra_edge::Result<()> {
+            let refuse = |m: String| hydra_edge::Error::Config(format!("merge check failed: {m}"));
+            let want =
+                adapted.predict(feed, CacheDtype::F32).inspect_err(|_| data_unusable.set(true))?;
+            let name = if adapted.head().is_some() {
+                "head_logits".to_string()
+            } else {
+                adapted.report().output.clone()
+            };
+            let merged = Model::load(tmp)?;
+            let k = merged
+                .output_names()
+                .iter()
+                .position(|o| *o == name)
+                .ok_or_else(|| refuse(format!("the merged model lacks `{name}`")))?;
+            let got = merged.run(feed)?.swap_remove(k);
+            let got = got.f32("merged")?;
+            if got.shape() != want.shape() {
+                return Err(refuse(format!(
+                    "merged output {:?} vs unmerged {:?}",
+                    got.shape(),
+                    want.shape()
+                )));
+            }
+            // NaN-aware: a NaN anywhere is an error, never a max that drops it.
+            max_abs =
+                got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+                    if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) }
+                });
+            if !max_abs.is_finite() {
+                return Err(refuse(
+                    "the merged or unmerged model produced non-finite outputs; nothing was written"
+                        .into(),
+                ));
+            }
+            scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+            Ok(())
         };
-        let merged = Model::load(tmp)?;
-        let k = merged
-            .output_names()
-            .iter()
-            .position(|o| *o == name)
-            .ok_or_else(|| refuse(format!("the merged model lacks `{name}`")))?;
-        let got = merged.run(&feed)?.swap_remove(k);
-        let got = got.f32("merged")?;
-        if got.shape() != want.shape() {
-            return Err(refuse(format!(
-                "merged output {:?} vs unmerged {:?}",
-                got.shape(),
-                want.shape()
-            )));
+    let merged =
+        merge_adapter_file_checked(&m, &file, out, softmax, &mut |t, a| verify(&feed, t, a));
+    let (report, _) = match merged {
+        Err(e) if recorded.is_some() && data_unusable.get() => {
+            eprintln!(
+                "note: the adapter's recorded data does not run on this model ({e}); checking on synthetic inputs instead"
+            );
+            checked_on = "synthetic".to_string();
+            let synthetic = synthetic_feed(&m, 4)?;
+            merge_adapter_file_checked(&m, &file, out, softmax, &mut |t, a| {
+                verify(&synthetic, t, a)
+            })?
         }
-        // NaN-aware: a NaN anywhere is an error, never a max that drops it.
-        max_abs = got
-            .iter()
-            .zip(want.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, |m, d| if d.is_nan() || m.is_nan() { f32::NAN } else { m.max(d) });
-        if !max_abs.is_finite() {
-            return Err(refuse(
-                "the merged or unmerged model produced non-finite outputs; nothing was written"
-                    .into(),
-            ));
-        }
-        scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
-        Ok(())
+        r => r?,
     };
-    let (report, _) = merge_adapter_file_checked(&m, &file, out, softmax, &mut verify)?;
     if json {
         println!(
             "{}",

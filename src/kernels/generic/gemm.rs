@@ -312,6 +312,9 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let l = S::LANES;
     let nr = NV * l;
+    const TILE: usize = 16 * 64;
+    // The edge-tile buffer below holds any tier's tile (AVX-512: 12×32).
+    assert!(MR * nr <= TILE, "sgemm tile {MR}×{nr} exceeds the edge buffer");
     // SAFETY: tier features available (caller); every read is inside a panel.
     unsafe {
         let mut acc = [[S::zero(); NV]; MR];
@@ -336,8 +339,7 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
         } else {
             // An edge tile: the same epilogue on a zero-padded copy of C, so
             // edge elements round exactly as interior ones do.
-            let mut tile = [0.0f32; 16 * 64];
-            debug_assert!(MR * nr <= tile.len());
+            let mut tile = [0.0f32; TILE];
             let t = tile.as_mut_ptr();
             if beta != 0.0 {
                 for i in 0..mr_eff {
