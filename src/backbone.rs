@@ -277,7 +277,7 @@ impl Backbone {
             let mut one = Feed::new();
             for (k, t) in feed {
                 let t = if self.inputs.contains(k) && t.shape().first() == Some(&n) {
-                    take_row(t, i)
+                    t.rows(i..i + 1)
                 } else {
                     t.clone()
                 };
@@ -366,17 +366,6 @@ impl Backbone {
                 }),
             })
             .collect()
-    }
-}
-
-/// Row `i` of `t` along its first axis, keeping that axis (length 1).
-fn take_row(t: &Tensor, i: usize) -> Tensor {
-    use ndarray::{Axis, Slice};
-    let s = Slice::from(i..i + 1);
-    match t {
-        Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
-        Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
-        Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
     }
 }
 

@@ -126,6 +126,20 @@ impl Tensor {
     pub fn scalar(v: f32) -> Tensor {
         Tensor::F32(ArrayD::from_elem(IxDyn(&[]), v))
     }
+
+    /// Rows `rows` along the first axis (which is kept), as an owned tensor.
+    ///
+    /// # Panics
+    /// If the tensor is 0-d or `rows` reaches past the first axis.
+    pub fn rows(&self, rows: core::ops::Range<usize>) -> Tensor {
+        use ndarray::{Axis, Slice};
+        let s = Slice::from(rows);
+        match self {
+            Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
+            Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
+            Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
+        }
+    }
 }
 
 fn widen(a: &ArrayD<f16>) -> ArrayD<f32> {

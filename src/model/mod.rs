@@ -266,16 +266,7 @@ impl AdaptedModel {
             return Ok(());
         }
         let first = |t: &Tensor| -> Tensor {
-            use ndarray::{Axis, Slice};
-            if !(t.is_float() && t.shape().first() == Some(&n)) {
-                return t.clone();
-            }
-            let s = Slice::from(0..1);
-            match t {
-                Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
-                Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
-                Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
-            }
+            if t.is_float() && t.shape().first() == Some(&n) { t.rows(0..1) } else { t.clone() }
         };
         let alone = self.tail.forward(boundary.iter().map(first).collect(), false);
         let batched = self.tail.forward(boundary.to_vec(), false);

@@ -709,24 +709,13 @@ fn recorded_data(file: &AdapterFile, m: &OnnxModel) -> Option<(PathBuf, Feed)> {
             if n == 0 || n > have {
                 break;
             }
-            first.insert(k, first_rows(&t, n));
+            first.insert(k, t.rows(0..n));
         }
         if first.len() == m.input_names().len() {
             return Some((p, first));
         }
     }
     None
-}
-
-/// The first `n` rows of `t` along its first axis.
-fn first_rows(t: &Tensor, n: usize) -> Tensor {
-    use ndarray::{Axis, Slice};
-    let s = Slice::from(0..n);
-    match t {
-        Tensor::F32(a) => Tensor::F32(a.slice_axis(Axis(0), s).to_owned()),
-        Tensor::F16(a) => Tensor::F16(a.slice_axis(Axis(0), s).to_owned()),
-        Tensor::I64(a) => Tensor::I64(a.slice_axis(Axis(0), s).to_owned()),
-    }
 }
 
 fn feed_from_npz(path: &Path) -> Result<Feed> {
