@@ -190,6 +190,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         step_ms.push((t, median(v)));
     }
     let f16_calls = stats::f16_kernel_calls() - f16_before;
+    // HYDRA_DEVICE=cuda[:N] (a `--features cuda` build): the same step with the
+    // tail's dense products on that GPU, beside the CPU's at the most threads.
+    if let Ok(dev) = std::env::var("HYDRA_DEVICE") {
+        let info = hydra_edge::device::set_device(dev.parse()?)?;
+        let products = hydra_edge::device::stats::gpu_products();
+        let mut v = Vec::new();
+        for _ in 0..steps {
+            let target = trainer.step() + 1;
+            let t0 = Instant::now();
+            trainer.fit_until(&train, None, Some(target), &mut |_| {})?;
+            v.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let gpu_ms = median(v);
+        let per_step = (hydra_edge::device::stats::gpu_products() - products) / steps.max(1);
+        let (t, cpu_ms) = *step_ms.last().unwrap();
+        println!(
+            "training step on {} ({}): {gpu_ms:.1} ms, {per_step} products per step on the GPU; \
+             CPU at {t} thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
+            info.device,
+            info.name,
+            gpu_ms / cpu_ms
+        );
+        hydra_edge::device::set_device(hydra_edge::device::Device::Cpu)?;
+    }
     if std::env::var_os("HYDRA_PROFILE").is_some() {
         trainer.model_mut().tail_mut().set_profiling(true);
         let target = trainer.step() + steps as u64;

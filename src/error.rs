@@ -112,6 +112,16 @@ pub enum Error {
         /// What was seen.
         reason: String,
     },
+    /// A compute device that was asked for cannot be used: a build without the
+    /// `cuda` feature, no CUDA driver or library, no such GPU, or a CUDA call
+    /// that failed.
+    #[error("device `{device}`: {reason}")]
+    Device {
+        /// The device as asked for (`cuda:0`).
+        device: String,
+        /// What is missing or what failed.
+        reason: String,
+    },
     /// An I/O error, with what was being done.
     #[cfg(feature = "std")]
     // The source is not repeated here: it is `source()`, and a chain printer

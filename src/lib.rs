@@ -54,6 +54,8 @@ pub mod infer;
 
 #[cfg(feature = "onnx")]
 pub mod backbone;
+#[cfg(feature = "std")]
+pub mod device;
 pub mod kernels;
 #[cfg(feature = "onnx")]
 pub mod model;

@@ -2,11 +2,14 @@
 //! inspect → train → eval → merge → run, plus the demo, in human and --json modes.
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// The CLI binary (under qemu-user, through the runner: see `common::run_target_binary`).
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hydra-edge"))
+    common::run_target_binary(std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge")))
 }
 
 fn digits(f: &str) -> PathBuf {
@@ -135,6 +138,12 @@ fn the_demo_adapts_merges_and_checks() {
     assert!(j["accuracy_before"].as_f64().unwrap() < 0.5);
     assert!(j["accuracy_after"].as_f64().unwrap() > 0.85);
     assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3);
+    // The cached (f16) model input reaches the first layer's f16 kernels.
+    assert!(j["f16_kernel_calls"].as_u64().unwrap() > 0, "{j}");
+    let tier = j["tier"].as_str().unwrap();
+    if let Ok(want) = std::env::var("HYDRA_EXPECT_TIER") {
+        assert_eq!(tier, want, "the demo ran on another tier than expected");
+    }
 }
 
 #[test]

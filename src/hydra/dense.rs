@@ -98,6 +98,9 @@ pub(crate) fn gemm_c(
     #[cfg(feature = "std")]
     {
         record_gemm(m, k, n);
+        if crate::device::try_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc) {
+            return;
+        }
         if crate::parallel::threads() > 1
             && m * k * n >= crate::parallel::MIN_PARALLEL_GEMM
             && !crate::parallel::in_worker()

@@ -58,27 +58,33 @@ pub fn assert_close(got: &[f32], want: &Ref, tol: f64, abs: f64, what: &str) {
     }
 }
 
-/// The command that runs this test binary again: through the runner cargo
-/// used, if one is configured for this architecture (qemu-user in the aarch64
-/// CI stage, where the kernel may not exec a foreign binary itself), else directly.
+/// The command that runs this test binary again (through the runner, see
+/// [`run_target_binary`]).
 pub fn rerun_self(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap();
+    let mut cmd = run_target_binary(&std::env::current_exe().unwrap());
+    cmd.args(args);
+    cmd
+}
+
+/// The command that starts `exe`, a binary built for this test's target:
+/// through the runner cargo used, if one is configured for this architecture
+/// (qemu-user in the aarch64 CI stage, where the kernel may not exec a foreign
+/// binary itself; `HYDRA_TEST_RUNNER` overrides), else directly.
+pub fn run_target_binary(exe: &std::path::Path) -> Command {
     let arch_prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
     let runner = std::env::var("HYDRA_TEST_RUNNER").ok().or_else(|| {
         std::env::vars()
             .find(|(k, v)| k.starts_with(&arch_prefix) && k.ends_with("_RUNNER") && !v.is_empty())
             .map(|(_, v)| v)
     });
-    let mut cmd = match runner.as_deref().map(str::split_whitespace) {
+    match runner.as_deref().map(str::split_whitespace) {
         Some(mut words) => {
             let mut cmd = Command::new(words.next().expect("empty test runner"));
-            cmd.args(words).arg(&exe);
+            cmd.args(words).arg(exe);
             cmd
         }
-        None => Command::new(&exe),
-    };
-    cmd.args(args);
-    cmd
+        None => Command::new(exe),
+    }
 }
 
 /// Runs `model` with onnxruntime (Python, installed by scripts/test.sh) on `inputs`

@@ -12,7 +12,7 @@ use hydra_edge::Tensor;
 use hydra_edge::backbone::Feed;
 use hydra_edge::export::merge_into_onnx;
 use hydra_edge::infer::Model;
-use hydra_edge::kernels::{self, Kernels, Tier};
+use hydra_edge::kernels::{self, Kernels, Tier, stats};
 use hydra_edge::model::AdaptedModel;
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::train::npz::parse_npz;
@@ -81,6 +81,7 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
         "training a Hydra adapter (parallel rank 4 + sequential rank 8 on 3 layers, {} parameters)…",
         t.model().report().trainable_params
     ));
+    let (f16_calls0, widened0) = (stats::f16_kernel_calls(), stats::widened_elements());
     let t0 = Instant::now();
     let mut last = 0.0;
     t.fit(&train, None, &mut |e| {
@@ -89,9 +90,18 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
         }
     })?;
     let train_secs = t0.elapsed().as_secs_f64();
+    // Which path training took: cached f16 activations straight into the f16
+    // kernels of the active tier, or widened to f32 first.
+    let f16_calls = stats::f16_kernel_calls() - f16_calls0;
+    let widened = stats::widened_elements() - widened0;
     let (_, after) = t.evaluate(&test)?;
     let (_, base_after) = t.evaluate(&base)?;
     say(format!("trained {epochs} epochs in {train_secs:.2}s (final loss {last:.3})"));
+    say(format!(
+        "f16 path: {f16_calls} calls of the {} tier's f16 kernels on cached f16 activations, \
+         {widened} f16 values widened to f32",
+        kernels::active().tier()
+    ));
     say(format!(
         "accuracy after adapting:  user {:.1}%, original writers {:.1}%",
         100.0 * after.unwrap_or(0.0),
@@ -130,7 +140,9 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
         println!(
             "{}",
             json!({"accuracy_before": before, "accuracy_after": after, "base_accuracy_before": base_before, "base_accuracy_after": base_after,
-                "merge_max_abs_error": err, "base_ms": tb * 1e3, "merged_ms": tm * 1e3, "train_seconds": train_secs, "merged_model": merged_path})
+                "merge_max_abs_error": err, "base_ms": tb * 1e3, "merged_ms": tm * 1e3, "train_seconds": train_secs, "merged_model": merged_path,
+                "tier": kernels::active().tier().name(), "f16_kernel_calls": f16_calls, "f16_widened": widened,
+                "device": hydra_edge::device::device().to_string(), "gpu_products": hydra_edge::device::stats::gpu_products()})
         );
     }
     std::fs::remove_dir_all(&dir).ok();

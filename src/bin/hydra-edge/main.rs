@@ -23,6 +23,10 @@ struct Cli {
     /// share one pool (0 = one per core).
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// Where the trainable tail's dense products run: `cpu`, or `cuda` /
+    /// `cuda:N` (a build with `--features cuda` and an NVIDIA GPU).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: hydra_edge::device::Device,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -220,6 +224,24 @@ fn main() {
         std::process::exit(1);
     }
     let json = cli.json;
+    if cli.device != hydra_edge::device::Device::Cpu {
+        match hydra_edge::device::set_device(cli.device) {
+            Ok(info) if !json => eprintln!(
+                "device: {} ({}{})",
+                info.device,
+                info.name,
+                info.memory_bytes.map_or(String::new(), |b| format!(
+                    ", {:.1} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                ))
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: --device: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let r = match cli.cmd {
         Cmd::Inspect { model, output_tensor } => {
             commands::inspect(&model, output_tensor.as_deref(), json)

@@ -1,0 +1,249 @@
+//! `--device` and the `cuda` feature.
+//!
+//! Everywhere: device names parse, asking for a GPU where there is none (or
+//! in a build without `cuda`) is an error that names what is missing and
+//! leaves the CPU in use, and the CLI says so instead of panicking.
+//!
+//! With a GPU (`targets/gpu-check.sh`: `cargo test --release --features cuda
+//! --test device -- --ignored`): every product of a small model sent to the
+//! GPU (`set_gpu_min_work(0)`) gives the CPU's products, forward, backward,
+//! optimizer step and a short training run, within explicit tolerances.
+//! Those tests are `#[ignore]`d and fail (never pass) where no GPU starts.
+#![cfg(feature = "onnx")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use hydra_edge::Error;
+use hydra_edge::device::{self, Device};
+
+/// The device is process-wide: tests that switch it take turns.
+static DEVICE: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn device_names_parse_and_bad_ones_are_errors() {
+    assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+    assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+    assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+    assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+    for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:99999999999999999999999", ""] {
+        let e = bad.parse::<Device>().unwrap_err();
+        assert!(e.to_string().contains("expected `cpu`, `cuda` or `cuda:N`"), "{bad}: {e}");
+    }
+}
+
+/// Whether a GPU starts here (then the no-GPU assertions do not apply).
+fn gpu_here() -> bool {
+    let _g = lock();
+    let ok = device::set_device(Device::Cuda(0)).is_ok();
+    device::set_device(Device::Cpu).unwrap();
+    ok
+}
+
+#[test]
+fn a_gpu_that_is_not_there_is_a_clear_error_and_the_cpu_stays() {
+    let _g = lock();
+    match device::set_device(Device::Cuda(0)) {
+        Err(Error::Device { device: d, reason }) => {
+            assert_eq!(d, "cuda:0");
+            let named = if cfg!(feature = "cuda") {
+                ["libcuda", "cuBLAS", "no GPU", "cannot start", "no such GPU"]
+                    .iter()
+                    .any(|w| reason.contains(w))
+            } else {
+                reason.contains("--features cuda")
+            };
+            assert!(named, "the reason does not say what is missing: {reason}");
+            assert_eq!(device::device(), Device::Cpu);
+        }
+        Err(e) => panic!("wrong error kind: {e}"),
+        Ok(info) => {
+            // A machine with a GPU and a cuda build: then it must be in use.
+            // (A build without `cuda` cannot get here: set_device refuses.)
+            assert_eq!((info.device, device::device()), (Device::Cuda(0), Device::Cuda(0)));
+        }
+    }
+    // A GPU number past the last one is refused with the count, where there is a GPU.
+    if let Err(e) = device::set_device(Device::Cuda(4096)) {
+        assert!(matches!(e, Error::Device { .. }), "{e}");
+    }
+    assert!(device::set_device(Device::Cpu).is_ok());
+    assert_eq!(device::device(), Device::Cpu);
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn the_cli_reports_a_missing_gpu_instead_of_panicking() {
+    if gpu_here() {
+        return; // covered by the GPU run of targets/gpu-check.sh
+    }
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge"));
+    let o = common::run_target_binary(exe).args(["--device", "cuda", "demo"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: --device: device `cuda:0`:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = common::run_target_binary(exe).args(["--device", "tpu", "demo"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "a bad --device is a usage error");
+}
+
+// ---- with a GPU -------------------------------------------------------------
+
+use hydra_edge::backbone::Feed;
+use hydra_edge::model::AdaptedModel;
+use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
+use hydra_edge::rng::Rng;
+use hydra_edge::train::{Dataset, TrainConfig, Trainer};
+use hydra_edge::{HydraConfig, Tensor};
+use ndarray::{ArrayD, IxDyn};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `f` on the CPU, then on cuda:0 with every product sent to the GPU,
+/// and returns both results and the number of products the GPU ran.
+fn cpu_then_gpu<T>(mut f: impl FnMut() -> T) -> (T, T, usize) {
+    let _g = lock();
+    device::set_device(Device::Cpu).unwrap();
+    let cpu = f();
+    let info = device::set_device(Device::Cuda(0)).unwrap_or_else(|e| panic!("no GPU: {e}"));
+    eprintln!("GPU: {} ({:?} bytes)", info.name, info.memory_bytes);
+    device::set_gpu_min_work(0);
+    let before = device::stats::gpu_products();
+    let gpu = f();
+    let ran = device::stats::gpu_products() - before;
+    device::set_gpu_min_work(device::GPU_MIN_WORK);
+    device::set_device(Device::Cpu).unwrap();
+    assert_eq!(device::stats::gpu_fallbacks(), 0, "a CUDA call failed");
+    (cpu, gpu, ran)
+}
+
+/// max |a − b| / (1 + max |a|).
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = 1.0 + a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn gpu_products_match_the_cpu_for_every_operand_layout() {
+    let (m, k, n) = (37, 300, 45);
+    let mut rng = Rng::new(5);
+    let a: Vec<f32> = (0..m * k * 2).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let b: Vec<f32> = (0..k * n * 2).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    // Row-major, column-major, and strided both ways (a copy on the way up).
+    let layouts =
+        [((k, 1), (n, 1)), ((1, m), (1, k)), ((2 * k, 2), (1, 2 * k)), ((k, 1), (2 * n, 2))];
+    for (sa, sb) in layouts {
+        for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
+            let (cpu, gpu, ran) = cpu_then_gpu(|| {
+                let mut c = c0.clone();
+                hydra_edge::hydra::gemm(m, k, n, alpha, &a, sa, &b, sb, beta, &mut c);
+                c
+            });
+            assert_eq!(ran, 1);
+            let e = rel_err(&cpu, &gpu);
+            assert!(e <= 1e-5, "{sa:?} {sb:?} α={alpha} β={beta}: GPU vs CPU {e:e}");
+        }
+    }
+}
+
+fn transformer_feed(batch: usize) -> Feed {
+    let mut rng = Rng::new(9);
+    let mut f = Feed::new();
+    let x: Vec<f32> = (0..batch * 8 * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let mask: Vec<f32> = (0..batch * 8).map(|i| if i % 8 < 6 { 1.0 } else { 0.0 }).collect();
+    f.insert("x".into(), Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[batch, 8, 32]), x).unwrap()));
+    f.insert("mask".into(), Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[batch, 8]), mask).unwrap()));
+    f
+}
+
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn forward_backward_and_gradients_on_the_gpu_match_the_cpu() {
+    let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
+    let feed = transformer_feed(4);
+    let (cpu, gpu, ran) = cpu_then_gpu(|| {
+        let cfg = SplitConfig {
+            targets: Targets::LastBlocks(1),
+            output: Some("logits".into()),
+            adapter: HydraConfig { seed: 4, ..HydraConfig::default() },
+            ..SplitConfig::default()
+        };
+        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        // Non-zero up-projections, so that every branch carries a gradient.
+        split.params_and_grads().0.iter_mut().for_each(|p| {
+            p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0))
+        });
+        split.zero_grad();
+        let y = split.forward(&feed, true).unwrap();
+        let y = y.f32("y").unwrap().clone();
+        split.backward(y.mapv(|v| v.sin())).unwrap();
+        let grads: Vec<Vec<f32>> = split.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+        (y.iter().copied().collect::<Vec<f32>>(), grads, split.params())
+    });
+    assert!(ran > 0, "no product reached the GPU");
+    let e = rel_err(&cpu.0, &gpu.0);
+    eprintln!("forward: max rel |GPU − CPU| {e:.2e} ({ran} GPU products)");
+    assert!(e <= 1e-5, "forward: GPU vs CPU {e:e}");
+    for ((c, g), spec) in cpu.1.iter().zip(&gpu.1).zip(&cpu.2) {
+        let e = rel_err(c, g);
+        eprintln!("grad {}: max rel |GPU − CPU| {e:.2e}", spec.name);
+        assert!(e <= 1e-4, "gradient of {}: GPU vs CPU {e:e}", spec.name);
+    }
+}
+
+fn digits(name: &str) -> Dataset {
+    Dataset::from_npz(&root().join("models/digits").join(name), "label").unwrap()
+}
+
+/// Adapter values after `epochs` of AdamW in batches of `batch` (0: the
+/// whole set, one step per epoch).
+fn digits_run(epochs: usize, batch: usize) -> Vec<Vec<f32>> {
+    let model = OnnxModel::load(root().join("models/digits/digits_mlp.onnx")).unwrap();
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let split = AdaptedModel::new(&model, &cfg).unwrap();
+    let train = digits("digits_user_train.npz");
+    let batch_size = if batch == 0 { train.len() } else { batch };
+    let tc = TrainConfig { epochs, batch_size, lr: 1e-2, ..TrainConfig::default() };
+    let mut t = Trainer::new(split, tc).unwrap();
+    t.fit(&train, None, &mut |_| {}).unwrap();
+    t.model().param_values().iter().map(|p| p.to_vec()).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn an_optimizer_step_and_a_short_training_run_on_the_gpu_match_the_cpu() {
+    // One AdamW step on the whole set, then three epochs in batches of 32.
+    // Adam divides by √v, so a gradient's rounding difference can move a
+    // parameter by up to a learning-rate fraction: looser after many steps.
+    for (epochs, batch, tol) in [(1, 0, 1e-4), (3, 32, 2e-3)] {
+        let (cpu, gpu, ran) = cpu_then_gpu(|| digits_run(epochs, batch));
+        assert!(ran > 0);
+        let worst = cpu.iter().zip(&gpu).map(|(c, g)| rel_err(c, g)).fold(0.0f32, f32::max);
+        eprintln!(
+            "{epochs} epoch(s): adapter max rel |GPU − CPU| {worst:.2e} ({ran} GPU products)"
+        );
+        assert!(worst <= tol, "{epochs} epochs: GPU vs CPU {worst:e}");
+    }
+}
+
+#[test]
+fn gpu_path_counters_stay_zero_on_the_cpu() {
+    if gpu_here() {
+        return;
+    }
+    let _g = lock();
+    let before = (device::stats::gpu_products(), device::stats::gpu_fallbacks());
+    let _ = digits_run(1, 32);
+    assert_eq!((device::stats::gpu_products(), device::stats::gpu_fallbacks()), before);
+}
