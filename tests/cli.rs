@@ -498,13 +498,27 @@ fn training_killed_at_any_moment_leaves_a_checkpoint_that_resumes() {
             .stderr(std::process::Stdio::null());
         c
     };
+    // How long this machine (or emulator: qemu-user is ~10× slower to start)
+    // takes to the first checkpoint, so that the kills below land at the same
+    // moments of a run everywhere.
+    let t0 = std::time::Instant::now();
+    let mut child = train(&[]).spawn().unwrap();
+    while !ckpt.exists() && t0.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let first = t0.elapsed();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "no checkpoint after {first:?}");
+    std::fs::remove_file(&ckpt).unwrap();
     let mut epochs = Vec::new();
-    for kill in 0..12u64 {
+    for kill in 0..12u32 {
         let resume: Vec<&str> =
             if ckpt.exists() { vec!["--resume", ckpt.to_str().unwrap()] } else { vec![] };
         let mut child = train(&resume).spawn().unwrap();
-        // Kills land anywhere: start-up, mid-epoch, mid-save.
-        std::thread::sleep(std::time::Duration::from_millis(60 + 37 * kill));
+        // Kills land anywhere: start-up, mid-epoch, mid-save (from half the
+        // time to the first checkpoint up to three and a bit times it).
+        std::thread::sleep(first * (2 + kill) / 4);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         if ckpt.exists() {

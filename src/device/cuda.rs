@@ -27,7 +27,7 @@ struct Gpu {
     ordinal: usize,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
 }
 
 static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
@@ -99,7 +99,7 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
     let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".to_string());
     let memory_bytes = ctx.total_mem().ok();
     let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes };
-    Ok((Gpu { ordinal: n, stream, blas, _ctx: ctx }, info))
+    Ok((Gpu { ordinal: n, stream, blas, ctx }, info))
 }
 
 /// See `super::try_gemm`. A CUDA failure leaves C untouched and returns
@@ -190,6 +190,9 @@ impl Gpu {
         c: &mut [f32],
         rsc: usize,
     ) -> Result<(), String> {
+        // Products come from whichever thread runs the op (pool workers
+        // included): make the context current here, for cuBLAS too.
+        self.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
         // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS's first
         // operand is B, its second A, and C comes back dense (ldc = n).
         let (a_op, b_op) = (self.upload(m, k, a, sa)?, self.upload(k, n, b, sb)?);
