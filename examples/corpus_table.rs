@@ -46,6 +46,7 @@ fn inputs(kind: &str, n: usize, seed: u64) -> BTreeMap<String, Tensor> {
             BTreeMap::from([("input_ids".into(), t(ids)), ("attention_mask".into(), t(mask))])
         }
         "image" => BTreeMap::from([("image".into(), f(&mut rng, &[n, 3, 32, 32]))]),
+        "image_nhwc" => BTreeMap::from([("image".into(), f(&mut rng, &[n, 32, 32, 3]))]),
         "pixel_values" => BTreeMap::from([("pixel_values".into(), f(&mut rng, &[n, 3, 32, 32]))]),
         _ => BTreeMap::from([("x".into(), f(&mut rng, &[n, 32]))]),
     }
@@ -208,6 +209,13 @@ fn main() -> Res<()> {
             ),
             head: HeadConfig::Keep,
             note: "TorchScript CNN, BN kept",
+        },
+        Case {
+            file: "cnn_tf2onnx.onnx",
+            kind: "image_nhwc",
+            targets: Targets::AllLinear,
+            head: HeadConfig::Keep,
+            note: "tf2onnx Keras CNN, NHWC, `:0` names",
         },
         Case {
             file: "linear_zoo.onnx",

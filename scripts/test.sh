@@ -8,8 +8,8 @@
 #    dependency) — skipped when already importable.
 # 2. The real models (models/real/build_*.py) — skipped when built and newer
 #    than their script.
-# 3. The third-party export corpus (models/corpus/setup.sh: torch.onnx from
-#    PyPI in a virtualenv of its own; idempotent).
+# 3. The third-party export corpus (models/corpus/setup.sh: torch.onnx and
+#    TensorFlow + tf2onnx from PyPI in virtualenvs of their own; idempotent).
 # 4. `cargo test --release` with the arguments given.
 #
 # Nothing needs installing by hand on a fresh clone but Rust and Python 3 with

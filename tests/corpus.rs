@@ -276,6 +276,67 @@ fn a_torchscript_cnn_with_batchnorm_and_hardswish_trains_merges_and_matches() {
     eprintln!("{name}: 4 layers, 1 epoch loss {:.4}, onnxruntime {e:.2e}", m[0].train_loss);
 }
 
+/// tf2onnx's Keras CNN: NHWC input behind a Transpose, BN folded into the
+/// convs, ReLU6 as Clip, GlobalAveragePool → Squeeze, Dense as MatMul + Add
+/// (the Add becomes the layer's bias) and TF-style `…:0` tensor names. Every
+/// linear layer (the 1×1 conv after the depthwise one, both Dense) adapts
+/// with no edits, trains, merges, and matches in tract and onnxruntime.
+#[test]
+fn a_tf2onnx_nhwc_cnn_with_tf_names_trains_merges_and_matches() {
+    let name = "cnn_tf2onnx.onnx";
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    assert!(
+        model.graph().node.iter().any(|n| n.output.iter().any(|o| o.ends_with(":0"))),
+        "TF-style tensor names"
+    );
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let adapted = AdaptedModel::new(&model, &cfg).unwrap();
+    let r = adapted.report().clone();
+    assert_eq!(r.output, "logits");
+    let names: Vec<&str> = r.adapted.iter().map(String::as_str).collect();
+    assert_eq!(names, ["tfcnn/pw/Conv2D", "tfcnn/fc1/MatMul", "tfcnn/logits/MatMul"]);
+    for op in ["GlobalAveragePool", "Squeeze", "Relu"] {
+        assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail: {:?}", r.tail_ops);
+    }
+    let mut rng = Rng::new(8);
+    let images = |rng: &mut Rng, n: usize| {
+        let v = (0..n * 32 * 32 * 3).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 32, 32, 3]), v).unwrap())
+    };
+    let labels: Vec<usize> = (0..32).map(|_| rng.below(10) as usize).collect();
+    let train = Dataset::new(
+        BTreeMap::from([("image".to_string(), images(&mut rng, 32))]),
+        Labels::Classes(labels),
+    )
+    .unwrap();
+    let tc = TrainConfig { epochs: 2, batch_size: 8, lr: 1e-2, ..TrainConfig::default() };
+    let mut t = Trainer::new(adapted, tc).unwrap();
+    let m = t.fit(&train, None, &mut |_| {}).unwrap();
+    assert!(m.iter().all(|e| e.train_loss.is_finite() && e.skipped_steps == 0), "{m:?}");
+    let file = t.adapter_file(false, DType::F32).unwrap();
+    let dir = scratch("tf2onnx");
+    let out = dir.join("merged.onnx");
+    let check: BTreeMap<String, Tensor> =
+        [("image".to_string(), images(&mut rng, 4))].into_iter().collect();
+    let feed: Feed = check.clone().into_iter().collect();
+    let mut want = None;
+    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
+        let w = unmerged.predict(&feed, CacheDtype::F32)?;
+        let got = Model::load(tmp)?.run(&feed)?.swap_remove(0);
+        let e = max_rel(got.f32("merged").unwrap(), &w);
+        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+        let base = Model::load(corpus(name))?.run(&feed)?.swap_remove(0);
+        assert!(max_rel(base.f32("base").unwrap(), &w) > 1e-6, "training changed nothing");
+        want = Some(w);
+        Ok(())
+    })
+    .unwrap();
+    let ort = onnxruntime(&out, &check, &dir);
+    let e = max_rel(ort["logits"].f32("ort").unwrap(), want.as_ref().unwrap());
+    assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
+    eprintln!("{name}: 3 layers, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
+}
+
 /// `mobilenetv3_block.onnx` with its batch dim fixed at `batch` (as many
 /// exports declare `[1, 3, 224, 224]`), written by the `onnx` package.
 fn fixed_batch_copy(batch: usize, dir: &Path) -> PathBuf {
