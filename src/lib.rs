@@ -16,8 +16,9 @@
 //! - [`adapter`]: the `.hydra` file (no_std + alloc); [`rng`]: seeded init
 //!   and dropout;
 //! - [`Tensor`] (f32, f16, i64), [`tail`] (the tape-based engine of the
-//!   trainable tail), [`parallel`] (the one thread pool shared with tract) and
-//!   [`runtime`] (allocator knobs);
+//!   trainable tail), [`parallel`] (the one thread pool shared with tract),
+//!   [`device`] (where the tail's dense products run: CPU, or a CUDA GPU with
+//!   the `cuda` feature) and [`runtime`] (allocator knobs);
 //! - [`onnx`]: loading, graph index, adaptable layers, the gradient-cone
 //!   split and pattern fusion; [`backbone`]: the frozen tract plan;
 //! - [`model`]: [`model::AdaptedModel`], the one owner of backbone, tail,
@@ -36,6 +37,10 @@
 //!   inference, export.
 //! - `cli` (default): the `hydra-edge` binary.
 //! - `text`: tokenisation for the real-model study example.
+//! - `cuda` (off): [`device::set_device`]`(Device::Cuda(n))` / `--device
+//!   cuda[:N]` runs the tail's large dense products as cuBLAS sgemm on an
+//!   NVIDIA GPU; the driver and cuBLAS are loaded at run time (cudarc), so
+//!   the build needs no CUDA toolkit and a missing GPU is an error, not a crash.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

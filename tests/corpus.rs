@@ -289,52 +289,13 @@ fn a_tf2onnx_nhwc_cnn_with_tf_names_trains_merges_and_matches() {
         model.graph().node.iter().any(|n| n.output.iter().any(|o| o.ends_with(":0"))),
         "TF-style tensor names"
     );
-    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
-    let adapted = AdaptedModel::new(&model, &cfg).unwrap();
-    let r = adapted.report().clone();
+    let (r, _) = image_classifier_round_trip(name, "image", [32, 32, 3], Targets::AllLinear, 10);
     assert_eq!(r.output, "logits");
     let names: Vec<&str> = r.adapted.iter().map(String::as_str).collect();
     assert_eq!(names, ["tfcnn/pw/Conv2D", "tfcnn/fc1/MatMul", "tfcnn/logits/MatMul"]);
     for op in ["GlobalAveragePool", "Squeeze", "Relu"] {
         assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail: {:?}", r.tail_ops);
     }
-    let mut rng = Rng::new(8);
-    let images = |rng: &mut Rng, n: usize| {
-        let v = (0..n * 32 * 32 * 3).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 32, 32, 3]), v).unwrap())
-    };
-    let labels: Vec<usize> = (0..32).map(|_| rng.below(10) as usize).collect();
-    let train = Dataset::new(
-        BTreeMap::from([("image".to_string(), images(&mut rng, 32))]),
-        Labels::Classes(labels),
-    )
-    .unwrap();
-    let tc = TrainConfig { epochs: 2, batch_size: 8, lr: 1e-2, ..TrainConfig::default() };
-    let mut t = Trainer::new(adapted, tc).unwrap();
-    let m = t.fit(&train, None, &mut |_| {}).unwrap();
-    assert!(m.iter().all(|e| e.train_loss.is_finite() && e.skipped_steps == 0), "{m:?}");
-    let file = t.adapter_file(false, DType::F32).unwrap();
-    let dir = scratch("tf2onnx");
-    let out = dir.join("merged.onnx");
-    let check: BTreeMap<String, Tensor> =
-        [("image".to_string(), images(&mut rng, 4))].into_iter().collect();
-    let feed: Feed = check.clone().into_iter().collect();
-    let mut want = None;
-    merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
-        let w = unmerged.predict(&feed, CacheDtype::F32)?;
-        let got = Model::load(tmp)?.run(&feed)?.swap_remove(0);
-        let e = max_rel(got.f32("merged").unwrap(), &w);
-        assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
-        let base = Model::load(corpus(name))?.run(&feed)?.swap_remove(0);
-        assert!(max_rel(base.f32("base").unwrap(), &w) > 1e-6, "training changed nothing");
-        want = Some(w);
-        Ok(())
-    })
-    .unwrap();
-    let ort = onnxruntime(&out, &check, &dir);
-    let e = max_rel(ort["logits"].f32("ort").unwrap(), want.as_ref().unwrap());
-    assert!(e <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e:e}");
-    eprintln!("{name}: 3 layers, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
 }
 
 /// `mobilenetv3_block.onnx` with its batch dim fixed at `batch` (as many
@@ -482,13 +443,15 @@ fn gemm_with_alpha_beta_and_untransposed_b_and_biasless_linears_merge_exactly() 
     eprintln!("{name}: {names:?}, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
 }
 
-/// Adapts `targets` of a corpus image classifier (input `input`, 3×32×32),
+/// Adapts `targets` of a corpus image classifier (input `input`, one sample
+/// `dims`: 3×32×32, or 32×32×3 for an NHWC export),
 /// trains `epochs` on its own logits head, merges (checked), and compares
 /// tract and onnxruntime on the merged file with the unmerged model; returns
 /// the split report and onnxruntime's error.
 fn image_classifier_round_trip(
     name: &str,
     input: &str,
+    dims: [usize; 3],
     targets: Targets,
     classes: usize,
 ) -> (hydra_edge::onnx::SplitReport, f32) {
@@ -498,8 +461,8 @@ fn image_classifier_round_trip(
     let r = adapted.report().clone();
     let mut rng = Rng::new(17);
     let images = |rng: &mut Rng, n: usize| {
-        let v = (0..n * 3 * 32 * 32).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v).unwrap())
+        let v = (0..n * dims.iter().product::<usize>()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, dims[0], dims[1], dims[2]]), v).unwrap())
     };
     let labels: Vec<usize> = (0..32).map(|_| rng.below(classes as u64) as usize).collect();
     let train = Dataset::new(
@@ -554,8 +517,13 @@ fn image_classifier_round_trip(
 /// too, which the default rank 8 does not fit: a clear error saying so.
 #[test]
 fn a_dynamo_vit_adapts_its_blocks_trains_and_merges() {
-    let (r, _) =
-        image_classifier_round_trip("vit_tiny.onnx", "pixel_values", Targets::LastBlocks(3), 5);
+    let (r, _) = image_classifier_round_trip(
+        "vit_tiny.onnx",
+        "pixel_values",
+        [3, 32, 32],
+        Targets::LastBlocks(3),
+        5,
+    );
     assert_eq!(r.adapted.len(), 3 * 6, "q, k, v, attention output, fc1, fc2 per block");
     assert!(r.tail_ops.iter().any(|(o, _)| o == "Gather"), "the CLS row is taken in the tail");
     let model = OnnxModel::load(corpus("vit_tiny.onnx")).unwrap();
