@@ -45,6 +45,13 @@ fn inputs(kind: &str, n: usize, seed: u64) -> BTreeMap<String, Tensor> {
             let t = |v| Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[n, len]), v).unwrap());
             BTreeMap::from([("input_ids".into(), t(ids)), ("attention_mask".into(), t(mask))])
         }
+        "tokens+types" => {
+            let mut m = inputs("tokens", n, seed);
+            let types =
+                Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[n, 16]), vec![0; n * 16]).unwrap());
+            m.insert("token_type_ids".into(), types);
+            m
+        }
         "image" => BTreeMap::from([("image".into(), f(&mut rng, &[n, 3, 32, 32]))]),
         "image_nhwc" => BTreeMap::from([("image".into(), f(&mut rng, &[n, 32, 32, 3]))]),
         "pixel_values" => BTreeMap::from([("pixel_values".into(), f(&mut rng, &[n, 3, 32, 32]))]),
@@ -193,6 +200,13 @@ fn main() -> Res<()> {
             targets: Targets::AllLinear,
             head: new2,
             note: "TorchScript",
+        },
+        Case {
+            file: "bert_classifier.onnx",
+            kind: "tokens+types",
+            targets: Targets::LastBlocks(2),
+            head: HeadConfig::Keep,
+            note: "BERT classifier, optimum-style TorchScript",
         },
         Case {
             file: "mobilenetv3_block.onnx",

