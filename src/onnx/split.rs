@@ -67,6 +67,10 @@ pub struct SplitReport {
     pub boundary: Vec<String>,
     /// The tail's output tensor.
     pub output: String,
+    /// Named dims of the output that follow an input's length (`seq`), from
+    /// the declared shapes: a new head, whose width is fixed, cannot sit on
+    /// such an output.
+    pub output_follows_input: Vec<String>,
     /// Float parameters of the whole model.
     pub model_params: usize,
     /// Frozen parameters held by the tail.
@@ -170,6 +174,7 @@ pub fn split(model: &OnnxModel, cfg: &SplitConfig) -> Result<Split> {
         adapted: chosen.iter().map(|l| l.name.clone()).collect(),
         tail_ops: tail.ops().into_iter().map(|(o, n)| (o.to_string(), n.to_string())).collect(),
         boundary,
+        output_follows_input: model.input_following_dims(&output),
         output,
         model_params: model.num_params(),
         tail_frozen_params: tail.frozen_params(),

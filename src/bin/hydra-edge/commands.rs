@@ -126,8 +126,11 @@ pub fn inspect(path: &Path, output: Option<&str>, json: bool) -> Result<()> {
     }
     let mut rows = Vec::new();
     for (what, targets, output) in suggestions {
+        let head_only = targets == Targets::None;
         let cfg = SplitConfig { targets, output, ..SplitConfig::default() };
-        match AdaptedModel::new(&model, &cfg) {
+        let split = AdaptedModel::new(&model, &cfg)
+            .and_then(|s| if head_only { s.check_new_head().map(|()| s) } else { Ok(s) });
+        match split {
             Ok(mut s) => {
                 let mem = feed.as_ref().ok().and_then(|f| s.estimate_memory(f).ok());
                 let r = s.report();
