@@ -402,3 +402,70 @@ fn a_model_tract_cannot_plan_symbolically_runs_with_per_shape_plans() {
         }
     }
 }
+
+/// Exporters deduplicate equal constants: an untrained model's all-zero
+/// biases become one initializer named after the first layer
+/// (`enc.layer.0.dense.bias`) that every layer reads. Such a name says
+/// nothing about a layer's block, so it is not used: layers that only have
+/// it get no block (and `last:K` does not silently pick them as block 0),
+/// while a layer whose bias is its own keeps the block its name gives.
+#[test]
+fn a_deduplicated_bias_name_does_not_assign_blocks() {
+    use hydra_edge::onnx::pb;
+    let f32s = |name: &str, dims: &[i64], v: f32| pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 1,
+        float_data: vec![v; dims.iter().product::<i64>() as usize],
+        ..Default::default()
+    };
+    let node = |op: &str, ins: &[&str], out: &str, name: &str| pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let vi = |name: &str| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let proto = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(pb::GraphProto {
+            name: "dedup".into(),
+            node: vec![
+                node("MatMul", &["x", "val_1"], "m1", "node_MatMul_1"),
+                node("Add", &["m1", "enc.layer.0.dense.bias"], "a1", "node_Add_1"),
+                node("MatMul", &["a1", "val_2"], "m2", "node_MatMul_2"),
+                node("Add", &["m2", "enc.layer.0.dense.bias"], "a2", "node_Add_2"),
+                node("MatMul", &["a2", "val_3"], "m3", "node_MatMul_3"),
+                node("Add", &["m3", "enc.layer.1.dense.bias"], "y", "node_Add_3"),
+            ],
+            initializer: vec![
+                f32s("val_1", &[4, 4], 0.1),
+                f32s("val_2", &[4, 4], 0.2),
+                f32s("val_3", &[4, 4], 0.3),
+                f32s("enc.layer.0.dense.bias", &[4], 0.0),
+                f32s("enc.layer.1.dense.bias", &[4], 0.5),
+            ],
+            input: vec![vi("x")],
+            output: vec![vi("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = OnnxModel::from_bytes(&prost::Message::encode_to_vec(&proto), None).unwrap();
+    let g = model.index().unwrap();
+    let layers = hydra_edge::onnx::layers::linear_layers(&g).unwrap();
+    let blocks: Vec<Option<&str>> = layers.iter().map(|l| l.block.as_deref()).collect();
+    assert_eq!(blocks, [None, None, Some("enc.layer.1")]);
+}

@@ -165,11 +165,22 @@ class ViTLogits(torch.nn.Module):
         return self.vit(pixel_values=pixel_values).logits
 
 
+def random_biases(m):
+    """A trained model's biases differ; an untrained one's are all zero, and the
+    dynamo exporter deduplicates equal constants into one initializer named after
+    the first layer (then no bias name says which block a layer is in)."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    return m
+
+
 def vit(out):
     torch.manual_seed(0)
     with torch.no_grad():
         torch.onnx.export(
-            ViTLogits().eval(), (torch.randn(2, 3, 32, 32),), os.path.join(out, "vit_tiny.onnx"), dynamo=True,
+            random_biases(ViTLogits().eval()), (torch.randn(2, 3, 32, 32),), os.path.join(out, "vit_tiny.onnx"), dynamo=True,
             opset_version=18, input_names=["pixel_values"], output_names=["logits"],
             dynamic_shapes={"pixel_values": {0: "batch"}},
         )
@@ -200,12 +211,7 @@ def tied_mlm(out):
     torch.manual_seed(5)
     cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=True)
-    m = BertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        # A trained model's biases differ; zero ones would be deduplicated by the exporter.
-        for name, p in m.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.02)
+    m = random_biases(BertForMaskedLM(cfg).eval())
     assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
     ids = torch.randint(0, 1000, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)

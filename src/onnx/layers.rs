@@ -192,6 +192,7 @@ pub fn linear_layers(g: &GraphIndex<'_>) -> Result<Vec<LinearLayer>> {
         let a = Attrs::of(n);
         let name = g.node_name(i);
         let input = n.input.first().cloned().unwrap_or_default();
+        let own = |t: &str| g.consumers.get(t).is_some_and(|c| c.len() == 1);
         let mk = |kind,
                   weight: &str,
                   bias: Option<String>,
@@ -201,10 +202,14 @@ pub fn linear_layers(g: &GraphIndex<'_>) -> Result<Vec<LinearLayer>> {
                   out_dim| LinearLayer {
             // The node's name, else its weight's or bias's (exporters that
             // name nodes `node_MatMul_92` still name the bias after the
-            // parameter, `bert.encoder.layer.5.output.dense.bias`).
+            // parameter, `bert.encoder.layer.5.output.dense.bias`) — but
+            // only a tensor this layer alone reads: exporters deduplicate
+            // equal constants (all-zero biases of an untrained model become
+            // one `…layer.0….bias` read by every layer), and such a name
+            // says nothing about the layer.
             block: block_of(&name)
-                .or_else(|| block_of(weight))
-                .or_else(|| bias.as_deref().and_then(block_of)),
+                .or_else(|| Some(weight).filter(|w| own(w)).and_then(block_of))
+                .or_else(|| bias.as_deref().filter(|b| own(b)).and_then(block_of)),
             name: name.clone(),
             node: i,
             bias_node,
