@@ -35,10 +35,8 @@ fn corpus(name: &str) -> PathBuf {
     p
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hydra-corpus-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(tag: &str) -> common::Scratch {
+    common::Scratch::new("hydra-corpus", tag)
 }
 
 /// `n` token sequences of length `len` (ids below 1000; the last rows padded
@@ -69,8 +67,13 @@ use common::onnxruntime;
 /// Adapts `targets` of a corpus encoder with a new 2-way head, trains one
 /// epoch, merges (checked against the unmerged model before -o is written)
 /// and compares onnxruntime on the merged file; returns (layers, loss, tract
-/// error, onnxruntime error) and the merged file.
-fn train_merge_check(name: &str, targets: Targets, tol: f32) -> (usize, f64, f32, f32, PathBuf) {
+/// error, onnxruntime error) and the merged file (with its scratch folder,
+/// which removes it when dropped).
+fn train_merge_check(
+    name: &str,
+    targets: Targets,
+    tol: f32,
+) -> (usize, f64, f32, f32, (common::Scratch, PathBuf)) {
     let model = OnnxModel::load(corpus(name)).unwrap();
     let cfg = SplitConfig { targets, ..SplitConfig::default() };
     let adapted = AdaptedModel::new(&model, &cfg).unwrap();
@@ -120,7 +123,7 @@ fn train_merge_check(name: &str, targets: Targets, tol: f32) -> (usize, f64, f32
         r.adapted.len(),
         m[0].train_loss
     );
-    (r.adapted.len(), m[0].train_loss, e_tract, e_ort, out)
+    (r.adapted.len(), m[0].train_loss, e_tract, e_ort, (dir, out))
 }
 
 #[test]
@@ -140,7 +143,7 @@ fn an_fp16_export_merges_into_an_fp16_model() {
         let m = OnnxModel::load(p).unwrap();
         m.graph().initializer.iter().filter(|t| t.data_type == 10).count()
     };
-    let (base, merged) = (count(&corpus("minilm_half.onnx")), count(&out));
+    let (base, merged) = (count(&corpus("minilm_half.onnx")), count(&out.1));
     assert!(base > 100 && merged >= base, "f16 initializers: base {base}, merged {merged}");
 }
 

@@ -42,10 +42,8 @@ fn real_model(name: &str) -> PathBuf {
     p
 }
 
-fn out_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hydra-merge-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn out_dir(tag: &str) -> common::Scratch {
+    common::Scratch::new("hydra-merge", tag)
 }
 
 fn feed(model: &OnnxModel, batch: usize, seed: u64) -> Feed {
@@ -127,7 +125,9 @@ struct Case {
     head: Option<usize>,
 }
 
-fn check_case(tag: &str, c: Case) -> Vec<PathBuf> {
+/// Returns the merged file's external data files, with the scratch folder
+/// that holds them (removed when dropped).
+fn check_case(tag: &str, c: Case) -> (common::Scratch, Vec<PathBuf>) {
     let model = OnnxModel::load(&c.file).unwrap();
     let cfg = SplitConfig {
         targets: c.targets,
@@ -175,7 +175,7 @@ fn check_case(tag: &str, c: Case) -> Vec<PathBuf> {
         "{tag}: {} layers merged, merged-vs-unmerged {e:.2e}, onnxruntime-vs-tract {e2:.2e}",
         report.layers
     );
-    report.external_files
+    (dir, report.external_files)
 }
 
 fn hydra(bias: bool) -> HydraConfig {
@@ -257,7 +257,7 @@ fn merged_equals_unmerged_on_every_test_model() {
 
 #[test]
 fn external_data_stays_external_in_the_merged_file() {
-    let files = check_case(
+    let (_dir, files) = check_case(
         "mlp-external",
         Case {
             file: test_model("mlp_external.onnx"),
@@ -339,7 +339,7 @@ fn a_merge_whose_check_fails_writes_nothing_and_keeps_foreign_files() {
 
 #[test]
 fn merged_equals_unmerged_on_the_real_models() {
-    let files = check_case(
+    let (_dir, files) = check_case(
         "minilm",
         Case {
             file: real_model("minilm.onnx"),

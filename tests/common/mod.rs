@@ -114,3 +114,37 @@ pub fn onnxruntime(
     assert!(st.success(), "onnxruntime failed on {}", model.display());
     parse_npz(&std::fs::read(&out).unwrap()).unwrap()
 }
+
+/// A scratch folder under the system temp dir, removed with everything in it
+/// when dropped (a failing test's too), so that test runs leave nothing
+/// behind (the corpus and merge tests write ~100 MB models each run).
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    /// `<temp>/<prefix>-<pid>-<tag>`, created empty.
+    pub fn new(prefix: &str, tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("{prefix}-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
