@@ -147,6 +147,18 @@ fn tract_value(t: &Tensor) -> TValue {
     }
 }
 
+/// The median wall time of `steps` single training steps, in ms.
+fn median_step_ms(trainer: &mut Trainer, train: &Dataset, steps: usize) -> hydra_edge::Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..steps {
+        let target = trainer.step() + 1;
+        let t0 = Instant::now();
+        trainer.fit_until(train, None, Some(target), &mut |_| {})?;
+        v.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let max_threads: usize = std::env::args().nth(1).map_or(Ok(2), |s| s.parse())?;
     let steps: usize = std::env::args().nth(2).map_or(Ok(20), |s| s.parse())?;
@@ -180,14 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     threads_list.extend((2..=max_threads).filter(|t| *t > 1));
     for &t in &threads_list {
         set_threads(t)?;
-        let mut v = Vec::new();
-        for _ in 0..steps {
-            let target = trainer.step() + 1;
-            let t0 = Instant::now();
-            trainer.fit_until(&train, None, Some(target), &mut |_| {})?;
-            v.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        step_ms.push((t, median(v)));
+        step_ms.push((t, median_step_ms(&mut trainer, &train, steps)?));
     }
     let f16_calls = stats::f16_kernel_calls() - f16_before;
     // HYDRA_DEVICE=cuda[:N] (a `--features cuda` build): the same step with the
@@ -195,14 +200,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(dev) = std::env::var("HYDRA_DEVICE") {
         let info = hydra_edge::device::set_device(dev.parse()?)?;
         let products = hydra_edge::device::stats::gpu_products();
-        let mut v = Vec::new();
-        for _ in 0..steps {
-            let target = trainer.step() + 1;
-            let t0 = Instant::now();
-            trainer.fit_until(&train, None, Some(target), &mut |_| {})?;
-            v.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        let gpu_ms = median(v);
+        let gpu_ms = median_step_ms(&mut trainer, &train, steps)?;
         let per_step = (hydra_edge::device::stats::gpu_products() - products) / steps.max(1);
         let (t, cpu_ms) = *step_ms.last().unwrap();
         println!(
