@@ -50,8 +50,13 @@ fn tract_mm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) -
 
 fn main() -> TractResult<()> {
     let own = hydra_edge::kernels::active();
-    println!("own kernel tier: {}", own.tier());
-    println!("shape m×k×n (B layout): own / matrixmultiply / tract GFLOP/s, own ÷ matrixmultiply");
+    hydra_edge::parallel::set_threads(1).map_err(|e| TractError::msg(e.to_string()))?;
+    let amx = hydra_edge::runtime::bf16_units();
+    println!("own kernel tier: {}; bf16 matrix units (AMX): {amx}", own.tier());
+    println!(
+        "shape m×k×n (B layout): own / matrixmultiply / tract GFLOP/s, own ÷ matrixmultiply; \
+         bf16 products (AMX, packing included) GFLOP/s and ÷ own f32"
+    );
     let shapes = [
         (1024, 384, 1536, true),
         (1024, 1536, 384, true),
@@ -89,7 +94,15 @@ fn main() -> TractResult<()> {
         mm(&mut c1);
         let err = c0.iter().zip(&c1).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(5.0, 2000.0) as usize;
-        let (mut t_own, mut t_mm, mut t_tract) = (f64::MAX, f64::MAX, f64::MAX);
+        let (mut t_own, mut t_mm, mut t_tract, mut t_bf16) =
+            (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+        let mut c3 = vec![0.0f32; m * n];
+        let bf16 = |c: &mut [f32]| {
+            use hydra_edge::runtime::{MatmulPrecision, set_matmul_precision};
+            set_matmul_precision(MatmulPrecision::Bf16);
+            hydra_edge::hydra::gemm(m, k, n, 1.0, &a, (k, 1), &b, sb, 0.0, c);
+            set_matmul_precision(MatmulPrecision::F32);
+        };
         for _ in 0..5 {
             let t0 = Instant::now();
             for _ in 0..reps {
@@ -108,11 +121,32 @@ fn main() -> TractResult<()> {
                 }
                 t_tract = t_tract.min(t0.elapsed().as_secs_f64() / reps as f64);
             }
+            if amx {
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    bf16(&mut c3);
+                }
+                t_bf16 = t_bf16.min(t0.elapsed().as_secs_f64() / reps as f64);
+            }
         }
         let gf = 2.0 * (m * k * n) as f64 / 1e9;
         let tract = if b_row { format!("{:.1}", gf / t_tract) } else { "–".into() };
+        let bf16 = if amx {
+            let rel = c3
+                .iter()
+                .zip(&c0)
+                .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                .fold(0.0f32, f32::max);
+            format!(
+                "; bf16 {:.1}, {:.2}× (max rel. diff to f32 {rel:.1e})",
+                gf / t_bf16,
+                t_own / t_bf16
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{m}×{k}×{n} ({}): {:.1} / {:.1} / {tract}, {:.2}× (max |own − mm| {err:.1e})",
+            "{m}×{k}×{n} ({}): {:.1} / {:.1} / {tract}, {:.2}× (max |own − mm| {err:.1e}){bf16}",
             if b_row { "row-major" } else { "Wᵀ" },
             gf / t_own,
             gf / t_mm,

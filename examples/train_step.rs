@@ -27,6 +27,7 @@ use hydra_edge::model::{AdaptedModel, CacheConfig, HeadConfig};
 use hydra_edge::onnx::{OnnxModel, SplitConfig, Targets};
 use hydra_edge::parallel::set_threads;
 use hydra_edge::rng::Rng;
+use hydra_edge::runtime::{MatmulPrecision, set_matmul_precision};
 use hydra_edge::train::{Dataset, Labels, OptimizerKind, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Variant};
 use ndarray::{ArrayD, IxDyn};
@@ -195,6 +196,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         step_ms.push((t, median_step_ms(&mut trainer, &train, steps)?));
     }
     let f16_calls = stats::f16_kernel_calls() - f16_before;
+    // The same steps with the large dense products in bf16 (AMX), where the
+    // CPU has bf16 matrix units (`runtime::set_matmul_precision`).
+    let mut bf16_ms = Vec::new();
+    let bf16_before = stats::bf16_products();
+    if set_matmul_precision(MatmulPrecision::Bf16) {
+        for &t in &threads_list {
+            set_threads(t)?;
+            bf16_ms.push((t, median_step_ms(&mut trainer, &train, steps)?));
+        }
+    }
+    let bf16_per_step =
+        (stats::bf16_products() - bf16_before) / (steps * threads_list.len()).max(1);
+    // HYDRA_MATMUL=bf16 keeps bf16 products on for the rest (profile, tail
+    // vs tract, hot-swap); f32 otherwise.
+    let precision: MatmulPrecision =
+        std::env::var("HYDRA_MATMUL").map_or(Ok(MatmulPrecision::F32), |s| s.parse())?;
+    set_matmul_precision(precision);
     // HYDRA_DEVICE=cuda[:N] (a `--features cuda` build): the same step with the
     // tail's dense products on that GPU, beside the CPU's at the most threads.
     if let Ok(dev) = std::env::var("HYDRA_DEVICE") {
@@ -232,6 +250,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // For profilers: stop after the timed steps.
         for (t, ms) in &step_ms {
             println!("training step, {t} thread(s): {ms:.1} ms");
+        }
+        for ((t, ms), (_, f32_ms)) in bf16_ms.iter().zip(&step_ms) {
+            println!(
+                "training step, bf16 products, {t} thread(s): {ms:.1} ms (f32 ÷ bf16 {:.2}; {bf16_per_step} bf16 products per step)",
+                f32_ms / ms
+            );
         }
         return Ok(());
     }
@@ -330,6 +354,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (t, ms) in &step_ms {
         println!("| training step, {t} thread(s) | {ms:.1} ms |");
     }
+    for ((t, ms), (_, f32_ms)) in bf16_ms.iter().zip(&step_ms) {
+        println!(
+            "| training step, bf16 products (AMX), {t} thread(s) | {ms:.1} ms (f32 ÷ bf16 {:.2}, {bf16_per_step} bf16 products per step) |",
+            f32_ms / ms
+        );
+    }
+    println!("| matmul precision for the rows below (HYDRA_MATMUL) | {precision:?} |");
     println!(
         "| tail fwd+bwd ÷ tract fwd of the same tail ({max_threads} thr) | {:.1} ms ÷ {:.1} ms = {:.2} |",
         ours * 1e3,

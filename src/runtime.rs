@@ -7,6 +7,72 @@
 //! fifth of a MiniLM step on this project's machines (`hydra-edge train`,
 //! 3.4 s → 2.7 s per epoch, same peak RSS). [`keep_freed_memory`] raises
 //! glibc's mmap and trim thresholds so freed blocks are reused instead.
+//!
+//! [`set_matmul_precision`] lets the tail's large dense products use bf16
+//! matrix units (AMX-BF16) where the CPU has them, as PyTorch's
+//! `torch.set_float32_matmul_precision("medium")` does.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Precision of the tail's large dense products: the frozen layers'
+/// (forward and backward) and attention's, those with at least 16 rows, 16
+/// columns and 32 terms. The adapters' low-rank products, heads, norms,
+/// losses and the optimizer always stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 operands and accumulation (the default).
+    #[default]
+    F32,
+    /// Operands rounded to bf16 (8 significant bits), sums in f32, where the
+    /// CPU has bf16 matrix units (Intel AMX-BF16: Xeon Sapphire Rapids and
+    /// later); f32 elsewhere. Each product's relative error grows to ~2⁻⁸
+    /// (~0.4 %) of its terms' magnitude.
+    Bf16,
+}
+
+impl core::str::FromStr for MatmulPrecision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "f32" => Ok(MatmulPrecision::F32),
+            "bf16" => Ok(MatmulPrecision::Bf16),
+            _ => Err(crate::Error::Config(format!(
+                "matmul precision `{s}`: expected `f32` or `bf16`"
+            ))),
+        }
+    }
+}
+
+static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+
+/// Sets the precision of the tail's large dense products for the whole
+/// process (like [`crate::parallel::set_threads`]). Returns whether bf16
+/// products will run: false for [`MatmulPrecision::F32`], and for
+/// [`MatmulPrecision::Bf16`] on a CPU (or OS) without bf16 matrix units,
+/// where the products stay f32.
+pub fn set_matmul_precision(p: MatmulPrecision) -> bool {
+    let on = p == MatmulPrecision::Bf16 && bf16_units();
+    BF16_PRODUCTS.store(on, Ordering::Relaxed);
+    on
+}
+
+/// Whether large dense products currently run in bf16.
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.load(Ordering::Relaxed)
+}
+
+/// Whether this CPU and OS can run bf16 products (AMX-BF16, tile state
+/// granted by the kernel).
+pub fn bf16_units() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::kernels::amx_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Keeps freed heap memory in the process for reuse (glibc: serves blocks up
 /// to `max_block` bytes from the heap and trims it only beyond twice that).

@@ -95,6 +95,12 @@ pub(crate) fn gemm_c(
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(not(feature = "std"))]
+    let bf16 = false;
+    #[cfg(feature = "std")]
+    // Decided for the whole product before any split, so the result does not
+    // depend on the thread count.
+    let bf16 = m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products();
     #[cfg(feature = "std")]
     {
         record_gemm(m, k, n);
@@ -131,6 +137,7 @@ pub(crate) fn gemm_c(
                             beta,
                             c.0.add(r.start * rsc),
                             rsc,
+                            bf16,
                         )
                     } else {
                         sgemm_raw(
@@ -145,6 +152,7 @@ pub(crate) fn gemm_c(
                             beta,
                             c.0.add(r.start),
                             rsc,
+                            bf16,
                         )
                     }
                 }
@@ -166,6 +174,7 @@ pub(crate) fn gemm_c(
             beta,
             c.as_mut_ptr(),
             rsc,
+            bf16,
         )
     }
 }
@@ -180,6 +189,9 @@ unsafe impl Send for SendPtr {}
 #[cfg(feature = "std")]
 unsafe impl Sync for SendPtr {}
 
+/// The product on bf16 units when `bf16` (only ever true where
+/// `runtime::bf16_products` is), else on the tier's f32 sgemm.
+///
 /// # Safety
 /// Every element `A[i·rsa + p·csa]`, `B[p·rsb + j·csb]` and `C[i·rsc + j]`
 /// for `i < m`, `p < k`, `j < n` must be valid, and C must not alias A or B.
@@ -196,7 +208,19 @@ unsafe fn sgemm_raw(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bf16: bool,
 ) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if bf16 {
+        // SAFETY: bf16 is only set where AMX is available (runtime); the
+        // caller's bounds are the kernel's.
+        unsafe {
+            crate::kernels::amx_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc)
+        };
+        return;
+    }
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    let _ = bf16;
     let kernels = crate::kernels::active();
     if kernels.tier().has_fast_sgemm() {
         // SAFETY: the caller's contract is the kernel's.

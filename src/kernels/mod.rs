@@ -193,6 +193,45 @@ pub fn select() -> Result<Tier> {
     Ok(Tier::best())
 }
 
+/// Whether AMX-BF16 products can run here (see `runtime::set_matmul_precision`).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub(crate) fn amx_available() -> bool {
+    x86::amx::available()
+}
+
+/// `C = α·A·B + β·C` with bf16-rounded operands on AMX.
+///
+/// # Safety
+/// [`amx_available`] is true; the bounds of [`Kernels::sgemm`] hold.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn amx_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: (usize, usize),
+    b: *const f32,
+    sb: (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    stats::count_bf16_product();
+    // SAFETY: the caller's contract.
+    unsafe { x86::amx::gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc) }
+}
+
+/// An f32 rounded to bf16 as the bf16 products round their operands.
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return f32::from_bits(b | 0x0040_0000);
+    }
+    f32::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+}
+
 /// 0 = not chosen yet, otherwise 1 + index in `Tier::ALL`.
 static ACTIVE: AtomicU8 = AtomicU8::new(0);
 

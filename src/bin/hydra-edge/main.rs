@@ -27,6 +27,11 @@ struct Cli {
     /// `cuda:N` (a build with `--features cuda` and an NVIDIA GPU).
     #[arg(long, global = true, default_value = "cpu")]
     device: hydra_edge::device::Device,
+    /// Precision of the tail's large dense products: `f32`, or `bf16` (bf16
+    /// operands, f32 sums, on bf16 matrix units — Intel AMX — where the CPU
+    /// has them, f32 elsewhere; adapters, head and optimizer stay f32).
+    #[arg(long, global = true, default_value = "f32")]
+    matmul_precision: hydra_edge::runtime::MatmulPrecision,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -224,6 +229,13 @@ fn main() {
         std::process::exit(1);
     }
     let json = cli.json;
+    if !hydra_edge::runtime::set_matmul_precision(cli.matmul_precision)
+        && cli.matmul_precision == hydra_edge::runtime::MatmulPrecision::Bf16
+    {
+        eprintln!(
+            "note: --matmul-precision bf16: this CPU (or OS) has no bf16 matrix units (AMX-BF16); the products stay f32"
+        );
+    }
     if cli.device != hydra_edge::device::Device::Cpu {
         match hydra_edge::device::set_device(cli.device) {
             Ok(info) if !json => eprintln!(

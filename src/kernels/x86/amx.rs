@@ -1,0 +1,557 @@
+//! Intel AMX-BF16 (Xeon Sapphire Rapids and later): dense products with bf16
+//! operands and f32 accumulation, 16×16×32 multiply-adds per `tdpbf16ps`.
+//! Reached only when an app asks for bf16 products
+//! (`runtime::set_matmul_precision`) and the CPU and the OS allow AMX.
+//!
+//! Operands are rounded to bf16 (nearest-even; NaN stays NaN, overflow goes
+//! to ±∞) while they are packed into tiles: A as 16-row × 32-element tiles,
+//! B in the pair layout the instruction reads (row `q` of a B tile holds
+//! `(B[2q][j], B[2q+1][j])` for 16 columns `j`), edges padded with zeros.
+//! C is computed 32×32 at a time in four accumulator tiles (tmm0–3) from two
+//! A tiles (tmm4–5) and two B tiles (tmm6–7). Each element of C is summed
+//! along `k` in the same order wherever it falls in the tiling, so a split of
+//! C along rows or columns gives the same bits as the whole product. The tile
+//! registers are configured at the start of each product and released at its
+//! end; the compiler never uses them.
+
+use core::arch::asm;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Rows of an A (and C) tile.
+const MR: usize = 16;
+/// Columns of a B (and C) tile.
+const NR: usize = 16;
+/// Inner-dimension elements per tile row (64 bytes of bf16).
+const KR: usize = 32;
+/// bf16 elements per packed A tile.
+const A_TILE: usize = MR * KR;
+/// bf16 pairs (u32) per packed B tile.
+const B_TILE: usize = KR / 2 * NR;
+
+/// Whether this CPU has AMX-BF16 and the OS gave this process the tile state
+/// (Linux ≥ 5.16 grants it on request). Asked once.
+pub(crate) fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        use core::arch::x86_64::{__cpuid, __cpuid_count};
+        // Leaf 7 is read only when leaf 0 says it exists.
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let leaf7 = __cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        if !(amx_bf16 && amx_tile && std::is_x86_feature_detected!("avx512bw")) {
+            return false;
+        }
+        request_tile_state()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this request only asks the kernel for
+    // permission to use the AMX state; it fails cleanly where unsupported.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// `x` rounded to bf16 (nearest-even), in the low 16 bits.
+#[inline(always)]
+fn bf16(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    if b & 0x7fff_ffff > 0x7f80_0000 { (b >> 16) | 0x40 } else { rounded }
+}
+
+/// Packing buffers, kept per thread between products.
+#[derive(Default)]
+struct Buffers {
+    a: Vec<u16>,
+    b: Vec<u32>,
+}
+
+std::thread_local! {
+    static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+}
+
+/// A as `mbs` row blocks × `kbs` tiles of 16×32 bf16 (zero-padded).
+///
+/// # Safety
+/// `A[i·rsa + p·csa]` valid for `i < m`, `p < k`; `out` holds
+/// `mbs·kbs·A_TILE` elements; AVX-512BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    (rsa, csa): (usize, usize),
+    mbs: usize,
+    kbs: usize,
+    out: &mut [u16],
+) {
+    for mb in 0..mbs {
+        for r in 0..MR {
+            let i = mb * MR + r;
+            for kb in 0..kbs {
+                let dst = &mut out[(mb * kbs + kb) * A_TILE + r * KR..][..KR];
+                if i >= m {
+                    dst.fill(0);
+                    continue;
+                }
+                let p0 = kb * KR;
+                let len = KR.min(k - p0);
+                // SAFETY: i < m and p0 < k (caller's bounds).
+                let row = unsafe { a.add(i * rsa + p0 * csa) };
+                if csa == 1 {
+                    // SAFETY: p0 + len ≤ k elements of row i.
+                    let src = unsafe { core::slice::from_raw_parts(row, len) };
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = bf16(s) as u16;
+                    }
+                } else {
+                    for (q, d) in dst[..len].iter_mut().enumerate() {
+                        // SAFETY: p0 + q < k.
+                        *d = bf16(unsafe { *row.add(q * csa) }) as u16;
+                    }
+                }
+                dst[len..].fill(0);
+            }
+        }
+    }
+}
+
+/// B as `nbs` column blocks × `kbs` tiles of 16 pairs × 16 columns.
+///
+/// # Safety
+/// `B[p·rsb + j·csb]` valid for `p < k`, `j < n`; `out` holds
+/// `nbs·kbs·B_TILE` elements; AVX-512BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b(
+    k: usize,
+    n: usize,
+    b: *const f32,
+    (rsb, csb): (usize, usize),
+    nbs: usize,
+    kbs: usize,
+    out: &mut [u32],
+) {
+    for nb in 0..nbs {
+        let j0 = nb * NR;
+        let cols = NR.min(n.saturating_sub(j0));
+        for kb in 0..kbs {
+            let dst = &mut out[(nb * kbs + kb) * B_TILE..][..B_TILE];
+            if cols < NR {
+                dst.fill(0);
+                if cols == 0 {
+                    continue;
+                }
+            }
+            let p0 = kb * KR;
+            let pairs = (KR / 2).min((k - p0).div_ceil(2));
+            if csb == 1 {
+                // Rows of B are contiguous: two rows at a time, 16 columns.
+                for q in 0..pairs {
+                    let (p, p1) = (p0 + 2 * q, p0 + 2 * q + 1);
+                    // SAFETY: p < k and j0 + cols ≤ n.
+                    let lo = unsafe { core::slice::from_raw_parts(b.add(p * rsb + j0), cols) };
+                    let d = &mut dst[q * NR..q * NR + cols];
+                    if p1 < k {
+                        // SAFETY: p1 < k.
+                        let hi = unsafe { core::slice::from_raw_parts(b.add(p1 * rsb + j0), cols) };
+                        for ((d, &l), &h) in d.iter_mut().zip(lo).zip(hi) {
+                            *d = bf16(l) | (bf16(h) << 16);
+                        }
+                    } else {
+                        for (d, &l) in d.iter_mut().zip(lo) {
+                            *d = bf16(l);
+                        }
+                    }
+                }
+            } else {
+                // Columns of B (rows of a weight matrix) are read along k.
+                for jj in 0..cols {
+                    // SAFETY: j0 + jj < n, p0 < k.
+                    let col = unsafe { b.add(p0 * rsb + (j0 + jj) * csb) };
+                    for q in 0..pairs {
+                        // SAFETY: p0 + 2q < k; the pair's second element only
+                        // when it is inside k.
+                        let lo = bf16(unsafe { *col.add(2 * q * rsb) });
+                        let hi = if p0 + 2 * q + 1 < k {
+                            bf16(unsafe { *col.add((2 * q + 1) * rsb) })
+                        } else {
+                            0
+                        };
+                        dst[q * NR + jj] = lo | (hi << 16);
+                    }
+                }
+            }
+            dst[pairs * NR..].fill(0);
+        }
+    }
+}
+
+/// Tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn all_full() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t] = 64; // bytes per row (u16 little-endian)
+            c[48 + t] = 16; // rows
+        }
+        TileConfig(c)
+    }
+}
+
+/// One 32×32 block of C, as the four accumulator tiles store it.
+#[repr(C, align(64))]
+struct Block([[f32; 2 * NR]; 2 * MR]);
+
+/// `C[m×n] = α·A·B + β·C` with bf16-rounded A and B and f32 accumulation
+/// (A and B strided, C row-major with row stride `rsc`; `β = 0` never reads C).
+///
+/// # Safety
+/// [`available`] returned true; every element `A[i·rsa + p·csa]`,
+/// `B[p·rsb + j·csb]`, `C[i·rsc + j]` for `i < m`, `p < k`, `j < n` is valid
+/// and C aliases neither A nor B.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: (usize, usize),
+    b: *const f32,
+    sb: (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kbs = k.div_ceil(KR).max(1);
+    let mbs = m.div_ceil(2 * MR) * 2;
+    let nbs = n.div_ceil(2 * NR) * 2;
+    BUFFERS.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let Buffers { a: ap, b: bp } = &mut *bufs;
+        ap.resize(mbs * kbs * A_TILE, 0);
+        bp.resize(nbs * kbs * B_TILE, 0);
+        // SAFETY: caller's bounds; the buffers hold what the packers write
+        // (for k = 0 the single zero tile of each gives C = β·C).
+        unsafe {
+            if k == 0 {
+                ap.fill(0);
+                bp.fill(0);
+            } else {
+                pack_a(m, k, a, sa, mbs, kbs, ap);
+                pack_b(k, n, b, sb, nbs, kbs, bp);
+            }
+            tiles(m, n, kbs, alpha, ap, bp, beta, c, rsc);
+        }
+    });
+}
+
+/// The tile loop over packed operands.
+///
+/// # Safety
+/// As [`gemm`]; `ap`/`bp` packed for these `m`, `n`, `kbs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles(
+    m: usize,
+    n: usize,
+    kbs: usize,
+    alpha: f32,
+    ap: &[u16],
+    bp: &[u32],
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+) {
+    let cfg = TileConfig::all_full();
+    let mut block = Block([[0.0; 2 * NR]; 2 * MR]);
+    let stride = 64usize;
+    let (mbs, nbs) = (m.div_ceil(2 * MR) * 2, n.div_ceil(2 * NR) * 2);
+    // SAFETY: AMX is available and permitted (caller); every tile load reads
+    // one packed 1 KB tile inside `ap`/`bp` (indices below their lengths by
+    // construction), every store writes inside `block`.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        for mb in (0..mbs).step_by(2) {
+            let a0 = ap.as_ptr().add(mb * kbs * A_TILE);
+            let a1 = a0.add(kbs * A_TILE);
+            for nb in (0..nbs).step_by(2) {
+                let b0 = bp.as_ptr().add(nb * kbs * B_TILE);
+                let b1 = b0.add(kbs * B_TILE);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for kb in 0..kbs {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {s}]",
+                        "tileloadd tmm5, [{a1} + {s}]",
+                        "tileloadd tmm6, [{b0} + {s}]",
+                        "tileloadd tmm7, [{b1} + {s}]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kb * A_TILE),
+                        a1 = in(reg) a1.add(kb * A_TILE),
+                        b0 = in(reg) b0.add(kb * B_TILE),
+                        b1 = in(reg) b1.add(kb * B_TILE),
+                        s = in(reg) stride,
+                        options(nostack, readonly)
+                    );
+                }
+                let out = block.0.as_mut_ptr().cast::<f32>();
+                asm!(
+                    "tilestored [{c00} + {s}], tmm0",
+                    "tilestored [{c01} + {s}], tmm1",
+                    "tilestored [{c10} + {s}], tmm2",
+                    "tilestored [{c11} + {s}], tmm3",
+                    c00 = in(reg) out,
+                    c01 = in(reg) out.add(NR),
+                    c10 = in(reg) out.add(MR * 2 * NR),
+                    c11 = in(reg) out.add(MR * 2 * NR + NR),
+                    s = in(reg) 2 * NR * 4,
+                    options(nostack)
+                );
+                let rows = (m - mb * MR).min(2 * MR);
+                let cols = (n - nb * NR).min(2 * NR);
+                for (r, acc) in block.0[..rows].iter().enumerate() {
+                    let dst =
+                        core::slice::from_raw_parts_mut(c.add((mb * MR + r) * rsc + nb * NR), cols);
+                    if beta == 0.0 {
+                        for (d, &v) in dst.iter_mut().zip(acc) {
+                            *d = alpha * v;
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(acc) {
+                            *d = alpha * v + beta * *d;
+                        }
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::kernels::round_bf16;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even_and_keeps_specials() {
+        let mut rng = crate::rng::Rng::new(3);
+        for _ in 0..10_000 {
+            let x = rng.uniform(-1e3, 1e3) * rng.uniform(0.0, 1.0).powi(9);
+            assert_eq!(bf16(x) << 16, round_bf16(x).to_bits(), "{x}");
+        }
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2.0 * 2f32.powi(-7));
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+        assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    }
+
+    /// `C = α·A·B + β·C` in f64 over bf16-rounded operands.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: &[f32],
+        (rsa, csa): (usize, usize),
+        b: &[f32],
+        (rsb, csb): (usize, usize),
+        beta: f32,
+        c: &[f32],
+        rsc: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut out, mut mag) = (vec![0.0f64; m * n], vec![0.0f64; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut g) = (0.0f64, 0.0f64);
+                for p in 0..k {
+                    let t = f64::from(round_bf16(a[i * rsa + p * csa]))
+                        * f64::from(round_bf16(b[p * rsb + j * csb]));
+                    s += t;
+                    g += t.abs();
+                }
+                let prev =
+                    if beta == 0.0 { 0.0 } else { f64::from(beta) * f64::from(c[i * rsc + j]) };
+                out[i * n + j] = f64::from(alpha) * s + prev;
+                mag[i * n + j] = f64::from(alpha.abs()) * g + prev.abs();
+            }
+        }
+        (out, mag)
+    }
+
+    /// Every operand layout the tail uses (row-major, transposed, strided),
+    /// edge sizes on every side, α/β, C inside a wider matrix: the AMX
+    /// product equals the bf16-operand product summed in f64, to f32
+    /// accumulation error (1e-5 of the terms' magnitude).
+    #[test]
+    fn amx_products_match_bf16_operand_reference() {
+        if !available() {
+            eprintln!("AMX-BF16 not available on this CPU/OS: nothing to compare");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(11);
+        let shapes = [
+            (16, 32, 16),
+            (17, 33, 31),
+            (64, 32, 64),
+            (64, 64, 32),
+            (100, 384, 70),
+            (33, 1, 40),
+            (5, 7, 3),
+        ];
+        for &(m, k, n) in &shapes {
+            for (layout, (ta, tb)) in
+                [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate()
+            {
+                let sa = if ta { (1, m) } else { (k, 1) };
+                let sb = if tb { (1, k) } else { (n, 1) };
+                let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-2.0, 2.0)).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.uniform(-2.0, 2.0)).collect();
+                let rsc = n + 3;
+                let c0: Vec<f32> = (0..m * rsc).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-1.5, 0.25)] {
+                    let mut c = c0.clone();
+                    // SAFETY: available; every index the strides reach is in bounds.
+                    unsafe {
+                        gemm(
+                            m,
+                            k,
+                            n,
+                            alpha,
+                            a.as_ptr(),
+                            sa,
+                            b.as_ptr(),
+                            sb,
+                            beta,
+                            c.as_mut_ptr(),
+                            rsc,
+                        )
+                    };
+                    let (want, mag) = reference(m, k, n, alpha, &a, sa, &b, sb, beta, &c0, rsc);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (got, w) = (f64::from(c[i * rsc + j]), want[i * n + j]);
+                            assert!(
+                                (got - w).abs() <= 1e-5 * (mag[i * n + j] + 1.0),
+                                "{m}x{k}x{n} layout {layout} α {alpha} β {beta} at ({i},{j}): {got} vs {w}"
+                            );
+                        }
+                        // The padding columns of C are never written.
+                        for j in n..rsc {
+                            assert_eq!(c[i * rsc + j], c0[i * rsc + j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A product split into row blocks or column blocks (as the thread pool
+    /// splits it) gives the same bits as the whole product.
+    #[test]
+    fn amx_split_products_are_bit_identical() {
+        if !available() {
+            eprintln!("AMX-BF16 not available on this CPU/OS: nothing to compare");
+            return;
+        }
+        let (m, k, n) = (72, 200, 56);
+        let mut rng = crate::rng::Rng::new(5);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut whole = vec![0.0f32; m * n];
+        let (mut rows, mut cols) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        // SAFETY: available; all blocks in bounds.
+        unsafe {
+            gemm(m, k, n, 1.0, a.as_ptr(), (k, 1), b.as_ptr(), (n, 1), 0.0, whole.as_mut_ptr(), n);
+            for (r0, r1) in [(0, 24), (24, 40), (40, m)] {
+                gemm(
+                    r1 - r0,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr().add(r0 * k),
+                    (k, 1),
+                    b.as_ptr(),
+                    (n, 1),
+                    0.0,
+                    rows.as_mut_ptr().add(r0 * n),
+                    n,
+                );
+            }
+            for (j0, j1) in [(0, 8), (8, 40), (40, n)] {
+                gemm(
+                    m,
+                    k,
+                    j1 - j0,
+                    1.0,
+                    a.as_ptr(),
+                    (k, 1),
+                    b.as_ptr().add(j0),
+                    (n, 1),
+                    0.0,
+                    cols.as_mut_ptr().add(j0),
+                    n,
+                );
+            }
+        }
+        assert_eq!(whole, rows);
+        assert_eq!(whole, cols);
+    }
+
+    /// NaN and ∞ in an operand reach C (a NaN loss must not be hidden).
+    #[test]
+    fn amx_products_propagate_nan_and_inf() {
+        if !available() {
+            eprintln!("AMX-BF16 not available on this CPU/OS: nothing to compare");
+            return;
+        }
+        let (m, k, n) = (16, 32, 16);
+        let mut a = vec![1.0f32; m * k];
+        let b = vec![1.0f32; k * n];
+        a[3 * k + 5] = f32::NAN;
+        a[7 * k] = f32::INFINITY;
+        let mut c = vec![0.0f32; m * n];
+        // SAFETY: available; in bounds.
+        unsafe {
+            gemm(m, k, n, 1.0, a.as_ptr(), (k, 1), b.as_ptr(), (n, 1), 0.0, c.as_mut_ptr(), n)
+        };
+        assert!(c[3 * n..4 * n].iter().all(|v| v.is_nan()));
+        assert!(c[7 * n..8 * n].iter().all(|v| *v == f32::INFINITY));
+        assert!(c[..3 * n].iter().all(|v| *v == 32.0));
+    }
+}
