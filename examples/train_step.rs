@@ -184,6 +184,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "all-MiniLM-L6-v2, Hydra r8+8 on {} layers of the last 2 blocks, new 2-class head, batch {BATCH} × {SEQ} tokens, AdamW, prefix cached",
         trainer.model().report().adapted.len()
     );
+    // HYDRA_MATMUL=bf16: every step below (and the profile, tail vs tract,
+    // hot-swap) with bf16 products; by default f32, with the steps repeated
+    // in bf16 beside them where the CPU has bf16 matrix units.
+    let precision: MatmulPrecision =
+        std::env::var("HYDRA_MATMUL").map_or(Ok(MatmulPrecision::F32), |s| s.parse())?;
+    set_matmul_precision(precision);
     // Build the cache and warm up (first steps allocate and create the head).
     set_threads(1)?;
     let f16_before = stats::f16_kernel_calls();
@@ -200,7 +206,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // CPU has bf16 matrix units (`runtime::set_matmul_precision`).
     let mut bf16_ms = Vec::new();
     let bf16_before = stats::bf16_products();
-    if set_matmul_precision(MatmulPrecision::Bf16) {
+    if precision == MatmulPrecision::F32 && set_matmul_precision(MatmulPrecision::Bf16) {
         for &t in &threads_list {
             set_threads(t)?;
             bf16_ms.push((t, median_step_ms(&mut trainer, &train, steps)?));
@@ -249,7 +255,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("TRAIN_STEP_ONLY").is_some() {
         // For profilers: stop after the timed steps.
         for (t, ms) in &step_ms {
-            println!("training step, {t} thread(s): {ms:.1} ms");
+            println!("training step, {t} thread(s), {precision:?} products: {ms:.1} ms");
         }
         for ((t, ms), (_, f32_ms)) in bf16_ms.iter().zip(&step_ms) {
             println!(

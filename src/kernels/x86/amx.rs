@@ -266,10 +266,13 @@ pub(crate) unsafe fn gemm(
     });
 }
 
-/// The tile loop over packed operands.
+/// The tile loop over packed operands. A full 32×32 block of C with α = 1
+/// and β ∈ {0, 1} goes straight between C and the accumulator tiles (loaded
+/// for β = 1, zeroed for β = 0); other blocks pass through a buffer.
 ///
 /// # Safety
 /// As [`gemm`]; `ap`/`bp` packed for these `m`, `n`, `kbs`.
+#[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles(
     m: usize,
@@ -286,32 +289,62 @@ unsafe fn tiles(
     let mut block = Block([[0.0; 2 * NR]; 2 * MR]);
     let stride = 64usize;
     let (mbs, nbs) = (m.div_ceil(2 * MR) * 2, n.div_ceil(2 * NR) * 2);
+    let direct = alpha == 1.0 && (beta == 0.0 || beta == 1.0);
     // SAFETY: AMX is available and permitted (caller); every tile load reads
     // one packed 1 KB tile inside `ap`/`bp` (indices below their lengths by
-    // construction), every store writes inside `block`.
+    // construction); direct loads and stores touch only the 32×32 block of C
+    // at (mb·16, nb·16), which is inside C when the block is full; the others
+    // write inside `block`.
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
         for mb in (0..mbs).step_by(2) {
             let a0 = ap.as_ptr().add(mb * kbs * A_TILE);
             let a1 = a0.add(kbs * A_TILE);
+            let rows = (m - mb * MR).min(2 * MR);
             for nb in (0..nbs).step_by(2) {
                 let b0 = bp.as_ptr().add(nb * kbs * B_TILE);
                 let b1 = b0.add(kbs * B_TILE);
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+                let cols = (n - nb * NR).min(2 * NR);
+                let full = direct && rows == 2 * MR && cols == 2 * NR;
+                let (out, out_stride) = if full {
+                    (c.add(mb * MR * rsc + nb * NR), rsc * 4)
+                } else {
+                    (block.0.as_mut_ptr().cast::<f32>(), 2 * NR * 4)
+                };
+                let (c01, c10) = if full { (NR, MR * rsc) } else { (NR, MR * 2 * NR) };
+                if full && beta == 1.0 {
+                    asm!(
+                        "tileloadd tmm0, [{c00} + {s}]",
+                        "tileloadd tmm1, [{c01} + {s}]",
+                        "tileloadd tmm2, [{c10} + {s}]",
+                        "tileloadd tmm3, [{c11} + {s}]",
+                        c00 = in(reg) out,
+                        c01 = in(reg) out.add(c01),
+                        c10 = in(reg) out.add(c10),
+                        c11 = in(reg) out.add(c10 + c01),
+                        s = in(reg) out_stride,
+                        options(nostack, readonly)
+                    );
+                } else {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                }
                 for kb in 0..kbs {
                     asm!(
+                        // Loads interleaved with the products: tiles are
+                        // not renamed, so a load waits for the last
+                        // product that reads the register it overwrites.
                         "tileloadd tmm4, [{a0} + {s}]",
-                        "tileloadd tmm5, [{a1} + {s}]",
                         "tileloadd tmm6, [{b0} + {s}]",
-                        "tileloadd tmm7, [{b1} + {s}]",
                         "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s}]",
                         "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {s}]",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
                         a0 = in(reg) a0.add(kb * A_TILE),
@@ -322,21 +355,21 @@ unsafe fn tiles(
                         options(nostack, readonly)
                     );
                 }
-                let out = block.0.as_mut_ptr().cast::<f32>();
                 asm!(
                     "tilestored [{c00} + {s}], tmm0",
                     "tilestored [{c01} + {s}], tmm1",
                     "tilestored [{c10} + {s}], tmm2",
                     "tilestored [{c11} + {s}], tmm3",
                     c00 = in(reg) out,
-                    c01 = in(reg) out.add(NR),
-                    c10 = in(reg) out.add(MR * 2 * NR),
-                    c11 = in(reg) out.add(MR * 2 * NR + NR),
-                    s = in(reg) 2 * NR * 4,
+                    c01 = in(reg) out.add(c01),
+                    c10 = in(reg) out.add(c10),
+                    c11 = in(reg) out.add(c10 + c01),
+                    s = in(reg) out_stride,
                     options(nostack)
                 );
-                let rows = (m - mb * MR).min(2 * MR);
-                let cols = (n - nb * NR).min(2 * NR);
+                if full {
+                    continue;
+                }
                 for (r, acc) in block.0[..rows].iter().enumerate() {
                     let dst =
                         core::slice::from_raw_parts_mut(c.add((mb * MR + r) * rsc + nb * NR), cols);
