@@ -249,8 +249,16 @@ pub(crate) unsafe fn gemm(
     BUFFERS.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let Buffers { a: ap, b: bp } = &mut *bufs;
-        ap.resize(mbs * kbs * A_TILE, 0);
-        bp.resize(nbs * kbs * B_TILE, 0);
+        // Grown, never shrunk: the packers write every element they hand on,
+        // so a buffer is not cleared between products.
+        let (na, nb) = (mbs * kbs * A_TILE, nbs * kbs * B_TILE);
+        if ap.len() < na {
+            ap.resize(na, 0);
+        }
+        if bp.len() < nb {
+            bp.resize(nb, 0);
+        }
+        let (ap, bp) = (&mut ap[..na], &mut bp[..nb]);
         // SAFETY: caller's bounds; the buffers hold what the packers write
         // (for k = 0 the single zero tile of each gives C = β·C).
         unsafe {

@@ -205,6 +205,40 @@ impl Transpose {
     }
 }
 
+/// `a` with its axes permuted (`out.shape[i] = a.shape[p[i]]`), contiguous.
+/// When the last axis stays last (attention's `[B, S, H, D] ↔ [B, H, S, D]`)
+/// the copy moves whole rows of it at a time, otherwise element by element.
+pub(crate) fn permute<T: Copy>(a: ndarray::ArrayViewD<'_, T>, p: &[usize]) -> ArrayD<T> {
+    let rank = a.ndim();
+    let view = a.clone().permuted_axes(IxDyn(p));
+    let run = view.shape().last().copied().unwrap_or(1);
+    let src = match a.as_slice() {
+        Some(s) if rank >= 2 && p[rank - 1] == rank - 1 && run >= 4 => s,
+        _ => return view.as_standard_layout().into_owned(),
+    };
+    let shape: Vec<usize> = view.shape().to_vec();
+    let strides: Vec<usize> = view.strides().iter().map(|&s| s as usize).collect();
+    let outer = &shape[..rank - 1];
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    let mut idx = vec![0usize; rank - 1];
+    let mut off = 0usize;
+    for _ in 0..total / run.max(1) {
+        out.extend_from_slice(&src[off..off + run]);
+        // Odometer over the leading axes, keeping `off` = Σ idx·stride.
+        for ax in (0..rank - 1).rev() {
+            idx[ax] += 1;
+            off += strides[ax];
+            if idx[ax] < outer[ax] {
+                break;
+            }
+            off -= strides[ax] * outer[ax];
+            idx[ax] = 0;
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).expect("permute: shape and length agree")
+}
+
 impl TailOp for Transpose {
     fn op_type(&self) -> &'static str {
         "Transpose"
@@ -214,15 +248,9 @@ impl TailOp for Transpose {
         let x = input(inputs, 0)?;
         let p = self.perm(x.shape().len())?;
         Ok(match x {
-            Tensor::F32(a) => {
-                Tensor::F32(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
-            }
-            Tensor::F16(a) => {
-                Tensor::F16(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
-            }
-            Tensor::I64(a) => {
-                Tensor::I64(a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned())
-            }
+            Tensor::F32(a) => Tensor::F32(permute(a.view(), &p)),
+            Tensor::F16(a) => Tensor::F16(permute(a.view(), &p)),
+            Tensor::I64(a) => Tensor::I64(permute(a.view(), &p)),
         })
     }
 
@@ -241,7 +269,7 @@ impl TailOp for Transpose {
         for (i, &a) in p.iter().enumerate() {
             inv[a] = i;
         }
-        Ok(vec![Some(dy.view().permuted_axes(IxDyn(&inv)).as_standard_layout().into_owned())])
+        Ok(vec![Some(permute(dy.view(), &inv))])
     }
 }
 
@@ -522,5 +550,49 @@ impl TailOp for Shape {
 
     fn differentiable(&self, _input: usize) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row-copying permute equals ndarray's element-wise one for every
+    /// permutation of a rank-4 array (rows kept or not), and for rank 2/3.
+    #[test]
+    fn permute_matches_the_elementwise_copy() {
+        let shapes: [&[usize]; 3] = [&[2, 3, 4, 5], &[3, 8], &[2, 1, 6]];
+        for shape in shapes {
+            let n: usize = shape.iter().product();
+            let a =
+                ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|v| v as f32).collect()).unwrap();
+            let rank = shape.len();
+            let mut perms = vec![(0..rank).collect::<Vec<usize>>()];
+            // All permutations by repeated swaps (small ranks only).
+            let mut i = 0;
+            while i < perms.len() && perms.len() < 24 {
+                for x in 0..rank {
+                    for y in x + 1..rank {
+                        let mut q = perms[i].clone();
+                        q.swap(x, y);
+                        if !perms.contains(&q) {
+                            perms.push(q);
+                        }
+                    }
+                }
+                i += 1;
+            }
+            for p in perms {
+                let want = a.view().permuted_axes(IxDyn(&p)).as_standard_layout().into_owned();
+                let got = permute(a.view(), &p);
+                assert_eq!(got.shape(), want.shape(), "{shape:?} {p:?}");
+                assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap(), "{shape:?} {p:?}");
+            }
+        }
+        // A non-contiguous input takes the element-wise path.
+        let a =
+            ArrayD::from_shape_vec(IxDyn(&[4, 6]), (0..24).map(|v| v as f32).collect()).unwrap();
+        let t = a.view().reversed_axes();
+        assert_eq!(permute(t, &[1, 0]), a);
     }
 }
