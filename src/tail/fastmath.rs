@@ -7,6 +7,8 @@
 //! top of it (|error| ≤ 6e-7, checked against an f64 reference in the
 //! tests).
 
+use core::mem::MaybeUninit;
+
 use alloc::vec::Vec;
 
 use crate::parallel;
@@ -123,22 +125,22 @@ pub(crate) use multiversion;
 
 multiversion! {
     /// `o[i] = f(x[i])`.
-    fn apply1<F: Fn(f32) -> f32>(o: &mut [f32], x: &[f32], f: &F) {
-        o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    fn apply1<F: Fn(f32) -> f32>(o: &mut [MaybeUninit<f32>], x: &[f32], f: &F) {
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = MaybeUninit::new(f(x)));
     }
 }
 
 multiversion! {
     /// `o[i] = f(a[i], b[i])`.
-    fn apply2<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
-        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+    fn apply2<F: Fn(f32, f32) -> f32>(o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], f: &F) {
+        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = MaybeUninit::new(f(a, b)));
     }
 }
 
 multiversion! {
     /// `o[i] = f(a[i], b[i], c[i])`.
     fn apply3<F: Fn(f32, f32, f32) -> f32>(
-        o: &mut [f32],
+        o: &mut [MaybeUninit<f32>],
         a: &[f32],
         b: &[f32],
         c: &[f32],
@@ -147,16 +149,16 @@ multiversion! {
         let n = o.len().min(a.len()).min(b.len()).min(c.len());
         let (o, a, b, c) = (&mut o[..n], &a[..n], &b[..n], &c[..n]);
         for i in 0..n {
-            o[i] = f(a[i], b[i], c[i]);
+            o[i] = MaybeUninit::new(f(a[i], b[i], c[i]));
         }
     }
 }
 
 multiversion! {
     /// `o[i] = f(a[i], b[i % b.len()])` over whole rows of `b.len()`.
-    fn apply_rows<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+    fn apply_rows<F: Fn(f32, f32) -> f32>(o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], f: &F) {
         for (o, a) in o.chunks_mut(b.len().max(1)).zip(a.chunks(b.len().max(1))) {
-            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+            o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = MaybeUninit::new(f(a, b)));
         }
     }
 }
@@ -167,24 +169,37 @@ pub(crate) fn tier() -> &'static crate::kernels::Kernels {
     crate::kernels::active()
 }
 
+/// A vector of `n` f32 that `fill` writes in parallel chunks of `chunk`,
+/// with no zeroing pass first (a calloc of a recycled block is a memset: ~10 %
+/// of a MiniLM step). `fill(i, o)` must write every element of `o`: each
+/// caller hands its loop inputs sliced to exactly `o.len()` (a shorter input
+/// panics at the slice, before anything could be left unwritten).
+fn filled(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    parallel::chunks_mut(&mut out.spare_capacity_mut()[..n], chunk, n * 8, fill);
+    // SAFETY: `fill` wrote all of the first `n` elements (contract above).
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// `out[i] = f(x[i])`, in parallel chunks.
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = alloc::vec![0.0f32; x.len()];
-    parallel::chunks_mut(&mut out, CHUNK, x.len() * 8, |c, o| {
+    filled(x.len(), CHUNK, |c, o| {
         apply1(tier(), o, &x[c * CHUNK..c * CHUNK + o.len()], &f);
-    });
-    out
+    })
 }
 
 /// `out[i] = f(a[i], b[i])`, in parallel chunks.
 pub fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     debug_assert_eq!(a.len(), b.len());
-    let mut out = alloc::vec![0.0f32; a.len()];
-    parallel::chunks_mut(&mut out, CHUNK, a.len() * 8, |c, o| {
+    filled(a.len(), CHUNK, |c, o| {
         let r = c * CHUNK..c * CHUNK + o.len();
         apply2(tier(), o, &a[r.clone()], &b[r], &f);
-    });
-    out
+    })
 }
 
 /// `out[i] = f(a[i], b[i], c[i])`, in parallel chunks.
@@ -195,12 +210,10 @@ pub fn map3(
     f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
 ) -> Vec<f32> {
     debug_assert!(a.len() == b.len() && a.len() == c.len());
-    let mut out = alloc::vec![0.0f32; a.len()];
-    parallel::chunks_mut(&mut out, CHUNK, a.len() * 8, |k, o| {
+    filled(a.len(), CHUNK, |k, o| {
         let r = k * CHUNK..k * CHUNK + o.len();
         apply3(tier(), o, &a[r.clone()], &b[r.clone()], &c[r], &f);
-    });
-    out
+    })
 }
 
 /// `out[i] = f(a[i], b[i % b.len()])`: `b` repeats along `a` (a row vector
@@ -208,11 +221,9 @@ pub fn map3(
 pub fn map_rows(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     let w = b.len().max(1);
     let chunk = (CHUNK / w).max(1) * w;
-    let mut out = alloc::vec![0.0f32; a.len()];
-    parallel::chunks_mut(&mut out, chunk, a.len() * 8, |c, o| {
+    filled(a.len(), chunk, |c, o| {
         apply_rows(tier(), o, &a[c * chunk..c * chunk + o.len()], b, &f);
-    });
-    out
+    })
 }
 
 #[cfg(test)]
@@ -227,12 +238,21 @@ mod tests {
         let base = x.iter().map(|&x| gelu(x)).collect::<Vec<_>>();
         for t in crate::kernels::Tier::available() {
             let t = crate::kernels::Kernels::for_tier(t).unwrap();
-            let mut o = vec![0.0f32; x.len()];
+            let mut o = vec![MaybeUninit::new(0.0f32); x.len()];
+            // SAFETY: every element was initialised (zeros, then the loops).
+            let done = |o: &[MaybeUninit<f32>]| {
+                o.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
+            };
             apply1(t, &mut o, &x, &gelu);
-            assert!(o.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", t.tier());
+            let o1 = done(&o);
+            assert!(o1.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", t.tier());
             apply3(t, &mut o, &x, &x, &x, &|a: f32, b: f32, c: f32| exp(a) * b - c);
             let want = x.iter().map(|&a| exp(a) * a - a);
-            assert!(o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", t.tier());
+            assert!(
+                done(&o).iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}",
+                t.tier()
+            );
         }
     }
 
