@@ -100,7 +100,7 @@ pub(crate) fn gemm_c(
     #[cfg(feature = "std")]
     // Decided for the whole product before any split, so the result does not
     // depend on the thread count.
-    let bf16 = m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products();
+    let bf16 = bf16_product(m, k, n);
     #[cfg(feature = "std")]
     {
         record_gemm(m, k, n);
@@ -179,6 +179,67 @@ pub(crate) fn gemm_c(
     }
 }
 
+/// Whether an `m×k·k×n` product runs with bf16 operands: bf16 products are
+/// on (`runtime::set_matmul_precision`) and the product is large enough on
+/// every side for 16×16×32 tiles.
+#[cfg(feature = "std")]
+fn bf16_product(m: usize, k: usize, n: usize) -> bool {
+    m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products()
+}
+
+/// `Y = X·Wᵀ + b` on AMX for f32 `W` (rows of X split over the pool): the
+/// accumulators start from the bias, so no bias rows are written and read
+/// back, and the output is never zeroed first.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+fn amx_linear(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    assert!(x.len() >= n * din && w.len() >= dout * din, "amx_linear: operand shapes");
+    record_gemm(n, din, dout);
+    let mut y: Vec<f32> = Vec::with_capacity(n * dout);
+    let yp = SendPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let work = n * din * dout;
+    let parts = if crate::parallel::threads() > 1
+        && work >= crate::parallel::MIN_PARALLEL_GEMM
+        && !crate::parallel::in_worker()
+    {
+        crate::parallel::ranges(n, 16)
+    } else {
+        alloc::vec![0..n]
+    };
+    crate::parallel::for_each(parts.len(), work, |i| {
+        let r = parts[i].clone();
+        let y = yp;
+        // SAFETY: bf16 products are on (so AMX is available); the assert
+        // bounds X and W; each task writes its own rows of Y's capacity
+        // (β = 0 never reads them).
+        unsafe {
+            crate::kernels::amx_gemm(
+                r.len(),
+                din,
+                dout,
+                1.0,
+                x.as_ptr().add(r.start * din),
+                (din, 1),
+                w.as_ptr(),
+                (1, din),
+                0.0,
+                y.0.add(r.start * dout),
+                dout,
+                b,
+            )
+        }
+    });
+    // SAFETY: the parts cover all n rows, and the product wrote each of them.
+    unsafe { y.set_len(n * dout) };
+    y
+}
+
 #[cfg(feature = "std")]
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -215,7 +276,20 @@ unsafe fn sgemm_raw(
         // SAFETY: bf16 is only set where AMX is available (runtime); the
         // caller's bounds are the kernel's.
         unsafe {
-            crate::kernels::amx_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc)
+            crate::kernels::amx_gemm(
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                (rsa, csa),
+                b,
+                (rsb, csb),
+                beta,
+                c,
+                rsc,
+                None,
+            )
         };
         return;
     }
@@ -349,8 +423,8 @@ pub(crate) fn gemm_dy_w(
     }
 }
 
-/// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer.
-#[cfg(feature = "std")]
+/// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer (a bias whose length
+/// is not `out` is no bias).
 pub(crate) fn frozen_forward(
     k: &Kernels,
     w: &Weights,
@@ -360,6 +434,13 @@ pub(crate) fn frozen_forward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if let Weights::F32(w) = w
+        && bf16_product(n, din, dout)
+        && crate::device::device() == crate::device::Device::Cpu
+    {
+        return amx_linear(x, w, b.filter(|b| b.len() == dout), n, din, dout);
+    }
     let (mut y, beta) = bias_rows(b, n, dout);
     gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
     y

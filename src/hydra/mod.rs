@@ -344,8 +344,7 @@ impl HydraLinear {
                 &xf
             }
         };
-        let (mut y, beta) = dense::bias_rows(self.b0.as_deref(), n, dout);
-        dense::gemm_x_wt(k, &self.w0, x32, &mut y, n, din, dout, beta);
+        let mut y = dense::frozen_forward(k, &self.w0, self.b0.as_deref(), x32, n, din, dout);
         if self.merged {
             self.saved = None;
             return Ok(y);

@@ -199,10 +199,11 @@ pub(crate) fn amx_available() -> bool {
     x86::amx::available()
 }
 
-/// `C = α·A·B + β·C` with bf16-rounded operands on AMX.
+/// `C = α·A·B + β·C (+ bias row)` with bf16-rounded operands on AMX.
 ///
 /// # Safety
-/// [`amx_available`] is true; the bounds of [`Kernels::sgemm`] hold.
+/// [`amx_available`] is true; the bounds of [`Kernels::sgemm`] hold; with
+/// `β = 0`, C may be uninitialised.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn amx_gemm(
@@ -217,10 +218,11 @@ pub(crate) unsafe fn amx_gemm(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bias: Option<&[f32]>,
 ) {
     stats::count_bf16_product();
     // SAFETY: the caller's contract.
-    unsafe { x86::amx::gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc) }
+    unsafe { x86::amx::gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc, bias) }
 }
 
 /// An f32 rounded to bf16 as the bf16 products round their operands.

@@ -219,8 +219,10 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Block([[f32; 2 * NR]; 2 * MR]);
 
-/// `C[m×n] = α·A·B + β·C` with bf16-rounded A and B and f32 accumulation
-/// (A and B strided, C row-major with row stride `rsc`; `β = 0` never reads C).
+/// `C[m×n] = α·A·B + β·C (+ bias)` with bf16-rounded A and B and f32
+/// accumulation (A and B strided, C row-major with row stride `rsc`; `β = 0`
+/// never reads C, so C may be uninitialised; `bias`, when given, is a row of
+/// `n` added to every row of C in f32).
 ///
 /// # Safety
 /// [`available`] returned true; every element `A[i·rsa + p·csa]`,
@@ -239,10 +241,12 @@ pub(crate) unsafe fn gemm(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bias: Option<&[f32]>,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(bias.is_none_or(|b| b.len() >= n), "amx gemm: bias shorter than n");
     let kbs = k.div_ceil(KR).max(1);
     let mbs = m.div_ceil(2 * MR) * 2;
     let nbs = n.div_ceil(2 * NR) * 2;
@@ -269,14 +273,15 @@ pub(crate) unsafe fn gemm(
                 pack_a(m, k, a, sa, mbs, kbs, ap);
                 pack_b(k, n, b, sb, nbs, kbs, bp);
             }
-            tiles(m, n, kbs, alpha, ap, bp, beta, c, rsc);
+            tiles(m, n, kbs, alpha, ap, bp, beta, c, rsc, bias);
         }
     });
 }
 
 /// The tile loop over packed operands. A full 32×32 block of C with α = 1
-/// and β ∈ {0, 1} goes straight between C and the accumulator tiles (loaded
-/// for β = 1, zeroed for β = 0); other blocks pass through a buffer.
+/// goes straight between C and the accumulator tiles, which start from C
+/// (β = 1), from the bias row repeated (a stride-0 load; β = 0), or from
+/// zero (β = 0, no bias); other blocks pass through a buffer.
 ///
 /// # Safety
 /// As [`gemm`]; `ap`/`bp` packed for these `m`, `n`, `kbs`.
@@ -292,12 +297,13 @@ unsafe fn tiles(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bias: Option<&[f32]>,
 ) {
     let cfg = TileConfig::all_full();
     let mut block = Block([[0.0; 2 * NR]; 2 * MR]);
     let stride = 64usize;
     let (mbs, nbs) = (m.div_ceil(2 * MR) * 2, n.div_ceil(2 * NR) * 2);
-    let direct = alpha == 1.0 && (beta == 0.0 || beta == 1.0);
+    let direct = alpha == 1.0 && (beta == 0.0 || (beta == 1.0 && bias.is_none()));
     // SAFETY: AMX is available and permitted (caller); every tile load reads
     // one packed 1 KB tile inside `ap`/`bp` (indices below their lengths by
     // construction); direct loads and stores touch only the 32×32 block of C
@@ -320,7 +326,20 @@ unsafe fn tiles(
                     (block.0.as_mut_ptr().cast::<f32>(), 2 * NR * 4)
                 };
                 let (c01, c10) = if full { (NR, MR * rsc) } else { (NR, MR * 2 * NR) };
-                if full && beta == 1.0 {
+                if let (true, Some(bias)) = (full, bias) {
+                    // Each accumulator row starts as its 16 columns of bias.
+                    let b = bias.as_ptr().add(nb * NR);
+                    asm!(
+                        "tileloadd tmm0, [{b0} + {s}]",
+                        "tileloadd tmm1, [{b1} + {s}]",
+                        "tileloadd tmm2, [{b0} + {s}]",
+                        "tileloadd tmm3, [{b1} + {s}]",
+                        b0 = in(reg) b,
+                        b1 = in(reg) b.add(NR),
+                        s = in(reg) 0usize,
+                        options(nostack, readonly)
+                    );
+                } else if full && beta == 1.0 {
                     asm!(
                         "tileloadd tmm0, [{c00} + {s}]",
                         "tileloadd tmm1, [{c01} + {s}]",
@@ -378,17 +397,14 @@ unsafe fn tiles(
                 if full {
                     continue;
                 }
+                // Raw writes: with β = 0, C may be uninitialised memory.
+                let zero = [0.0f32; 2 * NR];
+                let bias = bias.map_or(&zero[..cols], |b| &b[nb * NR..nb * NR + cols]);
                 for (r, acc) in block.0[..rows].iter().enumerate() {
-                    let dst =
-                        core::slice::from_raw_parts_mut(c.add((mb * MR + r) * rsc + nb * NR), cols);
-                    if beta == 0.0 {
-                        for (d, &v) in dst.iter_mut().zip(acc) {
-                            *d = alpha * v;
-                        }
-                    } else {
-                        for (d, &v) in dst.iter_mut().zip(acc) {
-                            *d = alpha * v + beta * *d;
-                        }
+                    let dst = c.add((mb * MR + r) * rsc + nb * NR);
+                    for (j, (&v, &b)) in acc.iter().zip(bias).enumerate() {
+                        let prev = if beta == 0.0 { 0.0 } else { beta * *dst.add(j) };
+                        *dst.add(j) = alpha * v + prev + b;
                     }
                 }
             }
@@ -485,7 +501,16 @@ mod tests {
                 let b: Vec<f32> = (0..k * n).map(|_| rng.uniform(-2.0, 2.0)).collect();
                 let rsc = n + 3;
                 let c0: Vec<f32> = (0..m * rsc).map(|_| rng.uniform(-1.0, 1.0)).collect();
-                for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-1.5, 0.25)] {
+                let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+                let cases = [
+                    (1.0, 0.0, false),
+                    (0.5, 1.0, false),
+                    (-1.5, 0.25, false),
+                    (1.0, 0.0, true),
+                    (0.5, 1.0, true),
+                ];
+                for (alpha, beta, with_bias) in cases {
+                    let bias = with_bias.then_some(&bias[..]);
                     let mut c = c0.clone();
                     // SAFETY: available; every index the strides reach is in bounds.
                     unsafe {
@@ -501,15 +526,17 @@ mod tests {
                             beta,
                             c.as_mut_ptr(),
                             rsc,
+                            bias,
                         )
                     };
                     let (want, mag) = reference(m, k, n, alpha, &a, sa, &b, sb, beta, &c0, rsc);
                     for i in 0..m {
                         for j in 0..n {
-                            let (got, w) = (f64::from(c[i * rsc + j]), want[i * n + j]);
+                            let plus = bias.map_or(0.0, |b| f64::from(b[j]));
+                            let (got, w) = (f64::from(c[i * rsc + j]), want[i * n + j] + plus);
                             assert!(
                                 (got - w).abs() <= 1e-5 * (mag[i * n + j] + 1.0),
-                                "{m}x{k}x{n} layout {layout} α {alpha} β {beta} at ({i},{j}): {got} vs {w}"
+                                "{m}x{k}x{n} layout {layout} α {alpha} β {beta} bias {with_bias} at ({i},{j}): {got} vs {w}"
                             );
                         }
                         // The padding columns of C are never written.
@@ -538,7 +565,20 @@ mod tests {
         let (mut rows, mut cols) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
         // SAFETY: available; all blocks in bounds.
         unsafe {
-            gemm(m, k, n, 1.0, a.as_ptr(), (k, 1), b.as_ptr(), (n, 1), 0.0, whole.as_mut_ptr(), n);
+            gemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                (k, 1),
+                b.as_ptr(),
+                (n, 1),
+                0.0,
+                whole.as_mut_ptr(),
+                n,
+                None,
+            );
             for (r0, r1) in [(0, 24), (24, 40), (40, m)] {
                 gemm(
                     r1 - r0,
@@ -552,6 +592,7 @@ mod tests {
                     0.0,
                     rows.as_mut_ptr().add(r0 * n),
                     n,
+                    None,
                 );
             }
             for (j0, j1) in [(0, 8), (8, 40), (40, n)] {
@@ -567,6 +608,7 @@ mod tests {
                     0.0,
                     cols.as_mut_ptr().add(j0),
                     n,
+                    None,
                 );
             }
         }
@@ -589,7 +631,7 @@ mod tests {
         let mut c = vec![0.0f32; m * n];
         // SAFETY: available; in bounds.
         unsafe {
-            gemm(m, k, n, 1.0, a.as_ptr(), (k, 1), b.as_ptr(), (n, 1), 0.0, c.as_mut_ptr(), n)
+            gemm(m, k, n, 1.0, a.as_ptr(), (k, 1), b.as_ptr(), (n, 1), 0.0, c.as_mut_ptr(), n, None)
         };
         assert!(c[3 * n..4 * n].iter().all(|v| v.is_nan()));
         assert!(c[7 * n..8 * n].iter().all(|v| *v == f32::INFINITY));
