@@ -9,7 +9,8 @@
 //! The layers, bottom up (imports only run downhill):
 //! - [`kernels`]: the f16/f32 low-rank SIMD kernels (scalar, AVX2+FMA+F16C,
 //!   AVX-512F, NEON, NEON+FP16), selected once at run time, forcible with
-//!   `HYDRA_KERNELS`; [`kernels::stats`] counts which path a run took;
+//!   `HYDRA_KERNELS`, the packed f32 sgemm and the AMX-BF16 tile product;
+//!   [`kernels::stats`] counts which path a run took;
 //! - [`hydra`]: [`hydra::HydraLinear`], its three variants (Hydra, LoRA,
 //!   SeqLoRA), forward, backward, the exact merge / unmerge and the low-rank
 //!   [`hydra::Delta`] that hot-swap folds in; the dense products;
@@ -18,7 +19,8 @@
 //! - [`Tensor`] (f32, f16, i64), [`tail`] (the tape-based engine of the
 //!   trainable tail), [`parallel`] (the one thread pool shared with tract),
 //!   [`device`] (where the tail's dense products run: CPU, or a CUDA GPU with
-//!   the `cuda` feature) and [`runtime`] (allocator knobs);
+//!   the `cuda` feature) and [`runtime`] (allocator knobs, and the precision
+//!   of the dense products: f32, or bf16 on Intel AMX where the CPU has it);
 //! - [`onnx`]: loading, graph index, adaptable layers, the gradient-cone
 //!   split and pattern fusion; [`backbone`]: the frozen tract plan;
 //! - [`model`]: [`model::AdaptedModel`], the one owner of backbone, tail,

@@ -12,9 +12,12 @@
 //! tests take turns.
 #![cfg(feature = "onnx")]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use common::rel_err;
 use hydra_edge::backbone::Feed;
 use hydra_edge::kernels::stats;
 use hydra_edge::model::AdaptedModel;
@@ -43,13 +46,6 @@ fn f32_then_bf16<T>(mut f: impl FnMut() -> T) -> (T, T, usize) {
     let ran = stats::bf16_products() - before;
     set_matmul_precision(MatmulPrecision::F32);
     (a, b, ran)
-}
-
-/// max |a − b| / (1 + max |a|).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = 1.0 + a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]

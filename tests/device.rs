@@ -16,6 +16,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use common::rel_err;
 use hydra_edge::Error;
 use hydra_edge::device::{self, Device};
 
@@ -123,13 +124,6 @@ fn cpu_then_gpu<T>(mut f: impl FnMut() -> T) -> (T, T, usize) {
     device::set_device(Device::Cpu).unwrap();
     assert_eq!(device::stats::gpu_fallbacks(), 0, "a CUDA call failed");
     (cpu, gpu, ran)
-}
-
-/// max |a − b| / (1 + max |a|).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = 1.0 + a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]

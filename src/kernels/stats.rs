@@ -15,6 +15,7 @@ pub fn bf16_products() -> usize {
     BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn count_bf16_product() {
     BF16_PRODUCTS.fetch_add(1, Ordering::Relaxed);
 }

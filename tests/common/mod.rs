@@ -12,6 +12,14 @@ pub const U32: f64 = 5.960_464_477_539_063e-8;
 /// Half an ulp of f16 at 1.0, relative (2⁻¹¹).
 pub const U16: f64 = 4.882_812_5e-4;
 
+/// max |a − b| / (1 + max |a|): the error of `b` against the reference `a`,
+/// relative to the reference's largest value.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = 1.0 + a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
 /// Uniform values in [-1, 1).
 pub fn rand_vec(rng: &mut Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
