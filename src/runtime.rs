@@ -61,6 +61,18 @@ pub fn bf16_products() -> bool {
     BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
+/// Runs `f` with f32 products, then restores the precision: for checks whose
+/// reference must be exact, such as the merge check (merged vs unmerged model
+/// agree to f32 rounding; bf16 products would move the unmerged side by
+/// ~1e-2). Process-wide like the knob: meant for a point where no other
+/// thread is training.
+pub fn with_f32_products<T>(f: impl FnOnce() -> T) -> T {
+    let was = BF16_PRODUCTS.swap(false, Ordering::Relaxed);
+    let out = f();
+    BF16_PRODUCTS.store(was, Ordering::Relaxed);
+    out
+}
+
 /// Whether this CPU and OS can run bf16 products (AMX-BF16, tile state
 /// granted by the kernel).
 pub fn bf16_units() -> bool {

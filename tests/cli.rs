@@ -144,6 +144,55 @@ fn the_demo_adapts_merges_and_checks() {
     if let Ok(want) = std::env::var("HYDRA_EXPECT_TIER") {
         assert_eq!(tier, want, "the demo ran on another tier than expected");
     }
+    assert_eq!(j["bf16_products"].as_u64(), Some(0), "f32 is the default: {j}");
+}
+
+#[test]
+fn bf16_products_are_opt_in_and_a_bad_precision_is_an_error() {
+    let o = bin().args(["--json", "--matmul-precision", "bf16", "demo"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    let j: serde_json::Value = serde_json::from_str(&ok(o)).unwrap();
+    assert!(j["accuracy_after"].as_f64().unwrap() > 0.85, "{j}");
+    assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3, "{j}");
+    let ran = j["bf16_products"].as_u64().unwrap();
+    if hydra_edge::runtime::bf16_units() {
+        assert!(ran > 0, "no product ran in bf16: {j}");
+    } else {
+        // No AMX here: said once, and everything stays f32.
+        assert_eq!(ran, 0);
+        assert!(stderr.contains("no bf16 matrix units"), "{stderr}");
+    }
+    // Train and merge with bf16 products: the merge check compares the
+    // merged model with the unmerged one in f32, so it passes as tightly as
+    // in an f32 run.
+    let dir = std::env::temp_dir().join(format!("hydra-cli-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (adapter, merged) = (dir.join("a.hydra"), dir.join("m.onnx"));
+    ok(bin()
+        .args(["--matmul-precision", "bf16", "train"])
+        .arg(digits("digits_mlp.onnx"))
+        .arg("--data")
+        .arg(digits("digits_user_train.npz"))
+        .args(["--epochs", "3", "--out"])
+        .arg(&adapter)
+        .output()
+        .unwrap());
+    let j: serde_json::Value = serde_json::from_str(&ok(bin()
+        .args(["--json", "--matmul-precision", "bf16", "merge"])
+        .arg(digits("digits_mlp.onnx"))
+        .arg(&adapter)
+        .arg("-o")
+        .arg(&merged)
+        .output()
+        .unwrap()))
+    .unwrap();
+    assert!(j["max_rel_error"].as_f64().unwrap() < 1e-5, "{j}");
+    std::fs::remove_dir_all(&dir).ok();
+
+    let o = bin().args(["--matmul-precision", "fp8", "demo"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("fp8") && stderr.contains("bf16"), "{stderr}");
 }
 
 #[test]

@@ -777,8 +777,11 @@ pub fn merge(
     let mut verify =
         |feed: &Feed, tmp: &Path, adapted: &mut AdaptedModel| -> hydra_edge::Result<()> {
             let refuse = |m: String| hydra_edge::Error::Config(format!("merge check failed: {m}"));
+            // The reference in f32 whatever `--matmul-precision` says: the
+            // check is of the merge, not of bf16 rounding.
             let want =
-                adapted.predict(feed, CacheDtype::F32).inspect_err(|_| data_unusable.set(true))?;
+                hydra_edge::runtime::with_f32_products(|| adapted.predict(feed, CacheDtype::F32))
+                    .inspect_err(|_| data_unusable.set(true))?;
             let name = if adapted.head().is_some() {
                 "head_logits".to_string()
             } else {

@@ -112,7 +112,8 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
     let merged_path = dir.join("digits_user.onnx");
     merge_into_onnx(&model, t.model(), None, &merged_path)?;
     let (feed, _) = test.batch(&(0..test.len()).collect::<Vec<_>>());
-    let unmerged = t.model_mut().forward(&feed, false)?;
+    // Checked in f32 whatever `--matmul-precision` says (the merge is exact).
+    let unmerged = hydra_edge::runtime::with_f32_products(|| t.model_mut().forward(&feed, false))?;
     let merged = Model::load(&merged_path)?;
     let base_model = Model::from_onnx(&model)?;
     let got = merged.run(&feed)?.remove(0);
