@@ -67,10 +67,15 @@ pub fn bf16_products() -> bool {
 /// ~1e-2). Process-wide like the knob: meant for a point where no other
 /// thread is training.
 pub fn with_f32_products<T>(f: impl FnOnce() -> T) -> T {
-    let was = BF16_PRODUCTS.swap(false, Ordering::Relaxed);
-    let out = f();
-    BF16_PRODUCTS.store(was, Ordering::Relaxed);
-    out
+    /// Restores the precision also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BF16_PRODUCTS.store(self.0, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore(BF16_PRODUCTS.swap(false, Ordering::Relaxed));
+    f()
 }
 
 /// Whether this CPU and OS can run bf16 products (AMX-BF16, tile state

@@ -116,7 +116,11 @@ pub(crate) fn gemm_c(
             // computed by one sgemm with the same k-order, so the result does
             // not depend on the cut.
             let by_rows = m >= n;
-            let parts = crate::parallel::ranges(if by_rows { m } else { n }, 8);
+            // bf16 products cut at whole 32×32 tile blocks: a block's sums
+            // start from C or the bias when it is whole and from zero at an
+            // edge, so the blocks must not move with the thread count.
+            let align = if bf16 { 32 } else { 8 };
+            let parts = crate::parallel::ranges(if by_rows { m } else { n }, align);
             crate::parallel::for_each(parts.len(), m * k * n, |i| {
                 let r = parts[i].clone();
                 let c = c_ptr;
@@ -208,7 +212,8 @@ fn amx_linear(
         && work >= crate::parallel::MIN_PARALLEL_GEMM
         && !crate::parallel::in_worker()
     {
-        crate::parallel::ranges(n, 16)
+        // Whole 32-row tile blocks (see `gemm_c`).
+        crate::parallel::ranges(n, 32)
     } else {
         alloc::vec![0..n]
     };

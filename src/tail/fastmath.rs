@@ -219,7 +219,12 @@ pub fn map3(
 /// `out[i] = f(a[i], b[i % b.len()])`: `b` repeats along `a` (a row vector
 /// broadcast over rows, the common bias / scale case).
 pub fn map_rows(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let w = b.len().max(1);
+    if b.is_empty() {
+        // Nothing to pair `a` with: no value is defined, so no loop runs
+        // (and `filled` below would be handed chunks nobody writes).
+        return alloc::vec![0.0; a.len()];
+    }
+    let w = b.len();
     let chunk = (CHUNK / w).max(1) * w;
     filled(a.len(), chunk, |c, o| {
         apply_rows(tier(), o, &a[c * chunk..c * chunk + o.len()], b, &f);
@@ -254,6 +259,17 @@ mod tests {
                 t.tier()
             );
         }
+    }
+
+    /// A row vector with nothing in it pairs with nothing: zeros, never
+    /// memory no loop wrote.
+    #[test]
+    fn map_rows_with_an_empty_row_vector_gives_zeros() {
+        assert_eq!(map_rows(&[1.0, 2.0, 3.0], &[], |a, b| a + b), vec![0.0; 3]);
+        assert_eq!(
+            map_rows(&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0], |a, b| a * b),
+            vec![1.0, 4.0, 3.0, 8.0]
+        );
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! `(B[2q][j], B[2q+1][j])` for 16 columns `j`), edges padded with zeros.
 //! C is computed 32×32 at a time in four accumulator tiles (tmm0–3) from two
 //! A tiles (tmm4–5) and two B tiles (tmm6–7). Each element of C is summed
-//! along `k` in the same order wherever it falls in the tiling, so a split of
-//! C along rows or columns gives the same bits as the whole product. The tile
+//! along `k` in the same order wherever it falls in its 32×32 block, so a
+//! split of C along rows or columns at multiples of 32 gives the same bits as
+//! the whole product (whole blocks start from C or the bias, edge blocks add
+//! them at the end, so other cuts could round differently). The tile
 //! registers are configured at the start of each product and released at its
 //! end; the compiler never uses them.
 
@@ -41,7 +43,11 @@ pub(crate) fn available() -> bool {
         }
         let leaf7 = __cpuid_count(7, 0);
         let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
-        if !(amx_bf16 && amx_tile && std::is_x86_feature_detected!("avx512bw")) {
+        if !(amx_bf16
+            && amx_tile
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw"))
+        {
             return false;
         }
         request_tile_state()
@@ -549,71 +555,58 @@ mod tests {
         }
     }
 
-    /// A product split into row blocks or column blocks (as the thread pool
-    /// splits it) gives the same bits as the whole product.
+    /// A product split into row blocks or column blocks at multiples of 32
+    /// (as the thread pool splits bf16 products) gives the same bits as the
+    /// whole product: plain (β = 0), accumulating (β = 1) and with a bias.
     #[test]
     fn amx_split_products_are_bit_identical() {
         if !available() {
             eprintln!("AMX-BF16 not available on this CPU/OS: nothing to compare");
             return;
         }
-        let (m, k, n) = (72, 200, 56);
+        let (m, k, n) = (72, 200, 80);
         let mut rng = crate::rng::Rng::new(5);
         let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let mut whole = vec![0.0f32; m * n];
-        let (mut rows, mut cols) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
-        // SAFETY: available; all blocks in bounds.
-        unsafe {
-            gemm(
-                m,
-                k,
-                n,
-                1.0,
-                a.as_ptr(),
-                (k, 1),
-                b.as_ptr(),
-                (n, 1),
-                0.0,
-                whole.as_mut_ptr(),
-                n,
-                None,
-            );
-            for (r0, r1) in [(0, 24), (24, 40), (40, m)] {
+        let c0: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        // C[r0..r1, j0..j1] of the product, in place.
+        let part = |c: &mut [f32],
+                    (r0, r1): (usize, usize),
+                    (j0, j1): (usize, usize),
+                    beta,
+                    bias: Option<&[f32]>| {
+            // SAFETY: available; the block is inside A, B and C.
+            unsafe {
                 gemm(
                     r1 - r0,
                     k,
-                    n,
+                    j1 - j0,
                     1.0,
                     a.as_ptr().add(r0 * k),
                     (k, 1),
-                    b.as_ptr(),
-                    (n, 1),
-                    0.0,
-                    rows.as_mut_ptr().add(r0 * n),
-                    n,
-                    None,
-                );
-            }
-            for (j0, j1) in [(0, 8), (8, 40), (40, n)] {
-                gemm(
-                    m,
-                    k,
-                    j1 - j0,
-                    1.0,
-                    a.as_ptr(),
-                    (k, 1),
                     b.as_ptr().add(j0),
                     (n, 1),
-                    0.0,
-                    cols.as_mut_ptr().add(j0),
+                    beta,
+                    c.as_mut_ptr().add(r0 * n + j0),
                     n,
-                    None,
-                );
+                    bias.map(|v| &v[j0..]),
+                )
             }
+        };
+        for (beta, bias) in [(0.0, None), (1.0, None), (0.0, Some(&bias[..]))] {
+            let mut whole = c0.clone();
+            part(&mut whole, (0, m), (0, n), beta, bias);
+            let (mut rows, mut cols) = (c0.clone(), c0.clone());
+            for r in [(0, 32), (32, 64), (64, m)] {
+                part(&mut rows, r, (0, n), beta, bias);
+            }
+            for j in [(0, 32), (32, 64), (64, n)] {
+                part(&mut cols, (0, m), j, beta, bias);
+            }
+            assert_eq!(whole, rows, "β {beta}, bias {}", bias.is_some());
+            assert_eq!(whole, cols, "β {beta}, bias {}", bias.is_some());
         }
-        assert_eq!(whole, rows);
-        assert_eq!(whole, cols);
     }
 
     /// NaN and ∞ in an operand reach C (a NaN loss must not be hidden).

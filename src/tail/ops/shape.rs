@@ -217,14 +217,17 @@ pub(crate) fn permute<T: Copy>(a: ndarray::ArrayViewD<'_, T>, p: &[usize]) -> Ar
         _ => return view.as_standard_layout().into_owned(),
     };
     let shape: Vec<usize> = view.shape().to_vec();
-    let strides: Vec<usize> = view.strides().iter().map(|&s| s as usize).collect();
+    // Signed: a length-1 axis may carry any stride (even a negative one) in
+    // a standard-layout array; it never moves `off` outside the data.
+    let strides: Vec<isize> = view.strides().to_vec();
     let outer = &shape[..rank - 1];
     let total: usize = shape.iter().product();
     let mut out = Vec::with_capacity(total);
     let mut idx = vec![0usize; rank - 1];
-    let mut off = 0usize;
+    let mut off = 0isize;
     for _ in 0..total / run.max(1) {
-        out.extend_from_slice(&src[off..off + run]);
+        let o = off as usize;
+        out.extend_from_slice(&src[o..o + run]);
         // Odometer over the leading axes, keeping `off` = Σ idx·stride.
         for ax in (0..rank - 1).rev() {
             idx[ax] += 1;
@@ -232,7 +235,7 @@ pub(crate) fn permute<T: Copy>(a: ndarray::ArrayViewD<'_, T>, p: &[usize]) -> Ar
             if idx[ax] < outer[ax] {
                 break;
             }
-            off -= strides[ax] * outer[ax];
+            off -= strides[ax] * outer[ax] as isize;
             idx[ax] = 0;
         }
     }
@@ -589,6 +592,12 @@ mod tests {
                 assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap(), "{shape:?} {p:?}");
             }
         }
+        // A length-1 axis may carry a negative stride in a standard-layout array.
+        let mut a =
+            ArrayD::from_shape_vec(IxDyn(&[1, 4, 5]), (0..20).map(|v| v as f32).collect()).unwrap();
+        a.invert_axis(Axis(0));
+        let want = a.view().permuted_axes(IxDyn(&[1, 0, 2])).as_standard_layout().into_owned();
+        assert_eq!(permute(a.view(), &[1, 0, 2]), want);
         // A non-contiguous input takes the element-wise path.
         let a =
             ArrayD::from_shape_vec(IxDyn(&[4, 6]), (0..24).map(|v| v as f32).collect()).unwrap();
