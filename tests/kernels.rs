@@ -369,36 +369,6 @@ fn rank_above_max_is_caught_at_the_safe_entry() {
     k.grad_u(&[], &[0.0; 65], &mut [], 0, 1, 65);
 }
 
-/// `α·A·B + β·C` in f64, with the Σ|term| scale for the tolerance.
-#[allow(clippy::too_many_arguments)]
-fn gemm_reference(
-    (m, k, n): (usize, usize, usize),
-    alpha: f32,
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    beta: f32,
-    c: &[f32],
-    rsc: usize,
-) -> reference::Ref {
-    let (mut value, mut scale) = (Vec::new(), Vec::new());
-    for i in 0..m {
-        for j in 0..n {
-            let (mut v, mut s) = (0.0f64, 0.0f64);
-            for p in 0..k {
-                let t = f64::from(a[i * rsa + p * csa]) * f64::from(b[p * rsb + j * csb]);
-                v += t;
-                s += t.abs();
-            }
-            let old = if beta == 0.0 { 0.0 } else { f64::from(beta) * f64::from(c[i * rsc + j]) };
-            value.push(f64::from(alpha) * v + old);
-            scale.push(f64::from(alpha).abs() * s + old.abs());
-        }
-    }
-    reference::Ref { value, scale }
-}
-
 /// The packed sgemm against the f64 reference on every tier: edge sizes
 /// around each tier's micro-tile and the packing blocks (k past 256, n past
 /// 1024), row- and column-major A and B, a C wider than the product, α and β
@@ -427,7 +397,7 @@ fn sgemm_matches_reference_on_every_tier() {
             if beta == 0.0 { vec![f32::NAN; m * rsc] } else { rand_vec(&mut rng, m * rsc) };
         let sa = if a_row { (k, 1) } else { (1, m) };
         let sb = if b_row { (n, 1) } else { (1, k) };
-        let want = gemm_reference((m, k, n), alpha, &a, sa, &b, sb, beta, &c0, rsc);
+        let want = reference::gemm((m, k, n), alpha, &a, sa, &b, sb, beta, &c0, rsc);
         for kern in &ks {
             let mut c = c0.clone();
             kern.sgemm(m, k, n, alpha, &a, sa, &b, sb, beta, &mut c, rsc);

@@ -107,20 +107,12 @@ pub(crate) fn gemm_c(
         if crate::device::try_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc) {
             return;
         }
-        if crate::parallel::threads() > 1
-            && m * k * n >= crate::parallel::MIN_PARALLEL_GEMM
-            && !crate::parallel::in_worker()
-        {
+        // Cut along the longer output side; every element of C is still
+        // computed by one sgemm with the same k-order, so the result does
+        // not depend on the cut.
+        let by_rows = m >= n;
+        if let Some(parts) = pool_parts(if by_rows { m } else { n }, m * k * n, bf16) {
             let c_ptr = SendPtr(c.as_mut_ptr());
-            // Cut along the longer output side; every element of C is still
-            // computed by one sgemm with the same k-order, so the result does
-            // not depend on the cut.
-            let by_rows = m >= n;
-            // bf16 products cut at whole 32×32 tile blocks: a block's sums
-            // start from C or the bias when it is whole and from zero at an
-            // edge, so the blocks must not move with the thread count.
-            let align = if bf16 { 32 } else { 8 };
-            let parts = crate::parallel::ranges(if by_rows { m } else { n }, align);
             crate::parallel::for_each(parts.len(), m * k * n, |i| {
                 let r = parts[i].clone();
                 let c = c_ptr;
@@ -183,6 +175,20 @@ pub(crate) fn gemm_c(
     }
 }
 
+/// How the pool cuts `len` output rows (or columns) of a product of `work`
+/// multiply-adds, or `None` to run it whole on this thread (one thread, a
+/// small product, or already inside a pool task). bf16 products are cut at
+/// whole 32×32 tile blocks: a block's sums start from C or the bias when it
+/// is whole and from zero at an edge, so the blocks must not move with the
+/// thread count.
+#[cfg(feature = "std")]
+fn pool_parts(len: usize, work: usize, bf16: bool) -> Option<Vec<core::ops::Range<usize>>> {
+    (crate::parallel::threads() > 1
+        && work >= crate::parallel::MIN_PARALLEL_GEMM
+        && !crate::parallel::in_worker())
+    .then(|| crate::parallel::ranges(len, if bf16 { 32 } else { 8 }))
+}
+
 /// Whether an `m×k·k×n` product runs with bf16 operands: bf16 products are
 /// on (`runtime::set_matmul_precision`) and the product is large enough on
 /// every side for 16×16×32 tiles.
@@ -208,15 +214,7 @@ fn amx_linear(
     let mut y: Vec<f32> = Vec::with_capacity(n * dout);
     let yp = SendPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let work = n * din * dout;
-    let parts = if crate::parallel::threads() > 1
-        && work >= crate::parallel::MIN_PARALLEL_GEMM
-        && !crate::parallel::in_worker()
-    {
-        // Whole 32-row tile blocks (see `gemm_c`).
-        crate::parallel::ranges(n, 32)
-    } else {
-        alloc::vec![0..n]
-    };
+    let parts = pool_parts(n, work, true).unwrap_or_else(|| alloc::vec![0..n]);
     crate::parallel::for_each(parts.len(), work, |i| {
         let r = parts[i].clone();
         let y = yp;

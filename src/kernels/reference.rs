@@ -46,6 +46,32 @@ fn product(
     Ref { value, scale }
 }
 
+/// `C = α·A·B + β·C` for the strided sgemm (`A(i, p) = a[i·rsa + p·csa]`,
+/// `B(p, j) = b[p·rsb + j·csb]`, C row-major with row stride `rsc`; `β = 0`
+/// never reads C), as an `m×n` result.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &[f32],
+    rsc: usize,
+) -> Ref {
+    product(
+        m,
+        n,
+        k,
+        f64::from(alpha),
+        |i, j| if beta == 0.0 { 0.0 } else { f64::from(beta) * f64::from(c[i * rsc + j]) },
+        |i, p| f64::from(a[i * rsa + p * csa]),
+        |p, j| f64::from(b[p * rsb + j * csb]),
+    )
+}
+
 /// `U = X·Aᵀ` (X n×d, A r×d).
 pub fn down(x: &[f64], a: &[f64], n: usize, d: usize, r: usize) -> Ref {
     product(n, r, d, 1.0, |_, _| 0.0, |i, j| x[i * d + j], |j, k| a[k * d + j])

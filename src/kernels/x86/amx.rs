@@ -423,7 +423,7 @@ unsafe fn tiles(
 mod tests {
     use super::*;
 
-    use crate::kernels::round_bf16;
+    use crate::kernels::{reference, round_bf16};
 
     #[test]
     fn bf16_rounding_is_nearest_even_and_keeps_specials() {
@@ -441,40 +441,6 @@ mod tests {
         assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
         assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
         assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
-    }
-
-    /// `C = α·A·B + β·C` in f64 over bf16-rounded operands.
-    #[allow(clippy::too_many_arguments)]
-    fn reference(
-        m: usize,
-        k: usize,
-        n: usize,
-        alpha: f32,
-        a: &[f32],
-        (rsa, csa): (usize, usize),
-        b: &[f32],
-        (rsb, csb): (usize, usize),
-        beta: f32,
-        c: &[f32],
-        rsc: usize,
-    ) -> (Vec<f64>, Vec<f64>) {
-        let (mut out, mut mag) = (vec![0.0f64; m * n], vec![0.0f64; m * n]);
-        for i in 0..m {
-            for j in 0..n {
-                let (mut s, mut g) = (0.0f64, 0.0f64);
-                for p in 0..k {
-                    let t = f64::from(round_bf16(a[i * rsa + p * csa]))
-                        * f64::from(round_bf16(b[p * rsb + j * csb]));
-                    s += t;
-                    g += t.abs();
-                }
-                let prev =
-                    if beta == 0.0 { 0.0 } else { f64::from(beta) * f64::from(c[i * rsc + j]) };
-                out[i * n + j] = f64::from(alpha) * s + prev;
-                mag[i * n + j] = f64::from(alpha.abs()) * g + prev.abs();
-            }
-        }
-        (out, mag)
     }
 
     /// Every operand layout the tail uses (row-major, transposed, strided),
@@ -535,7 +501,13 @@ mod tests {
                             bias,
                         )
                     };
-                    let (want, mag) = reference(m, k, n, alpha, &a, sa, &b, sb, beta, &c0, rsc);
+                    // The f64 reference over the bf16-rounded operands.
+                    let (ra, rb): (Vec<f32>, Vec<f32>) = (
+                        a.iter().map(|&v| round_bf16(v)).collect(),
+                        b.iter().map(|&v| round_bf16(v)).collect(),
+                    );
+                    let r = reference::gemm((m, k, n), alpha, &ra, sa, &rb, sb, beta, &c0, rsc);
+                    let (want, mag) = (r.value, r.scale);
                     for i in 0..m {
                         for j in 0..n {
                             let plus = bias.map_or(0.0, |b| f64::from(b[j]));
