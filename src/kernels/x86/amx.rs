@@ -87,14 +87,41 @@ std::thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
 }
 
-/// A as `mbs` row blocks × `kbs` tiles of 16×32 bf16 (zero-padded).
+/// A as `mbs` row blocks × `kbs` tiles of 16×32 bf16 (zero-padded): the
+/// vector packers for rows or columns of A contiguous, element by element
+/// for other strides.
 ///
 /// # Safety
 /// `A[i·rsa + p·csa]` valid for `i < m`, `p < k`; `out` holds
 /// `mbs·kbs·A_TILE` elements; AVX-512BW present.
 #[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pack_a(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    sa: (usize, usize),
+    mbs: usize,
+    kbs: usize,
+    out: &mut [u16],
+) {
+    assert!(out.len() >= mbs * kbs * A_TILE, "pack_a: buffer");
+    // SAFETY: the caller's bounds; `out` checked above.
+    unsafe {
+        match sa {
+            (rsa, 1) => simd::pack_a_rows(m, k, a, rsa, mbs, kbs, out),
+            (1, csa) => simd::pack_a_cols(m, k, a, csa, mbs, kbs, out),
+            _ => pack_a_scalar(m, k, a, sa, mbs, kbs, out),
+        }
+    }
+}
+
+/// [`pack_a`] element by element (any strides; the vector packers' reference).
+///
+/// # Safety
+/// As [`pack_a`].
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a_scalar(
     m: usize,
     k: usize,
     a: *const f32,
@@ -134,14 +161,41 @@ unsafe fn pack_a(
     }
 }
 
-/// B as `nbs` column blocks × `kbs` tiles of 16 pairs × 16 columns.
+/// B as `nbs` column blocks × `kbs` tiles of 16 pairs × 16 columns: the
+/// vector packers for rows or columns of B contiguous (a weight matrix used
+/// as `W` or `Wᵀ`), element by element for other strides.
 ///
 /// # Safety
 /// `B[p·rsb + j·csb]` valid for `p < k`, `j < n`; `out` holds
 /// `nbs·kbs·B_TILE` elements; AVX-512BW present.
 #[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pack_b(
+    k: usize,
+    n: usize,
+    b: *const f32,
+    sb: (usize, usize),
+    nbs: usize,
+    kbs: usize,
+    out: &mut [u32],
+) {
+    assert!(out.len() >= nbs * kbs * B_TILE, "pack_b: buffer");
+    // SAFETY: the caller's bounds; `out` checked above.
+    unsafe {
+        match sb {
+            (rsb, 1) => simd::pack_b_rows(k, n, b, rsb, nbs, kbs, out),
+            (1, csb) => simd::pack_b_cols(k, n, b, csb, nbs, kbs, out),
+            _ => pack_b_scalar(k, n, b, sb, nbs, kbs, out),
+        }
+    }
+}
+
+/// [`pack_b`] element by element (any strides; the vector packers' reference).
+///
+/// # Safety
+/// As [`pack_b`].
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b_scalar(
     k: usize,
     n: usize,
     b: *const f32,
@@ -201,6 +255,269 @@ unsafe fn pack_b(
                 }
             }
             dst[pairs * NR..].fill(0);
+        }
+    }
+}
+
+/// The packers with AVX-512 vectors: 16 elements rounded to bf16 at a time
+/// (the same rounding as [`bf16`], bit for bit), and a 16×16 transpose of
+/// 32-bit pairs where the operand's contiguous side is not the tile's rows.
+mod simd {
+    use core::arch::x86_64::*;
+
+    use super::{A_TILE, B_TILE, KR, MR, NR};
+
+    /// The first `n` of 16 lanes (all for `n ≥ 16`).
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
+    }
+
+    /// 16 floats rounded to bf16 (nearest-even; NaN kept, quieted), each in
+    /// the low 16 bits of its 32-bit lane.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn bf16x16(v: __m512) -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let abs = _mm512_and_si512(b, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+        _mm512_mask_blend_epi32(nan, rounded, quiet)
+    }
+
+    /// `len` (≤ 16) floats from `p` as bf16 in 32-bit lanes, zeros after.
+    ///
+    /// # Safety
+    /// `p[..len]` readable.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16(p: *const f32, len: usize) -> __m512i {
+        if len == 0 {
+            return _mm512_setzero_si512();
+        }
+        // SAFETY: masked-off lanes are not read.
+        bf16x16(unsafe { _mm512_maskz_loadu_ps(lanes(len), p) })
+    }
+
+    /// `len` (≤ 32) contiguous floats from `p` as 16 bf16 pairs
+    /// `(p[2q], p[2q+1])`, zeros after.
+    ///
+    /// # Safety
+    /// `p[..len]` readable.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load_pairs(p: *const f32, len: usize) -> __m512i {
+        // SAFETY: `len` bounds both loads (the second reads nothing when
+        // len ≤ 16, so its address is never dereferenced).
+        let (lo, hi) =
+            unsafe { (load16(p, len.min(16)), load16(p.wrapping_add(16), len.saturating_sub(16))) };
+        let (lo, hi) = (_mm512_cvtepi32_epi16(lo), _mm512_cvtepi32_epi16(hi));
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// Rows become columns: `out[j]` lane `i` = `r[i]` lane `j`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + c], 128-bit lane L: rows 4g..4g+4 of column 4L + c.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let x0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+            let x1 = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+            let y0 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+            let y1 = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+            out[4 + c] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+            out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(x0, y0);
+            out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(x1, y1);
+        }
+        out
+    }
+
+    /// 16 bf16 pairs of rows `p` and `p + 1` of a matrix whose rows are
+    /// `step` apart and contiguous (`cols` ≤ 16 read, zeros after; rows at or
+    /// beyond `k` are zeros).
+    ///
+    /// # Safety
+    /// `base[p·step ..][..cols]` readable for every row `p < k` read.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn row_pair(base: *const f32, step: usize, p: usize, k: usize, cols: usize) -> __m512i {
+        // SAFETY: rows below k only, `cols` elements each (caller).
+        let (lo, hi) = unsafe {
+            (
+                if p < k { load16(base.add(p * step), cols) } else { _mm512_setzero_si512() },
+                if p + 1 < k {
+                    load16(base.add((p + 1) * step), cols)
+                } else {
+                    _mm512_setzero_si512()
+                },
+            )
+        };
+        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
+    }
+
+    /// [`super::pack_a`] for rows of A contiguous (`csa = 1`).
+    ///
+    /// # Safety
+    /// As [`super::pack_a`], and `out.len() ≥ mbs·kbs·A_TILE`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_a_rows(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        rsa: usize,
+        mbs: usize,
+        kbs: usize,
+        out: &mut [u16],
+    ) {
+        for mb in 0..mbs {
+            for r in 0..MR {
+                let i = mb * MR + r;
+                for kb in 0..kbs {
+                    let p0 = kb * KR;
+                    let dst = out[(mb * kbs + kb) * A_TILE + r * KR..][..KR].as_mut_ptr();
+                    // SAFETY: row i < m holds k elements from p0 (caller);
+                    // `dst` is one 64-byte tile row inside `out`.
+                    unsafe {
+                        let v = if i < m && p0 < k {
+                            load_pairs(a.add(i * rsa + p0), KR.min(k - p0))
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        _mm512_storeu_si512(dst.cast(), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::pack_a`] for columns of A contiguous (`rsa = 1`, e.g. the
+    /// transpose of a row-major matrix): pairs along `k` for 16 rows at a
+    /// time, then transposed into tile rows.
+    ///
+    /// # Safety
+    /// As [`super::pack_a_rows`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_a_cols(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        csa: usize,
+        mbs: usize,
+        kbs: usize,
+        out: &mut [u16],
+    ) {
+        for mb in 0..mbs {
+            let i0 = mb * MR;
+            let rows = m.saturating_sub(i0).min(MR);
+            for kb in 0..kbs {
+                let p0 = kb * KR;
+                let mut pairs = [_mm512_setzero_si512(); 16];
+                if rows > 0 {
+                    for (q, v) in pairs.iter_mut().enumerate() {
+                        // SAFETY: column p of A holds rows i0..i0 + rows.
+                        *v = unsafe { row_pair(a.wrapping_add(i0), csa, p0 + 2 * q, k, rows) };
+                    }
+                }
+                let t = transpose16(&pairs);
+                let tile = out[(mb * kbs + kb) * A_TILE..][..A_TILE].as_mut_ptr();
+                for (r, v) in t.iter().enumerate() {
+                    // SAFETY: 64 bytes of tile row r inside `out`.
+                    unsafe { _mm512_storeu_si512(tile.add(r * KR).cast(), *v) };
+                }
+            }
+        }
+    }
+
+    /// [`super::pack_b`] for rows of B contiguous (`csb = 1`, e.g. `W` of a
+    /// backward product): two rows of 16 columns make one tile row.
+    ///
+    /// # Safety
+    /// As [`super::pack_b`], and `out.len() ≥ nbs·kbs·B_TILE`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_b_rows(
+        k: usize,
+        n: usize,
+        b: *const f32,
+        rsb: usize,
+        nbs: usize,
+        kbs: usize,
+        out: &mut [u32],
+    ) {
+        for nb in 0..nbs {
+            let j0 = nb * NR;
+            let cols = n.saturating_sub(j0).min(NR);
+            for kb in 0..kbs {
+                let p0 = kb * KR;
+                let tile = out[(nb * kbs + kb) * B_TILE..][..B_TILE].as_mut_ptr();
+                for q in 0..KR / 2 {
+                    // SAFETY: rows below k, columns j0..j0 + cols (caller);
+                    // 64 bytes of tile row q inside `out`.
+                    unsafe {
+                        let v = if cols > 0 {
+                            row_pair(b.wrapping_add(j0), rsb, p0 + 2 * q, k, cols)
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        _mm512_storeu_si512(tile.add(q * NR).cast(), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::pack_b`] for columns of B contiguous (`rsb = 1`: `Wᵀ` of a
+    /// forward product, each column a row of `W`): 32 elements of a column
+    /// are its 16 pairs, and 16 columns are transposed into tile rows.
+    ///
+    /// # Safety
+    /// As [`super::pack_b_rows`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_b_cols(
+        k: usize,
+        n: usize,
+        b: *const f32,
+        csb: usize,
+        nbs: usize,
+        kbs: usize,
+        out: &mut [u32],
+    ) {
+        for nb in 0..nbs {
+            let j0 = nb * NR;
+            let cols = n.saturating_sub(j0).min(NR);
+            for kb in 0..kbs {
+                let p0 = kb * KR;
+                let mut c = [_mm512_setzero_si512(); 16];
+                if p0 < k {
+                    for (jj, v) in c.iter_mut().enumerate().take(cols) {
+                        // SAFETY: column j0 + jj < n holds k elements.
+                        *v = unsafe { load_pairs(b.add(p0 + (j0 + jj) * csb), KR.min(k - p0)) };
+                    }
+                }
+                let t = transpose16(&c);
+                let tile = out[(nb * kbs + kb) * B_TILE..][..B_TILE].as_mut_ptr();
+                for (q, v) in t.iter().enumerate() {
+                    // SAFETY: 64 bytes of tile row q inside `out`.
+                    unsafe { _mm512_storeu_si512(tile.add(q * NR).cast(), *v) };
+                }
+            }
         }
     }
 }
@@ -441,6 +758,74 @@ mod tests {
         assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
         assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
         assert_eq!(round_bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    }
+
+    /// The vector packers write the same bits as the element-by-element
+    /// ones: rows or columns contiguous, edges on every side, and values that
+    /// test the rounding (ties, denormals, overflow, NaN and ∞ of both signs).
+    #[test]
+    fn vector_packers_match_the_scalar_ones() {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("no AVX-512BW on this CPU: the packers never run here");
+            return;
+        }
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e-40,
+            -3e-39,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            f32::MAX,
+            -f32::MAX,
+        ];
+        let mut rng = crate::rng::Rng::new(21);
+        for &(rows, k) in &[(1, 1), (16, 32), (17, 33), (5, 70), (40, 7), (33, 64), (64, 100)] {
+            let len = rows * k;
+            let v: Vec<f32> =
+                (0..len)
+                    .map(|i| {
+                        if i % 7 == 3 {
+                            specials[i % specials.len()]
+                        } else {
+                            rng.uniform(-3.0, 3.0)
+                        }
+                    })
+                    .collect();
+            let kbs = k.div_ceil(KR).max(1);
+            let blocks = rows.div_ceil(2 * MR) * 2;
+            // The same matrix with rows contiguous, then with columns contiguous.
+            let t: Vec<f32> = (0..len).map(|i| v[(i % rows) * k + i / rows]).collect();
+            for (data, s) in [(&v, (k, 1)), (&t, (1, rows))] {
+                let (mut fast, mut slow) = (
+                    vec![0xaaaau16; blocks * kbs * A_TILE],
+                    vec![0x5555u16; blocks * kbs * A_TILE],
+                );
+                // SAFETY: AVX-512BW checked above; `data` is rows×k under `s`.
+                unsafe {
+                    pack_a(rows, k, data.as_ptr(), s, blocks, kbs, &mut fast);
+                    pack_a_scalar(rows, k, data.as_ptr(), s, blocks, kbs, &mut slow);
+                }
+                assert_eq!(fast, slow, "A {rows}×{k} strides {s:?}");
+                // As B: k×n with n = rows (a weight matrix W of `rows` rows is
+                // B = Wᵀ with strides (1, k); its transpose is row-major).
+                let (n, sb) = (rows, if s.1 == 1 { (1, k) } else { (rows, 1) });
+                let (mut fast, mut slow) = (
+                    vec![0xaaaa_aaaau32; blocks * kbs * B_TILE],
+                    vec![0x5555_5555u32; blocks * kbs * B_TILE],
+                );
+                // SAFETY: as above; `data` is k×n under `sb`.
+                unsafe {
+                    pack_b(k, n, data.as_ptr(), sb, blocks, kbs, &mut fast);
+                    pack_b_scalar(k, n, data.as_ptr(), sb, blocks, kbs, &mut slow);
+                }
+                assert_eq!(fast, slow, "B {k}×{n} strides {sb:?}");
+            }
+        }
     }
 
     /// Every operand layout the tail uses (row-major, transposed, strided),
