@@ -197,50 +197,56 @@ fn bf16_product(m: usize, k: usize, n: usize) -> bool {
     m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products()
 }
 
-/// `Y = X·Wᵀ + b` on AMX for f32 `W` (rows of X split over the pool): the
-/// accumulators start from the bias, so no bias rows are written and read
-/// back, and the output is never zeroed first.
+/// `C[m×n] = A[m×k]·B[k×n] (+ bias)` on AMX into a new matrix (rows of A
+/// split over the pool): the accumulators start from the bias or from zero,
+/// so the output is never zeroed first, and no bias rows are written and
+/// read back. For the frozen layers' `X·W0ᵀ + b` and `dY·W0`.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-fn amx_linear(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    n: usize,
-    din: usize,
-    dout: usize,
+fn amx_new(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    sb: (usize, usize),
+    bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert!(x.len() >= n * din && w.len() >= dout * din, "amx_linear: operand shapes");
-    record_gemm(n, din, dout);
-    let mut y: Vec<f32> = Vec::with_capacity(n * dout);
-    let yp = SendPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let work = n * din * dout;
-    let parts = pool_parts(n, work, true).unwrap_or_else(|| alloc::vec![0..n]);
+    let extent = |rows: usize, cols: usize, (rs, cs): (usize, usize)| {
+        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
+    };
+    assert!(
+        a.len() >= m * k && b.len() >= extent(k, n, sb) && bias.is_none_or(|b| b.len() >= n),
+        "amx_new: operand shapes"
+    );
+    record_gemm(m, k, n);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let work = m * k * n;
+    let parts = pool_parts(m, work, true).unwrap_or_else(|| alloc::vec![0..m]);
     crate::parallel::for_each(parts.len(), work, |i| {
         let r = parts[i].clone();
-        let y = yp;
+        let c = cp;
         // SAFETY: bf16 products are on (so AMX is available); the assert
-        // bounds X and W; each task writes its own rows of Y's capacity
-        // (β = 0 never reads them).
+        // bounds A, B and the bias; each task writes its own rows of C's
+        // capacity (β = 0 never reads them).
         unsafe {
             crate::kernels::amx_gemm(
                 r.len(),
-                din,
-                dout,
+                k,
+                n,
                 1.0,
-                x.as_ptr().add(r.start * din),
-                (din, 1),
-                w.as_ptr(),
-                (1, din),
+                a.as_ptr().add(r.start * k),
+                (k, 1),
+                b.as_ptr(),
+                sb,
                 0.0,
-                y.0.add(r.start * dout),
-                dout,
-                b,
+                c.0.add(r.start * n),
+                n,
+                bias,
             )
         }
     });
-    // SAFETY: the parts cover all n rows, and the product wrote each of them.
-    unsafe { y.set_len(n * dout) };
-    y
+    // SAFETY: the parts cover all m rows, and the product wrote each of them.
+    unsafe { c.set_len(m * n) };
+    c
 }
 
 #[cfg(feature = "std")]
@@ -426,6 +432,22 @@ pub(crate) fn gemm_dy_w(
     }
 }
 
+/// Whether the frozen product `m×k·k×n` with these weights runs on AMX with
+/// a fresh output (bf16 products on, f32 weights, no GPU).
+fn amx_frozen(w: &Weights, m: usize, k: usize, n: usize) -> bool {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    {
+        matches!(w, Weights::F32(_))
+            && bf16_product(m, k, n)
+            && crate::device::device() == crate::device::Device::Cpu
+    }
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    {
+        let _ = (w, m, k, n);
+        false
+    }
+}
+
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer (a bias whose length
 /// is not `out` is no bias).
 pub(crate) fn frozen_forward(
@@ -438,11 +460,8 @@ pub(crate) fn frozen_forward(
     dout: usize,
 ) -> Vec<f32> {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if let Weights::F32(w) = w
-        && bf16_product(n, din, dout)
-        && crate::device::device() == crate::device::Device::Cpu
-    {
-        return amx_linear(x, w, b.filter(|b| b.len() == dout), n, din, dout);
+    if let (true, Weights::F32(w)) = (amx_frozen(w, n, din, dout), w) {
+        return amx_new((n, din, dout), x, w, (1, din), b.filter(|b| b.len() == dout));
     }
     let (mut y, beta) = bias_rows(b, n, dout);
     gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
@@ -465,8 +484,8 @@ pub(crate) fn bias_rows(b: Option<&[f32]>, n: usize, dout: usize) -> (Vec<f32>, 
     }
 }
 
-/// `dX[n×in] = dY[n×out]·W0` for a frozen layer.
-#[cfg(feature = "std")]
+/// `dX[n×in] = dY[n×out]·W0` for a frozen layer (on AMX into a fresh
+/// matrix, never zeroed, where bf16 products run).
 pub(crate) fn frozen_backward(
     k: &Kernels,
     w: &Weights,
@@ -475,6 +494,10 @@ pub(crate) fn frozen_backward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if let (true, Weights::F32(w)) = (amx_frozen(w, n, dout, din), w) {
+        return amx_new((n, dout, din), dy, w, (din, 1), None);
+    }
     let mut dx = alloc::vec![0.0f32; n * din];
     gemm_dy_w(k, w, dy, &mut dx, n, din, dout, 0.0);
     dx

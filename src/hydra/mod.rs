@@ -33,7 +33,6 @@ pub use config::{BranchConfig, HydraConfig, Init, Variant};
 #[cfg(feature = "std")]
 pub use dense::record_gemm_shapes;
 pub use dense::{Weights, gemm};
-#[cfg(feature = "std")]
 pub(crate) use dense::{frozen_backward, frozen_forward};
 pub use merge::Delta;
 
@@ -64,10 +63,37 @@ impl Input<'_> {
     }
     fn all_finite(&self) -> bool {
         match self {
-            Input::F32(x) => x.iter().all(|v| v.is_finite()),
-            Input::F16(x) => x.iter().all(|v| v.is_finite()),
+            Input::F32(x) => all_finite(x),
+            Input::F16(x) => all_finite_f16(x),
         }
     }
+}
+
+/// Whether every value is finite: an exponent of all ones is ∞ or NaN. The
+/// test runs without an early exit inside blocks of 64, so the compiler
+/// vectorises it (an `all(is_finite)` loop is scalar: ~0.6 ms for one FFN
+/// activation of MiniLM's batch, per layer and direction).
+pub(crate) fn all_finite(v: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    let mut blocks = v.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(false, |bad, x| bad | (x.to_bits() & EXP == EXP)) {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|x| x.is_finite())
+}
+
+/// [`all_finite`] for f16 values.
+fn all_finite_f16(v: &[f16]) -> bool {
+    const EXP: u16 = 0x7c00;
+    let mut blocks = v.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(false, |bad, x| bad | (x.to_bits() & EXP == EXP)) {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|x| x.is_finite())
 }
 
 /// One branch's trainable tensors (or their gradients, same shapes).
@@ -460,7 +486,7 @@ impl HydraLinear {
         if dy.len() != n * dout {
             return Err(shape("HydraLinear::backward dY", format!("{n}×{dout}"), dy.len()));
         }
-        if !dy.iter().all(|v| v.is_finite()) {
+        if !all_finite(dy) {
             return Err(Error::NonFinite("HydraLinear::backward dY"));
         }
         if let Some(x) = &input
@@ -468,7 +494,6 @@ impl HydraLinear {
         {
             return Err(shape("HydraLinear::backward X", format!("{n}×{din}"), x.len()));
         }
-        let mut dx = if want_dx { vec![0.0f32; n * din] } else { Vec::new() };
         // dY0 = dY + s_s·(dY·B_s)·A_s (masked), then dX = dY0·W0.
         let mut dy0_owned = None;
         if let (Some(s), Some(g)) = (&self.sequential, &mut self.grad_sequential) {
@@ -492,10 +517,13 @@ impl HydraLinear {
                 dy0_owned = Some(dy0);
             }
         }
-        if want_dx {
-            let dy0 = dy0_owned.as_deref().unwrap_or(dy);
-            dense::gemm_dy_w(k, &self.w0, dy0, &mut dx, n, din, dout, 1.0);
-        }
+        // dX = dY0·W0 is written, not added to (no zeroing pass first); the
+        // parallel branch adds its part below.
+        let mut dx = if want_dx {
+            dense::frozen_backward(k, &self.w0, dy0_owned.as_deref().unwrap_or(dy), n, din, dout)
+        } else {
+            Vec::new()
+        };
         if let (Some(p), Some(g)) = (&self.parallel, &mut self.grad_parallel) {
             let c = &self.config.parallel;
             let du = branch_grads(k, g, &p.b, dy, &saved.u_p, c.scale, n, dout, c.rank);
@@ -617,4 +645,38 @@ fn widen(k: &Kernels, h: &[f16]) -> Vec<f32> {
 
 fn shape(context: &'static str, expected: alloc::string::String, got: usize) -> Error {
     Error::Shape { context, expected, got: format!("{got} elements") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block-wise finite checks find one ∞ or NaN (either sign) at any
+    /// position, inside a block of 64 or in the remainder, and pass
+    /// denormals, zeros and the largest finite values.
+    #[test]
+    fn finite_checks_find_every_position() {
+        let len = 64 * 3 + 17;
+        let ok: Vec<f32> = (0..len)
+            .map(|i| match i % 4 {
+                0 => f32::MAX,
+                1 => -1e-40,
+                2 => -0.0,
+                _ => i as f32,
+            })
+            .collect();
+        assert!(all_finite(&ok) && all_finite(&[]));
+        let ok16: Vec<f16> = ok.iter().map(|&v| f16::from_f32(v.clamp(-6e4, 6e4))).collect();
+        assert!(all_finite_f16(&ok16) && all_finite_f16(&[]));
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for i in 0..len {
+                let mut v = ok.clone();
+                v[i] = bad;
+                assert!(!all_finite(&v), "{bad} at {i}");
+                let mut h = ok16.clone();
+                h[i] = f16::from_f32(bad);
+                assert!(!all_finite_f16(&h), "{bad} at {i} (f16)");
+            }
+        }
+    }
 }
