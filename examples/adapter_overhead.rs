@@ -27,7 +27,9 @@ fn main() -> hydra_edge::Result<()> {
     let threads = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1);
     hydra_edge::parallel::set_threads(threads)?;
     let n = 16 * 64;
-    println!("adapted layer (Hydra r8+8) fwd+bwd ÷ its frozen products, n = {n}, {threads} thread(s)");
+    println!(
+        "adapted layer (Hydra r8+8) fwd+bwd ÷ its frozen products, n = {n}, {threads} thread(s)"
+    );
     for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
         if !set_matmul_precision(precision) && precision == MatmulPrecision::Bf16 {
             println!("  (no bf16 matrix units on this CPU: bf16 rows skipped)");

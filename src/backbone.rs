@@ -161,8 +161,10 @@ impl Backbone {
         } else {
             let computed: Vec<String> = computed.into_iter().cloned().collect();
             let build = |proto: &tract_onnx::pb::ModelProto| build_plan(proto, &computed, None);
-            let mut proto = model.proto().clone();
-            let symbolic = match build(&proto) {
+            // Built from the loaded model itself: a copy of the protobuf would
+            // hold the weights a third time while tract converts and packs
+            // them (the process's peak; ~90 MB for MiniLM).
+            let symbolic = match build(model.proto()) {
                 Ok(p) => Ok(p),
                 // Declared intermediate types and shapes (`value_info`) are
                 // hints; converters leave stale ones (onnxconverter-common's
@@ -170,7 +172,7 @@ impl Backbone {
                 // as facts and refuses; onnxruntime ignores them. Without them
                 // tract infers every type itself.
                 Err(first) if !model.graph().value_info.is_empty() => {
-                    let mut bare = proto.clone();
+                    let mut bare = model.proto().clone();
                     if let Some(g) = bare.graph.as_mut() {
                         g.value_info.clear();
                     }
@@ -183,7 +185,6 @@ impl Backbone {
                                 )
                             });
                             ignored = true;
-                            proto = bare;
                             Ok(p)
                         }
                         Err(_) => Err(first_error(&first)),
@@ -197,6 +198,7 @@ impl Backbone {
                 // probe shape, so that a model tract cannot run at all still
                 // fails here, with the first error.
                 Err(first) => {
+                    let proto = model.proto().clone();
                     let probe = probe_shapes(model);
                     let plan = build_plan(&proto, &computed, Some(&probe))
                         .map_err(|_| first_error(&first))?;
