@@ -45,6 +45,13 @@ pub fn exp(x: f32) -> f32 {
 /// The error function in f32 (|error| ≤ 6e-7).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_and_gauss(x).0
+}
+
+/// `(erf(x), e^(−x²))`: the Gaussian is a by-product of [`erf`], so GELU's
+/// derivative (`Φ(x) + x·φ(x)`) needs one `exp`, not two.
+#[inline(always)]
+pub fn erf_and_gauss(x: f32) -> (f32, f32) {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * z);
     let mut p = 1.061_405_4f32;
@@ -52,7 +59,8 @@ pub fn erf(x: f32) -> f32 {
     p = p * t + 1.421_413_7;
     p = p * t - 0.284_496_74;
     p = p * t + 0.254_829_6;
-    (1.0 - p * t * exp(-z * z)).copysign(x)
+    let g = exp(-z * z);
+    ((1.0 - p * t * g).copysign(x), g)
 }
 
 // The loops below are compiled three times: for the baseline target, and

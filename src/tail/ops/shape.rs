@@ -214,6 +214,11 @@ pub(crate) fn permute<T: Copy>(a: ndarray::ArrayViewD<'_, T>, p: &[usize]) -> Ar
     let run = view.shape().last().copied().unwrap_or(1);
     let src = match a.as_slice() {
         Some(s) if rank >= 2 && p[rank - 1] == rank - 1 && run >= 4 => s,
+        Some(s) if rank >= 2 && p[rank - 1] != rank - 1 => {
+            let out = transpose_blocked(s, a.shape(), p);
+            return ArrayD::from_shape_vec(IxDyn(view.shape()), out)
+                .expect("permute: shape and length agree");
+        }
         _ => return view.as_standard_layout().into_owned(),
     };
     let shape: Vec<usize> = view.shape().to_vec();
@@ -240,6 +245,70 @@ pub(crate) fn permute<T: Copy>(a: ndarray::ArrayViewD<'_, T>, p: &[usize]) -> Ar
         }
     }
     ArrayD::from_shape_vec(IxDyn(&shape), out).expect("permute: shape and length agree")
+}
+
+/// [`permute`] of a row-major `src` when its last axis moves (attention's
+/// `Kᵀ`, `[B,S,H,D] → [B,H,D,S]`, and back): for every index of the other
+/// axes, a 2-D transpose between the input's last axis (contiguous in `src`)
+/// and the output's last axis, in 16×16 blocks so both sides' cache lines are
+/// reused (element by element it was ~1.5 ns per value, ~1.5 ms of a MiniLM
+/// step).
+fn transpose_blocked<T: Copy>(src: &[T], shape: &[usize], p: &[usize]) -> Vec<T> {
+    const B: usize = 16;
+    let rank = shape.len();
+    let strides = |dims: &[usize]| {
+        let mut st = vec![1usize; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            st[i] = st[i + 1] * dims[i + 1];
+        }
+        st
+    };
+    let out_shape: Vec<usize> = p.iter().map(|&ax| shape[ax]).collect();
+    let (in_st, out_st) = (strides(shape), strides(&out_shape));
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    // x runs along the output's last axis (input axis p[rank-1]), y along the
+    // input's last axis (output axis j).
+    let j = p.iter().position(|&ax| ax == rank - 1).expect("p is a permutation");
+    let (nx, ny) = (shape[p[rank - 1]], shape[rank - 1]);
+    let (sx, sy) = (in_st[p[rank - 1]], out_st[j]);
+    let others: Vec<usize> = (0..rank).filter(|&q| q != j && q != rank - 1).collect();
+    let o = &mut out.spare_capacity_mut()[..total];
+    let mut idx = vec![0usize; others.len()];
+    loop {
+        let base_in: usize = others.iter().zip(&idx).map(|(&q, &i)| i * in_st[p[q]]).sum();
+        let base_out: usize = others.iter().zip(&idx).map(|(&q, &i)| i * out_st[q]).sum();
+        for x0 in (0..nx).step_by(B) {
+            for y0 in (0..ny).step_by(B) {
+                for y in y0..(y0 + B).min(ny) {
+                    let row = &mut o[base_out + y * sy..];
+                    for x in x0..(x0 + B).min(nx) {
+                        row[x].write(src[base_in + x * sx + y]);
+                    }
+                }
+            }
+        }
+        // Odometer over the other axes.
+        let mut t = others.len();
+        loop {
+            if t == 0 {
+                // Every (others, x, y) index was written exactly once: the
+                // map from them to output offsets is a bijection onto 0..total.
+                // SAFETY: all `total` elements of the capacity are written.
+                unsafe { out.set_len(total) };
+                return out;
+            }
+            t -= 1;
+            idx[t] += 1;
+            if idx[t] < out_shape[others[t]] {
+                break;
+            }
+            idx[t] = 0;
+        }
+    }
 }
 
 impl TailOp for Transpose {
@@ -564,7 +633,10 @@ mod tests {
     /// permutation of a rank-4 array (rows kept or not), and for rank 2/3.
     #[test]
     fn permute_matches_the_elementwise_copy() {
-        let shapes: [&[usize]; 3] = [&[2, 3, 4, 5], &[3, 8], &[2, 1, 6]];
+        // Small axes, and axes longer than the 16×16 blocks of the
+        // last-axis-moves path with partial blocks on every side.
+        let shapes: [&[usize]; 6] =
+            [&[2, 3, 4, 5], &[3, 8], &[2, 1, 6], &[2, 37, 3, 20], &[33, 17], &[17, 1, 40]];
         for shape in shapes {
             let n: usize = shape.iter().product();
             let a =
@@ -598,6 +670,8 @@ mod tests {
         a.invert_axis(Axis(0));
         let want = a.view().permuted_axes(IxDyn(&[1, 0, 2])).as_standard_layout().into_owned();
         assert_eq!(permute(a.view(), &[1, 0, 2]), want);
+        let want = a.view().permuted_axes(IxDyn(&[2, 0, 1])).as_standard_layout().into_owned();
+        assert_eq!(permute(a.view(), &[2, 0, 1]), want);
         // A non-contiguous input takes the element-wise path.
         let a =
             ArrayD::from_shape_vec(IxDyn(&[4, 6]), (0..24).map(|v| v as f32).collect()).unwrap();

@@ -139,8 +139,10 @@ macro_rules! with_derivative {
             }
             UnaryKind::Gelu => {
                 let $f = |$g: f32, $x: f32, _y: f32| {
-                    let cdf = 0.5 * (1.0 + fm::erf($x * core::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = fm::exp(-0.5 * $x * $x) * 0.398_942_3;
+                    // e^(−z²) with z = x/√2 is e^(−x²/2): φ(x)·√(2π).
+                    let (e, gauss) = fm::erf_and_gauss($x * core::f32::consts::FRAC_1_SQRT_2);
+                    let cdf = 0.5 * (1.0 + e);
+                    let pdf = gauss * 0.398_942_3;
                     $g * (cdf + $x * pdf)
                 };
                 $body
@@ -260,6 +262,10 @@ impl TailOp for Unary {
     ) -> Result<Vec<Option<ArrayD<f32>>>> {
         if !need.first().copied().unwrap_or(false) {
             return Ok(vec![None]);
+        }
+        if self.kind == UnaryKind::Identity {
+            // dX = dY: one copy, not a pass over dY, X and Y.
+            return Ok(vec![Some(dy.to_owned())]);
         }
         let (x, y) = (input(inputs, 0)?.f32("unary input")?, output.f32("unary output")?);
         let (xs, ys, gs) =
