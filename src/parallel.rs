@@ -61,10 +61,28 @@ pub fn set_threads(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether the caller already runs on a pool thread (work it hands out
-/// there would only be split again; it runs it itself instead).
+thread_local! {
+    /// Set while this thread runs a share of a [`for_each`] / [`chunks_mut`].
+    static IN_TASK: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Runs `f` as a share of split work ([`in_worker`] is true inside it).
+fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IN_TASK.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(IN_TASK.with(|t| t.replace(true)));
+    f()
+}
+
+/// Whether the caller already runs a share of split work, or on a pool
+/// thread (work it hands out there would only be split again; it runs it
+/// itself instead).
 pub fn in_worker() -> bool {
-    rayon::current_thread_index().is_some()
+    IN_TASK.with(|t| t.get()) || rayon::current_thread_index().is_some()
 }
 
 /// Threads in use (1 when single-threaded).
@@ -78,12 +96,29 @@ fn pool() -> Option<Arc<ThreadPool>> {
 
 /// Runs `f(i)` for `i in 0..parts`, on the pool when there is one and the
 /// work (`work` multiply-adds in all) is worth it, else in order here.
+///
+/// The calling thread runs share 0 itself and the pool the others: handing
+/// all of them over (`install`) left the caller asleep and cost a wake-up of
+/// the caller on every split (7 µs warm, ~45 µs after an idle moment; a
+/// MiniLM step splits a few hundred times), and the caller's own share
+/// overlaps the pool thread's wake-up.
 pub fn for_each(parts: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
     match pool() {
-        Some(p) if parts > 1 && work >= MIN_PARALLEL_WORK => {
+        Some(p) if parts > 1 && work >= MIN_PARALLEL_WORK && !in_worker() => {
+            let f = &f;
+            p.in_place_scope(|s| {
+                for i in 1..parts {
+                    s.spawn(move |_| as_task(|| f(i)));
+                }
+                as_task(|| f(0));
+            });
+        }
+        // On a pool thread outside a share (tract's own work): rayon's
+        // work stealing, as tract does.
+        Some(p) if parts > 1 && work >= MIN_PARALLEL_WORK && !IN_TASK.with(|t| t.get()) => {
             p.install(|| {
                 use rayon::prelude::*;
-                (0..parts).into_par_iter().for_each(f)
+                (0..parts).into_par_iter().for_each(|i| as_task(|| f(i)))
             });
         }
         _ => (0..parts).for_each(f),
@@ -101,7 +136,9 @@ pub fn ranges(len: usize, align: usize) -> Vec<core::ops::Range<usize>> {
 }
 
 /// Calls `f(chunk_index, chunk)` on consecutive `chunk`-sized pieces of `data`
-/// (the last may be shorter), in parallel when worth it.
+/// (the last may be shorter), in parallel when worth it: one contiguous run
+/// of chunks per thread, the first run on the calling thread (as
+/// [`for_each`]).
 pub fn chunks_mut<T: Send>(
     data: &mut [T],
     chunk: usize,
@@ -109,14 +146,27 @@ pub fn chunks_mut<T: Send>(
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
     let chunk = chunk.max(1);
+    let run = |first: usize, part: &mut [T]| {
+        for (j, c) in part.chunks_mut(chunk).enumerate() {
+            f(first + j, c);
+        }
+    };
     match pool() {
-        Some(p) if data.len() > chunk && work >= MIN_PARALLEL_WORK => {
-            p.install(|| {
-                use rayon::prelude::*;
-                data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c))
+        Some(p) if data.len() > chunk && work >= MIN_PARALLEL_WORK && !in_worker() => {
+            let per = data.len().div_ceil(chunk).div_ceil(threads().max(1)).max(1);
+            let run = &run;
+            p.in_place_scope(|s| {
+                let mut runs = data.chunks_mut(per * chunk).enumerate();
+                let first = runs.next();
+                for (g, part) in runs {
+                    s.spawn(move |_| as_task(|| run(g * per, part)));
+                }
+                if let Some((_, part)) = first {
+                    as_task(|| run(0, part));
+                }
             });
         }
-        _ => data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c)),
+        _ => run(0, data),
     }
 }
 
@@ -138,6 +188,31 @@ mod tests {
                 assert_eq!(next, len);
             }
         }
+    }
+
+    /// Every share runs exactly once, on any thread count, and shares see
+    /// themselves as pool work (a product inside one is not split again).
+    #[test]
+    fn shares_run_once_and_do_not_split_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for t in [1, 2, 3] {
+            set_threads(t).unwrap();
+            let hits: Vec<AtomicUsize> = (0..7).map(|_| AtomicUsize::new(0)).collect();
+            for_each(7, MIN_PARALLEL_WORK, |i| {
+                assert!(in_worker() || threads() == 1);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "{t} threads");
+            let mut data: Vec<usize> = vec![usize::MAX; 1000];
+            chunks_mut(&mut data, 64, MIN_PARALLEL_WORK, |c, part| {
+                for (j, v) in part.iter_mut().enumerate() {
+                    *v = c * 64 + j;
+                }
+            });
+            assert!(data.iter().enumerate().all(|(i, &v)| v == i), "{t} threads");
+            assert!(!in_worker());
+        }
+        set_threads(1).unwrap();
     }
 
     #[test]

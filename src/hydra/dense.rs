@@ -220,31 +220,33 @@ fn amx_new(
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let work = m * k * n;
-    let parts = pool_parts(m, work, true).unwrap_or_else(|| alloc::vec![0..m]);
+    // Cut along the longer output side, as `gemm_c` does.
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = pool_parts(len, work, true).unwrap_or_else(|| alloc::vec![0..len]);
     crate::parallel::for_each(parts.len(), work, |i| {
         let r = parts[i].clone();
         let c = cp;
         // SAFETY: bf16 products are on (so AMX is available); the assert
-        // bounds A, B and the bias; each task writes its own rows of C's
-        // capacity (β = 0 never reads them).
+        // bounds A, B and the bias; each task writes its own rows (or
+        // columns) of C's capacity (β = 0 never reads them).
         unsafe {
-            crate::kernels::amx_gemm(
-                r.len(),
-                k,
-                n,
-                1.0,
-                a.as_ptr().add(r.start * k),
-                (k, 1),
-                b.as_ptr(),
-                sb,
-                0.0,
-                c.0.add(r.start * n),
-                n,
-                bias,
-            )
+            let (rows, cols, a, b, bias, c) = if by_rows {
+                (r.len(), n, a.as_ptr().add(r.start * k), b.as_ptr(), bias, c.0.add(r.start * n))
+            } else {
+                (
+                    m,
+                    r.len(),
+                    a.as_ptr(),
+                    b.as_ptr().add(r.start * sb.1),
+                    bias.map(|v| &v[r.start..]),
+                    c.0.add(r.start),
+                )
+            };
+            crate::kernels::amx_gemm(rows, k, cols, 1.0, a, (k, 1), b, sb, 0.0, c, n, bias)
         }
     });
-    // SAFETY: the parts cover all m rows, and the product wrote each of them.
+    // SAFETY: the parts cover all of C, and the product wrote each element.
     unsafe { c.set_len(m * n) };
     c
 }

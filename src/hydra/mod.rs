@@ -33,6 +33,7 @@ pub use config::{BranchConfig, HydraConfig, Init, Variant};
 #[cfg(feature = "std")]
 pub use dense::record_gemm_shapes;
 pub use dense::{Weights, gemm};
+#[cfg(feature = "std")]
 pub(crate) use dense::{frozen_backward, frozen_forward};
 pub use merge::Delta;
 
