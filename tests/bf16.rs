@@ -224,3 +224,36 @@ fn digits_training_in_bf16_reaches_the_f32_accuracy() {
         assert_eq!((ran, &p16), (0, &p32));
     }
 }
+
+/// bf16 products pack a layer's frozen weights once and keep the packs:
+/// merging and unmerging change the weights, so the packs must follow. With
+/// stale packs the merged layer would drop the adapter's contribution
+/// (here as large as the frozen product itself).
+#[test]
+fn merge_and_unmerge_repack_the_weights_for_bf16_products() {
+    use hydra_edge::HydraLinear;
+    use hydra_edge::hydra::{Input, Weights};
+    let (n, din, dout) = (48, 64, 96);
+    let mut rng = Rng::new(17);
+    let mut v = |len: usize, s: f32| (0..len).map(|_| rng.uniform(-s, s)).collect::<Vec<f32>>();
+    let (w, b, x) = (v(din * dout, 0.2), v(dout, 0.5), v(n * din, 1.0));
+    let (bp, bs) = (v(dout * 8, 1.0), v(dout * 8, 1.0));
+    let mut cfg = HydraConfig::default();
+    (cfg.parallel.rank, cfg.sequential.rank) = (8, 8);
+    let mut layer = HydraLinear::new(cfg, Weights::F32(w), Some(b), din, dout).unwrap();
+    layer.parallel_mut().unwrap().b = bp;
+    layer.sequential_mut().unwrap().b = bs;
+    let _g = PRECISION.lock().unwrap_or_else(|e| e.into_inner());
+    let on = set_matmul_precision(MatmulPrecision::Bf16);
+    let unmerged = layer.forward(Input::F32(&x), n).unwrap();
+    let packed = layer.pack_bytes();
+    layer.merge().unwrap();
+    let merged = layer.forward(Input::F32(&x), n).unwrap();
+    layer.unmerge().unwrap();
+    let again = layer.forward(Input::F32(&x), n).unwrap();
+    set_matmul_precision(MatmulPrecision::F32);
+    eprintln!("bf16 products on: {on}; packs after the first forward: {packed} bytes");
+    assert_eq!(packed > 0, on, "the forward packs exist exactly when bf16 products run");
+    assert!(rel_err(&merged, &unmerged) < 2e-2, "merged {}", rel_err(&merged, &unmerged));
+    assert!(rel_err(&again, &unmerged) < 2e-2, "unmerged again {}", rel_err(&again, &unmerged));
+}

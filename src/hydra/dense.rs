@@ -197,30 +197,20 @@ fn bf16_product(m: usize, k: usize, n: usize) -> bool {
     m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products()
 }
 
-/// `C[m×n] = A[m×k]·B[k×n] (+ bias)` on AMX into a new matrix (rows of A
-/// split over the pool): the accumulators start from the bias or from zero,
-/// so the output is never zeroed first, and no bias rows are written and
-/// read back. For the frozen layers' `X·W0ᵀ + b` and `dY·W0`.
+/// `C[m×n] = A[m×k]·B (+ bias)` on AMX into a new matrix, B packed
+/// beforehand (k×n), cut over the pool along the longer output side: the
+/// accumulators start from the bias or from zero, so the output is never
+/// zeroed first and no bias rows are written and read back. For the frozen
+/// layers' `X·W0ᵀ + b` and `dY·W0`.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
-fn amx_new(
-    (m, k, n): (usize, usize, usize),
-    a: &[f32],
-    b: &[f32],
-    sb: (usize, usize),
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    let extent = |rows: usize, cols: usize, (rs, cs): (usize, usize)| {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
-    };
-    assert!(
-        a.len() >= m * k && b.len() >= extent(k, n, sb) && bias.is_none_or(|b| b.len() >= n),
-        "amx_new: operand shapes"
-    );
+fn amx_new(a: &[f32], m: usize, b: &crate::kernels::PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    let (k, n) = b.dims();
+    assert!(a.len() >= m * k && bias.is_none_or(|b| b.len() >= n), "amx_new: operand shapes");
     record_gemm(m, k, n);
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let work = m * k * n;
-    // Cut along the longer output side, as `gemm_c` does.
+    // Cut along the longer output side, as `gemm_c` does (at 32-blocks).
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
     let parts = pool_parts(len, work, true).unwrap_or_else(|| alloc::vec![0..len]);
@@ -228,27 +218,98 @@ fn amx_new(
         let r = parts[i].clone();
         let c = cp;
         // SAFETY: bf16 products are on (so AMX is available); the assert
-        // bounds A, B and the bias; each task writes its own rows (or
-        // columns) of C's capacity (β = 0 never reads them).
+        // bounds A and the bias, `b` is k×n; each task writes its own rows
+        // (or 32-aligned columns) of C's capacity (β = 0 never reads them).
         unsafe {
-            let (rows, cols, a, b, bias, c) = if by_rows {
-                (r.len(), n, a.as_ptr().add(r.start * k), b.as_ptr(), bias, c.0.add(r.start * n))
+            if by_rows {
+                let a = a.as_ptr().add(r.start * k);
+                let c = c.0.add(r.start * n);
+                crate::kernels::amx_gemm_packed(r.len(), 1.0, a, (k, 1), b, (0, n), 0.0, c, n, bias)
             } else {
-                (
+                let bias = bias.map(|v| &v[r.start..]);
+                let (a, c) = (a.as_ptr(), c.0.add(r.start));
+                crate::kernels::amx_gemm_packed(
                     m,
-                    r.len(),
-                    a.as_ptr(),
-                    b.as_ptr().add(r.start * sb.1),
-                    bias.map(|v| &v[r.start..]),
-                    c.0.add(r.start),
+                    1.0,
+                    a,
+                    (k, 1),
+                    b,
+                    (r.start, r.len()),
+                    0.0,
+                    c,
+                    n,
+                    bias,
                 )
-            };
-            crate::kernels::amx_gemm(rows, k, cols, 1.0, a, (k, 1), b, sb, 0.0, c, n, bias)
+            }
         }
     });
     // SAFETY: the parts cover all of C, and the product wrote each element.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// A frozen `W0` packed into AMX bf16 tiles for its two products, `Wᵀ` for
+/// `X·W0ᵀ` and `W` for `dY·W0`: built on a layer's first bf16 product and
+/// kept (each is half the size of the f32 weights), so the weights are not
+/// rounded and re-packed on every product. Whoever changes `W0` (merge,
+/// unmerge) resets them.
+#[derive(Default)]
+pub(crate) struct Packs {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    fwd: std::sync::OnceLock<crate::kernels::PackedB>,
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    bwd: std::sync::OnceLock<crate::kernels::PackedB>,
+}
+
+impl Packs {
+    /// Bytes the packs hold (0 until a bf16 product builds them).
+    pub(crate) fn bytes(&self) -> usize {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        {
+            [&self.fwd, &self.bwd].iter().filter_map(|p| p.get()).map(|p| p.bytes()).sum()
+        }
+        #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+        0
+    }
+}
+
+impl core::fmt::Debug for Packs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Packs({} bytes)", self.bytes())
+    }
+}
+
+/// The pack of `W0` (out×in) for one direction, built on first use:
+/// forward packs `Wᵀ` (k = in, n = out), backward `W` (k = out, n = in).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+fn pack<'p>(
+    k: &Kernels,
+    w: &Weights,
+    slot: &'p std::sync::OnceLock<crate::kernels::PackedB>,
+    forward: bool,
+    din: usize,
+    dout: usize,
+) -> &'p crate::kernels::PackedB {
+    slot.get_or_init(|| {
+        let widened;
+        let w32: &[f32] = match w {
+            Weights::F32(w) => w,
+            Weights::F16(_) => {
+                widened = w.to_f32(k);
+                &widened
+            }
+        };
+        assert!(w32.len() >= din * dout, "pack: W0 shape");
+        // SAFETY: only reached with bf16 products on (AMX available); W0 is
+        // out×in row-major, so both views stay inside it.
+        unsafe {
+            if forward {
+                crate::kernels::PackedB::new(din, dout, w32.as_ptr(), (1, din))
+            } else {
+                crate::kernels::PackedB::new(dout, din, w32.as_ptr(), (din, 1))
+            }
+        }
+    })
 }
 
 #[cfg(feature = "std")]
@@ -434,27 +495,27 @@ pub(crate) fn gemm_dy_w(
     }
 }
 
-/// Whether the frozen product `m×k·k×n` with these weights runs on AMX with
-/// a fresh output (bf16 products on, f32 weights, no GPU).
-fn amx_frozen(w: &Weights, m: usize, k: usize, n: usize) -> bool {
+/// Whether a frozen product `m×k·k×n` runs on AMX with packed weights into
+/// a fresh output (bf16 products on, no GPU).
+fn amx_frozen(m: usize, k: usize, n: usize) -> bool {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     {
-        matches!(w, Weights::F32(_))
-            && bf16_product(m, k, n)
-            && crate::device::device() == crate::device::Device::Cpu
+        bf16_product(m, k, n) && crate::device::device() == crate::device::Device::Cpu
     }
     #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
     {
-        let _ = (w, m, k, n);
+        let _ = (m, k, n);
         false
     }
 }
 
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer (a bias whose length
-/// is not `out` is no bias).
+/// is not `out` is no bias); with bf16 products, on `packs`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn frozen_forward(
     k: &Kernels,
     w: &Weights,
+    packs: &Packs,
     b: Option<&[f32]>,
     x: &[f32],
     n: usize,
@@ -462,9 +523,11 @@ pub(crate) fn frozen_forward(
     dout: usize,
 ) -> Vec<f32> {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if let (true, Weights::F32(w)) = (amx_frozen(w, n, din, dout), w) {
-        return amx_new((n, din, dout), x, w, (1, din), b.filter(|b| b.len() == dout));
+    if amx_frozen(n, din, dout) {
+        let p = pack(k, w, &packs.fwd, true, din, dout);
+        return amx_new(x, n, p, b.filter(|b| b.len() == dout));
     }
+    let _ = packs;
     let (mut y, beta) = bias_rows(b, n, dout);
     gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
     y
@@ -486,20 +549,24 @@ pub(crate) fn bias_rows(b: Option<&[f32]>, n: usize, dout: usize) -> (Vec<f32>, 
     }
 }
 
-/// `dX[n×in] = dY[n×out]·W0` for a frozen layer (on AMX into a fresh
-/// matrix, never zeroed, where bf16 products run).
+/// `dX[n×in] = dY[n×out]·W0` for a frozen layer (with bf16 products, on
+/// `packs` into a fresh matrix, never zeroed).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn frozen_backward(
     k: &Kernels,
     w: &Weights,
+    packs: &Packs,
     dy: &[f32],
     n: usize,
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if let (true, Weights::F32(w)) = (amx_frozen(w, n, dout, din), w) {
-        return amx_new((n, dout, din), dy, w, (din, 1), None);
+    if amx_frozen(n, dout, din) {
+        let p = pack(k, w, &packs.bwd, false, din, dout);
+        return amx_new(dy, n, p, None);
     }
+    let _ = packs;
     let mut dx = alloc::vec![0.0f32; n * din];
     gemm_dy_w(k, w, dy, &mut dx, n, din, dout, 0.0);
     dx

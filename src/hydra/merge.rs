@@ -160,6 +160,7 @@ impl HydraLinear {
         let (w, b) = self.merged_weights()?;
         self.bias_added_by_merge = self.b0.is_none() && b.is_some();
         self.w0 = store_like(&self.w0, w);
+        self.packs = super::dense::Packs::default();
         self.b0 = b;
         self.merged = true;
         self.saved = None;
@@ -178,6 +179,7 @@ impl HydraLinear {
             self.bias_added_by_merge = true;
         }
         delta.apply(&mut self.w0, self.b0.as_deref_mut())?;
+        self.packs = super::dense::Packs::default();
         self.merged = true;
         self.saved = None;
         Ok(())
@@ -189,6 +191,7 @@ impl HydraLinear {
             return Err(Error::Config("the adapter is not merged into this layer".to_string()));
         }
         delta.remove(&mut self.w0, self.b0.as_deref_mut())?;
+        self.packs = super::dense::Packs::default();
         if self.bias_added_by_merge {
             self.b0 = None;
             self.bias_added_by_merge = false;
@@ -222,6 +225,7 @@ impl HydraLinear {
             undo_sequential(k, q, s, r, m, d, &mut w, b.as_deref_mut())?;
         }
         self.w0 = store_like(&self.w0, w);
+        self.packs = super::dense::Packs::default();
         self.b0 = if self.bias_added_by_merge { None } else { b };
         self.bias_added_by_merge = false;
         self.merged = false;

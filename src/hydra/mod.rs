@@ -32,9 +32,9 @@ use half::f16;
 pub use config::{BranchConfig, HydraConfig, Init, Variant};
 #[cfg(feature = "std")]
 pub use dense::record_gemm_shapes;
-pub use dense::{Weights, gemm};
 #[cfg(feature = "std")]
-pub(crate) use dense::{frozen_backward, frozen_forward};
+pub(crate) use dense::{Packs, frozen_backward, frozen_forward};
+pub use dense::{Weights, gemm};
 pub use merge::Delta;
 
 use crate::error::{Error, Result};
@@ -172,6 +172,8 @@ pub struct HydraLinear {
     in_dim: usize,
     out_dim: usize,
     w0: Weights,
+    /// `w0` packed for bf16 products (reset whenever `w0` changes).
+    packs: dense::Packs,
     b0: Option<Vec<f32>>,
     /// Parallel branch, if the variant has one.
     parallel: Option<Branch>,
@@ -236,6 +238,7 @@ impl HydraLinear {
             in_dim,
             out_dim,
             w0,
+            packs: dense::Packs::default(),
             b0,
             parallel,
             sequential,
@@ -262,6 +265,10 @@ impl HydraLinear {
     /// The frozen (or, after [`HydraLinear::merge`], merged) weights.
     pub fn weights(&self) -> &Weights {
         &self.w0
+    }
+    /// Bytes of the weights' bf16 packs built so far (bf16 products only).
+    pub fn pack_bytes(&self) -> usize {
+        self.packs.bytes()
     }
     /// The frozen (or merged) bias.
     pub fn bias(&self) -> Option<&[f32]> {
@@ -371,7 +378,8 @@ impl HydraLinear {
                 &xf
             }
         };
-        let mut y = dense::frozen_forward(k, &self.w0, self.b0.as_deref(), x32, n, din, dout);
+        let mut y =
+            dense::frozen_forward(k, &self.w0, &self.packs, self.b0.as_deref(), x32, n, din, dout);
         if self.merged {
             self.saved = None;
             return Ok(y);
@@ -521,7 +529,15 @@ impl HydraLinear {
         // dX = dY0·W0 is written, not added to (no zeroing pass first); the
         // parallel branch adds its part below.
         let mut dx = if want_dx {
-            dense::frozen_backward(k, &self.w0, dy0_owned.as_deref().unwrap_or(dy), n, din, dout)
+            dense::frozen_backward(
+                k,
+                &self.w0,
+                &self.packs,
+                dy0_owned.as_deref().unwrap_or(dy),
+                n,
+                din,
+                dout,
+            )
         } else {
             Vec::new()
         };

@@ -225,6 +225,34 @@ pub(crate) unsafe fn amx_gemm(
     unsafe { x86::amx::gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc, bias) }
 }
 
+/// A product operand packed into AMX bf16 tiles once (frozen weights).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub(crate) use x86::amx::PackedB;
+
+/// [`amx_gemm`] with B packed beforehand, for columns `j0..j0 + cols` of it
+/// (`j0` a multiple of 32; `cols` whole 32-column blocks or to B's end).
+///
+/// # Safety
+/// As [`amx_gemm`] for A (m × B's rows) and C (m × cols).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn amx_gemm_packed(
+    m: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: (usize, usize),
+    b: &PackedB,
+    cols: (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    bias: Option<&[f32]>,
+) {
+    stats::count_bf16_product();
+    // SAFETY: the caller's contract.
+    unsafe { x86::amx::gemm_packed(m, alpha, a, sa, b, cols, beta, c, rsc, bias) }
+}
+
 /// An f32 rounded to bf16 as the bf16 products round their operands.
 pub fn round_bf16(x: f32) -> f32 {
     let b = x.to_bits();

@@ -341,6 +341,11 @@ impl TailGraph {
         linear + consts
     }
 
+    /// Bytes of the linear layers' bf16 weight packs built so far.
+    pub fn pack_bytes(&self) -> usize {
+        self.ops.iter().filter_map(|op| op.as_linear()).map(|l| l.pack_bytes()).sum()
+    }
+
     /// Bytes of the frozen values the tail holds (linear weights in their
     /// storage type, biases, constants).
     pub fn frozen_bytes(&self) -> usize {

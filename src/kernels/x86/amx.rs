@@ -571,34 +571,137 @@ pub(crate) unsafe fn gemm(
     }
     assert!(bias.is_none_or(|b| b.len() >= n), "amx gemm: bias shorter than n");
     let kbs = k.div_ceil(KR).max(1);
-    let mbs = m.div_ceil(2 * MR) * 2;
     let nbs = n.div_ceil(2 * NR) * 2;
     BUFFERS.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let Buffers { a: ap, b: bp } = &mut *bufs;
         // Grown, never shrunk: the packers write every element they hand on,
         // so a buffer is not cleared between products.
-        let (na, nb) = (mbs * kbs * A_TILE, nbs * kbs * B_TILE);
-        if ap.len() < na {
-            ap.resize(na, 0);
-        }
+        let nb = nbs * kbs * B_TILE;
         if bp.len() < nb {
             bp.resize(nb, 0);
         }
-        let (ap, bp) = (&mut ap[..na], &mut bp[..nb]);
-        // SAFETY: caller's bounds; the buffers hold what the packers write
-        // (for k = 0 the single zero tile of each gives C = β·C).
+        let bp = &mut bp[..nb];
+        // SAFETY: caller's bounds; the buffer holds what the packer writes
+        // (for k = 0 the single zero tile gives C = β·C).
         unsafe {
             if k == 0 {
-                ap.fill(0);
                 bp.fill(0);
             } else {
-                pack_a(m, k, a, sa, mbs, kbs, ap);
                 pack_b(k, n, b, sb, nbs, kbs, bp);
             }
-            tiles(m, n, kbs, alpha, ap, bp, beta, c, rsc, bias);
+            with_packed_a(m, k, a, sa, kbs, ap, |ap| {
+                tiles(m, n, kbs, alpha, ap, bp, beta, c, rsc, bias)
+            });
         }
     });
+}
+
+/// A `k×n` operand B packed into bf16 tiles once, for products that reuse
+/// it (a frozen layer's weights: `Wᵀ` forward, `W` backward).
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    kbs: usize,
+    tiles: Vec<u32>,
+}
+
+impl PackedB {
+    /// Packs `B[p·rsb + j·csb]` for `p < k`, `j < n`.
+    ///
+    /// # Safety
+    /// [`available`] returned true; every such element is valid.
+    pub(crate) unsafe fn new(k: usize, n: usize, b: *const f32, sb: (usize, usize)) -> PackedB {
+        let kbs = k.div_ceil(KR).max(1);
+        let nbs = n.div_ceil(2 * NR) * 2;
+        let mut tiles = vec![0u32; nbs * kbs * B_TILE];
+        if k > 0 && n > 0 {
+            // SAFETY: caller's bounds; AVX-512BW comes with `available`.
+            unsafe { pack_b(k, n, b, sb, nbs, kbs, &mut tiles) };
+        }
+        PackedB { k, n, kbs, tiles }
+    }
+
+    /// Rows (`k`) and columns (`n`) of B.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.tiles.len() * 4
+    }
+}
+
+/// [`gemm`] with B packed beforehand: `C[m×cols] = α·A·B[:, j0..j0 + cols]
+/// + β·C (+ bias)`, the columns starting at a 32-column block (`j0 % 32 ==
+/// 0`) and running whole blocks or to the end of B, so a pool's column
+/// split gives the bits of the whole product.
+///
+/// # Safety
+/// As [`gemm`] for A (m×k, `k` = B's rows) and C (m×cols).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_packed(
+    m: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: (usize, usize),
+    b: &PackedB,
+    (j0, cols): (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    bias: Option<&[f32]>,
+) {
+    assert!(
+        j0 % (2 * NR) == 0 && j0 + cols <= b.n && (cols % (2 * NR) == 0 || j0 + cols == b.n),
+        "amx gemm_packed: columns {j0}+{cols} of {} not on 32-column blocks",
+        b.n
+    );
+    if m == 0 || cols == 0 {
+        return;
+    }
+    assert!(bias.is_none_or(|v| v.len() >= cols), "amx gemm: bias shorter than n");
+    let nbs = cols.div_ceil(2 * NR) * 2;
+    let bp = &b.tiles[j0 / NR * b.kbs * B_TILE..][..nbs * b.kbs * B_TILE];
+    BUFFERS.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        // SAFETY: caller's bounds for A and C; `bp` holds this column range.
+        unsafe {
+            with_packed_a(m, b.k, a, sa, b.kbs, &mut bufs.a, |ap| {
+                tiles(m, cols, b.kbs, alpha, ap, bp, beta, c, rsc, bias)
+            })
+        }
+    });
+}
+
+/// Packs A into `buf` (grown as needed) and hands the packed tiles to `f`.
+///
+/// # Safety
+/// `A[i·rsa + p·csa]` valid for `i < m`, `p < k`; `kbs = max(1, ⌈k/32⌉)`;
+/// AVX-512BW present.
+unsafe fn with_packed_a<R>(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    sa: (usize, usize),
+    kbs: usize,
+    buf: &mut Vec<u16>,
+    f: impl FnOnce(&[u16]) -> R,
+) -> R {
+    let mbs = m.div_ceil(2 * MR) * 2;
+    let na = mbs * kbs * A_TILE;
+    if buf.len() < na {
+        buf.resize(na, 0);
+    }
+    let ap = &mut buf[..na];
+    if k == 0 {
+        ap.fill(0);
+    } else {
+        // SAFETY: caller's bounds.
+        unsafe { pack_a(m, k, a, sa, mbs, kbs, ap) };
+    }
+    f(ap)
 }
 
 /// The tile loop over packed operands. A full 32×32 block of C with α = 1

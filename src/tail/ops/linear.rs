@@ -17,7 +17,7 @@ use super::{TailOp, fail, input};
 use crate::Tensor;
 use crate::error::{Error, Result};
 use crate::hydra::{
-    HydraConfig, HydraLinear, Input, Weights, frozen_backward, frozen_forward, gemm,
+    HydraConfig, HydraLinear, Input, Packs, Weights, frozen_backward, frozen_forward, gemm,
 };
 use crate::kernels;
 use crate::tail::broadcast::{broadcast_shape, unbroadcast};
@@ -33,7 +33,12 @@ pub enum Layout {
 
 #[derive(Debug)]
 enum Inner {
-    Frozen { w: Weights, b: Option<Vec<f32>> },
+    /// `packs`: `w` for bf16 products, built on first use.
+    Frozen {
+        w: Weights,
+        b: Option<Vec<f32>>,
+        packs: Packs,
+    },
     Adapted(Box<HydraLinear>),
 }
 
@@ -64,12 +69,18 @@ impl Linear {
                 got: alloc::format!("{} weights", w.len()),
             });
         }
-        Ok(Linear { op_type, layout, in_dim, out_dim, inner: Inner::Frozen { w, b } })
+        Ok(Linear {
+            op_type,
+            layout,
+            in_dim,
+            out_dim,
+            inner: Inner::Frozen { w, b, packs: Packs::default() },
+        })
     }
 
     /// Puts a fresh adapter on the layer.
     pub fn adapt(&mut self, config: HydraConfig) -> Result<()> {
-        let Inner::Frozen { w, b } = &mut self.inner else {
+        let Inner::Frozen { w, b, .. } = &mut self.inner else {
             return Err(Error::Config(String::from("layer is already adapted")));
         };
         let (w, b) = (core::mem::replace(w, Weights::F32(Vec::new())), b.take());
@@ -79,7 +90,7 @@ impl Linear {
                 Ok(())
             }
             Err(e) => {
-                self.inner = Inner::Frozen { w, b };
+                self.inner = Inner::Frozen { w, b, packs: Packs::default() };
                 Err(e)
             }
         }
@@ -131,6 +142,15 @@ impl Linear {
             Weights::F16(w) => w.len() * 2,
         };
         w + self.bias_len() * 4
+    }
+
+    /// Bytes of the weights' bf16 packs built so far (bf16 products build
+    /// them on a layer's first product in each direction).
+    pub fn pack_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Frozen { packs, .. } => packs.bytes(),
+            Inner::Adapted(h) => h.pack_bytes(),
+        }
     }
 
     fn bias_len(&self) -> usize {
@@ -235,14 +255,14 @@ impl TailOp for Linear {
             let n = rows.len() / self.in_dim;
             let k = kernels::active();
             let y = match (&mut self.inner, rows) {
-                (Inner::Frozen { w, b }, Input::F32(r)) => {
-                    frozen_forward(k, w, b.as_deref(), r, n, self.in_dim, self.out_dim)
+                (Inner::Frozen { w, b, packs }, Input::F32(r)) => {
+                    frozen_forward(k, w, packs, b.as_deref(), r, n, self.in_dim, self.out_dim)
                 }
-                (Inner::Frozen { w, b }, Input::F16(h)) => {
+                (Inner::Frozen { w, b, packs }, Input::F16(h)) => {
                     let mut wide = vec![0.0f32; h.len()];
                     k.f16_to_f32(h, &mut wide);
                     kernels::stats::count_widened(wide.len());
-                    frozen_forward(k, w, b.as_deref(), &wide, n, self.in_dim, self.out_dim)
+                    frozen_forward(k, w, packs, b.as_deref(), &wide, n, self.in_dim, self.out_dim)
                 }
                 (Inner::Adapted(h), rows) => {
                     h.set_training(train);
@@ -255,9 +275,10 @@ impl TailOp for Linear {
         let (rows, shape) = self.rows(&x)?;
         let n = rows.len() / self.in_dim;
         let y = match &mut self.inner {
-            Inner::Frozen { w, b } => frozen_forward(
+            Inner::Frozen { w, b, packs } => frozen_forward(
                 kernels::active(),
                 w,
+                packs,
                 b.as_deref(),
                 &rows,
                 n,
@@ -291,8 +312,9 @@ impl TailOp for Linear {
         let n = dyr.len() / self.out_dim;
         let borrowed = if self.layout == Layout::Rows { rows_of(x) } else { None };
         let dx = match &mut self.inner {
-            Inner::Frozen { w, .. } => want_dx
-                .then(|| frozen_backward(kernels::active(), w, &dyr, n, self.in_dim, self.out_dim)),
+            Inner::Frozen { w, packs, .. } => want_dx.then(|| {
+                frozen_backward(kernels::active(), w, packs, &dyr, n, self.in_dim, self.out_dim)
+            }),
             Inner::Adapted(h) => match borrowed {
                 Some(rows) => h.backward_with_input(&dyr, rows, want_dx)?,
                 None if want_dx => Some(h.backward(&dyr)?),
