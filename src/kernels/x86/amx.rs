@@ -633,10 +633,10 @@ impl PackedB {
     }
 }
 
-/// [`gemm`] with B packed beforehand: `C[m×cols] = α·A·B[:, j0..j0 + cols]
-/// + β·C (+ bias)`, the columns starting at a 32-column block (`j0 % 32 ==
-/// 0`) and running whole blocks or to the end of B, so a pool's column
-/// split gives the bits of the whole product.
+/// [`gemm`] with B packed beforehand, for columns `j0..j0 + cols` of it:
+/// `C[m×cols] = α·A·B[:, j0..] + β·C (+ bias)`. The columns start at a
+/// 32-column block (`j0` a multiple of 32) and run whole blocks or to the
+/// end of B, so a pool's column split gives the bits of the whole product.
 ///
 /// # Safety
 /// As [`gemm`] for A (m×k, `k` = B's rows) and C (m×cols).
