@@ -59,6 +59,28 @@ fn main() -> hydra_edge::Result<()> {
                 "  {precision:?} {din}→{dout}: adapted {adapted:.2} ms, frozen {frozen:.2} ms, ratio {:.2}",
                 adapted / frozen
             );
+            // A merged layer's forward is its frozen product with the bias:
+            // fused into the product's start vs bias rows + a β = 1 product.
+            layer.merge()?;
+            let fused = best_ms(30, || {
+                std::hint::black_box(
+                    layer.forward_ext(Input::F32(&x), n, false, false).expect("fwd"),
+                );
+            });
+            let bias = layer.bias().expect("bias").to_vec();
+            let Weights::F32(wm) = layer.weights().clone() else { unreachable!("f32") };
+            let rows = best_ms(30, || {
+                let mut y = Vec::with_capacity(n * dout);
+                for _ in 0..n {
+                    y.extend_from_slice(&bias);
+                }
+                gemm(n, din, dout, 1.0, &x, (din, 1), &wm, (1, din), 1.0, &mut y);
+                std::hint::black_box(y);
+            });
+            println!(
+                "  {precision:?} {din}→{dout} frozen forward + bias: fused {fused:.2} ms, bias rows + β = 1 {rows:.2} ms, ratio {:.2}",
+                fused / rows
+            );
         }
     }
     Ok(())

@@ -248,6 +248,96 @@ fn amx_new(a: &[f32], m: usize, b: &crate::kernels::PackedB, bias: Option<&[f32]
     c
 }
 
+/// `C[m×n] = A[m×k]·B (+ bias)` on the tier's own sgemm into a new matrix
+/// (f32 `B[p·rsb + j·csb]`), cut over the pool as `gemm_c` does: the bias
+/// is the first depth block's starting value and `β = 0` never reads C, so
+/// the output is neither zeroed nor filled with bias rows first (each of
+/// those was a pass over the whole output). For the frozen layers' f32
+/// products.
+#[cfg(feature = "std")]
+fn sgemm_new(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let extent = if k == 0 || n == 0 { 0 } else { (k - 1) * rsb + (n - 1) * csb + 1 };
+    assert!(
+        a.len() >= m * k && b.len() >= extent && bias.is_none_or(|v| v.len() >= n),
+        "sgemm_new: operand shapes"
+    );
+    record_gemm(m, k, n);
+    let kernels = crate::kernels::active();
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let work = m * k * n;
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = pool_parts(len, work, false).unwrap_or_else(|| alloc::vec![0..len]);
+    let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
+    let bias = SendPtr(bias.cast_mut());
+    crate::parallel::for_each(parts.len(), work, |i| {
+        let r = parts[i].clone();
+        let (c, bias) = (cp, bias);
+        let bias = bias.0.cast_const();
+        // SAFETY: the assert bounds A, B and the bias; each task writes its
+        // own rows (or columns) of C's capacity, and β = 0 never reads them.
+        unsafe {
+            if by_rows {
+                (kernels.sgemm)(
+                    r.len(),
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr().add(r.start * k),
+                    (k, 1),
+                    b.as_ptr(),
+                    (rsb, csb),
+                    0.0,
+                    c.0.add(r.start * n),
+                    n,
+                    bias,
+                )
+            } else {
+                (kernels.sgemm)(
+                    m,
+                    k,
+                    r.len(),
+                    1.0,
+                    a.as_ptr(),
+                    (k, 1),
+                    b.as_ptr().add(r.start * csb),
+                    (rsb, csb),
+                    0.0,
+                    c.0.add(r.start),
+                    n,
+                    if bias.is_null() { bias } else { bias.add(r.start) },
+                )
+            }
+        }
+    });
+    // SAFETY: the parts cover all of C, and the product wrote each element.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// Whether a frozen f32 product runs through [`sgemm_new`]: f32 weights, the
+/// tier's own sgemm (matrixmultiply has no bias start), no GPU.
+fn sgemm_frozen(w: &Weights) -> bool {
+    #[cfg(feature = "std")]
+    {
+        matches!(w, Weights::F32(_))
+            && crate::kernels::active().tier().has_fast_sgemm()
+            && crate::device::device() == crate::device::Device::Cpu
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = w;
+        false
+    }
+}
+
 /// A frozen `W0` packed into AMX bf16 tiles for its two products, `Wᵀ` for
 /// `X·W0ᵀ` and `W` for `dY·W0`: built on a layer's first bf16 product and
 /// kept (each is half the size of the f32 weights), so the weights are not
@@ -370,7 +460,22 @@ unsafe fn sgemm_raw(
     let kernels = crate::kernels::active();
     if kernels.tier().has_fast_sgemm() {
         // SAFETY: the caller's contract is the kernel's.
-        unsafe { (kernels.sgemm)(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, rsc) };
+        unsafe {
+            (kernels.sgemm)(
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                (rsa, csa),
+                b,
+                (rsb, csb),
+                beta,
+                c,
+                rsc,
+                core::ptr::null(),
+            )
+        };
         return;
     }
     // SAFETY: the caller's contract.
@@ -528,6 +633,10 @@ pub(crate) fn frozen_forward(
         return amx_new(x, n, p, b.filter(|b| b.len() == dout));
     }
     let _ = packs;
+    #[cfg(feature = "std")]
+    if let (true, Weights::F32(w)) = (sgemm_frozen(w), w) {
+        return sgemm_new((n, din, dout), x, w, (1, din), b.filter(|b| b.len() == dout));
+    }
     let (mut y, beta) = bias_rows(b, n, dout);
     gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
     y
@@ -567,6 +676,10 @@ pub(crate) fn frozen_backward(
         return amx_new(dy, n, p, None);
     }
     let _ = packs;
+    #[cfg(feature = "std")]
+    if let (true, Weights::F32(w)) = (sgemm_frozen(w), w) {
+        return sgemm_new((n, dout, din), dy, w, (din, 1), None);
+    }
     let mut dx = alloc::vec![0.0f32; n * din];
     gemm_dy_w(k, w, dy, &mut dx, n, din, dout, 0.0);
     dx
@@ -575,6 +688,36 @@ pub(crate) fn frozen_backward(
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
+
+    /// The frozen f32 products into fresh matrices (the bias as the sums'
+    /// start, nothing zeroed) give the bits of the plain route — bias rows
+    /// then a β = 1 product, zeros then a β = 0 product — on edge shapes,
+    /// split over the pool along rows and along columns.
+    #[test]
+    fn fresh_frozen_products_equal_the_plain_route() {
+        let k = crate::kernels::active();
+        let mut rng = crate::rng::Rng::new(4);
+        let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+        for threads in [1, 2] {
+            crate::parallel::set_threads(threads).unwrap();
+            for (n, din, dout) in [(37, 45, 70), (150, 100, 170), (300, 80, 90)] {
+                let (x, w, b, dy) = (v(n * din), v(dout * din), v(dout), v(n * dout));
+                let packs = Packs::default();
+                let w32 = Weights::F32(w.clone());
+                for bias in [Some(&b[..]), None] {
+                    let got = frozen_forward(k, &w32, &packs, bias, &x, n, din, dout);
+                    let (mut want, beta) = bias_rows(bias, n, dout);
+                    gemm(n, din, dout, 1.0, &x, (din, 1), &w, (1, din), beta, &mut want);
+                    assert_eq!(got, want, "{n}×{din}→{dout}, bias {}", bias.is_some());
+                }
+                let got = frozen_backward(k, &w32, &packs, &dy, n, din, dout);
+                let mut want = vec![0.0f32; n * din];
+                gemm(n, dout, din, 1.0, &dy, (dout, 1), &w, (din, 1), 0.0, &mut want);
+                assert_eq!(got, want, "{n}×{din}→{dout} backward");
+            }
+        }
+        crate::parallel::set_threads(1).unwrap();
+    }
 
     /// f16 weights through the panel GEMMs equal f32 products of the same
     /// (f16-rounded) weights, across several panels and a short last one.

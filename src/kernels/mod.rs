@@ -303,7 +303,9 @@ pub struct Kernels {
     pub(crate) sgemm: SgemmFn,
 }
 
-/// A tier's packed sgemm `(m, k, n, α, A, (rsa, csa), B, (rsb, csb), β, C, rsc)`.
+/// A tier's packed sgemm `(m, k, n, α, A, (rsa, csa), B, (rsb, csb), β, C,
+/// rsc, bias)`: `bias`, null or a row of `n` added to every row of C, only
+/// with `β = 0`.
 pub(crate) type SgemmFn = unsafe fn(
     usize,
     usize,
@@ -316,6 +318,7 @@ pub(crate) type SgemmFn = unsafe fn(
     f32,
     *mut f32,
     usize,
+    *const f32,
 );
 
 /// A tier's bulk conversion.
@@ -411,7 +414,20 @@ impl Kernels {
         // SAFETY: supported tier; every element the strides reach is inside
         // its slice (asserted); `c` is a unique borrow, so it aliases neither.
         unsafe {
-            (self.sgemm)(m, k, n, alpha, a.as_ptr(), sa, b.as_ptr(), sb, beta, c.as_mut_ptr(), rsc)
+            (self.sgemm)(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                sa,
+                b.as_ptr(),
+                sb,
+                beta,
+                c.as_mut_ptr(),
+                rsc,
+                core::ptr::null(),
+            )
         }
     }
 

@@ -246,9 +246,10 @@ macro_rules! tier_table {
             beta: f32,
             c: *mut f32,
             rsc: usize,
+            bias: *const f32,
         ) {
             // SAFETY: forwarded precondition.
-            unsafe { g::sgemm::<$S, $gm, $gv>(m, k, n, alpha, a, sa, b, sb, beta, c, rsc) }
+            unsafe { g::sgemm::<$S, $gm, $gv>(m, k, n, alpha, a, sa, b, sb, beta, c, rsc, bias) }
         }
 
         pub(crate) static TABLE: Kernels = Kernels {

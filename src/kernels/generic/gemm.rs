@@ -55,13 +55,15 @@ pub(crate) unsafe fn sgemm<S: Simd, const MR: usize, const NV: usize>(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bias: *const f32,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    debug_assert!(bias.is_null() || beta == 0.0, "sgemm: a bias only with β = 0");
     if k == 0 || alpha == 0.0 {
         // SAFETY: C valid for m×n with row stride rsc (caller).
-        unsafe { scale_c(m, n, beta, c, rsc) };
+        unsafe { scale_c(m, n, beta, c, rsc, bias) };
         return;
     }
     let nr = NV * S::LANES;
@@ -96,6 +98,7 @@ pub(crate) unsafe fn sgemm<S: Simd, const MR: usize, const NV: usize>(
             beta,
             c,
             rsc,
+            bias,
             pa.as_mut_ptr(),
             pb.as_mut_ptr(),
         )
@@ -104,17 +107,23 @@ pub(crate) unsafe fn sgemm<S: Simd, const MR: usize, const NV: usize>(
     let _ = BUFFERS.try_with(|cell| cell.replace((pa, pb)));
 }
 
-/// `C = β·C` (`β = 0` writes zeros without reading).
+/// `C = β·C` (`β = 0` writes zeros, or the bias row, without reading).
 ///
 /// # Safety
-/// C valid for `m×n` with row stride `rsc`.
-unsafe fn scale_c(m: usize, n: usize, beta: f32, c: *mut f32, rsc: usize) {
+/// C valid for `m×n` with row stride `rsc`; `bias` null or valid for `n`.
+unsafe fn scale_c(m: usize, n: usize, beta: f32, c: *mut f32, rsc: usize, bias: *const f32) {
     for i in 0..m {
         for j in 0..n {
             // SAFETY: i < m, j < n (caller).
             unsafe {
                 let p = c.add(i * rsc + j);
-                *p = if beta == 0.0 { 0.0 } else { beta * *p };
+                *p = if !bias.is_null() {
+                    *bias.add(j)
+                } else if beta == 0.0 {
+                    0.0
+                } else {
+                    beta * *p
+                };
             }
         }
     }
@@ -138,6 +147,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     beta: f32,
     c: *mut f32,
     rsc: usize,
+    bias: *const f32,
     pa: *mut f32,
     pb: *mut f32,
 ) {
@@ -150,8 +160,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
         let mut pc = 0;
         while pc < k {
             let kc = KC.min(k - pc);
-            // The first depth block applies β; later ones accumulate.
+            // The first depth block applies β (or starts from the bias);
+            // later ones accumulate.
             let beta_here = if pc == 0 { beta } else { 1.0 };
+            let bias_here = if pc == 0 { bias } else { core::ptr::null() };
             // SAFETY: B(pc.., jc..) block in bounds (caller); pb sized.
             unsafe { pack_b(kc, nc, nr, b.add(pc * rsb + jc * csb), rsb, csb, pb) };
             let mut ic = 0;
@@ -178,6 +190,11 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 nr_eff,
                                 alpha,
                                 beta_here,
+                                if bias_here.is_null() {
+                                    bias_here
+                                } else {
+                                    bias_here.add(jc + jr)
+                                },
                             )
                         };
                         ir += MR;
@@ -309,6 +326,7 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
     nr_eff: usize,
     alpha: f32,
     beta: f32,
+    bias: *const f32,
 ) {
     let l = S::LANES;
     let nr = NV * l;
@@ -335,17 +353,32 @@ unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(
         }
         let va = S::splat(alpha);
         if mr_eff == MR && nr_eff == nr {
-            epilogue::<S, MR, NV>(&acc, c, rsc, va, beta);
+            if bias.is_null() {
+                epilogue::<S, MR, NV>(&acc, c, rsc, va, beta);
+            } else {
+                // The bias row read as a C of row stride 0: the same
+                // arithmetic as β = 1 on rows holding the bias.
+                epilogue_from::<S, MR, NV>(&acc, c, rsc, bias, 0, va, S::splat(1.0));
+            }
         } else {
-            // An edge tile: the same epilogue on a zero-padded copy of C, so
-            // edge elements round exactly as interior ones do.
+            // An edge tile: the same epilogue on a zero-padded copy of C (or
+            // of the bias rows), so edge elements round exactly as interior
+            // ones do.
             let mut tile = [0.0f32; TILE];
             let t = tile.as_mut_ptr();
-            if beta != 0.0 {
-                for i in 0..mr_eff {
-                    core::ptr::copy_nonoverlapping(c.add(i * rsc), t.add(i * nr), nr_eff);
+            let beta = if bias.is_null() {
+                if beta != 0.0 {
+                    for i in 0..mr_eff {
+                        core::ptr::copy_nonoverlapping(c.add(i * rsc), t.add(i * nr), nr_eff);
+                    }
                 }
-            }
+                beta
+            } else {
+                for i in 0..mr_eff {
+                    core::ptr::copy_nonoverlapping(bias, t.add(i * nr), nr_eff);
+                }
+                1.0
+            };
             epilogue::<S, MR, NV>(&acc, t, nr, va, beta);
             for i in 0..mr_eff {
                 core::ptr::copy_nonoverlapping(t.add(i * nr), c.add(i * rsc), nr_eff);
@@ -376,13 +409,33 @@ unsafe fn epilogue<S: Simd, const MR: usize, const NV: usize>(
                 }
             }
         } else {
-            let vb = S::splat(beta);
-            for (i, row) in acc.iter().enumerate() {
-                for (v, cv) in row.iter().enumerate() {
-                    let p = c.add(i * rsc + v * l);
-                    let old = S::fma(vb, S::load(p), S::zero());
-                    S::store(p, S::fma(va, *cv, old));
-                }
+            epilogue_from::<S, MR, NV>(acc, c, rsc, c, rsc, va, S::splat(beta));
+        }
+    }
+}
+
+/// `C tile = α·acc + β·old` with `old` read from its own rows (row stride
+/// `rso`: C itself, or a bias row with stride 0).
+///
+/// # Safety
+/// Tier features available; C and `old` valid for `MR` rows of `NV·LANES`.
+#[inline(always)]
+unsafe fn epilogue_from<S: Simd, const MR: usize, const NV: usize>(
+    acc: &[[S::V; NV]; MR],
+    c: *mut f32,
+    rsc: usize,
+    old: *const f32,
+    rso: usize,
+    va: S::V,
+    vb: S::V,
+) {
+    let l = S::LANES;
+    // SAFETY: as the contract says.
+    unsafe {
+        for (i, row) in acc.iter().enumerate() {
+            for (v, cv) in row.iter().enumerate() {
+                let o = S::fma(vb, S::load(old.add(i * rso + v * l)), S::zero());
+                S::store(c.add(i * rsc + v * l), S::fma(va, *cv, o));
             }
         }
     }
