@@ -324,18 +324,11 @@ fn sgemm_new(
 
 /// Whether a frozen f32 product runs through [`sgemm_new`]: f32 weights, the
 /// tier's own sgemm (matrixmultiply has no bias start), no GPU.
+#[cfg(feature = "std")]
 fn sgemm_frozen(w: &Weights) -> bool {
-    #[cfg(feature = "std")]
-    {
-        matches!(w, Weights::F32(_))
-            && crate::kernels::active().tier().has_fast_sgemm()
-            && crate::device::device() == crate::device::Device::Cpu
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        let _ = w;
-        false
-    }
+    matches!(w, Weights::F32(_))
+        && crate::kernels::active().tier().has_fast_sgemm()
+        && crate::device::device() == crate::device::Device::Cpu
 }
 
 /// A frozen `W0` packed into AMX bf16 tiles for its two products, `Wᵀ` for
@@ -602,16 +595,9 @@ pub(crate) fn gemm_dy_w(
 
 /// Whether a frozen product `m×k·k×n` runs on AMX with packed weights into
 /// a fresh output (bf16 products on, no GPU).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
 fn amx_frozen(m: usize, k: usize, n: usize) -> bool {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    {
-        bf16_product(m, k, n) && crate::device::device() == crate::device::Device::Cpu
-    }
-    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
-    {
-        let _ = (m, k, n);
-        false
-    }
+    bf16_product(m, k, n) && crate::device::device() == crate::device::Device::Cpu
 }
 
 /// `Y[n×out] = X[n×in]·W0ᵀ (+ b)` for a frozen layer (a bias whose length
