@@ -347,32 +347,36 @@ impl FeatureCache {
                         &recs[r * self.record + offset..r * self.record + offset + count * size]
                     };
                     let err = |e: ndarray::ShapeError| Error::Config(e.to_string());
+                    // Row by row into one vector: an exact-size loop per
+                    // record that the compiler vectorises (a flat_map over all
+                    // records was ~1 % of a MiniLM step).
                     if *int {
-                        let v: Vec<i64> = (0..b)
-                            .flat_map(|r| {
-                                bytes(r, 8)
-                                    .chunks_exact(8)
-                                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                            })
-                            .collect();
+                        let mut v: Vec<i64> = Vec::with_capacity(b * count);
+                        for r in 0..b {
+                            v.extend(bytes(r, 8).chunks_exact(8).map(|c| {
+                                i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                            }));
+                        }
                         Ok(Tensor::I64(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
                     } else if self.dtype == CacheDtype::F16 {
-                        let h: Vec<f16> = (0..b)
-                            .flat_map(|r| {
+                        let mut h: Vec<f16> = Vec::with_capacity(b * count);
+                        for r in 0..b {
+                            h.extend(
                                 bytes(r, 2)
                                     .chunks_exact(2)
-                                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                            })
-                            .collect();
+                                    .map(|c| f16::from_le_bytes([c[0], c[1]])),
+                            );
+                        }
                         Ok(Tensor::F16(ArrayD::from_shape_vec(IxDyn(&dims), h).map_err(err)?))
                     } else {
-                        let v: Vec<f32> = (0..b)
-                            .flat_map(|r| {
+                        let mut v: Vec<f32> = Vec::with_capacity(b * count);
+                        for r in 0..b {
+                            v.extend(
                                 bytes(r, 4)
                                     .chunks_exact(4)
-                                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            })
-                            .collect();
+                                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                            );
+                        }
                         Ok(Tensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(err)?))
                     }
                 }
