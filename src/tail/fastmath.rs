@@ -182,7 +182,7 @@ pub(crate) fn tier() -> &'static crate::kernels::Kernels {
 /// of a MiniLM step). `fill(i, o)` must write every element of `o`: each
 /// caller hands its loop inputs sliced to exactly `o.len()` (a shorter input
 /// panics at the slice, before anything could be left unwritten).
-fn filled(
+pub(crate) fn filled(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,

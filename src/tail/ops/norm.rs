@@ -1,6 +1,8 @@
 //! LayerNormalization and Softmax: per-lane normalisations with their
 //! closed-form backward passes (in f64 per lane, so long lanes stay accurate).
 
+use core::mem::MaybeUninit;
+
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -24,7 +26,7 @@ fm::multiversion! {
     /// LayerNormalization forward over whole lanes of `inner`.
     fn ln_forward_rows(
         src: &[f32],
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         scale: &[f32],
         bias: &[f32],
         inner: usize,
@@ -34,7 +36,7 @@ fm::multiversion! {
             let (mean, rstd) = moments(row, eps);
             let (mean, rstd) = (mean as f32, rstd as f32);
             for (((o, &v), &s), &b) in out.iter_mut().zip(row).zip(scale).zip(bias) {
-                *o = (v - mean) * rstd * s + b;
+                o.write((v - mean) * rstd * s + b);
             }
         }
     }
@@ -43,7 +45,14 @@ fm::multiversion! {
 fm::multiversion! {
     /// LayerNormalization backward over whole lanes of `inner`:
     /// `dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))`, `ĝ = dy·scale`.
-    fn ln_backward_rows(src: &[f32], gs: &[f32], dx: &mut [f32], scale: &[f32], inner: usize, eps: f32) {
+    fn ln_backward_rows(
+        src: &[f32],
+        gs: &[f32],
+        dx: &mut [MaybeUninit<f32>],
+        scale: &[f32],
+        inner: usize,
+        eps: f32
+    ) {
         let nf = inner as f64;
         for ((row, grow), drow) in
             src.chunks_exact(inner).zip(gs.chunks_exact(inner)).zip(dx.chunks_exact_mut(inner))
@@ -75,7 +84,7 @@ fm::multiversion! {
                 rstd as f32,
             );
             for (((d, &g), &sc), &x) in drow.iter_mut().zip(grow).zip(scale).zip(row) {
-                *d = rstd * (g * sc - mg - (x - mean) * rstd * mgx);
+                d.write(rstd * (g * sc - mg - (x - mean) * rstd * mgx));
             }
         }
     }
@@ -123,12 +132,17 @@ impl TailOp for LayerNorm {
             None => None,
         };
         let src = xs.as_slice().unwrap_or_default();
-        let mut y = vec![0.0f32; src.len()];
         let eps = self.eps;
         let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
         let rows = rows_per_task(inner);
         let tier = fm::tier();
-        parallel::chunks_mut(&mut y, rows * inner, src.len() * 4, |c, out| {
+        // Whole lanes per chunk (`src` is lanes × inner), each written in
+        // full (the zips run over `inner` values of scale and bias): the
+        // output is never zeroed first.
+        if scale.len() != inner || bias.len() != inner || src.len() % inner != 0 {
+            return Err(fail("LayerNormalization: scale or bias does not match the lanes"));
+        }
+        let y = fm::filled(src.len(), rows * inner, |c, out| {
             let src = &src[c * rows * inner..c * rows * inner + out.len()];
             ln_forward_rows(tier, src, out, &scale, &bias, inner, eps);
         });
@@ -166,11 +180,13 @@ impl TailOp for LayerNorm {
         if gs.len() != src.len() {
             return Err(fail("LayerNormalization backward: gradient and input sizes differ"));
         }
-        let mut dx = vec![0.0f32; src.len()];
         let eps = self.eps;
         let rows = rows_per_task(inner);
         let tier = fm::tier();
-        parallel::chunks_mut(&mut dx, rows * inner, src.len() * 8, |c, dx| {
+        if scale.len() != inner || src.len() % inner != 0 {
+            return Err(fail("LayerNormalization backward: scale does not match the lanes"));
+        }
+        let dx = fm::filled(src.len(), rows * inner, |c, dx| {
             let r = c * rows * inner..c * rows * inner + dx.len();
             ln_backward_rows(tier, &src[r.clone()], &gs[r], dx, &scale, inner, eps);
         });
