@@ -166,9 +166,24 @@ pub fn chunks_mut<T: Send>(
                 }
             });
         }
+        // On a pool thread outside a share (tract's own work): rayon's
+        // work stealing, as in `for_each`.
+        Some(p)
+            if data.len() > chunk && work >= MIN_PARALLEL_WORK && !IN_TASK.with(|t| t.get()) =>
+        {
+            p.install(|| {
+                use rayon::prelude::*;
+                data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| as_task(|| f(i, c)))
+            });
+        }
         _ => run(0, data),
     }
 }
+
+/// Held by the crate's unit tests that change the thread count (the pool is
+/// process-wide and tests run in parallel).
+#[cfg(test)]
+pub(crate) static TEST_THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[cfg(test)]
 mod tests {
@@ -195,6 +210,7 @@ mod tests {
     #[test]
     fn shares_run_once_and_do_not_split_again() {
         use std::sync::atomic::{AtomicUsize, Ordering};
+        let _g = TEST_THREADS.lock().unwrap_or_else(|e| e.into_inner());
         for t in [1, 2, 3] {
             set_threads(t).unwrap();
             let hits: Vec<AtomicUsize> = (0..7).map(|_| AtomicUsize::new(0)).collect();

@@ -190,6 +190,19 @@ fn softmax_and_layernorm() {
     }
 }
 
+/// An empty normalised axis is an empty result, forward and backward (the
+/// outputs are written lane by lane without zeroing: zero lanes, zero writes).
+#[test]
+fn layernorm_over_an_empty_axis_is_empty() {
+    let (x, s, b) = (t(&[2, 0], vec![]), t(&[0], vec![]), t(&[0], vec![]));
+    let mut ln = LayerNorm::new(-1, 1e-5);
+    let y = ln.forward(&[&x, &s, &b], true).unwrap();
+    assert_eq!(y.shape(), &[2, 0]);
+    let dy = ArrayD::<f32>::zeros(IxDyn(&[2, 0]));
+    let dx = ln.backward(&[&x, &s, &b], &y, &dy, &[true, false, false]).unwrap();
+    assert_eq!(dx[0].as_ref().map(|d| d.shape().to_vec()), Some(vec![2, 0]));
+}
+
 #[test]
 fn reductions_and_pooling() {
     let mut rng = Rng::new(4);

@@ -345,6 +345,25 @@ pub(crate) struct Packs {
 }
 
 impl Packs {
+    /// Bytes the packs of an out×in `W0` take once built, both directions,
+    /// where bf16 products are on (0 otherwise): what a memory estimate
+    /// counts before training has built them.
+    pub(crate) fn planned_bytes(din: usize, dout: usize) -> usize {
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        {
+            // One 32×32 block of bf16 pairs per 32 rows and 32 columns, as
+            // `PackedB` lays them out (2 KB); forward and backward alike.
+            let blocks = din.div_ceil(32) * dout.div_ceil(32);
+            let per = |k: usize, n: usize| if bf16_product(16, k, n) { blocks * 2048 } else { 0 };
+            per(din, dout) + per(dout, din)
+        }
+        #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+        {
+            let _ = (din, dout);
+            0
+        }
+    }
+
     /// Bytes the packs hold (0 until a bf16 product builds them).
     pub(crate) fn bytes(&self) -> usize {
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -684,6 +703,7 @@ mod tests {
         let k = crate::kernels::active();
         let mut rng = crate::rng::Rng::new(4);
         let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+        let _g = crate::parallel::TEST_THREADS.lock().unwrap_or_else(|e| e.into_inner());
         for threads in [1, 2] {
             crate::parallel::set_threads(threads).unwrap();
             for (n, din, dout) in [(37, 45, 70), (150, 100, 170), (300, 80, 90)] {

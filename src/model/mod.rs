@@ -351,9 +351,9 @@ impl AdaptedModel {
         let per_sample = (tape + saved) / batch;
         let trainable = self.tail.trainable_params() * 4;
         // Parameters, gradients and two AdamW moments; with bf16 products,
-        // the weights' bf16 packs (the forward above built the forward ones,
-        // backward builds as many again).
-        let fixed = self.tail.frozen_bytes() + trainable * 4 + 2 * self.tail.pack_bytes();
+        // the weights' bf16 packs (from the layers' shapes, whether or not
+        // they are built yet).
+        let fixed = self.tail.frozen_bytes() + trainable * 4 + self.tail.planned_pack_bytes();
         Ok(MemoryEstimate { fixed_bytes: fixed, per_sample_bytes: per_sample })
     }
 }

@@ -341,9 +341,10 @@ impl TailGraph {
         linear + consts
     }
 
-    /// Bytes of the linear layers' bf16 weight packs built so far.
-    pub fn pack_bytes(&self) -> usize {
-        self.ops.iter().filter_map(|op| op.as_linear()).map(|l| l.pack_bytes()).sum()
+    /// Bytes the linear layers' bf16 weight packs take once built (0 with
+    /// f32 products).
+    pub fn planned_pack_bytes(&self) -> usize {
+        self.ops.iter().filter_map(|op| op.as_linear()).map(|l| l.planned_pack_bytes()).sum()
     }
 
     /// Bytes of the frozen values the tail holds (linear weights in their

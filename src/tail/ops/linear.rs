@@ -144,13 +144,11 @@ impl Linear {
         w + self.bias_len() * 4
     }
 
-    /// Bytes of the weights' bf16 packs built so far (bf16 products build
-    /// them on a layer's first product in each direction).
-    pub fn pack_bytes(&self) -> usize {
-        match &self.inner {
-            Inner::Frozen { packs, .. } => packs.bytes(),
-            Inner::Adapted(h) => h.pack_bytes(),
-        }
+    /// Bytes the weights' bf16 packs take once built (both directions,
+    /// where bf16 products are on; bf16 products build them on a layer's
+    /// first product in each direction).
+    pub fn planned_pack_bytes(&self) -> usize {
+        Packs::planned_bytes(self.in_dim, self.out_dim)
     }
 
     fn bias_len(&self) -> usize {

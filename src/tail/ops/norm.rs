@@ -139,6 +139,9 @@ impl TailOp for LayerNorm {
         // Whole lanes per chunk (`src` is lanes × inner), each written in
         // full (the zips run over `inner` values of scale and bias): the
         // output is never zeroed first.
+        if src.is_empty() {
+            return Ok(Tensor::F32(ArrayD::zeros(x.raw_dim())));
+        }
         if scale.len() != inner || bias.len() != inner || src.len() % inner != 0 {
             return Err(fail("LayerNormalization: scale or bias does not match the lanes"));
         }
@@ -183,6 +186,10 @@ impl TailOp for LayerNorm {
         let eps = self.eps;
         let rows = rows_per_task(inner);
         let tier = fm::tier();
+        if src.is_empty() {
+            out[0] = Some(ArrayD::zeros(x.raw_dim()));
+            return Ok(out);
+        }
         if scale.len() != inner || src.len() % inner != 0 {
             return Err(fail("LayerNormalization backward: scale does not match the lanes"));
         }
