@@ -348,6 +348,7 @@ impl Packs {
     /// Bytes the packs of an out×in `W0` take once built, both directions,
     /// where bf16 products are on (0 otherwise): what a memory estimate
     /// counts before training has built them.
+    #[cfg(feature = "std")]
     pub(crate) fn planned_bytes(din: usize, dout: usize) -> usize {
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
         {
