@@ -86,12 +86,9 @@ pub(crate) fn gemm_c(
     c: &mut [f32],
     rsc: usize,
 ) {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
-    };
-    assert!(a.len() >= extent(m, k, rsa, csa), "gemm: A too short");
-    assert!(b.len() >= extent(k, n, rsb, csb), "gemm: B too short");
-    assert!(rsc >= n && c.len() >= extent(m, n, rsc, 1), "gemm: C too short");
+    assert!(a.len() >= extent(m, k, (rsa, csa)), "gemm: A too short");
+    assert!(b.len() >= extent(k, n, (rsb, csb)), "gemm: B too short");
+    assert!(rsc >= n && c.len() >= extent(m, n, (rsc, 1)), "gemm: C too short");
     if m == 0 || n == 0 {
         return;
     }
@@ -175,6 +172,11 @@ pub(crate) fn gemm_c(
     }
 }
 
+/// Elements a `rows×cols` operand with strides `(rs, cs)` spans.
+fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 }
+}
+
 /// How the pool cuts `len` output rows (or columns) of a product of `work`
 /// multiply-adds, or `None` to run it whole on this thread (one thread, a
 /// small product, or already inside a pool task). bf16 products are cut at
@@ -197,44 +199,62 @@ fn bf16_product(m: usize, k: usize, n: usize) -> bool {
     m >= 16 && n >= 16 && k >= 32 && crate::runtime::bf16_products()
 }
 
-/// `C[m×n] = A[m×k]·B (+ bias)` on AMX into a new matrix, B packed
-/// beforehand (k×n), cut over the pool along the longer output side: the
-/// accumulators start from the bias or from zero, so the output is never
-/// zeroed first and no bias rows are written and read back. For the frozen
-/// layers' `X·W0ᵀ + b` and `dY·W0`.
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-fn amx_new(a: &[f32], m: usize, b: &crate::kernels::PackedB, bias: Option<&[f32]>) -> Vec<f32> {
-    let (k, n) = b.dims();
-    assert!(a.len() >= m * k && bias.is_none_or(|b| b.len() >= n), "amx_new: operand shapes");
+/// A new `m×n` matrix written by `part` (the product of `k` terms per
+/// element), cut over the pool along the longer output side as `gemm_c`
+/// does (at 32-blocks for bf16 products). `part(by_rows, range, c)` must
+/// write every element of its rows (or columns) `range` of C, whose first
+/// element is at `c` (row stride `n`); nothing is zeroed first.
+#[cfg(feature = "std")]
+fn fresh(
+    (m, k, n): (usize, usize, usize),
+    bf16: bool,
+    part: impl Fn(bool, core::ops::Range<usize>, *mut f32) + Sync + Send,
+) -> Vec<f32> {
     record_gemm(m, k, n);
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let work = m * k * n;
-    // Cut along the longer output side, as `gemm_c` does (at 32-blocks).
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
-    let parts = pool_parts(len, work, true).unwrap_or_else(|| alloc::vec![0..len]);
+    let parts = pool_parts(len, work, bf16).unwrap_or_else(|| alloc::vec![0..len]);
     crate::parallel::for_each(parts.len(), work, |i| {
-        let r = parts[i].clone();
-        let c = cp;
+        let (r, c) = (parts[i].clone(), cp);
+        let at = if by_rows { r.start * n } else { r.start };
+        // SAFETY: `r` is inside 0..len, so its block starts inside C's
+        // capacity; the ranges are disjoint, so each task has its own block.
+        part(by_rows, r, unsafe { c.0.add(at) })
+    });
+    // SAFETY: the parts cover all of C, and `part` wrote each element.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// `C[m×n] = A[m×k]·B (+ bias)` on AMX into a new matrix, B packed
+/// beforehand (k×n): the accumulators start from the bias or from zero, so
+/// the output is never zeroed first and no bias rows are written and read
+/// back. For the frozen layers' `X·W0ᵀ + b` and `dY·W0`.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+fn amx_new(a: &[f32], m: usize, b: &crate::kernels::PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    let (k, n) = b.dims();
+    assert!(a.len() >= m * k && bias.is_none_or(|b| b.len() >= n), "amx_new: operand shapes");
+    fresh((m, k, n), true, |by_rows, r, c| {
         // SAFETY: bf16 products are on (so AMX is available); the assert
-        // bounds A and the bias, `b` is k×n; each task writes its own rows
-        // (or 32-aligned columns) of C's capacity (β = 0 never reads them).
+        // bounds A and the bias, `b` is k×n; `c` is this part's block of C
+        // (β = 0 never reads it); column parts start at 32-blocks.
         unsafe {
             if by_rows {
                 let a = a.as_ptr().add(r.start * k);
-                let c = c.0.add(r.start * n);
                 crate::kernels::amx_gemm_packed(r.len(), 1.0, a, (k, 1), b, (0, n), 0.0, c, n, bias)
             } else {
                 let bias = bias.map(|v| &v[r.start..]);
-                let (a, c) = (a.as_ptr(), c.0.add(r.start));
+                let cols = (r.start, r.len());
                 crate::kernels::amx_gemm_packed(
                     m,
                     1.0,
-                    a,
+                    a.as_ptr(),
                     (k, 1),
                     b,
-                    (r.start, r.len()),
+                    cols,
                     0.0,
                     c,
                     n,
@@ -242,84 +262,39 @@ fn amx_new(a: &[f32], m: usize, b: &crate::kernels::PackedB, bias: Option<&[f32]
                 )
             }
         }
-    });
-    // SAFETY: the parts cover all of C, and the product wrote each element.
-    unsafe { c.set_len(m * n) };
-    c
+    })
 }
 
 /// `C[m×n] = A[m×k]·B (+ bias)` on the tier's own sgemm into a new matrix
-/// (f32 `B[p·rsb + j·csb]`), cut over the pool as `gemm_c` does: the bias
-/// is the first depth block's starting value and `β = 0` never reads C, so
-/// the output is neither zeroed nor filled with bias rows first (each of
-/// those was a pass over the whole output). For the frozen layers' f32
-/// products.
+/// (f32 `B[p·rsb + j·csb]`): the bias is the first depth block's starting
+/// value and `β = 0` never reads C, so the output is neither zeroed nor
+/// filled with bias rows first (each of those was a pass over the whole
+/// output). For the frozen layers' f32 products.
 #[cfg(feature = "std")]
 fn sgemm_new(
     (m, k, n): (usize, usize, usize),
     a: &[f32],
     b: &[f32],
-    (rsb, csb): (usize, usize),
+    sb: (usize, usize),
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let extent = if k == 0 || n == 0 { 0 } else { (k - 1) * rsb + (n - 1) * csb + 1 };
     assert!(
-        a.len() >= m * k && b.len() >= extent && bias.is_none_or(|v| v.len() >= n),
+        a.len() >= m * k && b.len() >= extent(k, n, sb) && bias.is_none_or(|v| v.len() >= n),
         "sgemm_new: operand shapes"
     );
-    record_gemm(m, k, n);
     let kernels = crate::kernels::active();
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let cp = SendPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let work = m * k * n;
-    let by_rows = m >= n;
-    let len = if by_rows { m } else { n };
-    let parts = pool_parts(len, work, false).unwrap_or_else(|| alloc::vec![0..len]);
-    let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
-    let bias = SendPtr(bias.cast_mut());
-    crate::parallel::for_each(parts.len(), work, |i| {
-        let r = parts[i].clone();
-        let (c, bias) = (cp, bias);
-        let bias = bias.0.cast_const();
-        // SAFETY: the assert bounds A, B and the bias; each task writes its
-        // own rows (or columns) of C's capacity, and β = 0 never reads them.
-        unsafe {
-            if by_rows {
-                (kernels.sgemm)(
-                    r.len(),
-                    k,
-                    n,
-                    1.0,
-                    a.as_ptr().add(r.start * k),
-                    (k, 1),
-                    b.as_ptr(),
-                    (rsb, csb),
-                    0.0,
-                    c.0.add(r.start * n),
-                    n,
-                    bias,
-                )
-            } else {
-                (kernels.sgemm)(
-                    m,
-                    k,
-                    r.len(),
-                    1.0,
-                    a.as_ptr(),
-                    (k, 1),
-                    b.as_ptr().add(r.start * csb),
-                    (rsb, csb),
-                    0.0,
-                    c.0.add(r.start),
-                    n,
-                    if bias.is_null() { bias } else { bias.add(r.start) },
-                )
-            }
-        }
-    });
-    // SAFETY: the parts cover all of C, and the product wrote each element.
-    unsafe { c.set_len(m * n) };
-    c
+    fresh((m, k, n), false, |by_rows, r, c| {
+        let bias = bias.map(|v| &v[if by_rows { 0 } else { r.start }..]);
+        let bias = bias.map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let (rows, cols, a, b) = if by_rows {
+            (r.len(), n, a[r.start * k..].as_ptr(), b.as_ptr())
+        } else {
+            (m, r.len(), a.as_ptr(), b[r.start * sb.1..].as_ptr())
+        };
+        // SAFETY: the assert bounds A, B and the bias for this part's rows
+        // (or columns); `c` is its block of C, and β = 0 never reads it.
+        unsafe { (kernels.sgemm)(rows, k, cols, 1.0, a, (k, 1), b, sb, 0.0, c, n, bias) }
+    })
 }
 
 /// Whether a frozen f32 product runs through [`sgemm_new`]: f32 weights, the
