@@ -44,16 +44,30 @@ impl core::str::FromStr for MatmulPrecision {
 }
 
 static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+/// What was asked for, whether or not the CPU can: a GPU in use
+/// (`crate::device`) with bf16 tensor cores follows the request.
+static BF16_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// Sets the precision of the tail's large dense products for the whole
 /// process (like [`crate::parallel::set_threads`]). Returns whether bf16
 /// products will run: false for [`MatmulPrecision::F32`], and for
 /// [`MatmulPrecision::Bf16`] on a CPU (or OS) without bf16 matrix units,
-/// where the products stay f32.
+/// where the products stay f32. A GPU in use (`--device cuda`, with the
+/// `cuda` feature) follows the request on its own: its products take bf16
+/// operands where it has bf16 tensor cores (compute capability 8.0 and later:
+/// A100, H100, Jetson Orin), whatever the CPU has
+/// (`crate::device::gpu_bf16`).
 pub fn set_matmul_precision(p: MatmulPrecision) -> bool {
     let on = p == MatmulPrecision::Bf16 && bf16_units();
+    BF16_REQUESTED.store(p == MatmulPrecision::Bf16, Ordering::Relaxed);
     BF16_PRODUCTS.store(on, Ordering::Relaxed);
     on
+}
+
+/// Whether bf16 products were asked for ([`set_matmul_precision`]), whether
+/// or not this CPU runs them.
+pub fn bf16_requested() -> bool {
+    BF16_REQUESTED.load(Ordering::Relaxed)
 }
 
 /// Whether large dense products currently run in bf16.
@@ -68,13 +82,17 @@ pub fn bf16_products() -> bool {
 /// thread is training.
 pub fn with_f32_products<T>(f: impl FnOnce() -> T) -> T {
     /// Restores the precision also when `f` panics.
-    struct Restore(bool);
+    struct Restore(bool, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             BF16_PRODUCTS.store(self.0, Ordering::Relaxed);
+            BF16_REQUESTED.store(self.1, Ordering::Relaxed);
         }
     }
-    let _restore = Restore(BF16_PRODUCTS.swap(false, Ordering::Relaxed));
+    let _restore = Restore(
+        BF16_PRODUCTS.swap(false, Ordering::Relaxed),
+        BF16_REQUESTED.swap(false, Ordering::Relaxed),
+    );
     f()
 }
 

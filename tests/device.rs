@@ -241,3 +241,135 @@ fn gpu_path_counters_stay_zero_on_the_cpu() {
     let _ = digits_run(1, 32);
     assert_eq!((device::stats::gpu_products(), device::stats::gpu_fallbacks()), before);
 }
+
+/// The transformer's forward on the GPU, merged and switched: a merge
+/// changes `W0` and leaves the adapters out of the forward (so a GPU copy
+/// of the unmerged `W0` kept past it would lose their share), and a switch
+/// to the CPU and back opens the GPU anew (its copies are uploaded again).
+/// Each forward equals the CPU's at the same point.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn resident_weights_follow_merges_and_device_switches() {
+    let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
+    let feed = transformer_feed(4);
+    let (cpu, gpu, ran) = cpu_then_gpu(|| {
+        let cfg = SplitConfig {
+            targets: Targets::LastBlocks(1),
+            output: Some("logits".into()),
+            adapter: HydraConfig { seed: 4, ..HydraConfig::default() },
+            ..SplitConfig::default()
+        };
+        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        split.params_and_grads().0.iter_mut().for_each(|p| {
+            p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.02 * ((i % 5) as f32 - 2.0))
+        });
+        let y = |split: &mut AdaptedModel| {
+            let t = split.forward(&feed, false).unwrap();
+            t.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
+        };
+        let before = y(&mut split);
+        for (_, layer) in split.tail_mut().adapters_mut() {
+            layer.merge().unwrap();
+        }
+        let merged = y(&mut split);
+        let on = device::device();
+        device::set_device(Device::Cpu).unwrap();
+        device::set_device(on).unwrap();
+        let switched = y(&mut split);
+        (before, merged, switched)
+    });
+    assert!(ran > 0, "no product reached the GPU");
+    for (what, c, g) in
+        [("unmerged", &cpu.0, &gpu.0), ("merged", &cpu.1, &gpu.1), ("switched", &cpu.2, &gpu.2)]
+    {
+        let e = rel_err(c, g);
+        eprintln!("{what}: max rel |GPU − CPU| {e:.2e}");
+        assert!(e <= 1e-5, "{what}: GPU vs CPU {e:e}");
+    }
+    // Merged or not, the same answers (on the CPU); a stale unmerged W0 on
+    // the GPU would have lost the adapters' share, which is not small here.
+    assert!(rel_err(&cpu.0, &cpu.1) <= 1e-4, "merged vs unmerged on the CPU");
+}
+
+/// `--matmul-precision bf16` on the GPU: products (every operand layout,
+/// and the transformer's frozen layers with their weights resident) take
+/// operands rounded to bf16 as the CPU's bf16 products round them, summed
+/// in f32 — so they equal an f32 product of the rounded operands to f32
+/// rounding, whatever the CPU has. A GPU without bf16 tensor cores runs
+/// them in f32 instead (then none is counted as bf16).
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
+    use hydra_edge::kernels::round_bf16;
+    use hydra_edge::runtime::{MatmulPrecision, set_matmul_precision};
+    let _g = lock();
+    let (m, k, n) = (37, 300, 45);
+    let mut rng = Rng::new(8);
+    let a: Vec<f32> = (0..m * k * 2).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let b: Vec<f32> = (0..k * n * 2).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let (ar, br): (Vec<f32>, Vec<f32>) =
+        (a.iter().map(|&v| round_bf16(v)).collect(), b.iter().map(|&v| round_bf16(v)).collect());
+    let layouts = [((k, 1), (n, 1)), ((1, m), (1, k)), ((2 * k, 2), (1, 2 * k))];
+    let mut want = Vec::new();
+    device::set_device(Device::Cpu).unwrap();
+    set_matmul_precision(MatmulPrecision::F32);
+    for (sa, sb) in layouts {
+        let mut c = vec![0.0f32; m * n];
+        hydra_edge::hydra::gemm(m, k, n, 1.0, &ar, sa, &br, sb, 0.0, &mut c);
+        want.push(c);
+    }
+    device::set_device(Device::Cuda(0)).unwrap_or_else(|e| panic!("no GPU: {e}"));
+    set_matmul_precision(MatmulPrecision::Bf16);
+    device::set_gpu_min_work(0);
+    let tensor_cores = device::gpu_bf16();
+    let before = device::stats::gpu_bf16_products();
+    for ((sa, sb), want) in layouts.into_iter().zip(&want) {
+        let mut c = vec![0.0f32; m * n];
+        hydra_edge::hydra::gemm(m, k, n, 1.0, &a, sa, &b, sb, 0.0, &mut c);
+        let e = rel_err(want, &c);
+        eprintln!("bf16 {sa:?} {sb:?}: max rel |GPU − f32 of rounded| {e:.2e}");
+        if tensor_cores {
+            assert!(e <= 1e-5, "{sa:?} {sb:?}: {e:e}");
+        }
+    }
+    let ran = device::stats::gpu_bf16_products() - before;
+    set_matmul_precision(MatmulPrecision::F32);
+    device::set_gpu_min_work(device::GPU_MIN_WORK);
+    device::set_device(Device::Cpu).unwrap();
+    drop(_g);
+    if !tensor_cores {
+        assert_eq!(ran, 0, "bf16 products counted on a GPU without bf16 tensor cores");
+        eprintln!("this GPU has no bf16 tensor cores: its products stayed f32");
+        return;
+    }
+    assert_eq!(ran, layouts.len());
+
+    // The transformer with bf16 products on the GPU (weights resident in
+    // bf16) stays within bf16's rounding of the f32 forward on the CPU.
+    let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
+    let feed = transformer_feed(4);
+    let forward = || {
+        let cfg = SplitConfig {
+            targets: Targets::LastBlocks(1),
+            output: Some("logits".into()),
+            ..SplitConfig::default()
+        };
+        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        let y = split.forward(&feed, false).unwrap();
+        y.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
+    };
+    let f32_cpu = forward();
+    set_matmul_precision(MatmulPrecision::Bf16);
+    let (_, bf16_gpu, ran) = cpu_then_gpu(|| {
+        let before = device::stats::gpu_bf16_products();
+        (forward(), device::stats::gpu_bf16_products() - before)
+    });
+    set_matmul_precision(MatmulPrecision::F32);
+    let e = rel_err(&f32_cpu, &bf16_gpu.0);
+    eprintln!(
+        "transformer, bf16 on the GPU: max rel |GPU − f32 CPU| {e:.2e} ({} bf16 of {ran} GPU products)",
+        bf16_gpu.1
+    );
+    assert!(bf16_gpu.1 > 0, "no bf16 product on the GPU");
+    assert!(e <= 3e-2, "bf16 GPU forward vs f32: {e:e}");
+}

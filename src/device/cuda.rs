@@ -7,30 +7,91 @@
 //! caught there too, so `--device cuda` on a machine without a GPU is an error
 //! message, never a panic.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Once, RwLock};
 
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{Device, DeviceInfo, Layout, stats};
+use super::{Device, DeviceInfo, FrozenPlan, Layout, stats};
 use crate::{Error, Result};
 
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
 struct Gpu {
+    /// Unique per opening ([`OPENED`]).
+    id: u64,
     ordinal: usize,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     ctx: Arc<CudaContext>,
+    /// A column of ones (grown as needed): the bias's rank-1 product.
+    ones: Option<CudaSlice<f32>>,
+    /// Whether it has bf16 tensor cores (compute capability 8.0 or later).
+    bf16: bool,
 }
 
 static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
+
+/// Numbers every opened [`Gpu`]: a [`Resident`] copy made on another one
+/// (before a switch of device) is uploaded again.
+static OPENED: AtomicU64 = AtomicU64::new(0);
+
+/// A frozen `W0` on the GPU (see `super::Resident`).
+pub(super) struct Resident {
+    /// The [`Gpu::id`] it was uploaded to.
+    gpu: u64,
+    w: Buf,
+}
+
+impl Resident {
+    pub(super) fn bytes(&self) -> usize {
+        match &self.w {
+            Buf::F32(w) => w.len() * 4,
+            Buf::Bf16(w) => w.len() * 2,
+        }
+    }
+}
+
+/// Operand elements on the GPU in the precision of a product: f32, or the
+/// bits of their bf16 rounding (`kernels::bf16_bits`, as the CPU's bf16
+/// products round them).
+enum Buf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl Buf {
+    fn len(&self) -> usize {
+        match self {
+            Buf::F32(b) => b.len(),
+            Buf::Bf16(b) => b.len(),
+        }
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self, Buf::Bf16(_))
+    }
+}
+
+/// Whether a product `m×k·k×n` on `gpu` takes bf16 operands: bf16 products
+/// asked for (`runtime::set_matmul_precision`), tensor cores that have
+/// them, and the CPU's bf16 size rule (≥ 16 rows, ≥ 16 columns, ≥ 32
+/// terms), so that the same products are rounded on either device.
+fn bf16_product(gpu: &Gpu, m: usize, k: usize, n: usize) -> bool {
+    gpu.bf16 && crate::runtime::bf16_requested() && m >= 16 && n >= 16 && k >= 32
+}
+
+pub(super) fn gpu_bf16() -> bool {
+    active().is_some_and(|g| g.lock().unwrap_or_else(|e| e.into_inner()).bf16)
+        && crate::runtime::bf16_requested()
+}
 
 fn active() -> Option<Arc<Mutex<Gpu>>> {
     ACTIVE.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -99,7 +160,9 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
     let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".to_string());
     let memory_bytes = ctx.total_mem().ok();
     let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes };
-    Ok((Gpu { ordinal: n, stream, blas, ctx }, info))
+    let bf16 = ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
+    let id = OPENED.fetch_add(1, Ordering::Relaxed);
+    Ok((Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16 }, info))
 }
 
 /// See `super::try_gemm`. A CUDA failure leaves C untouched and returns
@@ -124,20 +187,79 @@ pub(super) fn gemm(
     }
     let gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
     match gpu.gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc) {
-        Ok(()) => {
-            stats::GPU_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+        Ok(bf16) => {
+            counted(bf16);
             true
         }
         Err(e) => {
-            stats::GPU_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-            static SAID: Once = Once::new();
-            SAID.call_once(|| {
-                eprintln!(
-                    "hydra-edge: a product on cuda:{} failed ({e}); such products run on the CPU",
-                    gpu.ordinal
-                )
-            });
+            fell_back(gpu.ordinal, &e);
             false
+        }
+    }
+}
+
+/// Counts a product the GPU ran.
+fn counted(bf16: bool) {
+    stats::GPU_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+    if bf16 {
+        stats::GPU_BF16_PRODUCTS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a product that a failed CUDA call left to the CPU, and says so
+/// once per process.
+fn fell_back(ordinal: usize, e: &str) {
+    stats::GPU_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+    static SAID: Once = Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "hydra-edge: a product on cuda:{ordinal} failed ({e}); such products run on the CPU"
+        )
+    });
+}
+
+/// See `super::try_frozen`: uploads `W0` into `slot` when it has no copy
+/// for the GPU in use in the product's precision, then runs the product
+/// there. A CUDA failure returns `None` (the CPU computes it) and drops the
+/// copy.
+pub(super) fn frozen<'w>(
+    slot: &Mutex<Option<Box<Resident>>>,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    plan: FrozenPlan,
+    x: &[f32],
+    bias: Option<&[f32]>,
+) -> Option<Vec<f32>> {
+    let gpu = active()?;
+    if [plan.m, plan.n, plan.k].iter().any(|&d| i32::try_from(d).is_err()) {
+        return None;
+    }
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
+    let bf16 = bf16_product(&gpu, plan.n, plan.k, plan.m);
+    let run = |slot: &mut Option<Box<Resident>>, gpu: &mut Gpu| -> Result<Vec<f32>, String> {
+        gpu.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
+        // A copy from another GPU, or in the other precision (the merge
+        // check runs in f32 between bf16 steps), is uploaded again.
+        if slot.as_ref().is_none_or(|r| r.gpu != gpu.id || r.w.is_bf16() != bf16) {
+            *slot = None; // a stale copy goes before the new one comes
+            let w = w0();
+            let len = plan.m * plan.k;
+            let w = w.get(..len).ok_or("W0 is shorter than its layer's shape")?;
+            let w = gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?;
+            *slot = Some(Box::new(Resident { gpu: gpu.id, w }));
+        }
+        let Some(r) = slot.as_ref() else { return Err("no resident W0".to_string()) };
+        gpu.frozen(plan, &r.w, x, bias)
+    };
+    match run(&mut slot, &mut gpu) {
+        Ok(y) => {
+            counted(bf16);
+            Some(y)
+        }
+        Err(e) => {
+            *slot = None;
+            fell_back(gpu.ordinal, &e);
+            None
         }
     }
 }
@@ -146,27 +268,94 @@ pub(super) fn gemm(
 /// operation that makes it the logical matrix's transpose, and its leading
 /// dimension.
 struct Operand {
-    data: CudaSlice<f32>,
+    data: Buf,
     op: cublasOperation_t,
     ld: usize,
 }
 
 impl Gpu {
+    /// `x` on the GPU as f32, or rounded to bf16 when `bf16`.
+    fn upload_as(&self, x: &[f32], bf16: bool) -> Result<Buf, String> {
+        let up = if bf16 {
+            let bits: Vec<u16> = x.iter().map(|&v| crate::kernels::bf16_bits(v)).collect();
+            self.stream.clone_htod(&bits).map(Buf::Bf16)
+        } else {
+            self.stream.clone_htod(x).map(Buf::F32)
+        };
+        up.map_err(|e| format!("upload: {e}"))
+    }
+
+    /// `C = α·op(A)·op(B) + β·C` (cuBLAS's column-major terms, `cfg`) with
+    /// A and B in one precision: sgemm for f32, GemmEx with bf16 inputs and
+    /// f32 sums and output for bf16.
+    ///
+    /// # Safety
+    /// The operands must hold every element `cfg` reaches (cuBLAS reads
+    /// device memory unchecked).
+    unsafe fn gemm_buf(
+        &self,
+        cfg: GemmConfig<f32>,
+        a: &Buf,
+        b: &Buf,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<(), String> {
+        match (a, b) {
+            // SAFETY: the caller's contract.
+            (Buf::F32(a), Buf::F32(b)) => {
+                unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(|e| format!("cuBLAS sgemm: {e:?}"))
+            }
+            (Buf::Bf16(a), Buf::Bf16(b)) => {
+                let (ap, _ra) = a.device_ptr(&self.stream);
+                let (bp, _rb) = b.device_ptr(&self.stream);
+                let (cp, _rc) = c.device_ptr_mut(&self.stream);
+                let (alpha, beta) = (&cfg.alpha as *const f32, &cfg.beta as *const f32);
+                // SAFETY: the caller's contract; α and β are f32 on the host,
+                // as CUBLAS_COMPUTE_32F and the handle's (default, host)
+                // pointer mode read them; the handle runs on `self.stream`.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *self.blas.handle(),
+                        cfg.transa,
+                        cfg.transb,
+                        cfg.m,
+                        cfg.n,
+                        cfg.k,
+                        alpha.cast(),
+                        ap as *const core::ffi::c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        cfg.lda,
+                        bp as *const core::ffi::c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        cfg.ldb,
+                        beta.cast(),
+                        cp as *mut core::ffi::c_void,
+                        cudaDataType::CUDA_R_32F,
+                        cfg.ldc,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| format!("cuBLAS GemmEx (bf16): {e:?}"))
+            }
+            _ => Err("operands in two precisions".to_string()),
+        }
+    }
+
     /// Uploads the logical `rows×cols` matrix at `x` with strides `s` as
-    /// [`Layout::of`] plans it.
+    /// [`Layout::of`] plans it (rounded to bf16 when `bf16`).
     fn upload(
         &self,
         rows: usize,
         cols: usize,
         x: &[f32],
         s: (usize, usize),
+        bf16: bool,
     ) -> Result<Operand, String> {
         let plan = Layout::of(rows, cols, s);
         let data = match plan.extent {
-            Some(len) => self.stream.clone_htod(&x[..len]),
-            None => self.stream.clone_htod(&Layout::dense_copy(rows, cols, x, s)),
-        }
-        .map_err(|e| format!("upload: {e}"))?;
+            Some(len) => self.upload_as(&x[..len], bf16),
+            None => self.upload_as(&Layout::dense_copy(rows, cols, x, s), bf16),
+        }?;
         let op = if plan.transpose {
             cublasOperation_t::CUBLAS_OP_T
         } else {
@@ -189,22 +378,26 @@ impl Gpu {
         beta: f32,
         c: &mut [f32],
         rsc: usize,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         // Products come from whichever thread runs the op (pool workers
         // included): make the context current here, for cuBLAS too.
         self.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
         // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS's first
         // operand is B, its second A, and C comes back dense (ldc = n).
-        let (a_op, b_op) = (self.upload(m, k, a, sa)?, self.upload(k, n, b, sb)?);
+        let bf16 = bf16_product(self, m, k, n);
+        let (a_op, b_op) = (self.upload(m, k, a, sa, bf16)?, self.upload(k, n, b, sb, bf16)?);
         let mut dense_c = Vec::with_capacity(m * n);
-        if beta != 0.0 {
+        let mut c_dev = if beta != 0.0 {
             for i in 0..m {
                 dense_c.extend_from_slice(&c[i * rsc..i * rsc + n]);
             }
+            self.stream.clone_htod(&dense_c)
         } else {
+            // β = 0 never reads C: zeroed on the GPU, nothing goes up.
             dense_c.resize(m * n, 0.0);
+            self.stream.alloc_zeros(m * n)
         }
-        let mut c_dev = self.stream.clone_htod(&dense_c).map_err(|e| format!("upload: {e}"))?;
+        .map_err(|e| format!("upload: {e}"))?;
         let int =
             |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
         let cfg = GemmConfig {
@@ -221,13 +414,85 @@ impl Gpu {
         };
         // SAFETY: each operand was uploaded with the extent its op and leading
         // dimension reach (`upload`), and C is a dense n×m block of m·n values.
-        unsafe { self.blas.gemm(cfg, &b_op.data, &a_op.data, &mut c_dev) }
-            .map_err(|e| format!("cuBLAS sgemm: {e:?}"))?;
+        unsafe { self.gemm_buf(cfg, &b_op.data, &a_op.data, &mut c_dev) }?;
         self.stream.memcpy_dtoh(&c_dev, &mut dense_c).map_err(|e| format!("download: {e}"))?;
         self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
         for (i, row) in dense_c.chunks_exact(n).enumerate() {
             c[i * rsc..i * rsc + n].copy_from_slice(row);
         }
-        Ok(())
+        Ok(bf16)
+    }
+
+    /// A frozen product with `W0` resident (`w`, out×in row-major) as
+    /// `plan` lays it out; `x` holds `plan.n` rows of `plan.k` and goes up
+    /// in `w`'s precision, the bias (forward only) `plan.m` values, in f32.
+    fn frozen(
+        &mut self,
+        p: FrozenPlan,
+        w: &Buf,
+        x: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>, String> {
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
+        let x = x.get(..p.n * p.k).ok_or("the activations are shorter than their shape")?;
+        let x = self.upload_as(x, w.is_bf16())?;
+        let mut y = self.stream.alloc_zeros::<f32>(p.m * p.n).map_err(|e| format!("alloc: {e}"))?;
+        let mut beta = 0.0;
+        if let Some(b) = bias {
+            // Y starts as the bias in every row: column-major bias (m×1)
+            // times a row of n ones (ld 1), with β = 0.
+            let b = b.get(..p.m).ok_or("the bias is shorter than the output")?;
+            let b = self.stream.clone_htod(b).map_err(|e| format!("upload: {e}"))?;
+            if self.ones.as_ref().is_none_or(|o| o.len() < p.n) {
+                let ones = alloc::vec![1.0f32; p.n];
+                self.ones =
+                    Some(self.stream.clone_htod(&ones).map_err(|e| format!("upload: {e}"))?);
+            }
+            let Some(ones) = self.ones.as_ref() else { return Err("no ones".to_string()) };
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: int(p.m)?,
+                n: int(p.n)?,
+                k: 1,
+                alpha: 1.0f32,
+                lda: int(p.m)?,
+                ldb: 1,
+                beta: 0.0,
+                ldc: int(p.ldc)?,
+            };
+            // SAFETY: the bias holds m values (m×1, ld m), `ones` at least n
+            // (1×n, ld 1), Y m·n (m×n, ld m).
+            unsafe { self.blas.gemm(cfg, &b, ones, &mut y) }
+                .map_err(|e| format!("cuBLAS sgemm (bias): {e:?}"))?;
+            beta = 1.0;
+        }
+        let cfg = GemmConfig {
+            transa: if p.transpose_w {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            },
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: int(p.m)?,
+            n: int(p.n)?,
+            k: int(p.k)?,
+            alpha: 1.0f32,
+            lda: int(p.ldw)?,
+            ldb: int(p.ldx)?,
+            beta,
+            ldc: int(p.ldc)?,
+        };
+        if w.len() < p.m * p.k {
+            return Err("the resident W0 is shorter than the product".to_string());
+        }
+        // SAFETY: W0 holds in·out = m·k values read with ld = in (k×m
+        // transposed forward, m×k backward: `FrozenPlan::of`), X n·k values
+        // (k×n, ld k), Y m·n (m×n, ld m).
+        unsafe { self.gemm_buf(cfg, w, &x, &mut y) }?;
+        let out = self.stream.clone_dtoh(&y).map_err(|e| format!("download: {e}"))?;
+        self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
+        Ok(out)
     }
 }

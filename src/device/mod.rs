@@ -10,8 +10,15 @@
 //!
 //! What runs on the GPU: every dense product of the tail (`x·Wᵀ`, `dy·W`, the
 //! gradients `dyᵀ·x`, attention's batched products) at or above
-//! [`GPU_MIN_WORK`] multiply-adds ([`set_gpu_min_work`]), in f32 with f32 accumulation; operands go
-//! up and the result comes back per product. The element-wise ops, norms,
+//! [`GPU_MIN_WORK`] multiply-adds ([`set_gpu_min_work`]), in f32 with f32
+//! accumulation — or, with `--matmul-precision bf16` and a GPU that has
+//! bf16 tensor cores ([`gpu_bf16`]), with operands rounded to bf16 as the
+//! CPU's bf16 products round them (cuBLAS GemmEx, f32 sums and output), for
+//! the same products the CPU would round. A frozen layer's weights `W0` stay on the GPU once its
+//! first product has uploaded them (one copy, f32 or bf16, for the forward and the
+//! backward product, dropped when a merge changes `W0`), and its bias is
+//! added there, so only the activations go up and the result comes back;
+//! other products send their operands up each time. The element-wise ops, norms,
 //! the Hydra low-rank kernels and the optimizer stay on the CPU, and the
 //! parameters never leave the host, so checkpoints, adapter files and the
 //! merge are the CPU path's own. A CUDA call that fails mid-run leaves that
@@ -115,6 +122,19 @@ pub fn set_device(device: Device) -> Result<DeviceInfo> {
     }
 }
 
+/// Whether the GPU in use runs the large products with bf16 operands now:
+/// bf16 products asked for (`runtime::set_matmul_precision`) and a GPU with
+/// bf16 tensor cores (compute capability 8.0 or later). Always false on the
+/// CPU and without the `cuda` feature.
+pub fn gpu_bf16() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gpu_bf16()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// The device the tail's dense products run on now.
 pub fn device() -> Device {
     #[cfg(feature = "cuda")]
@@ -129,11 +149,17 @@ pub mod stats {
     use core::sync::atomic::{AtomicUsize, Ordering};
 
     pub(crate) static GPU_PRODUCTS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_BF16_PRODUCTS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
 
     /// Dense products run on the GPU so far.
     pub fn gpu_products() -> usize {
         GPU_PRODUCTS.load(Ordering::Relaxed)
+    }
+
+    /// Of those, the ones with bf16 operands (tensor cores).
+    pub fn gpu_bf16_products() -> usize {
+        GPU_BF16_PRODUCTS.load(Ordering::Relaxed)
     }
 
     /// Products that a failed CUDA call left to the CPU so far.
@@ -172,6 +198,98 @@ pub(crate) fn try_gemm(
     {
         let _ = (m, k, n, alpha, a, sa, b, sb, beta, c, rsc);
         false
+    }
+}
+
+/// A frozen layer's `W0` kept on the GPU (in the layer's `Packs`): uploaded
+/// as f32 on the layer's first GPU product and read by every product after
+/// it, forward (`X·W0ᵀ`) and backward (`dY·W0`) alike — one copy serves both
+/// through cuBLAS's transpose flag — so the weights cross the bus once, not
+/// once per product. Whoever changes `W0` (merge, unmerge) gets a new one
+/// with its `Packs`; a copy made for another device (or before a switch to
+/// the CPU and back) is stale and uploaded again.
+#[derive(Default)]
+pub(crate) struct Resident {
+    #[cfg(feature = "cuda")]
+    slot: std::sync::Mutex<Option<alloc::boxed::Box<cuda::Resident>>>,
+}
+
+impl Resident {
+    /// Bytes of GPU memory the copy holds (0 when there is none).
+    pub(crate) fn device_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |r| r.bytes())
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+}
+
+/// A frozen layer's product on the active GPU with `W0` (out×in, row-major)
+/// resident in `slot`: forward `Y[rows×out] = X[rows×in]·W0ᵀ (+ bias)`,
+/// backward `dX[rows×in] = dY[rows×out]·W0`, into a new matrix. `w0` gives
+/// the weights as f32 and is only called to upload them. The bias is added
+/// on the GPU (a rank-1 product `bias·1ᵀ` as the sums' start), so no output
+/// rows go up, only `X` (or `dY`); `None` leaves the product to the CPU (no
+/// GPU, a product under [`set_gpu_min_work`], or a failed CUDA call).
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn try_frozen<'w>(
+    slot: &Resident,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    forward: bool,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    x: &[f32],
+    bias: Option<&[f32]>,
+) -> Option<Vec<f32>> {
+    #[cfg(feature = "cuda")]
+    {
+        let plan = FrozenPlan::of(forward, rows, din, dout);
+        if rows * din * dout < MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+            || plan.k == 0
+            || x.len() < rows * plan.k
+            || bias.is_some_and(|b| !forward || b.len() != dout)
+        {
+            return None;
+        }
+        cuda::frozen(&slot.slot, w0, plan, x, bias)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, w0, forward, rows, din, dout, x, bias);
+        None
+    }
+}
+
+/// The column-major (cuBLAS) call for a frozen product: row-major
+/// `Y = X·W0ᵀ` is column-major `Yᵀ = W0·Xᵀ`, where the row-major out×in
+/// `W0` read column-major with `ld = in` is `W0ᵀ` (so `op = T` gives `W0`)
+/// and row-major `X` is `Xᵀ` (`op = N`); backward `dXᵀ = W0ᵀ·dYᵀ` reads
+/// both as they are. `m×n` is the output seen column-major (`n` = rows).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FrozenPlan {
+    /// `op(W0)` is the transpose (forward).
+    pub transpose_w: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Leading dimension of `W0` (its row length, `in`).
+    pub ldw: usize,
+    /// Leading dimension of the activations `X` / `dY` (= `k`) and of the
+    /// output (= `m`).
+    pub ldx: usize,
+    pub ldc: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl FrozenPlan {
+    pub(crate) fn of(forward: bool, rows: usize, din: usize, dout: usize) -> FrozenPlan {
+        let (m, k) = if forward { (dout, din) } else { (din, dout) };
+        FrozenPlan { transpose_w: forward, m, n: rows, k, ldw: din, ldx: k, ldc: m }
     }
 }
 
@@ -299,5 +417,69 @@ mod tests {
         }
         // Most layouts go up as they are; the odd strides are copied.
         assert!(planned >= 30, "{planned}");
+    }
+
+    /// The two calls `cuda.rs` makes for a frozen layer with `W0` resident
+    /// (the bias as a rank-1 product `bias·1ᵀ`, then the product with β = 1,
+    /// `blas_sgemm` for cuBLAS) give the row-major `X·W0ᵀ + b` and `dY·W0`
+    /// of the CPU path, on the W0 buffer as the layer stores it.
+    #[test]
+    fn the_frozen_plan_computes_the_layer_products_from_one_w0_copy() {
+        let mut rng = Rng::new(3);
+        for (rows, din, dout) in [(7, 5, 3), (1, 9, 4), (6, 4, 11)] {
+            let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+            let (w0, x, dy, b) = (v(dout * din), v(rows * din), v(rows * dout), v(dout));
+            // Forward, with and without the bias.
+            for bias in [Some(&b[..]), None] {
+                let p = FrozenPlan::of(true, rows, din, dout);
+                let mut got = vec![f32::NAN; p.m * p.n];
+                let mut beta = 0.0;
+                if let Some(b) = bias {
+                    let ones = vec![1.0f32; p.n + 3];
+                    blas_sgemm(
+                        (false, false),
+                        (p.m, p.n, 1),
+                        1.0,
+                        b,
+                        p.m,
+                        &ones,
+                        1,
+                        0.0,
+                        &mut got,
+                        p.ldc,
+                    );
+                    beta = 1.0;
+                }
+                let tr = (p.transpose_w, false);
+                blas_sgemm(tr, (p.m, p.n, p.k), 1.0, &w0, p.ldw, &x, p.ldx, beta, &mut got, p.ldc);
+                let mut want: Vec<f32> =
+                    (0..rows * dout).map(|i| bias.map_or(0.0, |b| b[i % dout])).collect();
+                let wb = if bias.is_some() { 1.0 } else { 0.0 };
+                crate::hydra::gemm(
+                    rows,
+                    din,
+                    dout,
+                    1.0,
+                    &x,
+                    (din, 1),
+                    &w0,
+                    (1, din),
+                    wb,
+                    &mut want,
+                );
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5, "forward {rows}×{din}→{dout}: {g} vs {w}");
+                }
+            }
+            let p = FrozenPlan::of(false, rows, din, dout);
+            let mut got = vec![f32::NAN; p.m * p.n];
+            let tr = (p.transpose_w, false);
+            blas_sgemm(tr, (p.m, p.n, p.k), 1.0, &w0, p.ldw, &dy, p.ldx, 0.0, &mut got, p.ldc);
+            let mut want = vec![0.0; rows * din];
+            crate::hydra::gemm(rows, dout, din, 1.0, &dy, (dout, 1), &w0, (din, 1), 0.0, &mut want);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5, "backward {rows}×{din}→{dout}: {g} vs {w}");
+            }
+        }
     }
 }

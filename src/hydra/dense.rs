@@ -43,6 +43,14 @@ impl Weights {
         }
     }
 
+    /// The weights as f32: borrowed for f32 storage, widened for f16.
+    pub(crate) fn as_f32(&self, k: &Kernels) -> alloc::borrow::Cow<'_, [f32]> {
+        match self {
+            Weights::F32(w) => alloc::borrow::Cow::Borrowed(w),
+            Weights::F16(_) => alloc::borrow::Cow::Owned(self.to_f32(k)),
+        }
+    }
+
     /// Whether every element is finite.
     pub fn all_finite(&self) -> bool {
         match self {
@@ -309,10 +317,12 @@ fn sgemm_frozen(w: &Weights) -> bool {
 /// A frozen `W0` packed into AMX bf16 tiles for its two products, `Wᵀ` for
 /// `X·W0ᵀ` and `W` for `dY·W0`: built on a layer's first bf16 product and
 /// kept (each is half the size of the f32 weights), so the weights are not
-/// rounded and re-packed on every product. Whoever changes `W0` (merge,
+/// rounded and re-packed on every product; and, with a GPU in use, `W0`'s
+/// copy on the GPU (`device::Resident`). Whoever changes `W0` (merge,
 /// unmerge) resets them.
 #[derive(Default)]
 pub(crate) struct Packs {
+    gpu: crate::device::Resident,
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     fwd: std::sync::OnceLock<crate::kernels::PackedB>,
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -349,11 +359,16 @@ impl Packs {
         #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
         0
     }
+
+    /// Bytes of GPU memory `W0`'s resident copy takes (0 without one).
+    pub(crate) fn device_bytes(&self) -> usize {
+        self.gpu.device_bytes()
+    }
 }
 
 impl core::fmt::Debug for Packs {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "Packs({} bytes)", self.bytes())
+        write!(f, "Packs({} bytes, {} on the GPU)", self.bytes(), self.device_bytes())
     }
 }
 
@@ -608,15 +623,19 @@ pub(crate) fn frozen_forward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    let b = b.filter(|b| b.len() == dout);
+    if let Some(y) = crate::device::try_frozen(&packs.gpu, || w.as_f32(k), true, n, din, dout, x, b)
+    {
+        return y;
+    }
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     if amx_frozen(n, din, dout) {
         let p = pack(k, w, &packs.fwd, true, din, dout);
-        return amx_new(x, n, p, b.filter(|b| b.len() == dout));
+        return amx_new(x, n, p, b);
     }
-    let _ = packs;
     #[cfg(feature = "std")]
     if let (true, Weights::F32(w)) = (sgemm_frozen(w), w) {
-        return sgemm_new((n, din, dout), x, w, (1, din), b.filter(|b| b.len() == dout));
+        return sgemm_new((n, din, dout), x, w, (1, din), b);
     }
     let (mut y, beta) = bias_rows(b, n, dout);
     gemm_x_wt(k, w, x, &mut y, n, din, dout, beta);
@@ -651,12 +670,16 @@ pub(crate) fn frozen_backward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    if let Some(dx) =
+        crate::device::try_frozen(&packs.gpu, || w.as_f32(k), false, n, din, dout, dy, None)
+    {
+        return dx;
+    }
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     if amx_frozen(n, dout, din) {
         let p = pack(k, w, &packs.bwd, false, din, dout);
         return amx_new(dy, n, p, None);
     }
-    let _ = packs;
     #[cfg(feature = "std")]
     if let (true, Weights::F32(w)) = (sgemm_frozen(w), w) {
         return sgemm_new((n, dout, din), dy, w, (din, 1), None);

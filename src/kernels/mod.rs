@@ -255,11 +255,18 @@ pub(crate) unsafe fn amx_gemm_packed(
 
 /// An f32 rounded to bf16 as the bf16 products round their operands.
 pub fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(x)) << 16)
+}
+
+/// The bits of [`round_bf16`]`(x)` as a bf16 (nearest-even; a NaN stays a
+/// quiet NaN, ±∞ stays ±∞): what the GPU's bf16 products upload.
+#[inline]
+pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     if b & 0x7fff_ffff > 0x7f80_0000 {
-        return f32::from_bits(b | 0x0040_0000);
+        return ((b | 0x0040_0000) >> 16) as u16;
     }
-    f32::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// 0 = not chosen yet, otherwise 1 + index in `Tier::ALL`.

@@ -229,13 +229,7 @@ fn main() {
         std::process::exit(1);
     }
     let json = cli.json;
-    if !hydra_edge::runtime::set_matmul_precision(cli.matmul_precision)
-        && cli.matmul_precision == hydra_edge::runtime::MatmulPrecision::Bf16
-    {
-        eprintln!(
-            "note: --matmul-precision bf16: this CPU (or OS) has no bf16 matrix units (AMX-BF16); the products stay f32"
-        );
-    }
+    let cpu_bf16 = hydra_edge::runtime::set_matmul_precision(cli.matmul_precision);
     if cli.device != hydra_edge::device::Device::Cpu {
         match hydra_edge::device::set_device(cli.device) {
             Ok(info) if !json => eprintln!(
@@ -252,6 +246,22 @@ fn main() {
                 eprintln!("error: --device: {e}");
                 std::process::exit(1);
             }
+        }
+    }
+    if cli.matmul_precision == hydra_edge::runtime::MatmulPrecision::Bf16 && !cpu_bf16 {
+        if hydra_edge::device::gpu_bf16() {
+            eprintln!(
+                "note: --matmul-precision bf16: the GPU's products take bf16 operands; those left to this CPU (no AMX-BF16) stay f32"
+            );
+        } else {
+            eprintln!(
+                "note: --matmul-precision bf16: this CPU (or OS) has no bf16 matrix units (AMX-BF16){}; the products stay f32",
+                if cli.device == hydra_edge::device::Device::Cpu {
+                    ""
+                } else {
+                    " and the GPU no bf16 tensor cores"
+                }
+            );
         }
     }
     let r = match cli.cmd {
