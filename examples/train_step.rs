@@ -234,6 +234,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             info.name,
             gpu_ms / cpu_ms
         );
+        // And with bf16 operands on the GPU's tensor cores, where it has them.
+        set_matmul_precision(MatmulPrecision::Bf16);
+        if hydra_edge::device::gpu_bf16() {
+            let bf16 = hydra_edge::device::stats::gpu_bf16_products();
+            let ms = median_step_ms(&mut trainer, &train, steps)?;
+            let per_step = (hydra_edge::device::stats::gpu_bf16_products() - bf16) / steps.max(1);
+            println!(
+                "training step on {}, bf16 products: {ms:.1} ms, {per_step} bf16 products per step \
+                 (GPU f32 ÷ bf16 {:.2})",
+                info.device,
+                gpu_ms / ms
+            );
+        }
+        set_matmul_precision(precision);
         hydra_edge::device::set_device(hydra_edge::device::Device::Cpu)?;
     }
     if std::env::var_os("HYDRA_PROFILE").is_some() {

@@ -474,3 +474,32 @@ fn sgemm_checks_its_operands() {
     let mut c = vec![0.0; 4];
     k.sgemm(2, 3, 2, 1.0, &[0.0; 6], (3, 1), &[0.0; 5], (2, 1), 0.0, &mut c, 2);
 }
+
+/// bf16 rounding as every bf16 product rounds its operands (AMX, the
+/// GPU's GemmEx): nearest, ties to even; ±0, ±∞ and NaN kept; a value past
+/// bf16's largest finite rounds to ∞.
+#[test]
+fn bf16_rounding_is_nearest_even_and_keeps_specials() {
+    use hydra_edge::kernels::{bf16_bits, round_bf16};
+    let tie_down = 1.0 + 2f32.powi(-8); // halfway between 1 and 1 + 2⁻⁷: to 1 (even)
+    let tie_up = 1.0 + 3.0 * 2f32.powi(-8); // halfway to 1 + 2⁻⁶: up (even)
+    let above = 1.0 + 2f32.powi(-8) + 2f32.powi(-20);
+    for (x, want) in [
+        (1.0, 1.0),
+        (tie_down, 1.0),
+        (tie_up, 1.0 + 2f32.powi(-6)),
+        (above, 1.0 + 2f32.powi(-7)),
+        (-tie_up, -(1.0 + 2f32.powi(-6))),
+        (0.0, 0.0),
+        (f32::INFINITY, f32::INFINITY),
+        (f32::NEG_INFINITY, f32::NEG_INFINITY),
+        (f32::MAX, f32::INFINITY),
+    ] {
+        assert_eq!(round_bf16(x), want, "{x:e}");
+        assert_eq!(u32::from(bf16_bits(x)) << 16, want.to_bits(), "{x:e}");
+    }
+    assert_eq!(round_bf16(-0.0).to_bits(), (-0.0f32).to_bits());
+    for nan in [f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xff80_0001)] {
+        assert!(round_bf16(nan).is_nan(), "{:#x}", nan.to_bits());
+    }
+}
