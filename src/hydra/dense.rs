@@ -44,6 +44,7 @@ impl Weights {
     }
 
     /// The weights as f32: borrowed for f32 storage, widened for f16.
+    #[cfg(feature = "std")]
     pub(crate) fn as_f32(&self, k: &Kernels) -> alloc::borrow::Cow<'_, [f32]> {
         match self {
             Weights::F32(w) => alloc::borrow::Cow::Borrowed(w),
@@ -322,6 +323,7 @@ fn sgemm_frozen(w: &Weights) -> bool {
 /// unmerge) resets them.
 #[derive(Default)]
 pub(crate) struct Packs {
+    #[cfg(feature = "std")]
     gpu: crate::device::Resident,
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     fwd: std::sync::OnceLock<crate::kernels::PackedB>,
@@ -362,7 +364,12 @@ impl Packs {
 
     /// Bytes of GPU memory `W0`'s resident copy takes (0 without one).
     pub(crate) fn device_bytes(&self) -> usize {
-        self.gpu.device_bytes()
+        #[cfg(feature = "std")]
+        {
+            self.gpu.device_bytes()
+        }
+        #[cfg(not(feature = "std"))]
+        0
     }
 }
 
@@ -624,6 +631,9 @@ pub(crate) fn frozen_forward(
     dout: usize,
 ) -> Vec<f32> {
     let b = b.filter(|b| b.len() == dout);
+    #[cfg(not(feature = "std"))]
+    let _ = packs;
+    #[cfg(feature = "std")]
     if let Some(y) = crate::device::try_frozen(&packs.gpu, || w.as_f32(k), true, n, din, dout, x, b)
     {
         return y;
@@ -670,6 +680,9 @@ pub(crate) fn frozen_backward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
+    #[cfg(not(feature = "std"))]
+    let _ = packs;
+    #[cfg(feature = "std")]
     if let Some(dx) =
         crate::device::try_frozen(&packs.gpu, || w.as_f32(k), false, n, din, dout, dy, None)
     {
