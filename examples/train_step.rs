@@ -234,9 +234,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             info.name,
             gpu_ms / cpu_ms
         );
-        // And with bf16 operands on the GPU's tensor cores, where it has them.
+        // And with bf16 operands on the GPU's tensor cores, where it has them
+        // (when the step above was f32).
         set_matmul_precision(MatmulPrecision::Bf16);
-        if hydra_edge::device::gpu_bf16() {
+        if precision == MatmulPrecision::F32 && hydra_edge::device::gpu_bf16() {
             let bf16 = hydra_edge::device::stats::gpu_bf16_products();
             let ms = median_step_ms(&mut trainer, &train, steps)?;
             let per_step = (hydra_edge::device::stats::gpu_bf16_products() - bf16) / steps.max(1);

@@ -108,10 +108,28 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Puts the process-wide knobs back to the defaults when dropped, also when
+/// a test fails midway (else the tests after it would run with them).
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        device::set_gpu_min_work(device::GPU_MIN_WORK);
+        hydra_edge::runtime::set_matmul_precision(hydra_edge::runtime::MatmulPrecision::F32);
+        let _ = device::set_device(Device::Cpu);
+    }
+}
+
 /// Runs `f` on the CPU, then on cuda:0 with every product sent to the GPU,
 /// and returns both results and the number of products the GPU ran.
-fn cpu_then_gpu<T>(mut f: impl FnMut() -> T) -> (T, T, usize) {
+fn cpu_then_gpu<T>(f: impl FnMut() -> T) -> (T, T, usize) {
     let _g = lock();
+    cpu_then_gpu_locked(f)
+}
+
+/// [`cpu_then_gpu`] for a caller that holds [`lock`] already.
+fn cpu_then_gpu_locked<T>(mut f: impl FnMut() -> T) -> (T, T, usize) {
+    let _restore = Restore;
     device::set_device(Device::Cpu).unwrap();
     let cpu = f();
     let info = device::set_device(Device::Cuda(0)).unwrap_or_else(|e| panic!("no GPU: {e}"));
@@ -260,13 +278,14 @@ fn resident_weights_follow_merges_and_device_switches() {
             ..SplitConfig::default()
         };
         let mut split = AdaptedModel::new(&model, &cfg).unwrap();
-        split.params_and_grads().0.iter_mut().for_each(|p| {
-            p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.02 * ((i % 5) as f32 - 2.0))
-        });
         let y = |split: &mut AdaptedModel| {
             let t = split.forward(&feed, false).unwrap();
             t.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
         };
+        let base = y(&mut split); // the adapters start as no-ops
+        split.params_and_grads().0.iter_mut().for_each(|p| {
+            p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.02 * ((i % 5) as f32 - 2.0))
+        });
         let before = y(&mut split);
         for (_, layer) in split.tail_mut().adapters_mut() {
             layer.merge().unwrap();
@@ -276,7 +295,7 @@ fn resident_weights_follow_merges_and_device_switches() {
         device::set_device(Device::Cpu).unwrap();
         device::set_device(on).unwrap();
         let switched = y(&mut split);
-        (before, merged, switched)
+        (before, merged, switched, base)
     });
     assert!(ran > 0, "no product reached the GPU");
     for (what, c, g) in
@@ -287,8 +306,10 @@ fn resident_weights_follow_merges_and_device_switches() {
         assert!(e <= 1e-5, "{what}: GPU vs CPU {e:e}");
     }
     // Merged or not, the same answers (on the CPU); a stale unmerged W0 on
-    // the GPU would have lost the adapters' share, which is not small here.
+    // the GPU would have lost the adapters' share, far above the tolerance.
     assert!(rel_err(&cpu.0, &cpu.1) <= 1e-4, "merged vs unmerged on the CPU");
+    let share = rel_err(&cpu.3, &cpu.0);
+    assert!(share >= 1e-3, "the adapters' share {share:e} is too small to tell stale weights");
 }
 
 /// `--matmul-precision bf16` on the GPU: products (every operand layout,
@@ -302,7 +323,9 @@ fn resident_weights_follow_merges_and_device_switches() {
 fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
     use hydra_edge::kernels::round_bf16;
     use hydra_edge::runtime::{MatmulPrecision, set_matmul_precision};
+    // The precision is process-wide: the whole test holds the lock.
     let _g = lock();
+    let _restore = Restore;
     let (m, k, n) = (37, 300, 45);
     let mut rng = Rng::new(8);
     let a: Vec<f32> = (0..m * k * 2).map(|_| rng.uniform(-1.0, 1.0)).collect();
@@ -336,7 +359,6 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
     set_matmul_precision(MatmulPrecision::F32);
     device::set_gpu_min_work(device::GPU_MIN_WORK);
     device::set_device(Device::Cpu).unwrap();
-    drop(_g);
     if !tensor_cores {
         assert_eq!(ran, 0, "bf16 products counted on a GPU without bf16 tensor cores");
         eprintln!("this GPU has no bf16 tensor cores: its products stayed f32");
@@ -360,11 +382,10 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
     };
     let f32_cpu = forward();
     set_matmul_precision(MatmulPrecision::Bf16);
-    let (_, bf16_gpu, ran) = cpu_then_gpu(|| {
+    let (_, bf16_gpu, ran) = cpu_then_gpu_locked(|| {
         let before = device::stats::gpu_bf16_products();
         (forward(), device::stats::gpu_bf16_products() - before)
     });
-    set_matmul_precision(MatmulPrecision::F32);
     let e = rel_err(&f32_cpu, &bf16_gpu.0);
     eprintln!(
         "transformer, bf16 on the GPU: max rel |GPU − f32 CPU| {e:.2e} ({} bf16 of {ran} GPU products)",

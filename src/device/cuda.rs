@@ -12,7 +12,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, RwLock};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -44,18 +44,34 @@ static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
 static OPENED: AtomicU64 = AtomicU64::new(0);
 
 /// A frozen `W0` on the GPU (see `super::Resident`).
+/// One copy per precision (a layer whose forward product is bf16-sized
+/// and backward not, or the f32 merge check between bf16 steps, would
+/// otherwise swap one copy back and forth).
 pub(super) struct Resident {
     /// The [`Gpu::id`] it was uploaded to.
     gpu: u64,
-    w: Buf,
+    /// Its context, made current to free the copies on whatever thread
+    /// drops them (a free without it fails and poisons the context).
+    ctx: Arc<CudaContext>,
+    f32: Option<Buf>,
+    bf16: Option<Buf>,
 }
 
 impl Resident {
     pub(super) fn bytes(&self) -> usize {
-        match &self.w {
-            Buf::F32(w) => w.len() * 4,
-            Buf::Bf16(w) => w.len() * 2,
-        }
+        let b = |w: &Option<Buf>| match w {
+            Some(Buf::F32(w)) => w.len() * 4,
+            Some(Buf::Bf16(w)) => w.len() * 2,
+            None => 0,
+        };
+        b(&self.f32) + b(&self.bf16)
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        // The copies are freed after this, with their context current.
+        let _ = self.ctx.bind_to_thread();
     }
 }
 
@@ -182,7 +198,7 @@ pub(super) fn gemm(
     rsc: usize,
 ) -> bool {
     let Some(gpu) = active() else { return false };
-    if k == 0 || [m, k, n].iter().any(|&d| i32::try_from(d).is_err()) {
+    if [m, k, n].iter().any(|&d| d == 0 || i32::try_from(d).is_err()) {
         return false;
     }
     let gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -198,24 +214,38 @@ pub(super) fn gemm(
     }
 }
 
+/// Failed GPU products since the last one that ran.
+static FAILED_IN_A_ROW: AtomicUsize = AtomicUsize::new(0);
+
+/// After this many failed products in a row the GPU is given up for the
+/// run (a lost device, memory that stays full): every product would
+/// otherwise pay a failing upload before its CPU run.
+const GIVE_UP_AFTER: usize = 8;
+
 /// Counts a product the GPU ran.
 fn counted(bf16: bool) {
     stats::GPU_PRODUCTS.fetch_add(1, Ordering::Relaxed);
     if bf16 {
         stats::GPU_BF16_PRODUCTS.fetch_add(1, Ordering::Relaxed);
     }
+    FAILED_IN_A_ROW.store(0, Ordering::Relaxed);
 }
 
-/// Counts a product that a failed CUDA call left to the CPU, and says so
-/// once per process.
+/// Counts a product that a failed CUDA call left to the CPU, says so once
+/// per process, and gives the GPU up after [`GIVE_UP_AFTER`] in a row.
 fn fell_back(ordinal: usize, e: &str) {
     stats::GPU_FALLBACKS.fetch_add(1, Ordering::Relaxed);
     static SAID: Once = Once::new();
     SAID.call_once(|| {
-        eprintln!(
-            "hydra-edge: a product on cuda:{ordinal} failed ({e}); such products run on the CPU"
-        )
+        eprintln!("hydra-edge: a product on cuda:{ordinal} failed ({e}); it ran on the CPU")
     });
+    if FAILED_IN_A_ROW.fetch_add(1, Ordering::Relaxed) + 1 == GIVE_UP_AFTER {
+        eprintln!(
+            "hydra-edge: {GIVE_UP_AFTER} products in a row failed on cuda:{ordinal} (last: {e}); \
+             the rest of this run uses the CPU"
+        );
+        deactivate();
+    }
 }
 
 /// See `super::try_frozen`: uploads `W0` into `slot` when it has no copy
@@ -230,26 +260,31 @@ pub(super) fn frozen<'w>(
     bias: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
     let gpu = active()?;
-    if [plan.m, plan.n, plan.k].iter().any(|&d| i32::try_from(d).is_err()) {
+    if [plan.m, plan.n, plan.k].iter().any(|&d| d == 0 || i32::try_from(d).is_err()) {
         return None;
     }
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
     let bf16 = bf16_product(&gpu, plan.n, plan.k, plan.m);
     let run = |slot: &mut Option<Box<Resident>>, gpu: &mut Gpu| -> Result<Vec<f32>, String> {
+        // Copies made on another GPU (or before a switch) go first, freed
+        // under their own context; then this GPU's context is current.
+        if slot.as_ref().is_some_and(|r| r.gpu != gpu.id) {
+            *slot = None;
+        }
         gpu.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
-        // A copy from another GPU, or in the other precision (the merge
-        // check runs in f32 between bf16 steps), is uploaded again.
-        if slot.as_ref().is_none_or(|r| r.gpu != gpu.id || r.w.is_bf16() != bf16) {
-            *slot = None; // a stale copy goes before the new one comes
+        let r = slot.get_or_insert_with(|| {
+            Box::new(Resident { gpu: gpu.id, ctx: gpu.ctx.clone(), f32: None, bf16: None })
+        });
+        let copy = if bf16 { &mut r.bf16 } else { &mut r.f32 };
+        if copy.is_none() {
             let w = w0();
             let len = plan.m * plan.k;
             let w = w.get(..len).ok_or("W0 is shorter than its layer's shape")?;
-            let w = gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?;
-            *slot = Some(Box::new(Resident { gpu: gpu.id, w }));
+            *copy = Some(gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?);
         }
-        let Some(r) = slot.as_ref() else { return Err("no resident W0".to_string()) };
-        gpu.frozen(plan, &r.w, x, bias)
+        let Some(w) = copy.as_ref() else { return Err("no resident W0".to_string()) };
+        gpu.frozen(plan, w, x, bias)
     };
     match run(&mut slot, &mut gpu) {
         Ok(y) => {

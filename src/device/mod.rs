@@ -189,7 +189,9 @@ pub(crate) fn try_gemm(
 ) -> bool {
     #[cfg(feature = "cuda")]
     {
-        if m * k * n >= MIN_WORK.load(core::sync::atomic::Ordering::Relaxed) {
+        if !on_cpu_only()
+            && work(&[m, k, n]) >= MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+        {
             return cuda::gemm(m, k, n, alpha, a, sa, b, sb, beta, c, rsc);
         }
         false
@@ -201,13 +203,53 @@ pub(crate) fn try_gemm(
     }
 }
 
+/// Multiply-adds of a product (saturating: only compared with a threshold).
+#[cfg(feature = "cuda")]
+fn work(dims: &[usize]) -> usize {
+    dims.iter().fold(1usize, |w, &d| w.saturating_mul(d))
+}
+
+#[cfg(feature = "cuda")]
+std::thread_local! {
+    /// Set while this thread computes a product the GPU did not take.
+    static CPU_ONLY: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+#[cfg(feature = "cuda")]
+fn on_cpu_only() -> bool {
+    CPU_ONLY.with(|c| c.get())
+}
+
+/// Runs `f` with every product it makes on this thread kept on the CPU: for
+/// the CPU route of a frozen product that [`try_frozen`] did not take (it
+/// failed, or is too small), which must not try the GPU again product by
+/// product through [`try_gemm`].
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn on_cpu<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CPU_ONLY.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CPU_ONLY.with(|c| c.replace(true)));
+        f()
+    }
+    #[cfg(not(feature = "cuda"))]
+    f()
+}
+
 /// A frozen layer's `W0` kept on the GPU (in the layer's `Packs`): uploaded
-/// as f32 on the layer's first GPU product and read by every product after
+/// on the layer's first GPU product (f32, or rounded to bf16 for bf16
+/// products: one copy per precision in use) and read by every product after
 /// it, forward (`X·W0ᵀ`) and backward (`dY·W0`) alike — one copy serves both
 /// through cuBLAS's transpose flag — so the weights cross the bus once, not
 /// once per product. Whoever changes `W0` (merge, unmerge) gets a new one
-/// with its `Packs`; a copy made for another device (or before a switch to
-/// the CPU and back) is stale and uploaded again.
+/// with its `Packs`; a copy made on another GPU (or before a switch to the
+/// CPU and back) is uploaded again. A switch to the CPU does not free the
+/// copies: each goes with its layer's next GPU product, merge, or drop.
 #[derive(Default)]
 pub(crate) struct Resident {
     #[cfg(feature = "cuda")]
@@ -248,7 +290,7 @@ pub(crate) fn try_frozen<'w>(
     #[cfg(feature = "cuda")]
     {
         let plan = FrozenPlan::of(forward, rows, din, dout);
-        if rows * din * dout < MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+        if work(&[rows, din, dout]) < MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
             || plan.k == 0
             || x.len() < rows * plan.k
             || bias.is_some_and(|b| !forward || b.len() != dout)
@@ -357,6 +399,10 @@ mod tests {
         c: &mut [f32],
         ldc: usize,
     ) {
+        // cuBLAS's own argument checks (it refuses a call that breaks them).
+        assert!(lda >= (if ta { k } else { m }).max(1), "lda {lda}");
+        assert!(ldb >= (if tb { n } else { k }).max(1), "ldb {ldb}");
+        assert!(ldc >= m.max(1), "ldc {ldc}");
         for j in 0..n {
             for i in 0..m {
                 let mut s = 0.0f64;

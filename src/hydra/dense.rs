@@ -631,13 +631,34 @@ pub(crate) fn frozen_forward(
     dout: usize,
 ) -> Vec<f32> {
     let b = b.filter(|b| b.len() == dout);
-    #[cfg(not(feature = "std"))]
-    let _ = packs;
     #[cfg(feature = "std")]
-    if let Some(y) = crate::device::try_frozen(&packs.gpu, || w.as_f32(k), true, n, din, dout, x, b)
     {
-        return y;
+        if let Some(y) =
+            crate::device::try_frozen(&packs.gpu, || w.as_f32(k), true, n, din, dout, x, b)
+        {
+            record_gemm(n, din, dout);
+            return y;
+        }
+        crate::device::on_cpu(|| frozen_forward_cpu(k, w, packs, b, x, n, din, dout))
     }
+    #[cfg(not(feature = "std"))]
+    frozen_forward_cpu(k, w, packs, b, x, n, din, dout)
+}
+
+/// [`frozen_forward`] on the CPU (the bias already matched to `out`).
+#[allow(clippy::too_many_arguments)]
+fn frozen_forward_cpu(
+    k: &Kernels,
+    w: &Weights,
+    packs: &Packs,
+    b: Option<&[f32]>,
+    x: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    let _ = packs;
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     if amx_frozen(n, din, dout) {
         let p = pack(k, w, &packs.fwd, true, din, dout);
@@ -680,14 +701,32 @@ pub(crate) fn frozen_backward(
     din: usize,
     dout: usize,
 ) -> Vec<f32> {
-    #[cfg(not(feature = "std"))]
-    let _ = packs;
     #[cfg(feature = "std")]
-    if let Some(dx) =
-        crate::device::try_frozen(&packs.gpu, || w.as_f32(k), false, n, din, dout, dy, None)
     {
-        return dx;
+        if let Some(dx) =
+            crate::device::try_frozen(&packs.gpu, || w.as_f32(k), false, n, din, dout, dy, None)
+        {
+            record_gemm(n, dout, din);
+            return dx;
+        }
+        crate::device::on_cpu(|| frozen_backward_cpu(k, w, packs, dy, n, din, dout))
     }
+    #[cfg(not(feature = "std"))]
+    frozen_backward_cpu(k, w, packs, dy, n, din, dout)
+}
+
+/// [`frozen_backward`] on the CPU.
+fn frozen_backward_cpu(
+    k: &Kernels,
+    w: &Weights,
+    packs: &Packs,
+    dy: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) -> Vec<f32> {
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    let _ = packs;
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     if amx_frozen(n, dout, din) {
         let p = pack(k, w, &packs.bwd, false, din, dout);

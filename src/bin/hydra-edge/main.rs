@@ -248,7 +248,14 @@ fn main() {
             }
         }
     }
-    if cli.matmul_precision == hydra_edge::runtime::MatmulPrecision::Bf16 && !cpu_bf16 {
+    let bf16 = cli.matmul_precision == hydra_edge::runtime::MatmulPrecision::Bf16;
+    let on_gpu = cli.device != hydra_edge::device::Device::Cpu;
+    if bf16 && cpu_bf16 && on_gpu && !hydra_edge::device::gpu_bf16() {
+        eprintln!(
+            "note: --matmul-precision bf16: the GPU has no bf16 tensor cores (compute capability < 8.0); its products stay f32, those left to this CPU run in bf16"
+        );
+    }
+    if bf16 && !cpu_bf16 {
         if hydra_edge::device::gpu_bf16() {
             eprintln!(
                 "note: --matmul-precision bf16: the GPU's products take bf16 operands; those left to this CPU (no AMX-BF16) stay f32"
