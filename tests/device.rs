@@ -263,8 +263,10 @@ fn gpu_path_counters_stay_zero_on_the_cpu() {
 /// The transformer's forward on the GPU, merged and switched: a merge
 /// changes `W0` and leaves the adapters out of the forward (so a GPU copy
 /// of the unmerged `W0` kept past it would lose their share), and a switch
-/// to the CPU and back opens the GPU anew (its copies are uploaded again).
-/// Each forward equals the CPU's at the same point.
+/// to the CPU and back opens the GPU anew (its copies are uploaded again);
+/// then a forward and the copies' free on threads with no CUDA context
+/// current. Each forward equals the CPU's at the same point, and no CUDA
+/// call fails (`cpu_then_gpu`).
 #[test]
 #[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
 fn resident_weights_follow_merges_and_device_switches() {
@@ -295,12 +297,23 @@ fn resident_weights_follow_merges_and_device_switches() {
         device::set_device(Device::Cpu).unwrap();
         device::set_device(on).unwrap();
         let switched = y(&mut split);
-        (before, merged, switched, base)
+        // On threads where no context is current: a forward, then the
+        // layers' GPU copies freed (a free without their context fails and
+        // poisons the context, so the next product would fall back).
+        let threaded = std::thread::scope(|s| s.spawn(|| y(&mut split)).join().unwrap());
+        let mut other = AdaptedModel::new(&model, &cfg).unwrap();
+        std::thread::scope(|s| s.spawn(move || drop(split)).join().unwrap());
+        let after = y(&mut other);
+        (before, merged, switched, base, threaded, after)
     });
     assert!(ran > 0, "no product reached the GPU");
-    for (what, c, g) in
-        [("unmerged", &cpu.0, &gpu.0), ("merged", &cpu.1, &gpu.1), ("switched", &cpu.2, &gpu.2)]
-    {
+    for (what, c, g) in [
+        ("unmerged", &cpu.0, &gpu.0),
+        ("merged", &cpu.1, &gpu.1),
+        ("switched", &cpu.2, &gpu.2),
+        ("on another thread", &cpu.4, &gpu.4),
+        ("after a free on a third thread", &cpu.5, &gpu.5),
+    ] {
         let e = rel_err(c, g);
         eprintln!("{what}: max rel |GPU − CPU| {e:.2e}");
         assert!(e <= 1e-5, "{what}: GPU vs CPU {e:e}");

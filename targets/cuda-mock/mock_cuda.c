@@ -1,0 +1,247 @@
+/* A host-memory stand-in for the CUDA driver API (libcuda.so), for CI on
+ * machines without a GPU: "device memory" is host memory, copies are
+ * memcpy, there is one in-order stream. It implements exactly the calls
+ * hydra-edge's `cuda` feature makes through cudarc, and checks what a real
+ * driver would refuse: a call without a current context, a free of an
+ * unknown pointer, a copy or memset that leaves its allocation, a zero-size
+ * allocation. Its companion mock_cublas.c checks cuBLAS's arguments and
+ * every element a product reads or writes against these allocations
+ * (mock_check_range, exported here).
+ *
+ * It proves the Rust side's plumbing (what goes up, which call, which
+ * transposes and leading dimensions, what comes back, when memory is freed)
+ * — not a GPU's arithmetic: targets/gpu-check.sh on a real GPU does that. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUcontext;
+typedef void *CUstream;
+typedef void *CUevent;
+
+enum {
+    OK = 0,
+    INVALID_VALUE = 1,
+    NOT_INITIALIZED = 3,
+    INVALID_DEVICE = 101,
+    INVALID_CONTEXT = 201,
+    ILLEGAL_ADDRESS = 700,
+};
+
+static int initialized;
+static int contexts[8]; /* the primary contexts' identities */
+static __thread CUcontext current;
+
+static int device_count(void) {
+    const char *n = getenv("MOCK_CUDA_DEVICES");
+    int c = n ? atoi(n) : 1;
+    return c < 0 ? 0 : c > 8 ? 8 : c;
+}
+
+/* ---- allocations ---------------------------------------------------- */
+
+struct block {
+    uintptr_t base;
+    size_t size;
+};
+static struct block *blocks;
+static size_t nblocks, cap;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Whether [p, p + bytes) lies inside one live allocation. */
+int mock_check_range(uintptr_t p, size_t bytes) {
+    int ok = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nblocks; i++) {
+        if (p >= blocks[i].base && p - blocks[i].base <= blocks[i].size &&
+            bytes <= blocks[i].size - (p - blocks[i].base)) {
+            ok = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return ok;
+}
+
+/* Allocations still live (for a leak check from a test, if wanted). */
+size_t mock_live_allocations(void) {
+    pthread_mutex_lock(&lock);
+    size_t n = nblocks;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* The context current on this thread (cuBLAS checks its handle's). */
+void *mock_current_context(void) { return current; }
+
+static CUresult fail(CUresult r, const char *what) {
+    if (getenv("MOCK_CUDA_VERBOSE")) fprintf(stderr, "mock cuda: %s -> %d\n", what, r);
+    return r;
+}
+
+CUresult cuInit(unsigned flags) {
+    (void)flags;
+    initialized = 1;
+    return OK;
+}
+
+CUresult cuDeviceGetCount(int *count) {
+    if (!initialized) return fail(NOT_INITIALIZED, "cuDeviceGetCount");
+    *count = device_count();
+    return OK;
+}
+
+CUresult cuDeviceGet(CUdevice *dev, int ordinal) {
+    if (!initialized) return fail(NOT_INITIALIZED, "cuDeviceGet");
+    if (ordinal < 0 || ordinal >= device_count()) return fail(INVALID_DEVICE, "cuDeviceGet");
+    *dev = ordinal;
+    return OK;
+}
+
+CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
+    if (dev < 0 || dev >= device_count() || len <= 0) return fail(INVALID_VALUE, "cuDeviceGetName");
+    snprintf(name, (size_t)len, "mock GPU %d (host memory, tests only)", dev);
+    return OK;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    if (dev < 0 || dev >= device_count()) return fail(INVALID_DEVICE, "cuDeviceTotalMem_v2");
+    *bytes = (size_t)16 << 30;
+    return OK;
+}
+
+CUresult cuDeviceGetAttribute(int *v, int attrib, CUdevice dev) {
+    if (dev < 0 || dev >= device_count()) return fail(INVALID_DEVICE, "cuDeviceGetAttribute");
+    const char *cc = getenv("MOCK_CUDA_CC_MAJOR");
+    switch (attrib) {
+    case 75: *v = cc ? atoi(cc) : 9; break; /* compute capability major */
+    case 76: *v = 0; break;                 /* minor */
+    case 115: /* memory pools, as on current GPUs: cudarc then allocates and frees
+                 with cuMemAllocAsync / cuMemFreeAsync (MOCK_CUDA_POOLS=0: the
+                 synchronous cuMemAlloc_v2 / cuMemFree_v2) */
+        *v = getenv("MOCK_CUDA_POOLS") ? atoi(getenv("MOCK_CUDA_POOLS")) : 1;
+        break;
+    default: *v = 0;
+    }
+    return OK;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice dev) {
+    if (dev < 0 || dev >= device_count()) return fail(INVALID_DEVICE, "cuDevicePrimaryCtxRetain");
+    *ctx = &contexts[dev];
+    return OK;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+    return dev < 0 || dev >= device_count() ? fail(INVALID_DEVICE, "release") : OK;
+}
+
+CUresult cuCtxGetCurrent(CUcontext *ctx) {
+    *ctx = current;
+    return OK;
+}
+
+CUresult cuCtxSetCurrent(CUcontext ctx) {
+    current = ctx;
+    return OK;
+}
+
+CUresult cuCtxSynchronize(void) { return current ? OK : fail(INVALID_CONTEXT, "cuCtxSynchronize"); }
+
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t bytes) {
+    if (!current) return fail(INVALID_CONTEXT, "cuMemAlloc_v2");
+    if (bytes == 0) return fail(INVALID_VALUE, "cuMemAlloc_v2 of 0 bytes");
+    /* Poisoned: a product that reads memory nobody wrote gets NaN. */
+    void *m = malloc(bytes);
+    if (!m) return fail(2, "cuMemAlloc_v2: out of memory");
+    memset(m, 0xff, bytes);
+    pthread_mutex_lock(&lock);
+    if (nblocks == cap) {
+        cap = cap ? cap * 2 : 64;
+        blocks = realloc(blocks, cap * sizeof *blocks);
+    }
+    blocks[nblocks++] = (struct block){(uintptr_t)m, bytes};
+    pthread_mutex_unlock(&lock);
+    *p = (CUdeviceptr)(uintptr_t)m;
+    return OK;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (!current) return fail(INVALID_CONTEXT, "cuMemFree_v2 without a current context");
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nblocks; i++) {
+        if (blocks[i].base == (uintptr_t)p) {
+            free((void *)blocks[i].base);
+            blocks[i] = blocks[--nblocks];
+            pthread_mutex_unlock(&lock);
+            return OK;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return fail(INVALID_VALUE, "cuMemFree_v2 of an unknown pointer");
+}
+
+CUresult cuMemAllocAsync(CUdeviceptr *p, size_t bytes, CUstream s) {
+    (void)s;
+    return cuMemAlloc_v2(p, bytes);
+}
+
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    (void)s;
+    return cuMemFree_v2(p);
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, CUstream s) {
+    (void)s;
+    if (!current) return fail(INVALID_CONTEXT, "cuMemcpyHtoDAsync_v2");
+    if (!mock_check_range((uintptr_t)dst, bytes)) return fail(ILLEGAL_ADDRESS, "HtoD out of range");
+    memcpy((void *)(uintptr_t)dst, src, bytes);
+    return OK;
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    (void)s;
+    if (!current) return fail(INVALID_CONTEXT, "cuMemcpyDtoHAsync_v2");
+    if (!mock_check_range((uintptr_t)src, bytes)) return fail(ILLEGAL_ADDRESS, "DtoH out of range");
+    memcpy(dst, (void *)(uintptr_t)src, bytes);
+    return OK;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    (void)s;
+    if (!current) return fail(INVALID_CONTEXT, "cuMemsetD8Async");
+    if (!mock_check_range((uintptr_t)dst, n)) return fail(ILLEGAL_ADDRESS, "memset out of range");
+    memset((void *)(uintptr_t)dst, v, n);
+    return OK;
+}
+
+CUresult cuStreamSynchronize(CUstream s) {
+    (void)s;
+    return current ? OK : fail(INVALID_CONTEXT, "cuStreamSynchronize");
+}
+
+static int event_token;
+CUresult cuEventCreate(CUevent *e, unsigned flags) {
+    (void)flags;
+    if (!current) return fail(INVALID_CONTEXT, "cuEventCreate");
+    *e = &event_token;
+    return OK;
+}
+CUresult cuEventDestroy_v2(CUevent e) { return e ? OK : INVALID_VALUE; }
+CUresult cuEventRecord(CUevent e, CUstream s) { (void)s; return e ? OK : INVALID_VALUE; }
+CUresult cuEventSynchronize(CUevent e) { return e ? OK : INVALID_VALUE; }
+CUresult cuEventQuery(CUevent e) { return e ? OK : INVALID_VALUE; }
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned f) { (void)s; (void)f; return e ? OK : INVALID_VALUE; }
+
+CUresult cuGetErrorName(CUresult r, const char **s) {
+    static char buf[64];
+    snprintf(buf, sizeof buf, "MOCK_CUDA_ERROR_%d", r);
+    *s = buf;
+    return OK;
+}
+CUresult cuGetErrorString(CUresult r, const char **s) { return cuGetErrorName(r, s); }

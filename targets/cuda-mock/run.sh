@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU tests of tests/device.rs (ignored without a GPU) against a host-memory
+# stand-in for the CUDA driver and cuBLAS (mock_cuda.c, mock_cublas.c), on any
+# machine: it checks the `cuda` feature's plumbing — which calls, transposes,
+# leading dimensions and extents, what goes up and comes back, which context is
+# current when memory is freed — and that every product the tests send reaches
+# the "GPU" and matches the CPU. It cannot check a GPU's arithmetic or speed:
+# targets/gpu-check.sh on a real GPU does.
+#   bash targets/cuda-mock/run.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=target/cuda-mock
+mkdir -p "$out"
+cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcuda.so \
+    -o "$out/libcuda.so" targets/cuda-mock/mock_cuda.c -lpthread
+cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcublas.so \
+    -o "$out/libcublas.so" targets/cuda-mock/mock_cublas.c -L"$out" -lcuda -Wl,-rpath,'$ORIGIN'
+# Twice: with memory pools (cudarc allocates and frees asynchronously, as on
+# current GPUs) and without (synchronous allocation).
+for pools in 1 0; do
+    echo "=== mock GPU, memory pools: $pools"
+    log="$out/device-tests-pools$pools.log"
+    MOCK_CUDA_POOLS=$pools LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --release --features cuda --test device "$@" -- --include-ignored --nocapture \
+        2>&1 | tee "$log"
+    # Passed, with every GPU test run (none ignored) and reaching the mock.
+    grep -q "^test result: ok\. [0-9]* passed; 0 failed; 0 ignored" "$log"
+    grep -q "^GPU: mock GPU 0" "$log"
+done
