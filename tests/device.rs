@@ -407,3 +407,23 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
     assert!(bf16_gpu.1 > 0, "no bf16 product on the GPU");
     assert!(e <= 3e-2, "bf16 GPU forward vs f32: {e:e}");
 }
+
+/// The CLI's `--device cuda` end to end: the demo trains, merges and checks
+/// with the GPU selected (and bf16 asked for), and reports the device.
+#[cfg(feature = "cli")]
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn the_cli_runs_the_demo_on_the_gpu() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge"));
+    let o = common::run_target_binary(exe)
+        .args(["--json", "--device", "cuda", "--matmul-precision", "bf16", "demo"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("failed"), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["device"], "cuda:0", "{j}");
+    assert!(j["accuracy_after"].as_f64().unwrap() > 0.85, "{j}");
+    assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3, "{j}");
+}
