@@ -169,6 +169,16 @@ fn gpu_products_match_the_cpu_for_every_operand_layout() {
     }
 }
 
+/// The test transformer's last block adapted, up to its logits.
+fn transformer_split() -> SplitConfig {
+    SplitConfig {
+        targets: Targets::LastBlocks(1),
+        output: Some("logits".into()),
+        adapter: HydraConfig { seed: 4, ..HydraConfig::default() },
+        ..SplitConfig::default()
+    }
+}
+
 fn transformer_feed(batch: usize) -> Feed {
     let mut rng = Rng::new(9);
     let mut f = Feed::new();
@@ -185,13 +195,7 @@ fn forward_backward_and_gradients_on_the_gpu_match_the_cpu() {
     let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
     let feed = transformer_feed(4);
     let (cpu, gpu, ran) = cpu_then_gpu(|| {
-        let cfg = SplitConfig {
-            targets: Targets::LastBlocks(1),
-            output: Some("logits".into()),
-            adapter: HydraConfig { seed: 4, ..HydraConfig::default() },
-            ..SplitConfig::default()
-        };
-        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        let mut split = AdaptedModel::new(&model, &transformer_split()).unwrap();
         // Non-zero up-projections, so that every branch carries a gradient.
         split.params_and_grads().0.iter_mut().for_each(|p| {
             p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0))
@@ -273,13 +277,7 @@ fn resident_weights_follow_merges_and_device_switches() {
     let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
     let feed = transformer_feed(4);
     let (cpu, gpu, ran) = cpu_then_gpu(|| {
-        let cfg = SplitConfig {
-            targets: Targets::LastBlocks(1),
-            output: Some("logits".into()),
-            adapter: HydraConfig { seed: 4, ..HydraConfig::default() },
-            ..SplitConfig::default()
-        };
-        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        let mut split = AdaptedModel::new(&model, &transformer_split()).unwrap();
         let y = |split: &mut AdaptedModel| {
             let t = split.forward(&feed, false).unwrap();
             t.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
@@ -301,7 +299,7 @@ fn resident_weights_follow_merges_and_device_switches() {
         // layers' GPU copies freed (a free without their context fails and
         // poisons the context, so the next product would fall back).
         let threaded = std::thread::scope(|s| s.spawn(|| y(&mut split)).join().unwrap());
-        let mut other = AdaptedModel::new(&model, &cfg).unwrap();
+        let mut other = AdaptedModel::new(&model, &transformer_split()).unwrap();
         std::thread::scope(|s| s.spawn(move || drop(split)).join().unwrap());
         let after = y(&mut other);
         (before, merged, switched, base, threaded, after)
@@ -384,12 +382,7 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
     let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
     let feed = transformer_feed(4);
     let forward = || {
-        let cfg = SplitConfig {
-            targets: Targets::LastBlocks(1),
-            output: Some("logits".into()),
-            ..SplitConfig::default()
-        };
-        let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+        let mut split = AdaptedModel::new(&model, &transformer_split()).unwrap();
         let y = split.forward(&feed, false).unwrap();
         y.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
     };
