@@ -301,6 +301,18 @@ fn resident_weights_follow_merges_and_device_switches() {
         let threaded = std::thread::scope(|s| s.spawn(|| y(&mut split)).join().unwrap());
         let mut other = AdaptedModel::new(&model, &transformer_split()).unwrap();
         std::thread::scope(|s| s.spawn(move || drop(split)).join().unwrap());
+        let _ = y(&mut other);
+        // The device switched from such a thread too: the GPU's own buffers
+        // are freed there (the mock's exit count sees a refused free).
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let on = device::device();
+                device::set_device(Device::Cpu).unwrap();
+                device::set_device(on).unwrap();
+            })
+            .join()
+            .unwrap()
+        });
         let after = y(&mut other);
         (before, merged, switched, base, threaded, after)
     });
@@ -402,14 +414,16 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
 }
 
 /// The CLI's `--device cuda` end to end: the demo trains, merges and checks
-/// with the GPU selected (and bf16 asked for), and reports the device.
+/// with every product on the GPU (`--gpu-min-work 0`: its products are
+/// small) and bf16 asked for, and reports the device and the products.
 #[cfg(feature = "cli")]
 #[test]
 #[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
 fn the_cli_runs_the_demo_on_the_gpu() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge"));
     let o = common::run_target_binary(exe)
-        .args(["--json", "--device", "cuda", "--matmul-precision", "bf16", "demo"])
+        .args(["--json", "--device", "cuda", "--gpu-min-work", "0", "--matmul-precision", "bf16"])
+        .arg("demo")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -419,4 +433,9 @@ fn the_cli_runs_the_demo_on_the_gpu() {
     assert_eq!(j["device"], "cuda:0", "{j}");
     assert!(j["accuracy_after"].as_f64().unwrap() > 0.85, "{j}");
     assert!(j["merge_max_abs_error"].as_f64().unwrap() < 1e-3, "{j}");
+    assert!(j["gpu_products"].as_u64().unwrap() > 0, "{j}");
+    // bf16 on the GPU unless the CLI said it has no bf16 tensor cores.
+    if !err.contains("no bf16 tensor cores") {
+        assert!(j["gpu_bf16_products"].as_u64().unwrap() > 0, "{j}\n{err}");
+    }
 }

@@ -71,8 +71,24 @@ impl Resident {
 impl Drop for Resident {
     fn drop(&mut self) {
         // The copies are freed after this, with their context current.
-        let _ = self.ctx.bind_to_thread();
+        make_current(&self.ctx);
     }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // `ones` and the cuBLAS handle are freed after this, with their
+        // context current, on whichever thread drops the last reference.
+        make_current(&self.ctx);
+    }
+}
+
+/// Makes `ctx` current on this thread, whatever error it has recorded
+/// (`bind_to_thread` returns a recorded error instead of binding; it stays
+/// recorded here, for the next product to report).
+fn make_current(ctx: &CudaContext) {
+    // SAFETY: `ctx` is a live context (the Arc keeps it retained).
+    let _ = unsafe { cudarc::driver::result::ctx::set_current(ctx.cu_ctx()) };
 }
 
 /// Operand elements on the GPU in the precision of a product: f32, or the
@@ -135,6 +151,7 @@ pub(super) fn activate(n: usize) -> Result<DeviceInfo> {
         Err(device_error(n, format!("the CUDA libraries failed while starting: {what}")))
     });
     let (gpu, info) = started?;
+    FAILED_IN_A_ROW.store(0, Ordering::Relaxed);
     *ACTIVE.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(gpu)));
     Ok(info)
 }
@@ -239,7 +256,8 @@ fn fell_back(ordinal: usize, e: &str) {
     SAID.call_once(|| {
         eprintln!("hydra-edge: a product on cuda:{ordinal} failed ({e}); it ran on the CPU")
     });
-    if FAILED_IN_A_ROW.fetch_add(1, Ordering::Relaxed) + 1 == GIVE_UP_AFTER {
+    if FAILED_IN_A_ROW.fetch_add(1, Ordering::Relaxed) + 1 >= GIVE_UP_AFTER {
+        FAILED_IN_A_ROW.store(0, Ordering::Relaxed);
         eprintln!(
             "hydra-edge: {GIVE_UP_AFTER} products in a row failed on cuda:{ordinal} (last: {e}); \
              the rest of this run uses the CPU"

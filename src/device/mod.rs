@@ -15,7 +15,7 @@
 //! bf16 tensor cores ([`gpu_bf16`]), with operands rounded to bf16 as the
 //! CPU's bf16 products round them (cuBLAS GemmEx, f32 sums and output), for
 //! the same products the CPU would round. A frozen layer's weights `W0` stay on the GPU once its
-//! first product has uploaded them (one copy, f32 or bf16, for the forward and the
+//! first product has uploaded them (one copy per precision in use, f32 or bf16, for the forward and the
 //! backward product, dropped when a merge changes `W0`), and its bias is
 //! added there, so only the activations go up and the result comes back;
 //! other products send their operands up each time. The element-wise ops, norms,

@@ -30,6 +30,7 @@ static cublasStatus_t fail(cublasStatus_t r, const char *what) {
 cublasStatus_t cublasCreate_v2(struct handle **h) {
     if (!mock_current_context()) return fail(NOT_INITIALIZED, "cublasCreate_v2 without a context");
     *h = calloc(1, sizeof **h);
+    if (!*h) return fail(3, "cublasCreate_v2: out of memory");
     (*h)->ctx = mock_current_context();
     return SUCCESS;
 }

@@ -33,7 +33,7 @@ enum {
     ILLEGAL_ADDRESS = 700,
 };
 
-static int initialized;
+static int initialized; /* read and written with __atomic builtins */
 static int contexts[8]; /* the primary contexts' identities */
 static __thread CUcontext current;
 
@@ -76,6 +76,13 @@ size_t mock_live_allocations(void) {
     return n;
 }
 
+/* MOCK_CUDA_REPORT: how many allocations the process left live (a free
+ * the driver refused, say without its context, leaves one). */
+__attribute__((destructor)) static void report_live(void) {
+    if (getenv("MOCK_CUDA_REPORT"))
+        fprintf(stderr, "mock cuda: %zu allocation(s) live at exit\n", mock_live_allocations());
+}
+
 /* The context current on this thread (cuBLAS checks its handle's). */
 void *mock_current_context(void) { return current; }
 
@@ -86,18 +93,18 @@ static CUresult fail(CUresult r, const char *what) {
 
 CUresult cuInit(unsigned flags) {
     (void)flags;
-    initialized = 1;
+    __atomic_store_n(&initialized, 1, __ATOMIC_SEQ_CST);
     return OK;
 }
 
 CUresult cuDeviceGetCount(int *count) {
-    if (!initialized) return fail(NOT_INITIALIZED, "cuDeviceGetCount");
+    if (!__atomic_load_n(&initialized, __ATOMIC_SEQ_CST)) return fail(NOT_INITIALIZED, "cuDeviceGetCount");
     *count = device_count();
     return OK;
 }
 
 CUresult cuDeviceGet(CUdevice *dev, int ordinal) {
-    if (!initialized) return fail(NOT_INITIALIZED, "cuDeviceGet");
+    if (!__atomic_load_n(&initialized, __ATOMIC_SEQ_CST)) return fail(NOT_INITIALIZED, "cuDeviceGet");
     if (ordinal < 0 || ordinal >= device_count()) return fail(INVALID_DEVICE, "cuDeviceGet");
     *dev = ordinal;
     return OK;
@@ -162,8 +169,15 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t bytes) {
     memset(m, 0xff, bytes);
     pthread_mutex_lock(&lock);
     if (nblocks == cap) {
-        cap = cap ? cap * 2 : 64;
-        blocks = realloc(blocks, cap * sizeof *blocks);
+        size_t grown = cap ? cap * 2 : 64;
+        struct block *b = realloc(blocks, grown * sizeof *blocks);
+        if (!b) {
+            pthread_mutex_unlock(&lock);
+            free(m);
+            return fail(2, "cuMemAlloc_v2: out of memory (table)");
+        }
+        blocks = b;
+        cap = grown;
     }
     blocks[nblocks++] = (struct block){(uintptr_t)m, bytes};
     pthread_mutex_unlock(&lock);
@@ -238,10 +252,18 @@ CUresult cuEventSynchronize(CUevent e) { return e ? OK : INVALID_VALUE; }
 CUresult cuEventQuery(CUevent e) { return e ? OK : INVALID_VALUE; }
 CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned f) { (void)s; (void)f; return e ? OK : INVALID_VALUE; }
 
+/* One string per code, kept for the process (cudarc keeps the pointer). */
 CUresult cuGetErrorName(CUresult r, const char **s) {
-    static char buf[64];
-    snprintf(buf, sizeof buf, "MOCK_CUDA_ERROR_%d", r);
-    *s = buf;
+    switch (r) {
+    case OK: *s = "CUDA_SUCCESS"; break;
+    case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE (mock)"; break;
+    case 2: *s = "CUDA_ERROR_OUT_OF_MEMORY (mock)"; break;
+    case NOT_INITIALIZED: *s = "CUDA_ERROR_NOT_INITIALIZED (mock)"; break;
+    case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE (mock)"; break;
+    case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT (mock)"; break;
+    case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS (mock)"; break;
+    default: *s = "CUDA_ERROR_UNKNOWN (mock)";
+    }
     return OK;
 }
 CUresult cuGetErrorString(CUresult r, const char **s) { return cuGetErrorName(r, s); }

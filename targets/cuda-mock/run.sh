@@ -15,15 +15,24 @@ cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcuda.so \
     -o "$out/libcuda.so" targets/cuda-mock/mock_cuda.c -lpthread
 cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcublas.so \
     -o "$out/libcublas.so" targets/cuda-mock/mock_cublas.c -L"$out" -lcuda -Wl,-rpath,'$ORIGIN'
-# Twice: with memory pools (cudarc allocates and frees asynchronously, as on
-# current GPUs) and without (synchronous allocation).
-for pools in 1 0; do
-    echo "=== mock GPU, memory pools: $pools"
-    log="$out/device-tests-pools$pools.log"
-    MOCK_CUDA_POOLS=$pools LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+# Three GPUs: with memory pools (cudarc allocates and frees asynchronously, as
+# on current GPUs), without (synchronous allocation), and one of compute
+# capability 7 (no bf16 tensor cores: bf16 asked for stays f32 there).
+for mode in "1 9" "0 9" "1 7"; do
+    read -r pools cc <<<"$mode"
+    echo "=== mock GPU, memory pools: $pools, compute capability $cc.0"
+    log="$out/device-tests-pools$pools-cc$cc.log"
+    MOCK_CUDA_POOLS=$pools MOCK_CUDA_CC_MAJOR=$cc MOCK_CUDA_REPORT=1 \
+        LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         cargo test --release --features cuda --test device "$@" -- --include-ignored --nocapture \
         2>&1 | tee "$log"
     # Passed, with every GPU test run (none ignored) and reaching the mock.
     grep -q "^test result: ok\. [0-9]* passed; 0 failed; 0 ignored" "$log"
-    grep -q "^GPU: mock GPU 0" "$log"
+    grep -q "GPU: mock GPU 0" "$log"
+    # Every allocation freed by the end (a refused free leaves one live).
+    grep -q "^mock cuda: 0 allocation(s) live at exit" "$log"
+    if grep -q "^mock cuda: [1-9][0-9]* allocation(s) live at exit" "$log"; then
+        echo "run.sh: GPU memory left allocated at exit (a free was refused)" >&2
+        exit 1
+    fi
 done

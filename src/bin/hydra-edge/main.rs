@@ -27,6 +27,11 @@ struct Cli {
     /// `cuda:N` (a build with `--features cuda` and an NVIDIA GPU).
     #[arg(long, global = true, default_value = "cpu")]
     device: hydra_edge::device::Device,
+    /// With a GPU: products of fewer multiply-adds than this stay on the CPU,
+    /// where the copies would cost more than the product (0: every product
+    /// on the GPU).
+    #[arg(long, global = true, default_value_t = hydra_edge::device::GPU_MIN_WORK)]
+    gpu_min_work: usize,
     /// Precision of the tail's large dense products: `f32`, or `bf16` (bf16
     /// operands, f32 sums, on bf16 matrix units — Intel AMX — where the CPU
     /// has them, f32 elsewhere; adapters, head and optimizer stay f32).
@@ -230,6 +235,7 @@ fn main() {
     }
     let json = cli.json;
     let cpu_bf16 = hydra_edge::runtime::set_matmul_precision(cli.matmul_precision);
+    hydra_edge::device::set_gpu_min_work(cli.gpu_min_work);
     if cli.device != hydra_edge::device::Device::Cpu {
         match hydra_edge::device::set_device(cli.device) {
             Ok(info) if !json => eprintln!(
@@ -266,7 +272,7 @@ fn main() {
                 if cli.device == hydra_edge::device::Device::Cpu {
                     ""
                 } else {
-                    " and the GPU no bf16 tensor cores"
+                    " and the GPU has no bf16 tensor cores"
                 }
             );
         }
