@@ -65,8 +65,14 @@ fn recipe() -> SplitConfig {
 
 fn data(n: usize, seed: u64) -> Result<Dataset, Box<dyn std::error::Error>> {
     let mut rng = Rng::new(seed);
+    // TRAIN_STEP_VOCAB: token ids below it (targets/gpu-bundle.sh ships a
+    // MiniLM whose word table keeps only its first rows, to fit the device
+    // transfer; the step's cost does not depend on which rows are read).
+    let vocab: u64 = std::env::var("TRAIN_STEP_VOCAB").map_or(Ok(30_000), |s| s.parse())?;
+    let span =
+        vocab.checked_sub(1000).filter(|s| *s > 0).ok_or("TRAIN_STEP_VOCAB must be over 1000")?;
     let ids: Vec<i64> = (0..n * SEQ)
-        .map(|i| if i % SEQ == 0 { 101 } else { 1000 + rng.below(29_000) as i64 })
+        .map(|i| if i % SEQ == 0 { 101 } else { 1000 + rng.below(span) as i64 })
         .collect();
     // Real sentences are padded: give each sample a random length.
     let mask: Vec<i64> = (0..n)
@@ -160,6 +166,21 @@ fn median_step_ms(trainer: &mut Trainer, train: &Dataset, steps: usize) -> hydra
     Ok(median(v))
 }
 
+/// The adapters' gradients for one batch (`dY = sin(Y)` at the tail's
+/// output), leaving the gradients zeroed.
+fn batch_grads(
+    m: &mut AdaptedModel,
+    feed: &hydra_edge::backbone::Feed,
+) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+    m.zero_grad();
+    let y = m.forward(feed, true)?;
+    let dy = y.f32("tail output")?.mapv(f32::sin);
+    m.backward(dy)?;
+    let grads = m.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+    m.zero_grad();
+    Ok(grads)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let max_threads: usize = std::env::args().nth(1).map_or(Ok(2), |s| s.parse())?;
     let steps: usize = std::env::args().nth(2).map_or(Ok(20), |s| s.parse())?;
@@ -222,7 +243,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // HYDRA_DEVICE=cuda[:N] (a `--features cuda` build): the same step with the
     // tail's dense products on that GPU, beside the CPU's at the most threads.
     if let Ok(dev) = std::env::var("HYDRA_DEVICE") {
+        // One batch's adapter gradients from the same parameters on the CPU
+        // and on the GPU: max |GPU − CPU| per tensor.
+        let (feed, _) = train.batch(&(0..BATCH).collect::<Vec<_>>());
+        let cpu_grads = batch_grads(trainer.model_mut(), &feed)?;
         let info = hydra_edge::device::set_device(dev.parse()?)?;
+        let gpu_grads = batch_grads(trainer.model_mut(), &feed)?;
+        let mut worst = 0.0f32;
+        for (spec, (c, g)) in trainer.model().params().iter().zip(cpu_grads.iter().zip(&gpu_grads))
+        {
+            let scale = c.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+            let e = c.iter().zip(g).fold(0.0f32, |m, (c, g)| m.max((c - g).abs())) / scale;
+            worst = worst.max(e);
+            println!("  gradient {}: max |GPU − CPU| / max |CPU| = {e:.2e}", spec.name);
+        }
+        println!("one batch's gradients on {}: worst tensor {worst:.2e}", info.device);
         let products = hydra_edge::device::stats::gpu_products();
         let gpu_ms = median_step_ms(&mut trainer, &train, steps)?;
         let per_step = (hydra_edge::device::stats::gpu_products() - products) / steps.max(1);

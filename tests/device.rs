@@ -84,13 +84,13 @@ fn the_cli_reports_a_missing_gpu_instead_of_panicking() {
     if gpu_here() {
         return; // covered by the GPU run of targets/gpu-check.sh
     }
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge"));
-    let o = common::run_target_binary(exe).args(["--device", "cuda", "demo"]).output().unwrap();
+    let exe = cli_exe();
+    let o = common::run_target_binary(&exe).args(["--device", "cuda", "demo"]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("error: --device: device `cuda:0`:"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let o = common::run_target_binary(exe).args(["--device", "tpu", "demo"]).output().unwrap();
+    let o = common::run_target_binary(&exe).args(["--device", "tpu", "demo"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "a bad --device is a usage error");
 }
 
@@ -104,8 +104,18 @@ use hydra_edge::train::{Dataset, TrainConfig, Trainer};
 use hydra_edge::{HydraConfig, Tensor};
 use ndarray::{ArrayD, IxDyn};
 
+/// The repository: where cargo built the tests, or `HYDRA_REPO_ROOT` for a
+/// test binary run elsewhere (targets/gpu-bundle.sh, on a GPU machine).
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("HYDRA_REPO_ROOT")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
+/// The CLI binary: cargo's, or `HYDRA_EDGE_BIN` (as [`root`]).
+#[cfg(feature = "cli")]
+fn cli_exe() -> PathBuf {
+    std::env::var_os("HYDRA_EDGE_BIN")
+        .map_or_else(|| env!("CARGO_BIN_EXE_hydra-edge").into(), Into::into)
 }
 
 /// Puts the process-wide knobs back to the defaults when dropped, also when
@@ -420,8 +430,7 @@ fn bf16_products_on_the_gpu_round_their_operands_as_the_cpu_does() {
 #[test]
 #[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
 fn the_cli_runs_the_demo_on_the_gpu() {
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_hydra-edge"));
-    let o = common::run_target_binary(exe)
+    let o = common::run_target_binary(&cli_exe())
         .args(["--json", "--device", "cuda", "--gpu-min-work", "0", "--matmul-precision", "bf16"])
         .arg("demo")
         .output()
