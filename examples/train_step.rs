@@ -258,6 +258,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("  gradient {}: max |GPU − CPU| / max |CPU| = {e:.2e}", spec.name);
         }
         println!("one batch's gradients on {}: worst tensor {worst:.2e}", info.device);
+        // f32 products on both sides: only the summation order differs.
+        let finite = gpu_grads.iter().flatten().all(|v| v.is_finite());
+        if precision == MatmulPrecision::F32 && (worst > 1e-3 || !finite) {
+            return Err(format!("GPU gradients differ from the CPU's by {worst:e} (> 1e-3)").into());
+        }
         let products = hydra_edge::device::stats::gpu_products();
         let gpu_ms = median_step_ms(&mut trainer, &train, steps)?;
         let per_step = (hydra_edge::device::stats::gpu_products() - products) / steps.max(1);
