@@ -18,11 +18,15 @@
 //! first product has uploaded them (one copy per precision in use, f32 or bf16, for the forward and the
 //! backward product, dropped when a merge changes `W0`), and its bias is
 //! added there, so only the activations go up and the result comes back;
-//! other products send their operands up each time. The element-wise ops, norms,
-//! the Hydra low-rank kernels and the optimizer stay on the CPU, and the
-//! parameters never leave the host, so checkpoints, adapter files and the
-//! merge are the CPU path's own. A CUDA call that fails mid-run leaves that
-//! product to the CPU (the result is the same up to rounding), counted in
+//! other products send their operands up each time. An adapted layer's
+//! pass without dropout runs whole on the GPU (`try_adapted_forward`,
+//! `try_adapted_backward`): its input goes up once for the frozen product
+//! and the Hydra branches' low-rank products, and its gradients come back as
+//! increments to the host's sums. The element-wise ops, norms and the
+//! optimizer stay on the CPU, and the parameters live on the host, so
+//! checkpoints, adapter files and the merge are the CPU path's own. A CUDA
+//! call that fails mid-run leaves that product (or that layer's whole pass)
+//! to the CPU (the result is the same up to rounding), counted in
 //! [`stats`] and reported once on stderr.
 
 use alloc::string::{String, ToString};
@@ -151,6 +155,7 @@ pub mod stats {
     pub(crate) static GPU_PRODUCTS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_BF16_PRODUCTS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_ADAPTED_PASSES: AtomicUsize = AtomicUsize::new(0);
 
     /// Dense products run on the GPU so far.
     pub fn gpu_products() -> usize {
@@ -160,6 +165,13 @@ pub mod stats {
     /// Of those, the ones with bf16 operands (tensor cores).
     pub fn gpu_bf16_products() -> usize {
         GPU_BF16_PRODUCTS.load(Ordering::Relaxed)
+    }
+
+    /// Passes (forward or backward) of adapted layers that ran whole on
+    /// the GPU, the Hydra branches' low-rank products and gradients
+    /// included.
+    pub fn gpu_adapted_passes() -> usize {
+        GPU_ADAPTED_PASSES.load(Ordering::Relaxed)
     }
 
     /// Products that a failed CUDA call left to the CPU so far.
@@ -290,7 +302,8 @@ pub(crate) fn try_frozen<'w>(
     #[cfg(feature = "cuda")]
     {
         let plan = FrozenPlan::of(forward, rows, din, dout);
-        if work(&[rows, din, dout]) < MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+        if on_cpu_only()
+            || work(&[rows, din, dout]) < MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
             || plan.k == 0
             || x.len() < rows * plan.k
             || bias.is_some_and(|b| !forward || b.len() != dout)
@@ -304,6 +317,182 @@ pub(crate) fn try_frozen<'w>(
         let _ = (slot, w0, forward, rows, din, dout, x, bias);
         None
     }
+}
+
+/// One Hydra branch as the GPU path reads it (`hydra::Branch` and its
+/// config): `A` r×width, `B` out×r, row-major, optional biases `c` (r) and
+/// `e` (out), the scale `s`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LowRank<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub bias_down: Option<&'a [f32]>,
+    pub bias_up: Option<&'a [f32]>,
+    pub scale: f32,
+    pub rank: usize,
+}
+
+/// An adapted layer's forward from the GPU: `Y`, and what backward reads
+/// (`Y0` when there is a sequential branch, each branch's `U`, n×r).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct AdaptedForward {
+    pub y: Vec<f32>,
+    pub y0: Option<Vec<f32>>,
+    pub u_p: Vec<f32>,
+    pub u_s: Vec<f32>,
+}
+
+/// One branch's gradient *increments* from one backward (the caller adds
+/// them to its sums), shaped as the branch.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct LowRankGrads {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub bias_down: Option<Vec<f32>>,
+    pub bias_up: Option<Vec<f32>>,
+}
+
+/// An adapted layer's backward from the GPU.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) struct AdaptedBackward {
+    pub dx: Option<Vec<f32>>,
+    pub parallel: Option<LowRankGrads>,
+    pub sequential: Option<LowRankGrads>,
+}
+
+/// What a `try_adapted_*` call did.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) enum Attempt<T> {
+    /// The GPU ran it.
+    Done(T),
+    /// Not for the GPU (none in use, or a pass under [`set_gpu_min_work`]):
+    /// the CPU runs it, its frozen product free to try the GPU alone.
+    NotTaken,
+    /// A CUDA call failed (counted and reported): the CPU runs the whole
+    /// pass, under [`on_cpu`].
+    Failed,
+}
+
+/// An adapted layer's forward pass whole on the GPU, `X[n×in]` going up
+/// once: `Y0 = X·W0ᵀ + b0` with `W0` resident in `slot` (as
+/// [`try_frozen`]), then the parallel branch `Y += s·(X·Aᵀ + c)·Bᵀ + s·e`
+/// and the sequential one on `Y0` — the math of `HydraLinear::forward` with
+/// no dropout (the caller keeps passes with dropout masks on the CPU).
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn try_adapted_forward<'w>(
+    slot: &Resident,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    (n, din, dout): (usize, usize, usize),
+    parallel: Option<LowRank<'_>>,
+    sequential: Option<LowRank<'_>>,
+) -> Attempt<AdaptedForward> {
+    #[cfg(feature = "cuda")]
+    {
+        if !adapted_fits(n, din, dout, parallel, sequential)
+            || x.len() != n * din
+            || bias.is_some_and(|b| b.len() != dout)
+        {
+            return Attempt::NotTaken;
+        }
+        cuda::adapted_forward(&slot.slot, w0, bias, x, (n, din, dout), parallel, sequential)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, w0, bias, x, n, din, dout, parallel, sequential);
+        Attempt::NotTaken
+    }
+}
+
+/// The backward of [`try_adapted_forward`] whole on the GPU for `dY[n×out]`:
+/// each branch's gradient increments (`dB = s·dYᵀ·U`, `de = s·Σ dY`,
+/// `dU = dY·B`, `dc = s·Σ dU`, `dA = s·dUᵀ·input`) and, if `want_dx`,
+/// `dX = (dY + s_s·dU_s·A_s)·W0 + s_p·dU_p·A_p`. `x` (the parallel branch's
+/// input), `y0` and the `u`s are the forward's.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn try_adapted_backward<'w>(
+    slot: &Resident,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    dy: &[f32],
+    (n, din, dout): (usize, usize, usize),
+    parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
+    sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
+    want_dx: bool,
+) -> Attempt<AdaptedBackward> {
+    #[cfg(feature = "cuda")]
+    {
+        let (p, s) = (parallel.map(|p| p.0), sequential.map(|s| s.0));
+        let inputs_fit = |b: Option<(LowRank<'_>, &[f32], &[f32])>, width: usize| {
+            b.is_none_or(|(l, x, u)| x.len() == n * width && u.len() == n * l.rank)
+        };
+        if !adapted_fits(n, din, dout, p, s)
+            || dy.len() != n * dout
+            || !inputs_fit(parallel, din)
+            || !inputs_fit(sequential, dout)
+        {
+            return Attempt::NotTaken;
+        }
+        cuda::adapted_backward(&slot.slot, w0, dy, (n, din, dout), parallel, sequential, want_dx)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, w0, dy, n, din, dout, parallel, sequential, want_dx);
+        Attempt::NotTaken
+    }
+}
+
+/// Whether a GPU is in use for products of `dims` multiply-adds (a cheap
+/// check, for work that only the GPU route needs done first).
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn gpu_takes(dims: &[usize]) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        !on_cpu_only()
+            && work(dims) >= MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+            && cuda::is_active()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dims;
+        false
+    }
+}
+
+/// Whether an adapted layer's pass goes to the GPU: one in use, a frozen
+/// product of at least [`set_gpu_min_work`], and branches whose tensors
+/// match the layer (anything else is the CPU path's to report).
+#[cfg(feature = "cuda")]
+fn adapted_fits(
+    n: usize,
+    din: usize,
+    dout: usize,
+    parallel: Option<LowRank<'_>>,
+    sequential: Option<LowRank<'_>>,
+) -> bool {
+    let fits = |b: Option<LowRank<'_>>, width: usize| {
+        b.is_none_or(|b| {
+            b.rank > 0
+                && b.a.len() == b.rank * width
+                && b.b.len() == dout * b.rank
+                && b.bias_down.is_none_or(|c| c.len() == b.rank)
+                && b.bias_up.is_none_or(|e| e.len() == dout)
+        })
+    };
+    !on_cpu_only()
+        && n > 0
+        && din > 0
+        && dout > 0
+        && work(&[n, din, dout]) >= MIN_WORK.load(core::sync::atomic::Ordering::Relaxed)
+        && fits(parallel, din)
+        && fits(sequential, dout)
 }
 
 /// The column-major (cuBLAS) call for a frozen product: row-major

@@ -332,6 +332,12 @@ pub(crate) struct Packs {
 }
 
 impl Packs {
+    /// `W0`'s copy on the GPU.
+    #[cfg(feature = "std")]
+    pub(crate) fn gpu(&self) -> &crate::device::Resident {
+        &self.gpu
+    }
+
     /// Bytes the packs of an out×in `W0` take once built, both directions,
     /// where bf16 products are on (0 otherwise): what a memory estimate
     /// counts before training has built them.
@@ -519,7 +525,7 @@ static GEMM_LOG: std::sync::Mutex<Option<Vec<(usize, usize, usize)>>> = std::syn
 static RECORDING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 #[cfg(feature = "std")]
-fn record_gemm(m: usize, k: usize, n: usize) {
+pub(crate) fn record_gemm(m: usize, k: usize, n: usize) {
     if !RECORDING.load(core::sync::atomic::Ordering::Relaxed) {
         return;
     }

@@ -366,8 +366,6 @@ impl HydraLinear {
         if !x.all_finite() {
             return Err(Error::NonFinite("HydraLinear::forward input"));
         }
-        let (din, dout) = (self.in_dim, self.out_dim);
-        // y0 = X·W0ᵀ + b0 (dense, frozen).
         let xf: Vec<f32>;
         let x32: &[f32] = match x {
             Input::F32(x) => x,
@@ -376,6 +374,90 @@ impl HydraLinear {
                 &xf
             }
         };
+        #[cfg(feature = "std")]
+        if !self.merged && !self.dropout_in(self.training) {
+            use crate::device::Attempt;
+            let (din, dout) = (self.in_dim, self.out_dim);
+            let (p, s) = self.low_ranks();
+            let b0 = self.b0.as_deref();
+            let w0 = &self.w0;
+            let gpu = self.packs.gpu();
+            match crate::device::try_adapted_forward(
+                gpu,
+                || w0.as_f32(k),
+                b0,
+                x32,
+                (n, din, dout),
+                p,
+                s,
+            ) {
+                Attempt::Done(f) => {
+                    dense::record_gemm(n, din, dout);
+                    let xp = (keep && copy_input && self.parallel.is_some()).then(|| match x {
+                        Input::F32(v) => SavedX::F32(v.to_vec()),
+                        Input::F16(h) => SavedX::F16(h.to_vec()),
+                    });
+                    let saved = Saved {
+                        n,
+                        xp,
+                        mask_p: None,
+                        y0: f.y0,
+                        mask_s: None,
+                        u_p: f.u_p,
+                        u_s: f.u_s,
+                    };
+                    self.saved = keep.then_some(saved);
+                    return Ok(f.y);
+                }
+                Attempt::NotTaken => {}
+                Attempt::Failed => {
+                    return crate::device::on_cpu(|| self.forward_cpu(x, x32, n, copy_input, keep));
+                }
+            }
+        }
+        self.forward_cpu(x, x32, n, copy_input, keep)
+    }
+
+    /// Whether a pass in training mode `train` draws dropout masks.
+    #[cfg(feature = "std")]
+    fn dropout_in(&self, train: bool) -> bool {
+        let c = &self.config;
+        train
+            && ((self.parallel.is_some() && c.parallel.dropout > 0.0)
+                || (self.sequential.is_some() && c.sequential.dropout > 0.0))
+    }
+
+    /// The branches as the GPU path reads them.
+    #[cfg(feature = "std")]
+    fn low_ranks(
+        &self,
+    ) -> (Option<crate::device::LowRank<'_>>, Option<crate::device::LowRank<'_>>) {
+        fn lr<'a>(b: &'a Option<Branch>, c: &BranchConfig) -> Option<crate::device::LowRank<'a>> {
+            b.as_ref().map(|b| crate::device::LowRank {
+                a: &b.a,
+                b: &b.b,
+                bias_down: b.bias_down.as_deref(),
+                bias_up: b.bias_up.as_deref(),
+                scale: c.scale,
+                rank: c.rank,
+            })
+        }
+        (lr(&self.parallel, &self.config.parallel), lr(&self.sequential, &self.config.sequential))
+    }
+
+    /// [`HydraLinear::forward_ext`] on the CPU (the frozen product may
+    /// still go to the GPU alone), `x32` being `x` as f32.
+    fn forward_cpu(
+        &mut self,
+        x: Input<'_>,
+        x32: &[f32],
+        n: usize,
+        copy_input: bool,
+        keep: bool,
+    ) -> Result<Vec<f32>> {
+        let k = kernels::active();
+        let (din, dout) = (self.in_dim, self.out_dim);
+        // y0 = X·W0ᵀ + b0 (dense, frozen).
         let mut y =
             dense::frozen_forward(k, &self.w0, &self.packs, self.b0.as_deref(), x32, n, din, dout);
         if self.merged {
@@ -482,7 +564,6 @@ impl HydraLinear {
         want_dx: bool,
         input: Option<Input<'_>>,
     ) -> Result<Option<Vec<f32>>> {
-        let k = kernels::active();
         let saved = self.saved.take().ok_or_else(|| {
             Error::Config(
                 "HydraLinear::backward called without a preceding forward (or after merge)"
@@ -501,6 +582,67 @@ impl HydraLinear {
         {
             return Err(shape("HydraLinear::backward X", format!("{n}×{din}"), x.len()));
         }
+        #[cfg(feature = "std")]
+        if saved.mask_p.is_none()
+            && saved.mask_s.is_none()
+            && crate::device::gpu_takes(&[n, din, dout])
+        {
+            use crate::device::Attempt;
+            let k = kernels::active();
+            // The parallel branch's input, as f32.
+            let xp: Option<alloc::borrow::Cow<'_, [f32]>> = match (&saved.xp, &input) {
+                _ if self.parallel.is_none() => None,
+                (Some(SavedX::F32(v)), _) => Some(v[..].into()),
+                (None, Some(Input::F32(v))) => Some((*v).into()),
+                (Some(SavedX::F16(v)), _) => Some(widen(k, v).into()),
+                (None, Some(Input::F16(v))) => Some(widen(k, v).into()),
+                (None, None) => None,
+            };
+            if self.parallel.is_none() || xp.is_some() {
+                let (p, s) = self.low_ranks();
+                let p = p.zip(xp.as_deref()).map(|(l, x)| (l, x, &saved.u_p[..]));
+                let y0 = saved.y0.as_deref().unwrap_or_default();
+                let s = s.map(|l| (l, y0, &saved.u_s[..]));
+                let (w0, gpu) = (&self.w0, self.packs.gpu());
+                match crate::device::try_adapted_backward(
+                    gpu,
+                    || w0.as_f32(k),
+                    dy,
+                    (n, din, dout),
+                    p,
+                    s,
+                    want_dx,
+                ) {
+                    Attempt::Done(b) => {
+                        if want_dx {
+                            dense::record_gemm(n, dout, din);
+                        }
+                        add_grads(self.grad_parallel.as_mut(), b.parallel);
+                        add_grads(self.grad_sequential.as_mut(), b.sequential);
+                        return Ok(b.dx);
+                    }
+                    Attempt::NotTaken => {}
+                    Attempt::Failed => {
+                        return crate::device::on_cpu(|| {
+                            self.backward_cpu(saved, dy, want_dx, input)
+                        });
+                    }
+                }
+            }
+        }
+        self.backward_cpu(saved, dy, want_dx, input)
+    }
+
+    /// [`HydraLinear::backward_impl`] on the CPU, after its checks.
+    fn backward_cpu(
+        &mut self,
+        saved: Saved,
+        dy: &[f32],
+        want_dx: bool,
+        input: Option<Input<'_>>,
+    ) -> Result<Option<Vec<f32>>> {
+        let k = kernels::active();
+        let (n, din, dout) = (saved.n, self.in_dim, self.out_dim);
         // dY0 = dY + s_s·(dY·B_s)·A_s (masked), then dX = dY0·W0.
         let mut dy0_owned = None;
         if let (Some(s), Some(g)) = (&self.sequential, &mut self.grad_sequential) {
@@ -604,6 +746,22 @@ fn branch_grads(
         sum_rows_into(gc, &du, s);
     }
     du
+}
+
+/// Adds one backward's gradient increments from the GPU to the sums.
+#[cfg(feature = "std")]
+fn add_grads(g: Option<&mut Branch>, inc: Option<crate::device::LowRankGrads>) {
+    let add = |g: &mut [f32], inc: &[f32]| g.iter_mut().zip(inc).for_each(|(g, i)| *g += i);
+    if let (Some(g), Some(inc)) = (g, inc) {
+        add(&mut g.a, &inc.a);
+        add(&mut g.b, &inc.b);
+        if let (Some(g), Some(inc)) = (&mut g.bias_down, &inc.bias_down) {
+            add(g, inc);
+        }
+        if let (Some(g), Some(inc)) = (&mut g.bias_up, &inc.bias_up) {
+            add(g, inc);
+        }
+    }
 }
 
 /// `acc[j] += s·Σ_i m[i, j]`.

@@ -226,6 +226,15 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream
     return OK;
 }
 
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    (void)s;
+    if (!current) return fail(INVALID_CONTEXT, "cuMemcpyDtoDAsync_v2");
+    if (!mock_check_range((uintptr_t)src, bytes)) return fail(ILLEGAL_ADDRESS, "DtoD source out of range");
+    if (!mock_check_range((uintptr_t)dst, bytes)) return fail(ILLEGAL_ADDRESS, "DtoD destination out of range");
+    memmove((void *)(uintptr_t)dst, (void *)(uintptr_t)src, bytes);
+    return OK;
+}
+
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     (void)s;
     if (!current) return fail(INVALID_CONTEXT, "cuMemsetD8Async");

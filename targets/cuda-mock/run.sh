@@ -22,13 +22,17 @@ for mode in "1 9" "0 9" "1 7"; do
     read -r pools cc <<<"$mode"
     echo "=== mock GPU, memory pools: $pools, compute capability $cc.0"
     log="$out/device-tests-pools$pools-cc$cc.log"
+    rm -f "$out/fault-$pools-$cc"
     MOCK_CUDA_POOLS=$pools MOCK_CUDA_CC_MAJOR=$cc MOCK_CUDA_REPORT=1 \
+        MOCK_CUDA_FAULTS="$PWD/$out/fault-$pools-$cc" \
         LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         cargo test --release --features cuda --test device "$@" -- --include-ignored --nocapture \
         2>&1 | tee "$log"
     # Passed, with every GPU test run (none ignored) and reaching the mock.
     grep -q "^test result: ok\. [0-9]* passed; 0 failed; 0 ignored" "$log"
     grep -q "GPU: mock GPU 0" "$log"
+    # The fault-injection test ran (it needs the mock, so it skips elsewhere).
+    grep -q "^injected faults: " "$log"
     # Every allocation freed by the end (a refused free leaves one live).
     grep -q "^mock cuda: 0 allocation(s) live at exit" "$log"
     if grep -q "^mock cuda: [1-9][0-9]* allocation(s) live at exit" "$log"; then

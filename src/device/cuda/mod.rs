@@ -20,7 +20,10 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::{Device, DeviceInfo, FrozenPlan, Layout, stats};
+
+mod hydra;
 use crate::{Error, Result};
+pub(super) use hydra::{adapted_backward, adapted_forward};
 
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
@@ -99,16 +102,40 @@ enum Buf {
     Bf16(CudaSlice<u16>),
 }
 
+/// A borrowed [`Buf`] (or an f32 device matrix made elsewhere).
+#[derive(Clone, Copy)]
+enum BufRef<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<u16>),
+}
+
 impl Buf {
     fn len(&self) -> usize {
-        match self {
-            Buf::F32(b) => b.len(),
-            Buf::Bf16(b) => b.len(),
-        }
+        self.as_ref().len()
     }
 
     fn is_bf16(&self) -> bool {
         matches!(self, Buf::Bf16(_))
+    }
+
+    fn as_ref(&self) -> BufRef<'_> {
+        match self {
+            Buf::F32(b) => BufRef::F32(b),
+            Buf::Bf16(b) => BufRef::Bf16(b),
+        }
+    }
+}
+
+impl BufRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            BufRef::F32(b) => b.len(),
+            BufRef::Bf16(b) => b.len(),
+        }
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self, BufRef::Bf16(_))
     }
 }
 
@@ -131,6 +158,10 @@ fn active() -> Option<Arc<Mutex<Gpu>>> {
 
 fn device_error(n: usize, reason: impl Into<String>) -> Error {
     Error::Device { device: Device::Cuda(n).to_string(), reason: reason.into() }
+}
+
+pub(super) fn is_active() -> bool {
+    ACTIVE.read().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
 pub(super) fn active_ordinal() -> Option<usize> {
@@ -277,14 +308,39 @@ pub(super) fn frozen<'w>(
     x: &[f32],
     bias: Option<&[f32]>,
 ) -> Option<Vec<f32>> {
-    let gpu = active()?;
     if [plan.m, plan.n, plan.k].iter().any(|&d| d == 0 || i32::try_from(d).is_err()) {
         return None;
     }
+    with_resident(slot, w0, plan, |gpu, w| {
+        let x = x.get(..plan.n * plan.k).ok_or("the activations are shorter than their shape")?;
+        let x = gpu.upload_as(x, w.is_bf16())?;
+        let y = gpu.frozen(plan, w, x.as_ref(), bias)?;
+        gpu.download(&y)
+    })
+    .ok()
+    .map(|(y, bf16)| {
+        counted(bf16);
+        y
+    })
+}
+
+/// Runs `f` on the GPU in use with its context current and the frozen
+/// `W0` of `slot` resident in the precision `plan`'s product takes there
+/// (uploaded from `w0` if the slot has no copy for this GPU in it).
+/// Returns `f`'s result and whether the product is bf16; a failure drops
+/// the copy, is counted and reported ([`fell_back`]) and returns `Err`
+/// (`Err(None)`: no GPU in use, nothing tried).
+fn with_resident<'w, T>(
+    slot: &Mutex<Option<Box<Resident>>>,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    plan: FrozenPlan,
+    f: impl FnOnce(&mut Gpu, &Buf) -> Result<T, String>,
+) -> Result<(T, bool), Option<String>> {
+    let gpu = active().ok_or(None)?;
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
     let bf16 = bf16_product(&gpu, plan.n, plan.k, plan.m);
-    let run = |slot: &mut Option<Box<Resident>>, gpu: &mut Gpu| -> Result<Vec<f32>, String> {
+    let run = |slot: &mut Option<Box<Resident>>, gpu: &mut Gpu| -> Result<T, String> {
         // Copies made on another GPU (or before a switch) go first, freed
         // under their own context; then this GPU's context is current.
         if slot.as_ref().is_some_and(|r| r.gpu != gpu.id) {
@@ -302,17 +358,14 @@ pub(super) fn frozen<'w>(
             *copy = Some(gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?);
         }
         let Some(w) = copy.as_ref() else { return Err("no resident W0".to_string()) };
-        gpu.frozen(plan, w, x, bias)
+        f(gpu, w)
     };
     match run(&mut slot, &mut gpu) {
-        Ok(y) => {
-            counted(bf16);
-            Some(y)
-        }
+        Ok(t) => Ok((t, bf16)),
         Err(e) => {
             *slot = None;
             fell_back(gpu.ordinal, &e);
-            None
+            Err(Some(e))
         }
     }
 }
@@ -348,16 +401,16 @@ impl Gpu {
     unsafe fn gemm_buf(
         &self,
         cfg: GemmConfig<f32>,
-        a: &Buf,
-        b: &Buf,
+        a: BufRef<'_>,
+        b: BufRef<'_>,
         c: &mut CudaSlice<f32>,
     ) -> Result<(), String> {
         match (a, b) {
             // SAFETY: the caller's contract.
-            (Buf::F32(a), Buf::F32(b)) => {
+            (BufRef::F32(a), BufRef::F32(b)) => {
                 unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(|e| format!("cuBLAS sgemm: {e:?}"))
             }
-            (Buf::Bf16(a), Buf::Bf16(b)) => {
+            (BufRef::Bf16(a), BufRef::Bf16(b)) => {
                 let (ap, _ra) = a.device_ptr(&self.stream);
                 let (bp, _rb) = b.device_ptr(&self.stream);
                 let (cp, _rc) = c.device_ptr_mut(&self.stream);
@@ -467,7 +520,7 @@ impl Gpu {
         };
         // SAFETY: each operand was uploaded with the extent its op and leading
         // dimension reach (`upload`), and C is a dense n×m block of m·n values.
-        unsafe { self.gemm_buf(cfg, &b_op.data, &a_op.data, &mut c_dev) }?;
+        unsafe { self.gemm_buf(cfg, b_op.data.as_ref(), a_op.data.as_ref(), &mut c_dev) }?;
         self.stream.memcpy_dtoh(&c_dev, &mut dense_c).map_err(|e| format!("download: {e}"))?;
         self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
         for (i, row) in dense_c.chunks_exact(n).enumerate() {
@@ -477,19 +530,21 @@ impl Gpu {
     }
 
     /// A frozen product with `W0` resident (`w`, out×in row-major) as
-    /// `plan` lays it out; `x` holds `plan.n` rows of `plan.k` and goes up
-    /// in `w`'s precision, the bias (forward only) `plan.m` values, in f32.
+    /// `plan` lays it out, into a new device matrix: `x` holds `plan.n` rows
+    /// of `plan.k` in `w`'s precision, the bias (forward only) `plan.m`
+    /// values, in f32.
     fn frozen(
         &mut self,
         p: FrozenPlan,
         w: &Buf,
-        x: &[f32],
+        x: BufRef<'_>,
         bias: Option<&[f32]>,
-    ) -> Result<Vec<f32>, String> {
+    ) -> Result<CudaSlice<f32>, String> {
         let int =
             |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
-        let x = x.get(..p.n * p.k).ok_or("the activations are shorter than their shape")?;
-        let x = self.upload_as(x, w.is_bf16())?;
+        if x.len() < p.n * p.k || x.is_bf16() != w.is_bf16() {
+            return Err("the activations do not match the product".to_string());
+        }
         let mut y = self.stream.alloc_zeros::<f32>(p.m * p.n).map_err(|e| format!("alloc: {e}"))?;
         let mut beta = 0.0;
         if let Some(b) = bias {
@@ -497,11 +552,7 @@ impl Gpu {
             // times a row of n ones (ld 1), with β = 0.
             let b = b.get(..p.m).ok_or("the bias is shorter than the output")?;
             let b = self.stream.clone_htod(b).map_err(|e| format!("upload: {e}"))?;
-            if self.ones.as_ref().is_none_or(|o| o.len() < p.n) {
-                let ones = alloc::vec![1.0f32; p.n];
-                self.ones =
-                    Some(self.stream.clone_htod(&ones).map_err(|e| format!("upload: {e}"))?);
-            }
+            self.ensure_ones(p.n)?;
             let Some(ones) = self.ones.as_ref() else { return Err("no ones".to_string()) };
             let cfg = GemmConfig {
                 transa: cublasOperation_t::CUBLAS_OP_N,
@@ -541,11 +592,74 @@ impl Gpu {
             return Err("the resident W0 is shorter than the product".to_string());
         }
         // SAFETY: W0 holds in·out = m·k values read with ld = in (k×m
-        // transposed forward, m×k backward: `FrozenPlan::of`), X n·k values
-        // (k×n, ld k), Y m·n (m×n, ld m).
-        unsafe { self.gemm_buf(cfg, w, &x, &mut y) }?;
-        let out = self.stream.clone_dtoh(&y).map_err(|e| format!("download: {e}"))?;
+        // transposed forward, m×k backward: `FrozenPlan::of`), X at least
+        // n·k values (k×n, ld k, checked above), Y m·n (m×n, ld m).
+        unsafe { self.gemm_buf(cfg, w.as_ref(), x, &mut y) }?;
+        Ok(y)
+    }
+
+    /// A column of at least `n` ones in [`Gpu::ones`].
+    fn ensure_ones(&mut self, n: usize) -> Result<(), String> {
+        if self.ones.as_ref().is_none_or(|o| o.len() < n) {
+            let ones = alloc::vec![1.0f32; n];
+            self.ones = Some(self.stream.clone_htod(&ones).map_err(|e| format!("upload: {e}"))?);
+        }
+        Ok(())
+    }
+
+    /// The device matrix `y` on the host, after the stream has run.
+    fn download(&self, y: &CudaSlice<f32>) -> Result<Vec<f32>, String> {
+        let out = self.stream.clone_dtoh(y).map_err(|e| format!("download: {e}"))?;
         self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
         Ok(out)
+    }
+
+    /// Row-major `C[m×n] = α·op(A)·op(B) + β·C` on dense f32 device
+    /// matrices: `A` stored m×k (k×m when `ta`: `op(A)` is its transpose),
+    /// `B` stored k×n (n×k when `tb`), `C` m×n. The extents are checked
+    /// here, so this is safe to call with any buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn rm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: &CudaSlice<f32>,
+        ta: bool,
+        b: &CudaSlice<f32>,
+        tb: bool,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<(), String> {
+        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+            return Err(format!("operands too short for a {m}×{k}·{k}×{n} product"));
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Err(format!("empty product {m}×{k}·{k}×{n}"));
+        }
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
+        let op = |t: bool| {
+            if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N }
+        };
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and
+        // a dense row-major matrix read column-major (ld = its row length)
+        // is its transpose: cuBLAS's first operand is B (op N unless `tb`,
+        // ld = B's stored row length), its second A, C has ld n.
+        let cfg = GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: int(n)?,
+            n: int(m)?,
+            k: int(k)?,
+            alpha,
+            lda: int(if tb { k } else { n })?,
+            ldb: int(if ta { m } else { k })?,
+            beta,
+            ldc: int(n)?,
+        };
+        // SAFETY: B holds k·n values, read as n×k (ld n) or k×n (ld k)
+        // column-major; A m·k, read as k×m (ld k) or m×k (ld m); C m·n, read
+        // and written as n×m (ld n): all checked above.
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| format!("cuBLAS sgemm: {e:?}"))
     }
 }

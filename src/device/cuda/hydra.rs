@@ -1,0 +1,241 @@
+//! An adapted layer's pass whole on the GPU (see `super::super::
+//! try_adapted_forward`): the frozen product with `W0` resident and the
+//! Hydra branches' low-rank products and gradients, as row-major cuBLAS
+//! products ([`Gpu::rm`]) on the activations uploaded once.
+
+use alloc::borrow::Cow;
+use alloc::boxed::Box;
+use alloc::string::String;
+use std::sync::Mutex;
+
+use cudarc::driver::CudaSlice;
+
+use super::{BufRef, Gpu, Resident, counted, with_resident};
+use crate::device::{
+    AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, stats,
+};
+
+/// A branch's tensors on the GPU.
+struct DevBranch {
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    c: Option<CudaSlice<f32>>,
+    e: Option<CudaSlice<f32>>,
+    scale: f32,
+    rank: usize,
+}
+
+impl Gpu {
+    fn up(&self, x: &[f32]) -> Result<CudaSlice<f32>, String> {
+        self.stream.clone_htod(x).map_err(|e| format!("upload: {e}"))
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, String> {
+        self.stream.alloc_zeros(len).map_err(|e| format!("alloc: {e}"))
+    }
+
+    fn branch(&self, l: &LowRank<'_>) -> Result<DevBranch, String> {
+        Ok(DevBranch {
+            a: self.up(l.a)?,
+            b: self.up(l.b)?,
+            c: l.bias_down.map(|c| self.up(c)).transpose()?,
+            e: l.bias_up.map(|e| self.up(e)).transpose()?,
+            scale: l.scale,
+            rank: l.rank,
+        })
+    }
+
+    /// `y[n×out] += s·(x·Aᵀ + c)·Bᵀ + s·e` for a branch over `x[n×width]`;
+    /// returns `U = x·Aᵀ + c` (n×r).
+    fn branch_forward(
+        &self,
+        br: &DevBranch,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        (n, width, out): (usize, usize, usize),
+    ) -> Result<CudaSlice<f32>, String> {
+        let (r, s) = (br.rank, br.scale);
+        let ones = self.ones.as_ref().ok_or("no ones")?;
+        let mut u = self.zeros(n * r)?;
+        self.rm((n, r, width), 1.0, x, false, &br.a, true, 0.0, &mut u)?;
+        if let Some(c) = &br.c {
+            self.rm((n, r, 1), 1.0, ones, false, c, false, 1.0, &mut u)?;
+        }
+        self.rm((n, out, r), s, &u, false, &br.b, true, 1.0, y)?;
+        if let Some(e) = &br.e {
+            self.rm((n, out, 1), s, ones, false, e, false, 1.0, y)?;
+        }
+        Ok(u)
+    }
+
+    /// A branch's gradient increments for `dY[n×out]`, with `U` (n×r) and
+    /// its input `x[n×width]` from the forward; returns them with
+    /// `dU = dY·B` (n×r, unscaled), still on the GPU.
+    #[allow(clippy::type_complexity)]
+    fn branch_backward(
+        &self,
+        br: &DevBranch,
+        dy: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        (n, width, out): (usize, usize, usize),
+    ) -> Result<(LowRankGrads, CudaSlice<f32>), String> {
+        let (r, s) = (br.rank, br.scale);
+        let ones = self.ones.as_ref().ok_or("no ones")?;
+        // dB = s·dYᵀ·U, de = s·Σ dY.
+        let mut gb = self.zeros(out * r)?;
+        self.rm((out, r, n), s, dy, true, u, false, 0.0, &mut gb)?;
+        let ge = match &br.e {
+            Some(_) => {
+                let mut ge = self.zeros(out)?;
+                self.rm((1, out, n), s, ones, false, dy, false, 0.0, &mut ge)?;
+                Some(ge)
+            }
+            None => None,
+        };
+        // dU = dY·B, dc = s·Σ dU, dA = s·dUᵀ·x.
+        let mut du = self.zeros(n * r)?;
+        self.rm((n, r, out), 1.0, dy, false, &br.b, false, 0.0, &mut du)?;
+        let gc = match &br.c {
+            Some(_) => {
+                let mut gc = self.zeros(r)?;
+                self.rm((1, r, n), s, ones, false, &du, false, 0.0, &mut gc)?;
+                Some(gc)
+            }
+            None => None,
+        };
+        let mut ga = self.zeros(r * width)?;
+        self.rm((r, width, n), s, &du, true, x, false, 0.0, &mut ga)?;
+        let down = |v: Option<CudaSlice<f32>>| v.map(|v| self.download(&v)).transpose();
+        let grads = LowRankGrads {
+            a: self.download(&ga)?,
+            b: self.download(&gb)?,
+            bias_down: down(gc)?,
+            bias_up: down(ge)?,
+        };
+        Ok((grads, du))
+    }
+}
+
+/// See `super::super::try_adapted_forward`.
+pub(in crate::device) fn adapted_forward<'w>(
+    slot: &Mutex<Option<Box<Resident>>>,
+    w0: impl FnOnce() -> Cow<'w, [f32]>,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    (n, din, dout): (usize, usize, usize),
+    parallel: Option<LowRank<'_>>,
+    sequential: Option<LowRank<'_>>,
+) -> Attempt<AdaptedForward> {
+    if [n, din, dout].iter().any(|&d| i32::try_from(d).is_err()) {
+        return Attempt::NotTaken;
+    }
+    let plan = FrozenPlan::of(true, n, din, dout);
+    let ran = with_resident(slot, w0, plan, |gpu, w| {
+        gpu.ensure_ones(n)?;
+        let xd = gpu.up(x)?;
+        let mut y = if w.is_bf16() {
+            gpu.frozen(plan, w, gpu.upload_as(x, true)?.as_ref(), bias)?
+        } else {
+            gpu.frozen(plan, w, BufRef::F32(&xd), bias)?
+        };
+        // The sequential branch reads Y0, before the branches add to Y.
+        let y0 = match sequential {
+            Some(_) => Some(gpu.stream.clone_dtod(&y).map_err(|e| format!("copy: {e}"))?),
+            None => None,
+        };
+        let mut u_p = None;
+        if let Some(l) = &parallel {
+            let br = gpu.branch(l)?;
+            u_p = Some(gpu.branch_forward(&br, &xd, &mut y, (n, din, dout))?);
+        }
+        let mut u_s = None;
+        if let (Some(l), Some(y0)) = (&sequential, &y0) {
+            let br = gpu.branch(l)?;
+            u_s = Some(gpu.branch_forward(&br, y0, &mut y, (n, dout, dout))?);
+        }
+        let down = |v: Option<CudaSlice<f32>>| v.map(|v| gpu.download(&v)).transpose();
+        Ok(AdaptedForward {
+            y: gpu.download(&y)?,
+            y0: down(y0)?,
+            u_p: down(u_p)?.unwrap_or_default(),
+            u_s: down(u_s)?.unwrap_or_default(),
+        })
+    });
+    finish(ran)
+}
+
+/// See `super::super::try_adapted_backward`.
+pub(in crate::device) fn adapted_backward<'w>(
+    slot: &Mutex<Option<Box<Resident>>>,
+    w0: impl FnOnce() -> Cow<'w, [f32]>,
+    dy: &[f32],
+    (n, din, dout): (usize, usize, usize),
+    parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
+    sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
+    want_dx: bool,
+) -> Attempt<AdaptedBackward> {
+    if [n, din, dout].iter().any(|&d| i32::try_from(d).is_err()) {
+        return Attempt::NotTaken;
+    }
+    let plan = FrozenPlan::of(false, n, din, dout);
+    let ran = with_resident(slot, w0, plan, |gpu, w| {
+        gpu.ensure_ones(n)?;
+        let dyd = gpu.up(dy)?;
+        // dY0 = dY + s_s·dU_s·A_s (the sequential branch's part of dX).
+        let mut g_s = None;
+        let mut dy0 = None;
+        if let Some((l, y0, u)) = &sequential {
+            let br = gpu.branch(l)?;
+            let (y0, u) = (gpu.up(y0)?, gpu.up(u)?);
+            let (g, du) = gpu.branch_backward(&br, &dyd, &u, &y0, (n, dout, dout))?;
+            if want_dx {
+                let mut d = gpu.stream.clone_dtod(&dyd).map_err(|e| format!("copy: {e}"))?;
+                gpu.rm((n, dout, br.rank), br.scale, &du, false, &br.a, false, 1.0, &mut d)?;
+                dy0 = Some(d);
+            }
+            g_s = Some(g);
+        }
+        // dX = dY0·W0 (+ s_p·dU_p·A_p below).
+        let mut dx = None;
+        if want_dx {
+            let d = dy0.as_ref().unwrap_or(&dyd);
+            dx = Some(if w.is_bf16() {
+                // bf16 operands are rounded on the host (no kernel here).
+                let rounded = gpu.upload_as(&gpu.download(d)?, true)?;
+                gpu.frozen(plan, w, rounded.as_ref(), None)?
+            } else {
+                gpu.frozen(plan, w, BufRef::F32(d), None)?
+            });
+        }
+        let mut g_p = None;
+        if let Some((l, x, u)) = &parallel {
+            let br = gpu.branch(l)?;
+            let (x, u) = (gpu.up(x)?, gpu.up(u)?);
+            let (g, du) = gpu.branch_backward(&br, &dyd, &u, &x, (n, din, dout))?;
+            if let Some(dx) = &mut dx {
+                gpu.rm((n, din, br.rank), br.scale, &du, false, &br.a, false, 1.0, dx)?;
+            }
+            g_p = Some(g);
+        }
+        Ok(AdaptedBackward {
+            dx: dx.map(|d| gpu.download(&d)).transpose()?,
+            parallel: g_p,
+            sequential: g_s,
+        })
+    });
+    finish(ran)
+}
+
+/// Counts a pass the GPU ran (its frozen product with the others).
+fn finish<T>(ran: Result<(T, bool), Option<String>>) -> Attempt<T> {
+    match ran {
+        Ok((t, bf16)) => {
+            counted(bf16);
+            stats::GPU_ADAPTED_PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            Attempt::Done(t)
+        }
+        Err(None) => Attempt::NotTaken,
+        Err(Some(_)) => Attempt::Failed,
+    }
+}
