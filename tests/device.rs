@@ -615,3 +615,25 @@ fn a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu() {
     assert!(tried >= 12, "only {tried} products in a Hydra layer's forward and backward");
     eprintln!("injected faults: {tried} products, each pass rerun on the CPU");
 }
+
+/// A layer's resident `W0` is freed when the device changes (to the CPU, or
+/// a GPU opened anew), not kept until the layer's next product.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn a_change_of_device_frees_the_resident_weights() {
+    let _g = lock();
+    let _restore = Restore;
+    let (n, din, dout) = (8, 16, 12);
+    let w0: Vec<f32> = (0..din * dout).map(|i| (i % 5) as f32 - 2.0).collect();
+    let x: Vec<f32> = (0..n * din).map(|i| (i % 3) as f32).collect();
+    let mut h =
+        HydraLinear::new(HydraConfig::default(), Weights::F32(w0), None, din, dout).unwrap();
+    for switch in [Device::Cpu, Device::Cuda(0)] {
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        h.forward_ext(Input::F32(&x), n, false, false).unwrap();
+        assert_eq!(h.gpu_bytes(), din * dout * 4, "one f32 copy of W0 on the GPU");
+        device::set_device(switch).unwrap();
+        assert_eq!(h.gpu_bytes(), 0, "freed by the switch to {switch}");
+    }
+}

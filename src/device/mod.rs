@@ -260,12 +260,13 @@ pub(crate) fn on_cpu<T>(f: impl FnOnce() -> T) -> T {
 /// through cuBLAS's transpose flag — so the weights cross the bus once, not
 /// once per product. Whoever changes `W0` (merge, unmerge) gets a new one
 /// with its `Packs`; a copy made on another GPU (or before a switch to the
-/// CPU and back) is uploaded again. A switch to the CPU does not free the
-/// copies: each goes with its layer's next GPU product, merge, or drop.
+/// CPU and back) is uploaded again. A switch of device (to the CPU, or to
+/// another GPU) frees every copy that no product is using at that moment;
+/// one in use goes with its layer's next GPU product, merge, or drop.
 #[derive(Default)]
 pub(crate) struct Resident {
     #[cfg(feature = "cuda")]
-    slot: std::sync::Mutex<Option<alloc::boxed::Box<cuda::Resident>>>,
+    slot: cuda::Slot,
 }
 
 impl Resident {

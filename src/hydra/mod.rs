@@ -268,6 +268,12 @@ impl HydraLinear {
     pub fn pack_bytes(&self) -> usize {
         self.packs.bytes()
     }
+    /// Bytes of GPU memory the frozen weights' resident copy takes now (0
+    /// without one: on the CPU, before the first GPU product, after a
+    /// merge or a change of device).
+    pub fn gpu_bytes(&self) -> usize {
+        self.packs.device_bytes()
+    }
     /// The frozen (or merged) bias.
     pub fn bias(&self) -> Option<&[f32]> {
         self.b0.as_deref()

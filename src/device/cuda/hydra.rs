@@ -4,13 +4,11 @@
 //! products ([`Gpu::rm`]) on the activations uploaded once.
 
 use alloc::borrow::Cow;
-use alloc::boxed::Box;
 use alloc::string::String;
-use std::sync::Mutex;
 
 use cudarc::driver::CudaSlice;
 
-use super::{BufRef, Gpu, Resident, counted, with_resident};
+use super::{BufRef, Gpu, counted, with_resident};
 use crate::device::{
     AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, stats,
 };
@@ -119,7 +117,7 @@ impl Gpu {
 
 /// See `super::super::try_adapted_forward`.
 pub(in crate::device) fn adapted_forward<'w>(
-    slot: &Mutex<Option<Box<Resident>>>,
+    slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
     bias: Option<&[f32]>,
     x: &[f32],
@@ -167,7 +165,7 @@ pub(in crate::device) fn adapted_forward<'w>(
 
 /// See `super::super::try_adapted_backward`.
 pub(in crate::device) fn adapted_backward<'w>(
-    slot: &Mutex<Option<Box<Resident>>>,
+    slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
     dy: &[f32],
     (n, din, dout): (usize, usize, usize),

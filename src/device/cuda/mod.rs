@@ -46,6 +46,40 @@ static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
 /// (before a switch of device) is uploaded again.
 static OPENED: AtomicU64 = AtomicU64::new(0);
 
+/// Where a layer keeps its [`Resident`] copy (shared with [`SLOTS`], which
+/// frees the copies when the device changes).
+pub(super) type Slot = Arc<SlotCell>;
+
+type SlotCell = Mutex<Option<Box<Resident>>>;
+
+/// Every slot that has held a copy since the last change of device (dead
+/// ones are pruned as it grows).
+static SLOTS: Mutex<Vec<alloc::sync::Weak<SlotCell>>> = Mutex::new(Vec::new());
+
+/// Remembers `slot` for [`free_resident`].
+fn register(slot: &Slot) {
+    let mut all = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if all.len() >= 64 && all.len().is_power_of_two() {
+        all.retain(|w| w.strong_count() > 0);
+    }
+    all.push(Arc::downgrade(slot));
+}
+
+/// Frees every resident copy that no product holds now (a held one is
+/// skipped: the lock may be this thread's own, when a failing product gives
+/// the GPU up; it is dropped at its next use, its GPU no longer the one in
+/// use). Each copy is freed with its own context current (its `Drop`).
+fn free_resident() {
+    let all = core::mem::take(&mut *SLOTS.lock().unwrap_or_else(|e| e.into_inner()));
+    for slot in all.iter().filter_map(alloc::sync::Weak::upgrade) {
+        match slot.try_lock() {
+            Ok(mut r) => *r = None,
+            Err(std::sync::TryLockError::Poisoned(e)) => *e.into_inner() = None,
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+    }
+}
+
 /// A frozen `W0` on the GPU (see `super::Resident`).
 /// One copy per precision (a layer whose forward product is bf16-sized
 /// and backward not, or the f32 merge check between bf16 steps, would
@@ -170,6 +204,7 @@ pub(super) fn active_ordinal() -> Option<usize> {
 
 pub(super) fn deactivate() {
     *ACTIVE.write().unwrap_or_else(|e| e.into_inner()) = None;
+    free_resident();
 }
 
 pub(super) fn activate(n: usize) -> Result<DeviceInfo> {
@@ -184,6 +219,8 @@ pub(super) fn activate(n: usize) -> Result<DeviceInfo> {
     let (gpu, info) = started?;
     FAILED_IN_A_ROW.store(0, Ordering::Relaxed);
     *ACTIVE.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(gpu)));
+    // Copies on the GPU used before (if any) are of no use now.
+    free_resident();
     Ok(info)
 }
 
@@ -302,7 +339,7 @@ fn fell_back(ordinal: usize, e: &str) {
 /// there. A CUDA failure returns `None` (the CPU computes it) and drops the
 /// copy.
 pub(super) fn frozen<'w>(
-    slot: &Mutex<Option<Box<Resident>>>,
+    slot: &Slot,
     w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
     plan: FrozenPlan,
     x: &[f32],
@@ -331,12 +368,13 @@ pub(super) fn frozen<'w>(
 /// the copy, is counted and reported ([`fell_back`]) and returns `Err`
 /// (`Err(None)`: no GPU in use, nothing tried).
 fn with_resident<'w, T>(
-    slot: &Mutex<Option<Box<Resident>>>,
+    slot: &Slot,
     w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
     plan: FrozenPlan,
     f: impl FnOnce(&mut Gpu, &Buf) -> Result<T, String>,
 ) -> Result<(T, bool), Option<String>> {
     let gpu = active().ok_or(None)?;
+    let shared = slot;
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
     let bf16 = bf16_product(&gpu, plan.n, plan.k, plan.m);
@@ -347,6 +385,9 @@ fn with_resident<'w, T>(
             *slot = None;
         }
         gpu.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
+        if slot.is_none() {
+            register(shared);
+        }
         let r = slot.get_or_insert_with(|| {
             Box::new(Resident { gpu: gpu.id, ctx: gpu.ctx.clone(), f32: None, bf16: None })
         });
