@@ -263,15 +263,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if precision == MatmulPrecision::F32 && (worst > 1e-3 || !finite) {
             return Err(format!("GPU gradients differ from the CPU's by {worst:e} (> 1e-3)").into());
         }
-        let products = hydra_edge::device::stats::gpu_products();
+        use hydra_edge::device::stats as gpu;
+        let before = [
+            gpu::gpu_products(),
+            gpu::gpu_adapted_passes(),
+            gpu::gpu_bytes_up(),
+            gpu::gpu_bytes_down(),
+        ];
         let gpu_ms = median_step_ms(&mut trainer, &train, steps)?;
-        let per_step = (hydra_edge::device::stats::gpu_products() - products) / steps.max(1);
+        let after = [
+            gpu::gpu_products(),
+            gpu::gpu_adapted_passes(),
+            gpu::gpu_bytes_up(),
+            gpu::gpu_bytes_down(),
+        ];
+        let per_step: Vec<usize> =
+            after.iter().zip(&before).map(|(a, b)| (a - b) / steps.max(1)).collect();
         let (t, cpu_ms) = *step_ms.last().unwrap();
         println!(
-            "training step on {} ({}): {gpu_ms:.1} ms, {per_step} products per step on the GPU; \
-             CPU at {t} thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
+            "training step on {} ({}): {gpu_ms:.1} ms, {} products per step on the GPU ({} adapted \
+             layers' passes whole there), {:.1} MB up and {:.1} MB down per step; CPU at {t} \
+             thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
             info.device,
             info.name,
+            per_step[0],
+            per_step[1],
+            per_step[2] as f64 / 1e6,
+            per_step[3] as f64 / 1e6,
             gpu_ms / cpu_ms
         );
         // And with bf16 operands on the GPU's tensor cores, where it has them

@@ -637,3 +637,46 @@ fn a_change_of_device_frees_the_resident_weights() {
         assert_eq!(h.gpu_bytes(), 0, "freed by the switch to {switch}");
     }
 }
+
+/// What crosses the bus for one adapted layer (both branches): the forward
+/// sends `X` and the branch tensors up once (and `W0` on first use) and
+/// brings `Y`, `Y0` and the `U`s back; the backward after it sends only
+/// `dY`, the `U`s and the branch tensors — `X` and `Y0` stayed on the GPU —
+/// and brings back `dX` and the gradients. Counted by
+/// `stats::gpu_bytes_up` / `gpu_bytes_down`, to the byte.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn an_adapted_backward_sends_only_dy_up() {
+    let _g = lock();
+    let _restore = Restore;
+    let (n, din, dout, rp, rs) = (24, 40, 28, 4, 3);
+    let cfg = HydraConfig {
+        parallel: BranchConfig { rank: rp, ..BranchConfig::default() },
+        sequential: BranchConfig { rank: rs, ..BranchConfig::default() },
+        ..HydraConfig::default()
+    };
+    let w0: Vec<f32> = (0..din * dout).map(|i| ((i % 9) as f32 - 4.0) / 8.0).collect();
+    let x: Vec<f32> = (0..n * din).map(|i| ((i % 7) as f32 - 3.0) / 4.0).collect();
+    let dy: Vec<f32> = (0..n * dout).map(|i| ((i % 5) as f32 - 2.0) / 4.0).collect();
+    let mut h = HydraLinear::new(cfg, Weights::F32(w0), None, din, dout).unwrap();
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    let traffic = |f: &mut dyn FnMut()| {
+        let (up, down) = (device::stats::gpu_bytes_up(), device::stats::gpu_bytes_down());
+        f();
+        (device::stats::gpu_bytes_up() - up, device::stats::gpu_bytes_down() - down)
+    };
+    let branches = 4 * (rp * din + dout * rp + rs * dout + dout * rs);
+    let us = 4 * n * (rp + rs);
+    // The first forward uploads W0 and the column of ones as well.
+    let first = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
+    assert_eq!(first.0, 4 * (din * dout + n + n * din) + branches);
+    h.backward_with_input(&dy, Input::F32(&x), true).unwrap();
+    let fwd = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
+    assert_eq!(fwd, (4 * n * din + branches, 4 * 2 * n * dout + us), "forward");
+    let mut dx = None;
+    let bwd = traffic(&mut || dx = h.backward_with_input(&dy, Input::F32(&x), true).unwrap());
+    assert_eq!(bwd.0, 4 * n * dout + us + branches, "backward: only dY, the Us, A and B go up");
+    assert_eq!(bwd.1, 4 * n * din + branches, "backward: dX and the gradients come back");
+    assert_eq!(dx.map(|d| d.len()), Some(n * din));
+}

@@ -156,6 +156,18 @@ pub mod stats {
     pub(crate) static GPU_BF16_PRODUCTS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_ADAPTED_PASSES: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_BYTES_UP: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_BYTES_DOWN: AtomicUsize = AtomicUsize::new(0);
+
+    /// Bytes sent to the GPU so far (weights, activations, gradients).
+    pub fn gpu_bytes_up() -> usize {
+        GPU_BYTES_UP.load(Ordering::Relaxed)
+    }
+
+    /// Bytes brought back from the GPU so far.
+    pub fn gpu_bytes_down() -> usize {
+        GPU_BYTES_DOWN.load(Ordering::Relaxed)
+    }
 
     /// Dense products run on the GPU so far.
     pub fn gpu_products() -> usize {
@@ -335,7 +347,8 @@ pub(crate) struct LowRank<'a> {
 }
 
 /// An adapted layer's forward from the GPU: `Y`, and what backward reads
-/// (`Y0` when there is a sequential branch, each branch's `U`, n×r).
+/// (`Y0` when there is a sequential branch, each branch's `U`, n×r), on the
+/// host and, for a backward on the same GPU, `on_gpu`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct AdaptedForward {
@@ -343,6 +356,37 @@ pub(crate) struct AdaptedForward {
     pub y0: Option<Vec<f32>>,
     pub u_p: Vec<f32>,
     pub u_s: Vec<f32>,
+    pub on_gpu: OnGpu,
+}
+
+/// What an adapted layer's GPU forward leaves on the GPU for its backward
+/// (kept with the host's copies in the layer's saved state): the input `X`
+/// (f32, for the parallel branch's `dA`) and `Y0` (the sequential branch's
+/// input), so that the backward sends only `dY` up. Freed when the backward
+/// takes it or the saved state is dropped, with its context current; a
+/// backward on the CPU or on another GPU uses the host's copies.
+#[derive(Default)]
+pub(crate) struct OnGpu {
+    #[cfg(feature = "cuda")]
+    inner: Option<alloc::boxed::Box<cuda::SavedOnGpu>>,
+}
+
+impl OnGpu {
+    /// Bytes of GPU memory it holds.
+    pub(crate) fn bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.as_ref().map_or(0, |s| s.bytes())
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+}
+
+impl fmt::Debug for OnGpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OnGpu({} bytes)", self.bytes())
+    }
 }
 
 /// One branch's gradient *increments* from one backward (the caller adds
@@ -383,7 +427,9 @@ pub(crate) enum Attempt<T> {
 /// once: `Y0 = X·W0ᵀ + b0` with `W0` resident in `slot` (as
 /// [`try_frozen`]), then the parallel branch `Y += s·(X·Aᵀ + c)·Bᵀ + s·e`
 /// and the sequential one on `Y0` — the math of `HydraLinear::forward` with
-/// no dropout (the caller keeps passes with dropout masks on the CPU).
+/// no dropout (the caller keeps passes with dropout masks on the CPU). With
+/// `keep` (training), `X` and `Y0` stay on the GPU for the backward
+/// ([`OnGpu`]).
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_adapted_forward<'w>(
@@ -394,6 +440,7 @@ pub(crate) fn try_adapted_forward<'w>(
     (n, din, dout): (usize, usize, usize),
     parallel: Option<LowRank<'_>>,
     sequential: Option<LowRank<'_>>,
+    keep: bool,
 ) -> Attempt<AdaptedForward> {
     #[cfg(feature = "cuda")]
     {
@@ -403,11 +450,12 @@ pub(crate) fn try_adapted_forward<'w>(
         {
             return Attempt::NotTaken;
         }
-        cuda::adapted_forward(&slot.slot, w0, bias, x, (n, din, dout), parallel, sequential)
+        let dims = (n, din, dout);
+        cuda::adapted_forward(&slot.slot, w0, bias, x, dims, parallel, sequential, keep)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (slot, w0, bias, x, n, din, dout, parallel, sequential);
+        let _ = (slot, w0, bias, x, n, din, dout, parallel, sequential, keep);
         Attempt::NotTaken
     }
 }
@@ -416,7 +464,8 @@ pub(crate) fn try_adapted_forward<'w>(
 /// each branch's gradient increments (`dB = s·dYᵀ·U`, `de = s·Σ dY`,
 /// `dU = dY·B`, `dc = s·Σ dU`, `dA = s·dUᵀ·input`) and, if `want_dx`,
 /// `dX = (dY + s_s·dU_s·A_s)·W0 + s_p·dU_p·A_p`. `x` (the parallel branch's
-/// input), `y0` and the `u`s are the forward's.
+/// input), `y0` and the `u`s are the forward's, on the host; `on_gpu` what
+/// the forward left on the GPU (used in their place where it holds them).
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_adapted_backward<'w>(
@@ -427,6 +476,7 @@ pub(crate) fn try_adapted_backward<'w>(
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
     sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
     want_dx: bool,
+    on_gpu: OnGpu,
 ) -> Attempt<AdaptedBackward> {
     #[cfg(feature = "cuda")]
     {
@@ -441,11 +491,12 @@ pub(crate) fn try_adapted_backward<'w>(
         {
             return Attempt::NotTaken;
         }
-        cuda::adapted_backward(&slot.slot, w0, dy, (n, din, dout), parallel, sequential, want_dx)
+        let dims = (n, din, dout);
+        cuda::adapted_backward(&slot.slot, w0, dy, dims, parallel, sequential, want_dx, on_gpu)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (slot, w0, dy, n, din, dout, parallel, sequential, want_dx);
+        let _ = (slot, w0, dy, n, din, dout, parallel, sequential, want_dx, on_gpu);
         Attempt::NotTaken
     }
 }

@@ -155,6 +155,9 @@ struct Saved {
     mask_s: Option<Vec<f32>>,
     u_p: Vec<f32>,
     u_s: Vec<f32>,
+    /// `X` and `Y0` left on the GPU by a forward there.
+    #[cfg(feature = "std")]
+    gpu: crate::device::OnGpu,
 }
 
 #[derive(Debug)]
@@ -396,6 +399,7 @@ impl HydraLinear {
                 (n, din, dout),
                 p,
                 s,
+                keep,
             ) {
                 Attempt::Done(f) => {
                     dense::record_gemm(n, din, dout);
@@ -411,6 +415,7 @@ impl HydraLinear {
                         mask_s: None,
                         u_p: f.u_p,
                         u_s: f.u_s,
+                        gpu: f.on_gpu,
                     };
                     self.saved = keep.then_some(saved);
                     return Ok(f.y);
@@ -471,8 +476,17 @@ impl HydraLinear {
             return Ok(y);
         }
         let train = self.training;
-        let mut saved =
-            Saved { n, xp: None, mask_p: None, y0: None, mask_s: None, u_p: vec![], u_s: vec![] };
+        let mut saved = Saved {
+            n,
+            xp: None,
+            mask_p: None,
+            y0: None,
+            mask_s: None,
+            u_p: vec![],
+            u_s: vec![],
+            #[cfg(feature = "std")]
+            gpu: Default::default(),
+        };
         // The sequential branch reads y0 before the branches add to it.
         let y0 = self.sequential.is_some().then(|| y.clone());
         if let Some(p) = &self.parallel {
@@ -570,7 +584,8 @@ impl HydraLinear {
         want_dx: bool,
         input: Option<Input<'_>>,
     ) -> Result<Option<Vec<f32>>> {
-        let saved = self.saved.take().ok_or_else(|| {
+        #[cfg_attr(not(feature = "std"), allow(unused_mut))]
+        let mut saved = self.saved.take().ok_or_else(|| {
             Error::Config(
                 "HydraLinear::backward called without a preceding forward (or after merge)"
                     .to_string(),
@@ -610,6 +625,7 @@ impl HydraLinear {
                 let y0 = saved.y0.as_deref().unwrap_or_default();
                 let s = s.map(|l| (l, y0, &saved.u_s[..]));
                 let (w0, gpu) = (&self.w0, self.packs.gpu());
+                let on_gpu = core::mem::take(&mut saved.gpu);
                 match crate::device::try_adapted_backward(
                     gpu,
                     || w0.as_f32(k),
@@ -618,6 +634,7 @@ impl HydraLinear {
                     p,
                     s,
                     want_dx,
+                    on_gpu,
                 ) {
                     Attempt::Done(b) => {
                         if want_dx {

@@ -4,14 +4,48 @@
 //! products ([`Gpu::rm`]) on the activations uploaded once.
 
 use alloc::borrow::Cow;
+use alloc::boxed::Box;
 use alloc::string::String;
+use alloc::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaContext, CudaSlice};
 
 use super::{BufRef, Gpu, counted, with_resident};
 use crate::device::{
-    AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, stats,
+    AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, OnGpu, stats,
 };
+
+/// See `crate::device::OnGpu`.
+pub(in crate::device) struct SavedOnGpu {
+    /// The [`Gpu::id`] it is on.
+    gpu: u64,
+    /// Its context, current while the buffers are freed (`Drop`).
+    ctx: Arc<CudaContext>,
+    x: Option<CudaSlice<f32>>,
+    y0: Option<CudaSlice<f32>>,
+}
+
+impl SavedOnGpu {
+    pub(in crate::device) fn bytes(&self) -> usize {
+        [&self.x, &self.y0].iter().map(|b| b.as_ref().map_or(0, |b| b.len() * 4)).sum()
+    }
+
+    /// `x` or `y0` if it is on `gpu` with `len` values.
+    fn take(
+        slot: &mut Option<CudaSlice<f32>>,
+        on: Option<u64>,
+        gpu: &Gpu,
+        len: usize,
+    ) -> Option<CudaSlice<f32>> {
+        slot.take().filter(|b| on == Some(gpu.id) && b.len() == len)
+    }
+}
+
+impl Drop for SavedOnGpu {
+    fn drop(&mut self) {
+        super::make_current(&self.ctx);
+    }
+}
 
 /// A branch's tensors on the GPU.
 struct DevBranch {
@@ -25,7 +59,7 @@ struct DevBranch {
 
 impl Gpu {
     fn up(&self, x: &[f32]) -> Result<CudaSlice<f32>, String> {
-        self.stream.clone_htod(x).map_err(|e| format!("upload: {e}"))
+        self.htod(x)
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, String> {
@@ -116,6 +150,7 @@ impl Gpu {
 }
 
 /// See `super::super::try_adapted_forward`.
+#[allow(clippy::too_many_arguments)]
 pub(in crate::device) fn adapted_forward<'w>(
     slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
@@ -124,6 +159,7 @@ pub(in crate::device) fn adapted_forward<'w>(
     (n, din, dout): (usize, usize, usize),
     parallel: Option<LowRank<'_>>,
     sequential: Option<LowRank<'_>>,
+    keep: bool,
 ) -> Attempt<AdaptedForward> {
     if [n, din, dout].iter().any(|&d| i32::try_from(d).is_err()) {
         return Attempt::NotTaken;
@@ -152,18 +188,29 @@ pub(in crate::device) fn adapted_forward<'w>(
             let br = gpu.branch(l)?;
             u_s = Some(gpu.branch_forward(&br, y0, &mut y, (n, dout, dout))?);
         }
-        let down = |v: Option<CudaSlice<f32>>| v.map(|v| gpu.download(&v)).transpose();
+        let down = |v: &Option<CudaSlice<f32>>| v.as_ref().map(|v| gpu.download(v)).transpose();
+        let host_y0 = down(&y0)?;
+        let on_gpu = keep.then(|| {
+            Box::new(SavedOnGpu {
+                gpu: gpu.id,
+                ctx: gpu.ctx.clone(),
+                x: parallel.is_some().then_some(xd),
+                y0,
+            })
+        });
         Ok(AdaptedForward {
             y: gpu.download(&y)?,
-            y0: down(y0)?,
-            u_p: down(u_p)?.unwrap_or_default(),
-            u_s: down(u_s)?.unwrap_or_default(),
+            y0: host_y0,
+            u_p: down(&u_p)?.unwrap_or_default(),
+            u_s: down(&u_s)?.unwrap_or_default(),
+            on_gpu: OnGpu { inner: on_gpu },
         })
     });
     finish(ran)
 }
 
 /// See `super::super::try_adapted_backward`.
+#[allow(clippy::too_many_arguments)]
 pub(in crate::device) fn adapted_backward<'w>(
     slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
@@ -172,10 +219,13 @@ pub(in crate::device) fn adapted_backward<'w>(
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
     sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
     want_dx: bool,
+    on_gpu: OnGpu,
 ) -> Attempt<AdaptedBackward> {
     if [n, din, dout].iter().any(|&d| i32::try_from(d).is_err()) {
         return Attempt::NotTaken;
     }
+    let mut kept = on_gpu.inner;
+    let on = kept.as_ref().map(|k| k.gpu);
     let plan = FrozenPlan::of(false, n, din, dout);
     let ran = with_resident(slot, w0, plan, |gpu, w| {
         gpu.ensure_ones(n)?;
@@ -185,7 +235,12 @@ pub(in crate::device) fn adapted_backward<'w>(
         let mut dy0 = None;
         if let Some((l, y0, u)) = &sequential {
             let br = gpu.branch(l)?;
-            let (y0, u) = (gpu.up(y0)?, gpu.up(u)?);
+            let kept = kept.as_mut().and_then(|k| SavedOnGpu::take(&mut k.y0, on, gpu, n * dout));
+            let y0 = match kept {
+                Some(y0) => y0,
+                None => gpu.up(y0)?,
+            };
+            let u = gpu.up(u)?;
             let (g, du) = gpu.branch_backward(&br, &dyd, &u, &y0, (n, dout, dout))?;
             if want_dx {
                 let mut d = gpu.stream.clone_dtod(&dyd).map_err(|e| format!("copy: {e}"))?;
@@ -209,7 +264,12 @@ pub(in crate::device) fn adapted_backward<'w>(
         let mut g_p = None;
         if let Some((l, x, u)) = &parallel {
             let br = gpu.branch(l)?;
-            let (x, u) = (gpu.up(x)?, gpu.up(u)?);
+            let kept = kept.as_mut().and_then(|k| SavedOnGpu::take(&mut k.x, on, gpu, n * din));
+            let x = match kept {
+                Some(x) => x,
+                None => gpu.up(x)?,
+            };
+            let u = gpu.up(u)?;
             let (g, du) = gpu.branch_backward(&br, &dyd, &u, &x, (n, din, dout))?;
             if let Some(dx) = &mut dx {
                 gpu.rm((n, din, br.rank), br.scale, &du, false, &br.a, false, 1.0, dx)?;

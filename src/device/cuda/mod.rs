@@ -23,7 +23,7 @@ use super::{Device, DeviceInfo, FrozenPlan, Layout, stats};
 
 mod hydra;
 use crate::{Error, Result};
-pub(super) use hydra::{adapted_backward, adapted_forward};
+pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
 
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
@@ -421,15 +421,33 @@ struct Operand {
 }
 
 impl Gpu {
+    /// `x` on the GPU (counted in `stats::gpu_bytes_up`).
+    fn htod<T: cudarc::driver::DeviceRepr>(&self, x: &[T]) -> Result<CudaSlice<T>, String> {
+        let d = self.stream.clone_htod(x).map_err(|e| format!("upload: {e}"))?;
+        stats::GPU_BYTES_UP.fetch_add(core::mem::size_of_val(x), Ordering::Relaxed);
+        Ok(d)
+    }
+
+    /// `y` into `out` (the same length), after the stream has run (counted
+    /// in `stats::gpu_bytes_down`).
+    fn dtoh_into(&self, y: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), String> {
+        if out.len() != y.len() {
+            return Err("download into a buffer of another length".to_string());
+        }
+        self.stream.memcpy_dtoh(y, out).map_err(|e| format!("download: {e}"))?;
+        self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
+        stats::GPU_BYTES_DOWN.fetch_add(out.len() * 4, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// `x` on the GPU as f32, or rounded to bf16 when `bf16`.
     fn upload_as(&self, x: &[f32], bf16: bool) -> Result<Buf, String> {
-        let up = if bf16 {
+        if bf16 {
             let bits: Vec<u16> = x.iter().map(|&v| crate::kernels::bf16_bits(v)).collect();
-            self.stream.clone_htod(&bits).map(Buf::Bf16)
+            self.htod(&bits).map(Buf::Bf16)
         } else {
-            self.stream.clone_htod(x).map(Buf::F32)
-        };
-        up.map_err(|e| format!("upload: {e}"))
+            self.htod(x).map(Buf::F32)
+        }
     }
 
     /// `C = α·op(A)·op(B) + β·C` (cuBLAS's column-major terms, `cfg`) with
@@ -533,18 +551,24 @@ impl Gpu {
         // operand is B, its second A, and C comes back dense (ldc = n).
         let bf16 = bf16_product(self, m, k, n);
         let (a_op, b_op) = (self.upload(m, k, a, sa, bf16)?, self.upload(k, n, b, sb, bf16)?);
-        let mut dense_c = Vec::with_capacity(m * n);
+        // C goes up (β ≠ 0) and comes back as it is when its rows are
+        // contiguous, else through a dense copy.
+        let dense = rsc == n;
+        let mut dense_c = Vec::new();
         let mut c_dev = if beta != 0.0 {
-            for i in 0..m {
-                dense_c.extend_from_slice(&c[i * rsc..i * rsc + n]);
+            if dense {
+                self.htod(&c[..m * n])?
+            } else {
+                dense_c.reserve_exact(m * n);
+                for i in 0..m {
+                    dense_c.extend_from_slice(&c[i * rsc..i * rsc + n]);
+                }
+                self.htod(&dense_c)?
             }
-            self.stream.clone_htod(&dense_c)
         } else {
             // β = 0 never reads C: zeroed on the GPU, nothing goes up.
-            dense_c.resize(m * n, 0.0);
-            self.stream.alloc_zeros(m * n)
-        }
-        .map_err(|e| format!("upload: {e}"))?;
+            self.stream.alloc_zeros(m * n).map_err(|e| format!("alloc: {e}"))?
+        };
         let int =
             |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
         let cfg = GemmConfig {
@@ -562,10 +586,14 @@ impl Gpu {
         // SAFETY: each operand was uploaded with the extent its op and leading
         // dimension reach (`upload`), and C is a dense n×m block of m·n values.
         unsafe { self.gemm_buf(cfg, b_op.data.as_ref(), a_op.data.as_ref(), &mut c_dev) }?;
-        self.stream.memcpy_dtoh(&c_dev, &mut dense_c).map_err(|e| format!("download: {e}"))?;
-        self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
-        for (i, row) in dense_c.chunks_exact(n).enumerate() {
-            c[i * rsc..i * rsc + n].copy_from_slice(row);
+        if dense {
+            self.dtoh_into(&c_dev, &mut c[..m * n])?;
+        } else {
+            dense_c.resize(m * n, 0.0);
+            self.dtoh_into(&c_dev, &mut dense_c)?;
+            for (i, row) in dense_c.chunks_exact(n).enumerate() {
+                c[i * rsc..i * rsc + n].copy_from_slice(row);
+            }
         }
         Ok(bf16)
     }
@@ -592,7 +620,7 @@ impl Gpu {
             // Y starts as the bias in every row: column-major bias (m×1)
             // times a row of n ones (ld 1), with β = 0.
             let b = b.get(..p.m).ok_or("the bias is shorter than the output")?;
-            let b = self.stream.clone_htod(b).map_err(|e| format!("upload: {e}"))?;
+            let b = self.htod(b)?;
             self.ensure_ones(p.n)?;
             let Some(ones) = self.ones.as_ref() else { return Err("no ones".to_string()) };
             let cfg = GemmConfig {
@@ -643,15 +671,15 @@ impl Gpu {
     fn ensure_ones(&mut self, n: usize) -> Result<(), String> {
         if self.ones.as_ref().is_none_or(|o| o.len() < n) {
             let ones = alloc::vec![1.0f32; n];
-            self.ones = Some(self.stream.clone_htod(&ones).map_err(|e| format!("upload: {e}"))?);
+            self.ones = Some(self.htod(&ones)?);
         }
         Ok(())
     }
 
     /// The device matrix `y` on the host, after the stream has run.
     fn download(&self, y: &CudaSlice<f32>) -> Result<Vec<f32>, String> {
-        let out = self.stream.clone_dtoh(y).map_err(|e| format!("download: {e}"))?;
-        self.stream.synchronize().map_err(|e| format!("synchronize: {e}"))?;
+        let mut out = alloc::vec![0.0f32; y.len()];
+        self.dtoh_into(y, &mut out)?;
         Ok(out)
     }
 
