@@ -254,8 +254,11 @@ fn an_optimizer_step_and_a_short_training_run_on_the_gpu_match_the_cpu() {
     // Adam divides by √v, so a gradient's rounding difference can move a
     // parameter by up to a learning-rate fraction: looser after many steps.
     for (epochs, batch, tol) in [(1, 0, 1e-4), (3, 32, 2e-3)] {
-        let (cpu, gpu, ran) = cpu_then_gpu(|| digits_run(epochs, batch));
+        let _g = lock();
+        let steps = device::stats::gpu_optimizer_steps();
+        let (cpu, gpu, ran) = cpu_then_gpu_locked(|| digits_run(epochs, batch));
         assert!(ran > 0);
+        assert!(device::stats::gpu_optimizer_steps() > steps, "the optimizer ran on the GPU");
         let worst = cpu.iter().zip(&gpu).map(|(c, g)| rel_err(c, g)).fold(0.0f32, f32::max);
         eprintln!(
             "{epochs} epoch(s): adapter max rel |GPU − CPU| {worst:.2e} ({ran} GPU products)"
@@ -557,6 +560,14 @@ fn adapted_layers_run_their_branches_on_the_gpu() {
     }
 }
 
+/// Makes the mock fail the `nth` product or launch from now on (a fresh tag
+/// each time, so that the count starts anew).
+fn arm_fault(path: &std::ffi::OsStr, nth: usize) {
+    static TAG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    let tag = TAG.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::fs::write(path, format!("{tag} {nth}")).unwrap();
+}
+
 /// Removes the mock's fault file when dropped.
 struct Faults(std::ffi::OsString);
 
@@ -590,7 +601,7 @@ fn a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu() {
     // clean (past the last product).
     let mut tried = 0;
     for nth in 1.. {
-        std::fs::write(&path, format!("{nth} {nth}")).unwrap();
+        arm_fault(&path, nth);
         let (fallbacks, passes) =
             (device::stats::gpu_fallbacks(), device::stats::gpu_adapted_passes());
         let gpu = pass();
@@ -679,4 +690,89 @@ fn an_adapted_backward_sends_only_dy_up() {
     assert_eq!(bwd.0, 4 * n * dout + us + branches, "backward: only dY, the Us, A and B go up");
     assert_eq!(bwd.1, 4 * n * din + branches, "backward: dX and the gradients come back");
     assert_eq!(dx.map(|d| d.len()), Some(n * din));
+}
+
+use hydra_edge::train::optim::{Optimizer, OptimizerKind};
+
+/// `steps` updates of tensors of odd lengths (one past the kernel's
+/// 1024 × 256 threads, so its loop strides) by `kind`, with a restore of
+/// other moments after `restore_at` steps; the parameters and moments after.
+fn optimizer_run(kind: OptimizerKind, steps: usize, restore_at: usize) -> Vec<Vec<f32>> {
+    let lens = [3, 1000, 300_001];
+    let mut rng = Rng::new(21);
+    let mut params: Vec<Vec<f32>> =
+        lens.iter().map(|&n| (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect()).collect();
+    let mut opt = Optimizer::new(kind, 0.01, &lens);
+    for step in 0..steps {
+        let grads: Vec<Vec<f32>> =
+            lens.iter().map(|&n| (0..n).map(|_| rng.uniform(-0.1, 0.1)).collect()).collect();
+        if step == restore_at {
+            let (m, v) = opt.state();
+            let scaled = |t: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                t.iter().map(|x| x.iter().map(|v| v * 0.5).collect()).collect()
+            };
+            let (m, v) = (scaled(m), scaled(v));
+            assert!(opt.restore(m, v, opt.steps()));
+        }
+        let mut refs: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+        let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        opt.step(&mut refs, &g, 1e-2);
+    }
+    let (m, v) = opt.state();
+    params.into_iter().chain(m.iter().cloned()).chain(v.iter().cloned()).collect()
+}
+
+/// AdamW (with decoupled decay) and SGD with momentum on the GPU — NVRTC's
+/// kernels, the moments kept there between steps, a restore of other
+/// moments midway — give the CPU's parameters and moments bit for bit
+/// (`--fmad=false`, IEEE division and square root).
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn optimizer_steps_on_the_gpu_are_the_cpus_bit_for_bit() {
+    for kind in [OptimizerKind::default(), OptimizerKind::Sgd { momentum: 0.9 }] {
+        let _g = lock();
+        let steps = device::stats::gpu_optimizer_steps();
+        let (cpu, gpu, _) = cpu_then_gpu_locked(|| optimizer_run(kind, 6, 3));
+        assert_eq!(
+            device::stats::gpu_optimizer_steps() - steps,
+            6,
+            "{kind:?}: every step on the GPU"
+        );
+        for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+            let differ = c.iter().zip(g).filter(|(c, g)| c.to_bits() != g.to_bits()).count();
+            assert_eq!(differ, 0, "{kind:?}: tensor {i}: {differ} values differ from the CPU's");
+        }
+    }
+}
+
+/// A kernel launch that fails (the mock's injected fault, as in
+/// `a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu`) leaves that step to
+/// the CPU with the host's state untouched by the GPU's half: the run ends
+/// as the CPU's, bit for bit, and the steps after go back to the GPU.
+#[test]
+fn a_failed_optimizer_step_on_the_gpu_runs_on_the_cpu() {
+    let Some(path) = std::env::var_os("MOCK_CUDA_FAULTS") else {
+        eprintln!("skipped: needs the mock GPU's fault injection (targets/cuda-mock/run.sh)");
+        return;
+    };
+    let _g = lock();
+    let _restore = Restore;
+    let _faults = Faults(path.clone());
+    let kind = OptimizerKind::default();
+    device::set_device(Device::Cpu).unwrap();
+    let cpu = optimizer_run(kind, 5, 99);
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    // The third launch fails: steps 1, 2 on the GPU, 3 on the CPU, then 4, 5
+    // on the GPU again with the moments sent up anew.
+    arm_fault(&path, 3);
+    let (steps, fallbacks) = (device::stats::gpu_optimizer_steps(), device::stats::gpu_fallbacks());
+    let gpu = optimizer_run(kind, 5, 99);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(device::stats::gpu_optimizer_steps() - steps, 4);
+    assert_eq!(device::stats::gpu_fallbacks() - fallbacks, 1);
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert!(c.iter().zip(g).all(|(c, g)| c.to_bits() == g.to_bits()));
+    }
+    eprintln!("injected optimizer fault: step 3 of 5 ran on the CPU");
 }

@@ -157,6 +157,12 @@ pub mod stats {
     pub(crate) static GPU_FALLBACKS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_ADAPTED_PASSES: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_BYTES_UP: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_OPTIMIZER_STEPS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Optimizer steps run on the GPU (its kernels) so far.
+    pub fn gpu_optimizer_steps() -> usize {
+        GPU_OPTIMIZER_STEPS.load(Ordering::Relaxed)
+    }
     pub(crate) static GPU_BYTES_DOWN: AtomicUsize = AtomicUsize::new(0);
 
     /// Bytes sent to the GPU so far (weights, activations, gradients).
@@ -497,6 +503,104 @@ pub(crate) fn try_adapted_backward<'w>(
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (slot, w0, dy, n, din, dout, parallel, sequential, want_dx, on_gpu);
+        Attempt::NotTaken
+    }
+}
+
+/// One optimizer update rule, as the GPU's kernels take it (see
+/// `train::optim::OptimizerKind`); AdamW's bias corrections `c1`, `c2` are
+/// the step's, computed by the caller.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) enum StepRule {
+    Sgd { momentum: f32 },
+    AdamW { beta1: f32, beta2: f32, eps: f32, c1: f32, c2: f32 },
+}
+
+/// An optimizer's moments on the GPU between its steps there: a cache of
+/// the host's (which stay the authority), kept while nothing else changes
+/// them. Its owner drops it ([`OptimizerCache::clear`]) when the host's
+/// moments change otherwise (a CPU step, a restore). Cloning gives an
+/// empty cache; any two compare equal (they hold no state of their own).
+#[derive(Default)]
+pub(crate) struct OptimizerCache {
+    #[cfg(feature = "cuda")]
+    inner: Option<alloc::boxed::Box<cuda::OptCache>>,
+}
+
+impl OptimizerCache {
+    /// Drops the moments on the GPU.
+    pub(crate) fn clear(&mut self) {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner = None;
+        }
+    }
+}
+
+impl Clone for OptimizerCache {
+    fn clone(&self) -> Self {
+        OptimizerCache::default()
+    }
+}
+
+impl PartialEq for OptimizerCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for OptimizerCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "cuda")]
+        let on = self.inner.is_some();
+        #[cfg(not(feature = "cuda"))]
+        let on = false;
+        write!(f, "OptimizerCache({})", if on { "on the GPU" } else { "empty" })
+    }
+}
+
+/// One optimizer step on the GPU in use: `params`, `grads`, `m` (and `v`
+/// for AdamW) are matching lists of tensors. The parameters and gradients
+/// go up, the kernel updates them with the moments (from `cache`, or sent
+/// up), and the parameters and moments come back to the host — written only
+/// once all of it is back, so on `Failed` (or `NotTaken`: no GPU, a step of
+/// fewer than [`set_gpu_min_work`]` / 16` values, no NVRTC) the host's
+/// state is untouched for the CPU to step.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), inline(always))]
+pub(crate) fn try_optimizer_step(
+    cache: &mut OptimizerCache,
+    rule: StepRule,
+    lr: f32,
+    wd: f32,
+    params: &mut [&mut [f32]],
+    grads: &[&[f32]],
+    m: &mut [Vec<f32>],
+    v: &mut [Vec<f32>],
+) -> Attempt<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let total: usize = params.iter().map(|p| p.len()).sum();
+        let adam = matches!(rule, StepRule::AdamW { .. });
+        let same = |l: &[usize]| {
+            l.len() == params.len() && l.iter().zip(params.iter()).all(|(a, p)| *a == p.len())
+        };
+        let lens = |t: &[Vec<f32>]| t.iter().map(Vec::len).collect::<Vec<_>>();
+        if total == 0
+            || u32::try_from(total).is_err()
+            || !gpu_takes(&[total, 16])
+            || !same(&grads.iter().map(|g| g.len()).collect::<Vec<_>>())
+            || !same(&lens(m))
+            || (adam && !same(&lens(v)))
+        {
+            return Attempt::NotTaken;
+        }
+        cuda::optimizer_step(&mut cache.inner, rule, lr, wd, params, grads, m, v, total)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cache, rule, lr, wd, params, grads, m, v);
         Attempt::NotTaken
     }
 }

@@ -66,6 +66,8 @@ pub struct Optimizer {
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     t: u64,
+    /// The moments on the GPU, with one in use (`device`).
+    gpu: crate::device::OptimizerCache,
 }
 
 impl Optimizer {
@@ -73,7 +75,7 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, weight_decay: f32, lens: &[usize]) -> Optimizer {
         let zeros = || lens.iter().map(|&n| vec![0.0; n]).collect::<Vec<_>>();
         let v = if matches!(kind, OptimizerKind::AdamW { .. }) { zeros() } else { Vec::new() };
-        Optimizer { kind, weight_decay, m: zeros(), v, t: 0 }
+        Optimizer { kind, weight_decay, m: zeros(), v, t: 0, gpu: Default::default() }
     }
 
     /// Steps taken.
@@ -95,13 +97,36 @@ impl Optimizer {
             return false;
         }
         (self.m, self.v, self.t) = (m, v, t);
+        self.gpu.clear();
         true
     }
 
-    /// One update of every parameter tensor with its gradient.
+    /// AdamW's bias corrections `1 − β1ᵗ`, `1 − β2ᵗ` of step `t`.
+    fn corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        let (c1, c2) = (1.0 - f64::from(beta1).powi(t), 1.0 - f64::from(beta2).powi(t));
+        (c1 as f32, c2 as f32)
+    }
+
+    /// One update of every parameter tensor with its gradient (on the GPU
+    /// in use, where there is one: `device`).
     pub fn step(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]], lr: f32) {
         self.t += 1;
         let wd = self.weight_decay;
+        // With a GPU in use, the same update there (the same bits).
+        let rule = match self.kind {
+            OptimizerKind::Sgd { momentum } => crate::device::StepRule::Sgd { momentum },
+            OptimizerKind::AdamW { beta1, beta2, eps } => {
+                let (c1, c2) = Self::corrections(beta1, beta2, self.t);
+                crate::device::StepRule::AdamW { beta1, beta2, eps, c1, c2 }
+            }
+        };
+        let (m, v) = (&mut self.m, &mut self.v);
+        match crate::device::try_optimizer_step(&mut self.gpu, rule, lr, wd, params, grads, m, v) {
+            crate::device::Attempt::Done(()) => return,
+            // The host's moments change below: the GPU's copy is stale.
+            _ => self.gpu.clear(),
+        }
         match self.kind {
             OptimizerKind::Sgd { momentum } => {
                 for ((p, g), m) in params.iter_mut().zip(grads).zip(&mut self.m) {
@@ -112,9 +137,7 @@ impl Optimizer {
                 }
             }
             OptimizerKind::AdamW { beta1, beta2, eps } => {
-                let t = self.t as i32;
-                let (c1, c2) = (1.0 - f64::from(beta1).powi(t), 1.0 - f64::from(beta2).powi(t));
-                let (c1, c2) = (c1 as f32, c2 as f32);
+                let (c1, c2) = Self::corrections(beta1, beta2, self.t);
                 for (((p, g), m), v) in
                     params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v)
                 {

@@ -12,6 +12,7 @@
 
 int mock_check_range(uintptr_t p, size_t bytes);
 void *mock_current_context(void);
+int mock_injected_fault(void);
 
 typedef int cublasStatus_t;
 enum { SUCCESS = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
@@ -62,34 +63,11 @@ static size_t span(int rows, int cols, int ld, size_t elem) {
     return ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * elem;
 }
 
-/* Fault injection: while the file named by MOCK_CUDA_FAULTS exists and holds
- * "G N", the N-th product since it appeared with tag G fails (as a lost
- * GPU's would), once; a new tag starts a new count. The tests write and
- * remove the file. */
-static long armed_calls, armed_tag = -1;
-
-static int injected_fault(void) {
-    const char *path = getenv("MOCK_CUDA_FAULTS");
-    FILE *f = path ? fopen(path, "r") : NULL;
-    if (!f) {
-        armed_tag = -1;
-        return 0;
-    }
-    long tag = -1, nth = 0;
-    if (fscanf(f, "%ld %ld", &tag, &nth) != 2) nth = 0;
-    fclose(f);
-    if (tag != armed_tag) {
-        armed_tag = tag;
-        armed_calls = 0;
-    }
-    return ++armed_calls == nth;
-}
-
 static cublasStatus_t gemm(struct handle *h, int ta, int tb, int m, int n, int k, float alpha,
                            const void *a, int at, int lda, const void *b, int bt, int ldb,
                            float beta, float *c, int ldc) {
     if (!h) return fail(NOT_INITIALIZED, "gemm: no handle");
-    if (injected_fault()) return fail(EXECUTION_FAILED, "gemm: injected fault");
+    if (mock_injected_fault()) return fail(EXECUTION_FAILED, "gemm: injected fault");
     if (mock_current_context() != h->ctx) return fail(EXECUTION_FAILED, "gemm: the handle's context is not current");
     if (ta < 0 || ta > 1 || tb < 0 || tb > 1) return fail(INVALID_VALUE, "gemm: op");
     if (m < 0 || n < 0 || k < 0) return fail(INVALID_VALUE, "gemm: negative size");

@@ -11,6 +11,7 @@
  * It proves the Rust side's plumbing (what goes up, which call, which
  * transposes and leading dimensions, what comes back, when memory is freed)
  * — not a GPU's arithmetic: targets/gpu-check.sh on a real GPU does that. */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,13 +24,18 @@ typedef unsigned long long CUdeviceptr;
 typedef void *CUcontext;
 typedef void *CUstream;
 typedef void *CUevent;
+typedef struct module *CUmodule;
+typedef struct function *CUfunction;
 
 enum {
     OK = 0,
     INVALID_VALUE = 1,
     NOT_INITIALIZED = 3,
     INVALID_DEVICE = 101,
+    INVALID_IMAGE = 200,
     INVALID_CONTEXT = 201,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
     ILLEGAL_ADDRESS = 700,
 };
 
@@ -261,6 +267,86 @@ CUresult cuEventSynchronize(CUevent e) { return e ? OK : INVALID_VALUE; }
 CUresult cuEventQuery(CUevent e) { return e ? OK : INVALID_VALUE; }
 CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned f) { (void)s; (void)f; return e ? OK : INVALID_VALUE; }
 
+/* Fault injection: while the file named by MOCK_CUDA_FAULTS exists and holds
+ * "G N", the N-th product or kernel launch since it appeared with tag G
+ * fails (as a lost GPU's would), once; a new tag starts a new count. The
+ * tests write and remove the file while they hold the GPU. */
+static long armed_calls, armed_tag = -1;
+
+int mock_injected_fault(void) {
+    const char *path = getenv("MOCK_CUDA_FAULTS");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) {
+        armed_tag = -1;
+        return 0;
+    }
+    long tag = -1, nth = 0;
+    if (fscanf(f, "%ld %ld", &tag, &nth) != 2) nth = 0;
+    fclose(f);
+    if (tag != armed_tag) {
+        armed_tag = tag;
+        armed_calls = 0;
+    }
+    return ++armed_calls == nth;
+}
+
+/* Modules are mock_nvrtc.c's shared objects ("MOCKPTX <path>"); a function
+ * is the launcher generated for its kernel. */
+struct module {
+    void *lib;
+};
+struct function {
+    void (*launch)(const unsigned *grid, const unsigned *block, void **args);
+};
+
+CUresult cuModuleLoadData(CUmodule *m, const void *image) {
+    if (!current) return fail(INVALID_CONTEXT, "cuModuleLoadData");
+    const char *s = image;
+    if (!s || strncmp(s, "MOCKPTX ", 8) != 0) return fail(INVALID_IMAGE, "cuModuleLoadData: not a mock image");
+    void *lib = dlopen(s + 8, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return fail(INVALID_IMAGE, "cuModuleLoadData: dlopen");
+    *m = calloc(1, sizeof **m);
+    if (!*m) return fail(2, "cuModuleLoadData: out of memory");
+    (*m)->lib = lib;
+    return OK;
+}
+
+CUresult cuModuleUnload(CUmodule m) {
+    if (!m) return fail(INVALID_VALUE, "cuModuleUnload");
+    dlclose(m->lib);
+    free(m);
+    return OK;
+}
+
+CUresult cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
+    if (!current) return fail(INVALID_CONTEXT, "cuModuleGetFunction");
+    if (!m || !name) return fail(INVALID_VALUE, "cuModuleGetFunction");
+    char sym[256];
+    snprintf(sym, sizeof sym, "%s__mock_launch", name);
+    void *launch = dlsym(m->lib, sym);
+    if (!launch) return fail(NOT_FOUND, "cuModuleGetFunction: no such kernel");
+    *f = calloc(1, sizeof **f);
+    if (!*f) return fail(2, "cuModuleGetFunction: out of memory");
+    memcpy(&(*f)->launch, &launch, sizeof launch);
+    return OK;
+}
+
+/* Runs every thread of the grid in turn, on this thread. */
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned shmem, CUstream s, void **params,
+                        void **extra) {
+    (void)s;
+    if (!current) return fail(INVALID_CONTEXT, "cuLaunchKernel");
+    if (!f || !params || extra) return fail(INVALID_VALUE, "cuLaunchKernel: arguments");
+    if (!gx || !gy || !gz || !bx || !by || !bz || (unsigned long long)bx * by * bz > 1024 || gy > 65535 || gz > 65535)
+        return fail(INVALID_VALUE, "cuLaunchKernel: grid or block out of range");
+    if (shmem) return fail(INVALID_VALUE, "cuLaunchKernel: the mock has no shared memory");
+    if (mock_injected_fault()) return fail(LAUNCH_FAILED, "cuLaunchKernel: injected fault");
+    const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    f->launch(grid, block, params);
+    return OK;
+}
+
 /* One string per code, kept for the process (cudarc keeps the pointer). */
 CUresult cuGetErrorName(CUresult r, const char **s) {
     switch (r) {
@@ -271,6 +357,9 @@ CUresult cuGetErrorName(CUresult r, const char **s) {
     case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE (mock)"; break;
     case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT (mock)"; break;
     case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS (mock)"; break;
+    case INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE (mock)"; break;
+    case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND (mock)"; break;
+    case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED (mock)"; break;
     default: *s = "CUDA_ERROR_UNKNOWN (mock)";
     }
     return OK;

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/../.."
 out=target/cuda-mock
 mkdir -p "$out"
 cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcuda.so \
-    -o "$out/libcuda.so" targets/cuda-mock/mock_cuda.c -lpthread
+    -o "$out/libcuda.so" targets/cuda-mock/mock_cuda.c -lpthread -ldl
+cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libnvrtc.so \
+    -o "$out/libnvrtc.so" targets/cuda-mock/mock_nvrtc.c
 cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcublas.so \
     -o "$out/libcublas.so" targets/cuda-mock/mock_cublas.c -L"$out" -lcuda -Wl,-rpath,'$ORIGIN'
 # Three GPUs: with memory pools (cudarc allocates and frees asynchronously, as

@@ -21,9 +21,12 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 
 use super::{Device, DeviceInfo, FrozenPlan, Layout, stats};
 
-mod hydra;
 use crate::{Error, Result};
+
+mod hydra;
+mod optim;
 pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
+pub(super) use optim::{OptCache, step as optimizer_step};
 
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
@@ -38,6 +41,8 @@ struct Gpu {
     ones: Option<CudaSlice<f32>>,
     /// Whether it has bf16 tensor cores (compute capability 8.0 or later).
     bf16: bool,
+    /// The optimizer's kernels, compiled on first use (or why they are not).
+    kernels: Option<Result<optim::Kernels, String>>,
 }
 
 static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
@@ -263,7 +268,7 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
     let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes };
     let bf16 = ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
     let id = OPENED.fetch_add(1, Ordering::Relaxed);
-    Ok((Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16 }, info))
+    Ok((Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16, kernels: None }, info))
 }
 
 /// See `super::try_gemm`. A CUDA failure leaves C untouched and returns
