@@ -511,7 +511,7 @@ pub(crate) fn try_adapted_backward<'w>(
 /// `train::optim::OptimizerKind`); AdamW's bias corrections `c1`, `c2` are
 /// the step's, computed by the caller.
 #[derive(Clone, Copy, Debug)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "cuda", feature = "onnx")), allow(dead_code))]
 pub(crate) enum StepRule {
     Sgd { momentum: f32 },
     AdamW { beta1: f32, beta2: f32, eps: f32, c1: f32, c2: f32 },
@@ -523,6 +523,7 @@ pub(crate) enum StepRule {
 /// moments change otherwise (a CPU step, a restore). Cloning gives an
 /// empty cache; any two compare equal (they hold no state of their own).
 #[derive(Default)]
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))]
 pub(crate) struct OptimizerCache {
     #[cfg(feature = "cuda")]
     inner: Option<alloc::boxed::Box<cuda::OptCache>>,
@@ -530,6 +531,7 @@ pub(crate) struct OptimizerCache {
 
 impl OptimizerCache {
     /// Drops the moments on the GPU.
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
     pub(crate) fn clear(&mut self) {
         #[cfg(feature = "cuda")]
         {
@@ -569,6 +571,7 @@ impl fmt::Debug for OptimizerCache {
 /// state is untouched for the CPU to step.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), inline(always))]
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))]
 pub(crate) fn try_optimizer_step(
     cache: &mut OptimizerCache,
     rule: StepRule,

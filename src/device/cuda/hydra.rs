@@ -10,7 +10,7 @@ use alloc::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice};
 
-use super::{BufRef, Gpu, counted, with_resident};
+use super::{BufRef, Gpu, counted, with_gpu, with_resident};
 use crate::device::{
     AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, OnGpu, stats,
 };
@@ -37,7 +37,13 @@ impl SavedOnGpu {
         gpu: &Gpu,
         len: usize,
     ) -> Option<CudaSlice<f32>> {
-        slot.take().filter(|b| on == Some(gpu.id) && b.len() == len)
+        // A buffer of another GPU stays in place, to be freed with its own
+        // context current (`Drop`), not under this one.
+        if on == Some(gpu.id) && slot.as_ref().is_some_and(|b| b.len() == len) {
+            slot.take()
+        } else {
+            None
+        }
     }
 }
 
@@ -188,7 +194,10 @@ pub(in crate::device) fn adapted_forward<'w>(
             let br = gpu.branch(l)?;
             u_s = Some(gpu.branch_forward(&br, y0, &mut y, (n, dout, dout))?);
         }
-        let down = |v: &Option<CudaSlice<f32>>| v.as_ref().map(|v| gpu.download(v)).transpose();
+        // Inference keeps nothing for a backward: only Y comes back.
+        let down = |v: &Option<CudaSlice<f32>>| {
+            v.as_ref().filter(|_| keep).map(|v| gpu.download(v)).transpose()
+        };
         let host_y0 = down(&y0)?;
         let on_gpu = keep.then(|| {
             Box::new(SavedOnGpu {
@@ -206,7 +215,7 @@ pub(in crate::device) fn adapted_forward<'w>(
             on_gpu: OnGpu { inner: on_gpu },
         })
     });
-    finish(ran)
+    finish(ran, true)
 }
 
 /// See `super::super::try_adapted_backward`.
@@ -227,7 +236,8 @@ pub(in crate::device) fn adapted_backward<'w>(
     let mut kept = on_gpu.inner;
     let on = kept.as_ref().map(|k| k.gpu);
     let plan = FrozenPlan::of(false, n, din, dout);
-    let ran = with_resident(slot, w0, plan, |gpu, w| {
+    // `w`: the resident W0, when dX is wanted (else no frozen product runs).
+    let mut body = |gpu: &mut Gpu, w: Option<&super::Buf>| -> Result<AdaptedBackward, String> {
         gpu.ensure_ones(n)?;
         let dyd = gpu.up(dy)?;
         // dY0 = dY + s_s·dU_s·A_s (the sequential branch's part of dX).
@@ -251,7 +261,7 @@ pub(in crate::device) fn adapted_backward<'w>(
         }
         // dX = dY0·W0 (+ s_p·dU_p·A_p below).
         let mut dx = None;
-        if want_dx {
+        if let Some(w) = w {
             let d = dy0.as_ref().unwrap_or(&dyd);
             dx = Some(if w.is_bf16() {
                 // bf16 operands are rounded on the host (no kernel here).
@@ -281,15 +291,22 @@ pub(in crate::device) fn adapted_backward<'w>(
             parallel: g_p,
             sequential: g_s,
         })
-    });
-    finish(ran)
+    };
+    let ran = if want_dx {
+        with_resident(slot, w0, plan, |gpu, w| body(gpu, Some(w)))
+    } else {
+        with_gpu(|gpu| body(gpu, None)).map(|t| (t, false))
+    };
+    finish(ran, want_dx)
 }
 
-/// Counts a pass the GPU ran (its frozen product with the others).
-fn finish<T>(ran: Result<(T, bool), Option<String>>) -> Attempt<T> {
+/// Counts a pass the GPU ran (and its frozen product, if it had one).
+fn finish<T>(ran: Result<(T, bool), Option<String>>, frozen: bool) -> Attempt<T> {
     match ran {
         Ok((t, bf16)) => {
-            counted(bf16);
+            if frozen {
+                counted(bf16);
+            }
             stats::GPU_ADAPTED_PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             Attempt::Done(t)
         }

@@ -35,7 +35,9 @@ struct Gpu {
     id: u64,
     ordinal: usize,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// Dropped by hand (`Drop for Gpu`): cudarc panics when destroying the
+    /// handle fails, as it can on a lost device.
+    blas: core::mem::ManuallyDrop<CudaBlas>,
     ctx: Arc<CudaContext>,
     /// A column of ones (grown as needed): the bias's rank-1 product.
     ones: Option<CudaSlice<f32>>,
@@ -64,6 +66,9 @@ static SLOTS: Mutex<Vec<alloc::sync::Weak<SlotCell>>> = Mutex::new(Vec::new());
 /// Remembers `slot` for [`free_resident`].
 fn register(slot: &Slot) {
     let mut all = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if all.iter().any(|w| core::ptr::eq(w.as_ptr(), Arc::as_ptr(slot))) {
+        return;
+    }
     if all.len() >= 64 && all.len().is_power_of_two() {
         all.retain(|w| w.strong_count() > 0);
     }
@@ -119,9 +124,14 @@ impl Drop for Resident {
 
 impl Drop for Gpu {
     fn drop(&mut self) {
-        // `ones` and the cuBLAS handle are freed after this, with their
+        // `ones`, the kernels and the cuBLAS handle are freed with their
         // context current, on whichever thread drops the last reference.
         make_current(&self.ctx);
+        // SAFETY: `blas` is not used after this (the Gpu is going).
+        let blas = unsafe { core::mem::ManuallyDrop::take(&mut self.blas) };
+        // A failed destroy (a lost GPU) leaks the handle instead of
+        // panicking in whatever product gave the GPU up.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(blas)));
     }
 }
 
@@ -223,9 +233,10 @@ pub(super) fn activate(n: usize) -> Result<DeviceInfo> {
     });
     let (gpu, info) = started?;
     FAILED_IN_A_ROW.store(0, Ordering::Relaxed);
+    // Copies on the GPU used before (if any) are of no use now: freed with
+    // no GPU in use (so none is uploaded meanwhile), then the new one goes in.
+    deactivate();
     *ACTIVE.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Mutex::new(gpu)));
-    // Copies on the GPU used before (if any) are of no use now.
-    free_resident();
     Ok(info)
 }
 
@@ -268,6 +279,7 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
     let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes };
     let bf16 = ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
     let id = OPENED.fetch_add(1, Ordering::Relaxed);
+    let blas = core::mem::ManuallyDrop::new(blas);
     Ok((Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16, kernels: None }, info))
 }
 
@@ -354,7 +366,9 @@ pub(super) fn frozen<'w>(
         return None;
     }
     with_resident(slot, w0, plan, |gpu, w| {
-        let x = x.get(..plan.n * plan.k).ok_or("the activations are shorter than their shape")?;
+        let x = x
+            .get(..elems(plan.n, plan.k)?)
+            .ok_or("the activations are shorter than their shape")?;
         let x = gpu.upload_as(x, w.is_bf16())?;
         let y = gpu.frozen(plan, w, x.as_ref(), bias)?;
         gpu.download(&y)
@@ -363,6 +377,27 @@ pub(super) fn frozen<'w>(
     .map(|(y, bf16)| {
         counted(bf16);
         y
+    })
+}
+
+/// `rows·cols` elements, or an error where that overflows (a 32-bit target).
+fn elems(rows: usize, cols: usize) -> Result<usize, String> {
+    rows.checked_mul(cols).ok_or_else(|| format!("{rows}×{cols} elements overflow"))
+}
+
+/// Runs `f` on the GPU in use with its context current; a failure is
+/// counted and reported ([`fell_back`]) and returns `Err` (`Err(None)`: no
+/// GPU in use, nothing tried).
+fn with_gpu<T>(f: impl FnOnce(&mut Gpu) -> Result<T, String>) -> Result<T, Option<String>> {
+    let gpu = active().ok_or(None)?;
+    let mut gpu = gpu.lock().unwrap_or_else(|e| e.into_inner());
+    let ran = match gpu.ctx.bind_to_thread() {
+        Ok(()) => f(&mut gpu),
+        Err(e) => Err(format!("bind the context: {e}")),
+    };
+    ran.map_err(|e| {
+        fell_back(gpu.ordinal, &e);
+        Some(e)
     })
 }
 
@@ -399,7 +434,7 @@ fn with_resident<'w, T>(
         let copy = if bf16 { &mut r.bf16 } else { &mut r.f32 };
         if copy.is_none() {
             let w = w0();
-            let len = plan.m * plan.k;
+            let len = elems(plan.m, plan.k)?;
             let w = w.get(..len).ok_or("W0 is shorter than its layer's shape")?;
             *copy = Some(gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?);
         }
@@ -616,10 +651,11 @@ impl Gpu {
     ) -> Result<CudaSlice<f32>, String> {
         let int =
             |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
-        if x.len() < p.n * p.k || x.is_bf16() != w.is_bf16() {
+        if x.len() < elems(p.n, p.k)? || x.is_bf16() != w.is_bf16() {
             return Err("the activations do not match the product".to_string());
         }
-        let mut y = self.stream.alloc_zeros::<f32>(p.m * p.n).map_err(|e| format!("alloc: {e}"))?;
+        let mut y =
+            self.stream.alloc_zeros::<f32>(elems(p.m, p.n)?).map_err(|e| format!("alloc: {e}"))?;
         let mut beta = 0.0;
         if let Some(b) = bias {
             // Y starts as the bias in every row: column-major bias (m×1)
@@ -662,7 +698,7 @@ impl Gpu {
             beta,
             ldc: int(p.ldc)?,
         };
-        if w.len() < p.m * p.k {
+        if w.len() < elems(p.m, p.k)? {
             return Err("the resident W0 is shorter than the product".to_string());
         }
         // SAFETY: W0 holds in·out = m·k values read with ld = in (k×m
@@ -704,7 +740,8 @@ impl Gpu {
         beta: f32,
         c: &mut CudaSlice<f32>,
     ) -> Result<(), String> {
-        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        let fits = |len: usize, r: usize, c: usize| r.checked_mul(c).is_some_and(|rc| len >= rc);
+        if !fits(a.len(), m, k) || !fits(b.len(), k, n) || !fits(c.len(), m, n) {
             return Err(format!("operands too short for a {m}×{k}·{k}×{n} product"));
         }
         if m == 0 || n == 0 || k == 0 {
