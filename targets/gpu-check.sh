@@ -49,9 +49,23 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/loc
         break 2
     done
 done
+# NVRTC (the optimizer's kernels are compiled at run time), the same way.
+nvrtc=
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/targets/sbsa-linux/lib \
+    ${purelib:+"$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cu12/lib "$purelib"/nvidia/cuda_nvrtc/lib}; do
+    for f in "$d"/libnvrtc.so.[0-9]*; do
+        [ -e "$f" ] || continue
+        ln -sfn "$f" "$libs/libnvrtc.so"
+        LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        nvrtc=$f
+        break 2
+    done
+done
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
     echo "cuBLAS: ${found:-none found in the usual folders}"
+    echo "NVRTC: ${nvrtc:-none found in the usual folders}"
+    [ -n "$nvrtc" ] || find / -xdev -name 'libnvrtc.so*' 2>/dev/null | head
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libcublas' || true
     [ -n "$found" ] || find / -xdev -name 'libcublas.so*' 2>/dev/null | head
