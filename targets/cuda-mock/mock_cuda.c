@@ -39,6 +39,8 @@ enum {
     ILLEGAL_ADDRESS = 700,
 };
 
+int mock_injected_fault(void);
+
 static int initialized; /* read and written with __atomic builtins */
 static int contexts[8]; /* the primary contexts' identities */
 static __thread CUcontext current;
@@ -169,6 +171,7 @@ CUresult cuCtxSynchronize(void) { return current ? OK : fail(INVALID_CONTEXT, "c
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t bytes) {
     if (!current) return fail(INVALID_CONTEXT, "cuMemAlloc_v2");
     if (bytes == 0) return fail(INVALID_VALUE, "cuMemAlloc_v2 of 0 bytes");
+    if (mock_injected_fault()) return fail(2, "cuMemAlloc_v2: injected fault");
     /* Poisoned: a product that reads memory nobody wrote gets NaN. */
     void *m = malloc(bytes);
     if (!m) return fail(2, "cuMemAlloc_v2: out of memory");
@@ -220,6 +223,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, CU
     (void)s;
     if (!current) return fail(INVALID_CONTEXT, "cuMemcpyHtoDAsync_v2");
     if (!mock_check_range((uintptr_t)dst, bytes)) return fail(ILLEGAL_ADDRESS, "HtoD out of range");
+    if (mock_injected_fault()) return fail(LAUNCH_FAILED, "HtoD: injected fault");
     memcpy((void *)(uintptr_t)dst, src, bytes);
     return OK;
 }
@@ -228,6 +232,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, CUstream
     (void)s;
     if (!current) return fail(INVALID_CONTEXT, "cuMemcpyDtoHAsync_v2");
     if (!mock_check_range((uintptr_t)src, bytes)) return fail(ILLEGAL_ADDRESS, "DtoH out of range");
+    if (mock_injected_fault()) return fail(LAUNCH_FAILED, "DtoH: injected fault");
     memcpy(dst, (void *)(uintptr_t)src, bytes);
     return OK;
 }
@@ -237,6 +242,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CU
     if (!current) return fail(INVALID_CONTEXT, "cuMemcpyDtoDAsync_v2");
     if (!mock_check_range((uintptr_t)src, bytes)) return fail(ILLEGAL_ADDRESS, "DtoD source out of range");
     if (!mock_check_range((uintptr_t)dst, bytes)) return fail(ILLEGAL_ADDRESS, "DtoD destination out of range");
+    if (mock_injected_fault()) return fail(LAUNCH_FAILED, "DtoD: injected fault");
     memmove((void *)(uintptr_t)dst, (void *)(uintptr_t)src, bytes);
     return OK;
 }
@@ -245,6 +251,7 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s)
     (void)s;
     if (!current) return fail(INVALID_CONTEXT, "cuMemsetD8Async");
     if (!mock_check_range((uintptr_t)dst, n)) return fail(ILLEGAL_ADDRESS, "memset out of range");
+    if (mock_injected_fault()) return fail(LAUNCH_FAILED, "memset: injected fault");
     memset((void *)(uintptr_t)dst, v, n);
     return OK;
 }
@@ -268,9 +275,10 @@ CUresult cuEventQuery(CUevent e) { return e ? OK : INVALID_VALUE; }
 CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned f) { (void)s; (void)f; return e ? OK : INVALID_VALUE; }
 
 /* Fault injection: while the file named by MOCK_CUDA_FAULTS exists and holds
- * "G N", the N-th product or kernel launch since it appeared with tag G
- * fails (as a lost GPU's would), once; a new tag starts a new count. The
- * tests write and remove the file while they hold the GPU. */
+ * "G N", the N-th allocation, copy, memset, product or kernel launch since
+ * it appeared with tag G fails (as on a lost GPU or a full one), once; a
+ * new tag starts a new count. The tests write and remove the file while
+ * they hold the GPU. */
 static long armed_calls, armed_tag = -1;
 
 int mock_injected_fault(void) {

@@ -10,7 +10,7 @@ use alloc::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice};
 
-use super::{BufRef, Gpu, counted, with_gpu, with_resident};
+use super::{BufRef, Gpu, counted, succeeded, with_gpu, with_resident};
 use crate::device::{
     AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, OnGpu, stats,
 };
@@ -306,6 +306,8 @@ fn finish<T>(ran: Result<(T, bool), Option<String>>, frozen: bool) -> Attempt<T>
         Ok((t, bf16)) => {
             if frozen {
                 counted(bf16);
+            } else {
+                succeeded();
             }
             stats::GPU_ADAPTED_PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             Attempt::Done(t)

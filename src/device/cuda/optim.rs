@@ -18,7 +18,7 @@ use std::sync::Once;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{Gpu, active, fell_back, make_current};
+use super::{Gpu, active, fell_back, make_current, succeeded};
 use crate::device::{Attempt, StepRule, stats};
 
 /// The kernels' CUDA C++ source. Compiled with `--fmad=false` and IEEE
@@ -210,6 +210,7 @@ pub(in crate::device) fn step(
                 scatter(&new_v, v);
             }
             stats::GPU_OPTIMIZER_STEPS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            succeeded();
             Attempt::Done(())
         }
         Err(e) => {
