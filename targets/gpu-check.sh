@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of the `cuda` feature, on a machine with an NVIDIA GPU and its
-# driver + cuBLAS (no CUDA toolkit is needed: cudarc loads them at run time).
+# driver, cuBLAS and NVRTC (no CUDA toolkit is needed: cudarc loads them at run
+# time; the optimizer tests fail, saying so, where NVRTC is missing).
 # Fails — never passes quietly — where no GPU starts.
 #   1. tests/device.rs's GPU tests (ignored elsewhere): every product of a small
 #      model on the GPU vs the CPU — products in every operand layout, forward,
-#      gradients, one AdamW step, a short training run, resident weights, bf16 on
-#      tensor cores, the CLI — with explicit tolerances;
+#      gradients, adapted layers' passes whole on the GPU, optimizer steps (bit
+#      for bit), a short training run, resident weights, bf16 on tensor cores,
+#      the CLI — with explicit tolerances;
 #   2. the engine issue's MiniLM training step (examples/train_step) on the CPU
 #      and with HYDRA_DEVICE=cuda (f32, then bf16 on tensor cores), with one
 #      batch's max |GPU − CPU| per gradient tensor (fails past 1e-3).

@@ -453,6 +453,49 @@ fn the_cli_runs_the_demo_on_the_gpu() {
     if !err.contains("no bf16 tensor cores") {
         assert!(j["gpu_bf16_products"].as_u64().unwrap() > 0, "{j}\n{err}");
     }
+    assert!(j["gpu_adapted_passes"].as_u64().unwrap() > 0, "{j}");
+    assert!(j["gpu_optimizer_steps"].as_u64().unwrap() > 0, "{j}");
+}
+
+/// Where NVRTC is missing, a GPU run keeps the optimizer step on the CPU,
+/// says so once, and trains as well: the CLI's demo with the mock's driver
+/// and cuBLAS but not its NVRTC (mock-only: a real machine's NVRTC cannot
+/// be hidden from a test).
+#[cfg(feature = "cli")]
+#[test]
+fn without_nvrtc_the_optimizer_step_stays_on_the_cpu() {
+    if std::env::var_os("MOCK_CUDA_FAULTS").is_none() {
+        eprintln!("skipped: needs the mock GPU (targets/cuda-mock/run.sh)");
+        return;
+    }
+    let libs = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    let mock = libs
+        .split(':')
+        .map(PathBuf::from)
+        .find(|d| d.join("libnvrtc.so").exists() && d.join("libcuda.so").exists())
+        .expect("the mock's folder on LD_LIBRARY_PATH");
+    let dir = std::env::temp_dir().join(format!("hydra-no-nvrtc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for lib in ["libcuda.so", "libcublas.so"] {
+        let _ = std::fs::remove_file(dir.join(lib));
+        std::os::unix::fs::symlink(mock.join(lib), dir.join(lib)).unwrap();
+    }
+    let o = common::run_target_binary(&cli_exe())
+        .args(["--json", "--device", "cuda", "--gpu-min-work", "0", "demo"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .env_remove("MOCK_CUDA_FAULTS")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let said = "the optimizer step stays on the CPU: NVRTC (libnvrtc.so) is not here";
+    assert_eq!(err.matches(said).count(), 1, "{err}");
+    assert!(!err.contains("panicked") && !err.contains("failed"), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["gpu_optimizer_steps"], 0, "{j}");
+    assert!(j["gpu_adapted_passes"].as_u64().unwrap() > 0, "{j}");
+    assert!(j["accuracy_after"].as_f64().unwrap() > 0.85, "{j}");
 }
 
 use half::f16;
@@ -704,6 +747,17 @@ use hydra_edge::train::optim::{Optimizer, OptimizerKind};
 /// 1024 × 256 threads, so its loop strides) by `kind`, with a restore of
 /// other moments after `restore_at` steps; the parameters and moments after.
 fn optimizer_run(kind: OptimizerKind, steps: usize, restore_at: usize) -> Vec<Vec<f32>> {
+    optimizer_run_with_cpu_step(kind, steps, restore_at, usize::MAX)
+}
+
+/// [`optimizer_run`] with step `cpu_at` kept off the GPU (under the size
+/// threshold), the others sent there (`set_gpu_min_work(0)`).
+fn optimizer_run_with_cpu_step(
+    kind: OptimizerKind,
+    steps: usize,
+    restore_at: usize,
+    cpu_at: usize,
+) -> Vec<Vec<f32>> {
     let lens = [3, 1000, 300_001];
     let mut rng = Rng::new(21);
     let mut params: Vec<Vec<f32>> =
@@ -722,7 +776,13 @@ fn optimizer_run(kind: OptimizerKind, steps: usize, restore_at: usize) -> Vec<Ve
         }
         let mut refs: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
         let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
-        opt.step(&mut refs, &g, 1e-2);
+        if step == cpu_at {
+            device::set_gpu_min_work(usize::MAX);
+            opt.step(&mut refs, &g, 1e-2);
+            device::set_gpu_min_work(0);
+        } else {
+            opt.step(&mut refs, &g, 1e-2);
+        }
     }
     let (m, v) = opt.state();
     params.into_iter().chain(m.iter().cloned()).chain(v.iter().cloned()).collect()
@@ -748,6 +808,22 @@ fn optimizer_steps_on_the_gpu_are_the_cpus_bit_for_bit() {
             let differ = c.iter().zip(g).filter(|(c, g)| c.to_bits() != g.to_bits()).count();
             assert_eq!(differ, 0, "{kind:?}: tensor {i}: {differ} values differ from the CPU's");
         }
+    }
+}
+
+/// A step the GPU does not take (here: under the size threshold) changes
+/// the host's moments, so the GPU's cached copy is dropped and the next GPU
+/// step sends the host's up: the run stays the CPU's, bit for bit.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn a_cpu_step_between_gpu_steps_refreshes_the_gpus_moments() {
+    let _g = lock();
+    let steps = device::stats::gpu_optimizer_steps();
+    let kind = OptimizerKind::default();
+    let (cpu, gpu, _) = cpu_then_gpu_locked(|| optimizer_run_with_cpu_step(kind, 4, 99, 1));
+    assert_eq!(device::stats::gpu_optimizer_steps() - steps, 3, "steps 0, 2, 3 on the GPU");
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert!(c.iter().zip(g).all(|(c, g)| c.to_bits() == g.to_bits()));
     }
 }
 

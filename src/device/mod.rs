@@ -22,9 +22,12 @@
 //! pass without dropout runs whole on the GPU (`try_adapted_forward`,
 //! `try_adapted_backward`): its input goes up once for the frozen product
 //! and the Hydra branches' low-rank products, and its gradients come back as
-//! increments to the host's sums. The element-wise ops, norms and the
-//! optimizer stay on the CPU, and the parameters live on the host, so
-//! checkpoints, adapter files and the merge are the CPU path's own. A CUDA
+//! increments to the host's sums. The optimizer step runs there too
+//! ([`try_optimizer_step`]: NVRTC-compiled kernels, the CPU's update bit for
+//! bit) for steps of at least [`set_gpu_min_work`]` / 16` values. The
+//! element-wise ops and norms stay on the CPU, and the parameters live on
+//! the host (each GPU step brings them back), so checkpoints, adapter files
+//! and the merge are the CPU path's own. A CUDA
 //! call that fails mid-run leaves that product (or that layer's whole pass)
 //! to the CPU (the result is the same up to rounding), counted in
 //! [`stats`] and reported once on stderr.

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -313,6 +314,15 @@ CUresult cuModuleLoadData(CUmodule *m, const void *image) {
     if (!s || strncmp(s, "MOCKPTX ", 8) != 0) return fail(INVALID_IMAGE, "cuModuleLoadData: not a mock image");
     void *lib = dlopen(s + 8, RTLD_NOW | RTLD_LOCAL);
     if (!lib) return fail(INVALID_IMAGE, "cuModuleLoadData: dlopen");
+    /* Loaded: the file and its folder (mock_nvrtc.c's) can go. */
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s", s + 8);
+    char *slash = strrchr(dir, '/');
+    unlink(s + 8);
+    if (slash) {
+        *slash = 0;
+        rmdir(dir);
+    }
     *m = calloc(1, sizeof **m);
     if (!*m) return fail(2, "cuModuleLoadData: out of memory");
     (*m)->lib = lib;

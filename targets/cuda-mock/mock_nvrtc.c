@@ -139,7 +139,7 @@ static int launchers(const char *src, struct buf *out) {
 static const char PRELUDE[] =
     "#include <math.h>\n"
     "struct mock_dim3 { unsigned x, y, z; };\n"
-    "static mock_dim3 blockIdx, threadIdx, blockDim, gridDim;\n"
+    "static thread_local mock_dim3 blockIdx, threadIdx, blockDim, gridDim;\n"
     "#define __global__\n"
     "#define __device__ static inline\n"
     "#define __forceinline__\n"
@@ -159,9 +159,12 @@ nvrtcResult nvrtcCompileProgram(struct prog *p, int nopt, const char *const *opt
     }
     put(&code, "%s%s\n%s", PRELUDE, p->src, launch.s);
     free(launch.s);
-    char dir[] = "/tmp/mock-nvrtc-XXXXXX";
+    /* MOCK_NVRTC_DIR (run.sh: its build folder), else /tmp. */
+    const char *base = getenv("MOCK_NVRTC_DIR");
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/mock-nvrtc-XXXXXX", base && *base ? base : "/tmp");
     if (!mkdtemp(dir)) return OUT_OF_MEMORY;
-    char src[64], so[64], log[64], cmd[512];
+    char src[600], so[600], log[600], cmd[2048];
     snprintf(src, sizeof src, "%s/k.cpp", dir);
     snprintf(so, sizeof so, "%s/k.so", dir);
     snprintf(log, sizeof log, "%s/log", dir);
@@ -198,7 +201,8 @@ nvrtcResult nvrtcCompileProgram(struct prog *p, int nopt, const char *const *opt
         rmdir(dir);
         return COMPILATION;
     }
-    /* The shared object stays for the process (the module opens it). */
+    /* The shared object stays until the module opens it (mock_cuda.c's
+     * cuModuleLoadData removes it and its folder once it is loaded). */
     free(p->ptx);
     size_t n = strlen(so) + 16;
     p->ptx = malloc(n);

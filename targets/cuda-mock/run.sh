@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=target/cuda-mock
 mkdir -p "$out"
+# The mock NVRTC compiles the kernels' CUDA source with the system's C++ compiler.
+command -v c++ >/dev/null || { echo "run.sh: no c++ (the mock NVRTC needs it: apt-get install g++)" >&2; exit 1; }
 cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcuda.so \
     -o "$out/libcuda.so" targets/cuda-mock/mock_cuda.c -lpthread -ldl
 cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libnvrtc.so \
@@ -26,7 +28,7 @@ for mode in "1 9" "0 9" "1 7"; do
     log="$out/device-tests-pools$pools-cc$cc.log"
     rm -f "$out/fault-$pools-$cc"
     MOCK_CUDA_POOLS=$pools MOCK_CUDA_CC_MAJOR=$cc MOCK_CUDA_REPORT=1 \
-        MOCK_CUDA_FAULTS="$PWD/$out/fault-$pools-$cc" \
+        MOCK_CUDA_FAULTS="$PWD/$out/fault-$pools-$cc" MOCK_NVRTC_DIR="$PWD/$out" \
         LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         cargo test --release --features cuda --test device "$@" -- --include-ignored --nocapture \
         2>&1 | tee "$log"
@@ -35,6 +37,7 @@ for mode in "1 9" "0 9" "1 7"; do
     grep -q "GPU: mock GPU 0" "$log"
     # The fault-injection test ran (it needs the mock, so it skips elsewhere).
     grep -q "^injected faults: " "$log"
+    grep -q "^injected optimizer faults: " "$log"
     # Every allocation freed by the end (a refused free leaves one live).
     grep -q "^mock cuda: 0 allocation(s) live at exit" "$log"
     if grep -q "^mock cuda: [1-9][0-9]* allocation(s) live at exit" "$log"; then

@@ -144,7 +144,9 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
                 "merge_max_abs_error": err, "base_ms": tb * 1e3, "merged_ms": tm * 1e3, "train_seconds": train_secs, "merged_model": merged_path,
                 "tier": kernels::active().tier().name(), "f16_kernel_calls": f16_calls, "f16_widened": widened,
                 "device": hydra_edge::device::device().to_string(), "gpu_products": hydra_edge::device::stats::gpu_products(),
-                "gpu_bf16_products": hydra_edge::device::stats::gpu_bf16_products(), "bf16_products": kernels::stats::bf16_products()})
+                "gpu_bf16_products": hydra_edge::device::stats::gpu_bf16_products(), "bf16_products": kernels::stats::bf16_products(),
+                "gpu_adapted_passes": hydra_edge::device::stats::gpu_adapted_passes(),
+                "gpu_optimizer_steps": hydra_edge::device::stats::gpu_optimizer_steps()})
         );
     }
     std::fs::remove_dir_all(&dir).ok();

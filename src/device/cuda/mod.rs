@@ -344,7 +344,7 @@ fn fell_back(ordinal: usize, e: &str) {
     stats::GPU_FALLBACKS.fetch_add(1, Ordering::Relaxed);
     static SAID: Once = Once::new();
     SAID.call_once(|| {
-        eprintln!("hydra-edge: a product on cuda:{ordinal} failed ({e}); it ran on the CPU")
+        eprintln!("hydra-edge: a GPU call on cuda:{ordinal} failed ({e}); that work ran on the CPU")
     });
     if FAILED_IN_A_ROW.fetch_add(1, Ordering::Relaxed) + 1 >= GIVE_UP_AFTER {
         FAILED_IN_A_ROW.store(0, Ordering::Relaxed);

@@ -24,13 +24,14 @@ use crate::device::{Attempt, StepRule, stats};
 /// The kernels' CUDA C++ source. Compiled with `--fmad=false` and IEEE
 /// division and square root (NVRTC's defaults), each element's update is
 /// the CPU's (`train::optim`) operation for operation, so the results are
-/// the same bits. A grid-stride loop covers any length.
+/// the same bits. A grid-stride loop (64-bit index: it cannot wrap) covers
+/// any length.
 const SOURCE: &str = r#"
 extern "C" __global__ void hydra_adamw(float *p, const float *g, float *m, float *v,
                                        unsigned int n, float lr, float beta1, float beta2,
                                        float c1, float c2, float eps, float wd) {
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += blockDim.x * gridDim.x) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
         float gi = g[i];
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
@@ -44,8 +45,8 @@ extern "C" __global__ void hydra_adamw(float *p, const float *g, float *m, float
 
 extern "C" __global__ void hydra_sgd(float *p, const float *g, float *m, unsigned int n,
                                      float lr, float momentum, float wd) {
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += blockDim.x * gridDim.x) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
         float mi = momentum * m[i] + g[i];
         m[i] = mi;
         p[i] -= lr * (mi + wd * p[i]);
