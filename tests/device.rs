@@ -614,6 +614,35 @@ fn arm_fault(path: &std::ffi::OsStr, nth: usize) {
     std::fs::write(path, format!("{tag} {nth}")).unwrap();
 }
 
+/// Fails the first CUDA call of `run`, then the second, … (each run with
+/// one fault armed) until a run goes clean, past its last call. Each run
+/// must do `units` units of GPU work (passes, steps: `done` counts them);
+/// with a fault, exactly one of them fails (counted once) and is left to
+/// the CPU, and the GPU stays in use. Returns how many calls were walked.
+fn walk_faults(
+    path: &std::ffi::OsStr,
+    what: &str,
+    done: fn() -> usize,
+    units: usize,
+    mut run: impl FnMut(usize),
+) -> usize {
+    for nth in 1.. {
+        arm_fault(path, nth);
+        let (fallbacks, before) = (device::stats::gpu_fallbacks(), done());
+        run(nth);
+        let failed = device::stats::gpu_fallbacks() - fallbacks;
+        let on_gpu = done() - before;
+        if failed == 0 {
+            assert_eq!(on_gpu, units, "{what}: a clean run");
+            std::fs::remove_file(path).unwrap();
+            return nth - 1;
+        }
+        assert_eq!((failed, on_gpu), (1, units - 1), "{what}: fault at call {nth}");
+        assert_eq!(device::device(), Device::Cuda(0), "one failure does not give the GPU up");
+    }
+    unreachable!()
+}
+
 /// Removes the mock's fault file when dropped.
 struct Faults(std::ffi::OsString);
 
@@ -643,32 +672,16 @@ fn a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu() {
     let cpu = pass();
     device::set_device(Device::Cuda(0)).unwrap();
     device::set_gpu_min_work(0);
-    // Fail the first product, then the second, … until a pass pair runs
-    // clean (past the last product).
-    let mut tried = 0;
-    for nth in 1.. {
-        arm_fault(&path, nth);
-        let (fallbacks, passes) =
-            (device::stats::gpu_fallbacks(), device::stats::gpu_adapted_passes());
-        let gpu = pass();
-        let failed = device::stats::gpu_fallbacks() - fallbacks;
-        let on_gpu = device::stats::gpu_adapted_passes() - passes;
-        assert!(rel_err(&cpu.0, &gpu.0) <= 1e-5, "fault at product {nth}: Y");
-        let (c, g) = (cpu.1.as_ref().unwrap(), gpu.1.as_ref().unwrap());
-        assert!(rel_err(c, g) <= 1e-5, "fault at product {nth}: dX");
-        for (c, g) in cpu.2.iter().zip(&gpu.2) {
-            assert!(rel_err(c, g) <= 1e-5, "fault at product {nth}: gradients");
-        }
-        if failed == 0 {
-            // Past the last product: both passes ran on the GPU.
-            assert_eq!(on_gpu, 2);
-            break;
-        }
-        assert_eq!((failed, on_gpu), (1, 1), "fault at product {nth}: one pass on the CPU");
-        assert_eq!(device::device(), Device::Cuda(0), "one failure does not give the GPU up");
-        tried = nth;
-    }
-    std::fs::remove_file(&path).unwrap();
+    let tried =
+        walk_faults(&path, "a Hydra layer's passes", device::stats::gpu_adapted_passes, 2, |nth| {
+            let gpu = pass();
+            assert!(rel_err(&cpu.0, &gpu.0) <= 1e-5, "fault at call {nth}: Y");
+            let (c, g) = (cpu.1.as_ref().unwrap(), gpu.1.as_ref().unwrap());
+            assert!(rel_err(c, g) <= 1e-5, "fault at call {nth}: dX");
+            for (c, g) in cpu.2.iter().zip(&gpu.2) {
+                assert!(rel_err(c, g) <= 1e-5, "fault at call {nth}: gradients");
+            }
+        });
     // 23 products (forward: the bias, the frozen product, each branch's four
     // with c and e; backward: each branch's five, dY0, the frozen product
     // and dX's parallel part), each with its allocations and copies.
@@ -847,26 +860,14 @@ fn a_failed_optimizer_step_on_the_gpu_runs_on_the_cpu() {
     let cpu = optimizer_run(kind, 3, 99);
     device::set_device(Device::Cuda(0)).unwrap();
     device::set_gpu_min_work(0);
-    let mut tried = 0;
-    for nth in 1.. {
-        arm_fault(&path, nth);
-        let (steps, fallbacks) =
-            (device::stats::gpu_optimizer_steps(), device::stats::gpu_fallbacks());
-        let gpu = optimizer_run(kind, 3, 99);
-        let failed = device::stats::gpu_fallbacks() - fallbacks;
-        let on_gpu = device::stats::gpu_optimizer_steps() - steps;
-        for (c, g) in cpu.iter().zip(&gpu) {
-            let same = c.iter().zip(g).all(|(c, g)| c.to_bits() == g.to_bits());
-            assert!(same, "fault at call {nth}: the run differs from the CPU's");
-        }
-        if failed == 0 {
-            assert_eq!(on_gpu, 3);
-            break;
-        }
-        assert_eq!((failed, on_gpu), (1, 2), "fault at call {nth}: one step on the CPU");
-        tried = nth;
-    }
-    std::fs::remove_file(&path).unwrap();
+    let tried =
+        walk_faults(&path, "optimizer steps", device::stats::gpu_optimizer_steps, 3, |nth| {
+            let gpu = optimizer_run(kind, 3, 99);
+            for (c, g) in cpu.iter().zip(&gpu) {
+                let same = c.iter().zip(g).all(|(c, g)| c.to_bits() == g.to_bits());
+                assert!(same, "fault at call {nth}: the run differs from the CPU's");
+            }
+        });
     // Three steps: each uploads P and G, the first (and the one after a
     // failure) the moments, launches, and brings P, m, v back.
     assert!(tried >= 3 * 6, "only {tried} CUDA calls in three optimizer steps");
