@@ -562,47 +562,40 @@ fn adapted_layer_pass(
 }
 
 /// Every Hydra variant's layer, with and without branch biases, f32 and f16
-/// weights and input, each way of asking for backward: forward and backward
-/// run whole on the GPU (the frozen product and the branches' low-rank
-/// products and gradients, `gpu_adapted_passes`) and give the CPU's `Y`,
-/// `dX` and gradients; with dropout the branches stay on the CPU (its
-/// masks), only the frozen product goes up, and the result is the CPU's.
+/// weights and input, with and without dropout, each way of asking for
+/// backward: forward and backward run whole on the GPU (the frozen product
+/// and the branches' low-rank products, masks and gradients:
+/// `gpu_adapted_passes`) and give the CPU's `Y`, `dX` and gradients (the
+/// same dropout masks: the layer's generator draws them either way).
 #[test]
 #[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
 fn adapted_layers_run_their_branches_on_the_gpu() {
     for variant in [Variant::Hydra, Variant::Lora, Variant::SeqLora] {
         for (bias, half) in [(false, false), (true, false), (true, true)] {
             for mode in [Backward::Full, Backward::ParamsOnly, Backward::WithInput] {
-                let case = format!("{variant:?} bias {bias} f16 {half} {mode:?}");
-                let _g = lock();
-                let passes = device::stats::gpu_adapted_passes();
-                let (cpu, gpu, ran) =
-                    cpu_then_gpu_locked(|| adapted_layer_pass(variant, bias, half, mode, 0.0));
-                assert_eq!(device::stats::gpu_adapted_passes() - passes, 2, "{case}");
-                let frozen = if mode == Backward::ParamsOnly { 1 } else { 2 };
-                assert_eq!(ran, frozen, "{case}: the frozen products that ran");
-                assert!(rel_err(&cpu.0, &gpu.0) <= 1e-5, "{case}: Y {:e}", rel_err(&cpu.0, &gpu.0));
-                assert_eq!(cpu.1.is_some(), gpu.1.is_some(), "{case}");
-                if let (Some(c), Some(g)) = (&cpu.1, &gpu.1) {
-                    assert!(rel_err(c, g) <= 1e-5, "{case}: dX {:e}", rel_err(c, g));
-                }
-                assert_eq!(cpu.2.len(), gpu.2.len());
-                for (i, (c, g)) in cpu.2.iter().zip(&gpu.2).enumerate() {
-                    assert!(rel_err(c, g) <= 1e-5, "{case}: gradient {i} {:e}", rel_err(c, g));
+                for dropout in [0.0, 0.25] {
+                    let case = format!("{variant:?} bias {bias} f16 {half} {mode:?} p {dropout}");
+                    let _g = lock();
+                    let passes = device::stats::gpu_adapted_passes();
+                    let (cpu, gpu, ran) = cpu_then_gpu_locked(|| {
+                        adapted_layer_pass(variant, bias, half, mode, dropout)
+                    });
+                    assert_eq!(device::stats::gpu_adapted_passes() - passes, 2, "{case}");
+                    let frozen = if mode == Backward::ParamsOnly { 1 } else { 2 };
+                    assert_eq!(ran, frozen, "{case}: the frozen products that ran");
+                    let e = rel_err(&cpu.0, &gpu.0);
+                    assert!(e <= 1e-5, "{case}: Y {e:e}");
+                    assert_eq!(cpu.1.is_some(), gpu.1.is_some(), "{case}");
+                    if let (Some(c), Some(g)) = (&cpu.1, &gpu.1) {
+                        assert!(rel_err(c, g) <= 1e-5, "{case}: dX {:e}", rel_err(c, g));
+                    }
+                    assert_eq!(cpu.2.len(), gpu.2.len());
+                    for (i, (c, g)) in cpu.2.iter().zip(&gpu.2).enumerate() {
+                        assert!(rel_err(c, g) <= 1e-5, "{case}: gradient {i} {:e}", rel_err(c, g));
+                    }
                 }
             }
         }
-    }
-    let _g = lock();
-    let passes = device::stats::gpu_adapted_passes();
-    let (cpu, gpu, ran) = cpu_then_gpu_locked(|| {
-        adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, 0.25)
-    });
-    assert_eq!(device::stats::gpu_adapted_passes(), passes, "dropout stays on the CPU");
-    assert_eq!(ran, 2, "the frozen products still go up");
-    assert!(rel_err(&cpu.0, &gpu.0) <= 1e-5);
-    for (c, g) in cpu.2.iter().zip(&gpu.2) {
-        assert!(rel_err(c, g) <= 1e-5);
     }
 }
 

@@ -19,7 +19,7 @@
 //! backward product, dropped when a merge changes `W0`), and its bias is
 //! added there, so only the activations go up and the result comes back;
 //! other products send their operands up each time. An adapted layer's
-//! pass without dropout runs whole on the GPU (`try_adapted_forward`,
+//! pass runs whole on the GPU, dropout masks included (`try_adapted_forward`,
 //! `try_adapted_backward`): its input goes up once for the frozen product
 //! and the Hydra branches' low-rank products, and its gradients come back as
 //! increments to the host's sums. The optimizer step runs there too
@@ -343,7 +343,8 @@ pub(crate) fn try_frozen<'w>(
 
 /// One Hydra branch as the GPU path reads it (`hydra::Branch` and its
 /// config): `A` r×width, `B` out×r, row-major, optional biases `c` (r) and
-/// `e` (out), the scale `s`.
+/// `e` (out), the scale `s`, and the pass's dropout mask on the branch's
+/// input (n×width: 0 or 1/(1−p) per element), drawn by the caller.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LowRank<'a> {
@@ -353,6 +354,7 @@ pub(crate) struct LowRank<'a> {
     pub bias_up: Option<&'a [f32]>,
     pub scale: f32,
     pub rank: usize,
+    pub mask: Option<&'a [f32]>,
 }
 
 /// An adapted layer's forward from the GPU: `Y`, and what backward reads
@@ -435,10 +437,11 @@ pub(crate) enum Attempt<T> {
 /// An adapted layer's forward pass whole on the GPU, `X[n×in]` going up
 /// once: `Y0 = X·W0ᵀ + b0` with `W0` resident in `slot` (as
 /// [`try_frozen`]), then the parallel branch `Y += s·(X·Aᵀ + c)·Bᵀ + s·e`
-/// and the sequential one on `Y0` — the math of `HydraLinear::forward` with
-/// no dropout (the caller keeps passes with dropout masks on the CPU). With
-/// `keep` (training), `X` and `Y0` stay on the GPU for the backward
-/// ([`OnGpu`]).
+/// and the sequential one on `Y0` — the math of `HydraLinear::forward`, each
+/// branch's input multiplied by its dropout mask where it has one (`Y0`,
+/// `U`s and the kept inputs are the masked ones, as the CPU keeps them).
+/// With `keep` (training), the branches' inputs stay on the GPU for the
+/// backward ([`OnGpu`]).
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_adapted_forward<'w>(
@@ -472,8 +475,9 @@ pub(crate) fn try_adapted_forward<'w>(
 /// The backward of [`try_adapted_forward`] whole on the GPU for `dY[n×out]`:
 /// each branch's gradient increments (`dB = s·dYᵀ·U`, `de = s·Σ dY`,
 /// `dU = dY·B`, `dc = s·Σ dU`, `dA = s·dUᵀ·input`) and, if `want_dx`,
-/// `dX = (dY + s_s·dU_s·A_s)·W0 + s_p·dU_p·A_p`. `x` (the parallel branch's
-/// input), `y0` and the `u`s are the forward's, on the host; `on_gpu` what
+/// `dX = (dY + mask_s ⊙ s_s·dU_s·A_s)·W0 + mask_p ⊙ s_p·dU_p·A_p`. `x` (the
+/// parallel branch's input), `y0` and the `u`s are the forward's (masked as
+/// it kept them), on the host; `on_gpu` what
 /// the forward left on the GPU (used in their place where it holds them).
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), inline(always))]
@@ -646,6 +650,7 @@ fn adapted_fits(
                 && b.b.len() == dout * b.rank
                 && b.bias_down.is_none_or(|c| c.len() == b.rank)
                 && b.bias_up.is_none_or(|e| e.len() == dout)
+                && b.mask.is_none_or(|m| Some(m.len()) == n.checked_mul(width))
         })
     };
     !on_cpu_only()

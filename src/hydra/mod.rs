@@ -384,10 +384,18 @@ impl HydraLinear {
             }
         };
         #[cfg(feature = "std")]
-        if !self.merged && !self.dropout_in(self.training) {
+        if !self.merged && crate::device::gpu_takes(&[n, self.in_dim, self.out_dim]) {
             use crate::device::Attempt;
             let (din, dout) = (self.in_dim, self.out_dim);
-            let (p, s) = self.low_ranks();
+            // The dropout masks the CPU path would draw, in its order; the
+            // generator goes back if the GPU does not run the pass.
+            let rng0 = self.rng.clone();
+            let (cp, cs, train) = (self.config.parallel, self.config.sequential, self.training);
+            let mask_p = (train && self.parallel.is_some() && cp.dropout > 0.0)
+                .then(|| dropout_mask(&mut self.rng, n * din, cp.dropout));
+            let mask_s = (train && self.sequential.is_some() && cs.dropout > 0.0)
+                .then(|| dropout_mask(&mut self.rng, n * dout, cs.dropout));
+            let (p, s) = self.low_ranks(mask_p.as_deref(), mask_s.as_deref());
             let b0 = self.b0.as_deref();
             let w0 = &self.w0;
             let gpu = self.packs.gpu();
@@ -403,16 +411,23 @@ impl HydraLinear {
             ) {
                 Attempt::Done(f) => {
                     dense::record_gemm(n, din, dout);
-                    let xp = (keep && copy_input && self.parallel.is_some()).then(|| match x {
-                        Input::F32(v) => SavedX::F32(v.to_vec()),
-                        Input::F16(h) => SavedX::F16(h.to_vec()),
-                    });
+                    // The parallel branch's input as the CPU path keeps it:
+                    // masked, or (the tape not keeping it) a copy.
+                    let xp = match &mask_p {
+                        Some(m) => {
+                            Some(SavedX::F32(x32.iter().zip(m).map(|(v, m)| v * m).collect()))
+                        }
+                        None => (keep && copy_input && self.parallel.is_some()).then(|| match x {
+                            Input::F32(v) => SavedX::F32(v.to_vec()),
+                            Input::F16(h) => SavedX::F16(h.to_vec()),
+                        }),
+                    };
                     let saved = Saved {
                         n,
                         xp,
-                        mask_p: None,
+                        mask_p,
                         y0: f.y0,
-                        mask_s: None,
+                        mask_s,
                         u_p: f.u_p,
                         u_s: f.u_s,
                         gpu: f.on_gpu,
@@ -420,8 +435,9 @@ impl HydraLinear {
                     self.saved = keep.then_some(saved);
                     return Ok(f.y);
                 }
-                Attempt::NotTaken => {}
+                Attempt::NotTaken => self.rng = rng0,
                 Attempt::Failed => {
+                    self.rng = rng0;
                     return crate::device::on_cpu(|| self.forward_cpu(x, x32, n, copy_input, keep));
                 }
             }
@@ -429,21 +445,19 @@ impl HydraLinear {
         self.forward_cpu(x, x32, n, copy_input, keep)
     }
 
-    /// Whether a pass in training mode `train` draws dropout masks.
+    /// The branches as the GPU path reads them, with the pass's dropout
+    /// masks.
     #[cfg(feature = "std")]
-    fn dropout_in(&self, train: bool) -> bool {
-        let c = &self.config;
-        train
-            && ((self.parallel.is_some() && c.parallel.dropout > 0.0)
-                || (self.sequential.is_some() && c.sequential.dropout > 0.0))
-    }
-
-    /// The branches as the GPU path reads them.
-    #[cfg(feature = "std")]
-    fn low_ranks(
-        &self,
-    ) -> (Option<crate::device::LowRank<'_>>, Option<crate::device::LowRank<'_>>) {
-        fn lr<'a>(b: &'a Option<Branch>, c: &BranchConfig) -> Option<crate::device::LowRank<'a>> {
+    fn low_ranks<'a>(
+        &'a self,
+        mask_p: Option<&'a [f32]>,
+        mask_s: Option<&'a [f32]>,
+    ) -> (Option<crate::device::LowRank<'a>>, Option<crate::device::LowRank<'a>>) {
+        fn lr<'a>(
+            b: &'a Option<Branch>,
+            c: &BranchConfig,
+            mask: Option<&'a [f32]>,
+        ) -> Option<crate::device::LowRank<'a>> {
             b.as_ref().map(|b| crate::device::LowRank {
                 a: &b.a,
                 b: &b.b,
@@ -451,9 +465,13 @@ impl HydraLinear {
                 bias_up: b.bias_up.as_deref(),
                 scale: c.scale,
                 rank: c.rank,
+                mask,
             })
         }
-        (lr(&self.parallel, &self.config.parallel), lr(&self.sequential, &self.config.sequential))
+        (
+            lr(&self.parallel, &self.config.parallel, mask_p),
+            lr(&self.sequential, &self.config.sequential, mask_s),
+        )
     }
 
     /// [`HydraLinear::forward_ext`] on the CPU (the frozen product may
@@ -604,10 +622,7 @@ impl HydraLinear {
             return Err(shape("HydraLinear::backward X", format!("{n}×{din}"), x.len()));
         }
         #[cfg(feature = "std")]
-        if saved.mask_p.is_none()
-            && saved.mask_s.is_none()
-            && crate::device::gpu_takes(&[n, din, dout])
-        {
+        if crate::device::gpu_takes(&[n, din, dout]) {
             use crate::device::Attempt;
             let k = kernels::active();
             // The parallel branch's input, as f32.
@@ -620,7 +635,9 @@ impl HydraLinear {
                 (None, None) => None,
             };
             if self.parallel.is_none() || xp.is_some() {
-                let (p, s) = self.low_ranks();
+                // The masks are only read for dX.
+                let (mask_p, mask_s) = (saved.mask_p.as_deref(), saved.mask_s.as_deref());
+                let (p, s) = self.low_ranks(mask_p.filter(|_| want_dx), mask_s.filter(|_| want_dx));
                 let p = p.zip(xp.as_deref()).map(|(l, x)| (l, x, &saved.u_p[..]));
                 let y0 = saved.y0.as_deref().unwrap_or_default();
                 let s = s.map(|l| (l, y0, &saved.u_s[..]));

@@ -1,6 +1,7 @@
 /* A host stand-in for cuBLAS (libcublas.so) over mock_cuda.c's memory: the
- * two products hydra-edge calls, sgemm and GemmEx (bf16 or f32 inputs, f32
- * output, f32 compute), in column-major BLAS semantics. It refuses what
+ * calls hydra-edge makes — the products sgemm and GemmEx (bf16 or f32
+ * inputs, f32 output, f32 compute), in column-major BLAS semantics, and the
+ * element-wise dgmm and axpy (dropout masks). It refuses what
  * cuBLAS refuses (leading dimensions, a handle used without its context
  * current, unsupported type combinations) and checks that every element a
  * product reads or writes lies inside one allocation. Sums in double: the
@@ -113,4 +114,42 @@ cublasStatus_t cublasGemmEx(struct handle *h, int ta, int tb, int m, int n, int 
         return fail(NOT_SUPPORTED, "cublasGemmEx: type combination");
     return gemm(h, ta, tb, m, n, k, *(const float *)alpha, a, at, lda, b, bt, ldb,
                 *(const float *)beta, c, ldc);
+}
+
+/* C = diag(x)·A (left) or A·diag(x) (right), column-major, f32. */
+cublasStatus_t cublasSdgmm(struct handle *h, int mode, int m, int n, const float *a, int lda,
+                           const float *x, int incx, float *c, int ldc) {
+    if (!h) return fail(NOT_INITIALIZED, "dgmm: no handle");
+    if (mock_current_context() != h->ctx) return fail(EXECUTION_FAILED, "dgmm: the handle's context is not current");
+    if ((mode != 0 && mode != 1) || m < 0 || n < 0 || incx == 0) return fail(INVALID_VALUE, "dgmm: arguments");
+    if (lda < (m > 1 ? m : 1) || ldc < (m > 1 ? m : 1)) return fail(INVALID_VALUE, "dgmm: leading dimension");
+    if (m == 0 || n == 0) return SUCCESS;
+    if (mock_injected_fault()) return fail(EXECUTION_FAILED, "dgmm: injected fault");
+    int xn = mode == 0 ? m : n;
+    size_t ax = (size_t)(incx > 0 ? incx : -incx);
+    if (!mock_check_range((uintptr_t)a, span(m, n, lda, 4)) ||
+        !mock_check_range((uintptr_t)x, ((size_t)(xn - 1) * ax + 1) * 4) ||
+        !mock_check_range((uintptr_t)c, span(m, n, ldc, 4)))
+        return fail(EXECUTION_FAILED, "dgmm: an operand reaches outside its allocation");
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            int xi = mode == 0 ? i : j;
+            float xv = x[incx > 0 ? (size_t)xi * ax : (size_t)(xn - 1 - xi) * ax];
+            c[(size_t)i + (size_t)j * ldc] = xv * a[(size_t)i + (size_t)j * lda];
+        }
+    return SUCCESS;
+}
+
+/* y += alpha·x, f32. */
+cublasStatus_t cublasSaxpy_v2(struct handle *h, int n, const float *alpha, const float *x, int incx,
+                              float *y, int incy) {
+    if (!h) return fail(NOT_INITIALIZED, "axpy: no handle");
+    if (mock_current_context() != h->ctx) return fail(EXECUTION_FAILED, "axpy: the handle's context is not current");
+    if (n <= 0) return SUCCESS;
+    if (incx != 1 || incy != 1) return fail(NOT_SUPPORTED, "axpy: the mock takes unit strides");
+    if (mock_injected_fault()) return fail(EXECUTION_FAILED, "axpy: injected fault");
+    if (!mock_check_range((uintptr_t)x, (size_t)n * 4) || !mock_check_range((uintptr_t)y, (size_t)n * 4))
+        return fail(EXECUTION_FAILED, "axpy: an operand reaches outside its allocation");
+    for (int i = 0; i < n; i++) y[i] += *alpha * x[i];
+    return SUCCESS;
 }

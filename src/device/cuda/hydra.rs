@@ -5,10 +5,10 @@
 
 use alloc::borrow::Cow;
 use alloc::boxed::Box;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice};
+use cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{BufRef, Gpu, counted, succeeded, with_gpu, with_resident};
 use crate::device::{
@@ -59,6 +59,8 @@ struct DevBranch {
     b: CudaSlice<f32>,
     c: Option<CudaSlice<f32>>,
     e: Option<CudaSlice<f32>>,
+    /// The dropout mask on the branch's input, if any.
+    mask: Option<CudaSlice<f32>>,
     scale: f32,
     rank: usize,
 }
@@ -78,9 +80,90 @@ impl Gpu {
             b: self.up(l.b)?,
             c: l.bias_down.map(|c| self.up(c)).transpose()?,
             e: l.bias_up.map(|e| self.up(e)).transpose()?,
+            mask: l.mask.map(|m| self.up(m)).transpose()?,
             scale: l.scale,
             rank: l.rank,
         })
+    }
+
+    /// `mask ⊙ a`, element by element, into a new matrix (cuBLAS dgmm:
+    /// `diag(mask)·a` with `a` as one column).
+    fn masked(&self, a: &CudaSlice<f32>, mask: &CudaSlice<f32>) -> Result<CudaSlice<f32>, String> {
+        let len = a.len();
+        if mask.len() != len {
+            return Err("a dropout mask of another length".to_string());
+        }
+        let m = i32::try_from(len).map_err(|_| format!("{len} elements over cuBLAS's int"))?;
+        let mut out = self.zeros(len)?;
+        let (ap, _ra) = a.device_ptr(&self.stream);
+        let (xp, _rx) = mask.device_ptr(&self.stream);
+        let (cp, _rc) = out.device_ptr_mut(&self.stream);
+        // SAFETY: A, the mask and C each hold `len` f32 (m×1, ld m, unit
+        // stride); the handle runs on `self.stream`.
+        unsafe {
+            cudarc::cublas::sys::cublasSdgmm(
+                *self.blas.handle(),
+                cudarc::cublas::sys::cublasSideMode_t::CUBLAS_SIDE_LEFT,
+                m,
+                1,
+                ap as *const f32,
+                m,
+                xp as *const f32,
+                1,
+                cp as *mut f32,
+                m,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cuBLAS dgmm: {e:?}"))?;
+        drop((_ra, _rx, _rc));
+        Ok(out)
+    }
+
+    /// `y += alpha·x` (cuBLAS axpy).
+    fn axpy(&self, alpha: f32, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<(), String> {
+        let len = x.len();
+        if y.len() != len {
+            return Err("axpy of two lengths".to_string());
+        }
+        let n = i32::try_from(len).map_err(|_| format!("{len} elements over cuBLAS's int"))?;
+        let (xp, _rx) = x.device_ptr(&self.stream);
+        let (yp, _ry) = y.device_ptr_mut(&self.stream);
+        // SAFETY: x and y each hold `len` f32 (unit stride); α is on the
+        // host, as the handle's (default) pointer mode reads it.
+        unsafe {
+            cudarc::cublas::sys::cublasSaxpy_v2(
+                *self.blas.handle(),
+                n,
+                &alpha,
+                xp as *const f32,
+                1,
+                yp as *mut f32,
+                1,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cuBLAS axpy: {e:?}"))
+    }
+
+    /// `dx += mask ⊙ (s·dU·A)` for a branch (`A` r×width): straight into
+    /// `dx` without a mask, through a temporary with one.
+    fn grad_x(
+        &self,
+        br: &DevBranch,
+        du: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        (n, width): (usize, usize),
+    ) -> Result<(), String> {
+        let dims = (n, width, br.rank);
+        match &br.mask {
+            None => self.rm(dims, br.scale, du, false, &br.a, false, 1.0, dx),
+            Some(mask) => {
+                let mut t = self.zeros(n * width)?;
+                self.rm(dims, br.scale, du, false, &br.a, false, 0.0, &mut t)?;
+                self.axpy(1.0, &self.masked(&t, mask)?, dx)
+            }
+        }
     }
 
     /// `y[n×out] += s·(x·Aᵀ + c)·Bᵀ + s·e` for a branch over `x[n×width]`;
@@ -184,15 +267,28 @@ pub(in crate::device) fn adapted_forward<'w>(
             Some(_) => Some(gpu.stream.clone_dtod(&y).map_err(|e| format!("copy: {e}"))?),
             None => None,
         };
+        // Each branch reads its input through its dropout mask, if any.
         let mut u_p = None;
-        if let Some(l) = &parallel {
+        let mut xd = Some(xd);
+        if let (Some(l), Some(x)) = (&parallel, xd.take()) {
             let br = gpu.branch(l)?;
-            u_p = Some(gpu.branch_forward(&br, &xd, &mut y, (n, din, dout))?);
+            let x = match &br.mask {
+                Some(m) => gpu.masked(&x, m)?,
+                None => x,
+            };
+            u_p = Some(gpu.branch_forward(&br, &x, &mut y, (n, din, dout))?);
+            xd = Some(x);
         }
         let mut u_s = None;
-        if let (Some(l), Some(y0)) = (&sequential, &y0) {
+        let mut y0 = y0;
+        if let (Some(l), Some(y0v)) = (&sequential, y0.take()) {
             let br = gpu.branch(l)?;
-            u_s = Some(gpu.branch_forward(&br, y0, &mut y, (n, dout, dout))?);
+            let y0v = match &br.mask {
+                Some(m) => gpu.masked(&y0v, m)?,
+                None => y0v,
+            };
+            u_s = Some(gpu.branch_forward(&br, &y0v, &mut y, (n, dout, dout))?);
+            y0 = Some(y0v);
         }
         // Inference keeps nothing for a backward: only Y comes back.
         let down = |v: &Option<CudaSlice<f32>>| {
@@ -203,7 +299,7 @@ pub(in crate::device) fn adapted_forward<'w>(
             Box::new(SavedOnGpu {
                 gpu: gpu.id,
                 ctx: gpu.ctx.clone(),
-                x: parallel.is_some().then_some(xd),
+                x: xd.filter(|_| parallel.is_some()),
                 y0,
             })
         });
@@ -254,7 +350,7 @@ pub(in crate::device) fn adapted_backward<'w>(
             let (g, du) = gpu.branch_backward(&br, &dyd, &u, &y0, (n, dout, dout))?;
             if want_dx {
                 let mut d = gpu.stream.clone_dtod(&dyd).map_err(|e| format!("copy: {e}"))?;
-                gpu.rm((n, dout, br.rank), br.scale, &du, false, &br.a, false, 1.0, &mut d)?;
+                gpu.grad_x(&br, &du, &mut d, (n, dout))?;
                 dy0 = Some(d);
             }
             g_s = Some(g);
@@ -282,7 +378,7 @@ pub(in crate::device) fn adapted_backward<'w>(
             let u = gpu.up(u)?;
             let (g, du) = gpu.branch_backward(&br, &dyd, &u, &x, (n, din, dout))?;
             if let Some(dx) = &mut dx {
-                gpu.rm((n, din, br.rank), br.scale, &du, false, &br.a, false, 1.0, dx)?;
+                gpu.grad_x(&br, &du, dx, (n, din))?;
             }
             g_p = Some(g);
         }
