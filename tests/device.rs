@@ -914,3 +914,47 @@ fn a_backward_after_a_change_of_device_uses_the_hosts_copies() {
         }
     }
 }
+
+/// An adapted layer's pass with bf16 products on the GPU: the frozen
+/// products (forward `X·W0ᵀ`, backward `dY0·W0`, `dY0` rounded after the
+/// sequential branch's part is added) take bf16 operands where the GPU has
+/// tensor cores, the low-rank products stay f32. Against the CPU's f32 pass:
+/// within bf16's rounding (2⁻⁸ per operand), and not equal to it (the
+/// rounding happened); on a GPU without tensor cores, the f32 result.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn adapted_layers_with_bf16_products_on_the_gpu() {
+    use hydra_edge::runtime::{MatmulPrecision, set_matmul_precision};
+    let _g = lock();
+    let _restore = Restore;
+    for dropout in [0.0, 0.25] {
+        device::set_device(Device::Cpu).unwrap();
+        set_matmul_precision(MatmulPrecision::F32);
+        let cpu = adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, dropout);
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        set_matmul_precision(MatmulPrecision::Bf16);
+        let (bf16, passes) =
+            (device::stats::gpu_bf16_products(), device::stats::gpu_adapted_passes());
+        let gpu = adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, dropout);
+        assert_eq!(device::stats::gpu_adapted_passes() - passes, 2);
+        let tensor_cores = device::gpu_bf16();
+        let rounded = device::stats::gpu_bf16_products() - bf16;
+        assert_eq!(rounded, if tensor_cores { 2 } else { 0 }, "p {dropout}");
+        let mut errs = vec![
+            rel_err(&cpu.0, &gpu.0),
+            rel_err(cpu.1.as_ref().unwrap(), gpu.1.as_ref().unwrap()),
+        ];
+        errs.extend(cpu.2.iter().zip(&gpu.2).map(|(c, g)| rel_err(c, g)));
+        let worst = errs.iter().copied().fold(0.0f32, f32::max);
+        eprintln!(
+            "adapted layer, bf16 on the GPU (p {dropout}): max rel |GPU − f32 CPU| {worst:.2e}"
+        );
+        if tensor_cores {
+            assert!(worst <= 2e-2 && worst > 1e-6, "p {dropout}: {errs:?}");
+        } else {
+            assert!(worst <= 1e-5, "p {dropout}: {errs:?}");
+        }
+        set_matmul_precision(MatmulPrecision::F32);
+    }
+}
