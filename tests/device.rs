@@ -936,7 +936,9 @@ fn adapted_layers_with_bf16_products_on_the_gpu() {
         set_matmul_precision(MatmulPrecision::Bf16);
         let (bf16, passes) =
             (device::stats::gpu_bf16_products(), device::stats::gpu_adapted_passes());
+        let fallbacks = device::stats::gpu_fallbacks();
         let gpu = adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, dropout);
+        assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "a CUDA call failed");
         assert_eq!(device::stats::gpu_adapted_passes() - passes, 2);
         let tensor_cores = device::gpu_bf16();
         let rounded = device::stats::gpu_bf16_products() - bf16;
