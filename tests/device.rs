@@ -519,8 +519,8 @@ fn adapted_layer_pass(
     bias: bool,
     half: bool,
     mode: Backward,
-    dropout: f32,
-) -> (Vec<f32>, Option<Vec<f32>>, Vec<Vec<f32>>) {
+    (p_par, p_seq): (f32, f32),
+) -> (Vec<f32>, Option<Vec<f32>>, Vec<Vec<f32>>, [u64; 4]) {
     let (n, din, dout) = (40, 48, 36);
     let mut rng = Rng::new(11);
     let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
@@ -528,8 +528,8 @@ fn adapted_layer_pass(
     let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
     let cfg = HydraConfig {
         variant,
-        parallel: BranchConfig { rank: 4, scale: 0.5, dropout, bias },
-        sequential: BranchConfig { rank: 3, scale: 2.0, dropout, bias },
+        parallel: BranchConfig { rank: 4, scale: 0.5, dropout: p_par, bias },
+        sequential: BranchConfig { rank: 3, scale: 2.0, dropout: p_seq, bias },
         seed: 3,
         ..HydraConfig::default()
     };
@@ -558,7 +558,7 @@ fn adapted_layer_pass(
     };
     let (gp, gs) = h.grads();
     let grads = gp.into_iter().chain(gs).flat_map(|g| g.tensors().map(<[f32]>::to_vec)).collect();
-    (y, dx, grads)
+    (y, dx, grads, h.rng().state())
 }
 
 /// Every Hydra variant's layer, with and without branch biases, f32 and f16
@@ -573,8 +573,8 @@ fn adapted_layers_run_their_branches_on_the_gpu() {
     for variant in [Variant::Hydra, Variant::Lora, Variant::SeqLora] {
         for (bias, half) in [(false, false), (true, false), (true, true)] {
             for mode in [Backward::Full, Backward::ParamsOnly, Backward::WithInput] {
-                for dropout in [0.0, 0.25] {
-                    let case = format!("{variant:?} bias {bias} f16 {half} {mode:?} p {dropout}");
+                for dropout in [(0.0, 0.0), (0.25, 0.25), (0.25, 0.0), (0.0, 0.25)] {
+                    let case = format!("{variant:?} bias {bias} f16 {half} {mode:?} p {dropout:?}");
                     let _g = lock();
                     let passes = device::stats::gpu_adapted_passes();
                     let (cpu, gpu, ran) = cpu_then_gpu_locked(|| {
@@ -589,6 +589,7 @@ fn adapted_layers_run_their_branches_on_the_gpu() {
                     if let (Some(c), Some(g)) = (&cpu.1, &gpu.1) {
                         assert!(rel_err(c, g) <= 1e-5, "{case}: dX {:e}", rel_err(c, g));
                     }
+                    assert_eq!(cpu.3, gpu.3, "{case}: the generator after the pass");
                     assert_eq!(cpu.2.len(), gpu.2.len());
                     for (i, (c, g)) in cpu.2.iter().zip(&gpu.2).enumerate() {
                         assert!(rel_err(c, g) <= 1e-5, "{case}: gradient {i} {:e}", rel_err(c, g));
@@ -660,7 +661,9 @@ fn a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu() {
     let _g = lock();
     let _restore = Restore;
     let _faults = Faults(path.clone());
-    let pass = || adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, 0.0);
+    // With dropout on both branches: a failed pass's masks must be drawn
+    // again, the same, by the CPU's rerun (the generator goes back).
+    let pass = || adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, (0.25, 0.25));
     device::set_device(Device::Cpu).unwrap();
     let cpu = pass();
     device::set_device(Device::Cuda(0)).unwrap();
@@ -674,6 +677,7 @@ fn a_gpu_failure_mid_pass_reruns_the_pass_on_the_cpu() {
             for (c, g) in cpu.2.iter().zip(&gpu.2) {
                 assert!(rel_err(c, g) <= 1e-5, "fault at call {nth}: gradients");
             }
+            assert_eq!(cpu.3, gpu.3, "fault at call {nth}: the generator after the pass");
         });
     // 23 products (forward: the bias, the frozen product, each branch's four
     // with c and e; backward: each branch's five, dY0, the frozen product
@@ -715,16 +719,25 @@ fn a_change_of_device_frees_the_resident_weights() {
 fn an_adapted_backward_sends_only_dy_up() {
     let _g = lock();
     let _restore = Restore;
+    for dropout in [0.0, 0.25] {
+        adapted_traffic(dropout);
+    }
+}
+
+/// [`an_adapted_backward_sends_only_dy_up`] with dropout `p` on both
+/// branches: the masks go up with the forward and stay for the backward.
+fn adapted_traffic(p: f32) {
     let (n, din, dout, rp, rs) = (24, 40, 28, 4, 3);
     let cfg = HydraConfig {
-        parallel: BranchConfig { rank: rp, ..BranchConfig::default() },
-        sequential: BranchConfig { rank: rs, ..BranchConfig::default() },
+        parallel: BranchConfig { rank: rp, dropout: p, ..BranchConfig::default() },
+        sequential: BranchConfig { rank: rs, dropout: p, ..BranchConfig::default() },
         ..HydraConfig::default()
     };
     let w0: Vec<f32> = (0..din * dout).map(|i| ((i % 9) as f32 - 4.0) / 8.0).collect();
     let x: Vec<f32> = (0..n * din).map(|i| ((i % 7) as f32 - 3.0) / 4.0).collect();
     let dy: Vec<f32> = (0..n * dout).map(|i| ((i % 5) as f32 - 2.0) / 4.0).collect();
     let mut h = HydraLinear::new(cfg, Weights::F32(w0), None, din, dout).unwrap();
+    h.set_training(true);
     device::set_device(Device::Cuda(0)).unwrap();
     device::set_gpu_min_work(0);
     let traffic = |f: &mut dyn FnMut()| {
@@ -734,16 +747,17 @@ fn an_adapted_backward_sends_only_dy_up() {
     };
     let branches = 4 * (rp * din + dout * rp + rs * dout + dout * rs);
     let us = 4 * n * (rp + rs);
+    let masks = if p > 0.0 { 4 * n * (din + dout) } else { 0 };
     // The first forward uploads W0 and the column of ones as well.
     let first = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
-    assert_eq!(first.0, 4 * (din * dout + n + n * din) + branches);
+    assert_eq!(first.0, 4 * (din * dout + n + n * din) + branches + masks, "p {p}");
     h.backward_with_input(&dy, Input::F32(&x), true).unwrap();
     let fwd = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
-    assert_eq!(fwd, (4 * n * din + branches, 4 * 2 * n * dout + us), "forward");
+    assert_eq!(fwd, (4 * n * din + branches + masks, 4 * 2 * n * dout + us), "forward, p {p}");
     let mut dx = None;
     let bwd = traffic(&mut || dx = h.backward_with_input(&dy, Input::F32(&x), true).unwrap());
-    assert_eq!(bwd.0, 4 * n * dout + us + branches, "backward: only dY, the Us, A and B go up");
-    assert_eq!(bwd.1, 4 * n * din + branches, "backward: dX and the gradients come back");
+    assert_eq!(bwd.0, 4 * n * dout + us + branches, "backward, p {p}: only dY, the Us, A, B go up");
+    assert_eq!(bwd.1, 4 * n * din + branches, "backward, p {p}: dX and the gradients come back");
     assert_eq!(dx.map(|d| d.len()), Some(n * din));
 }
 
@@ -930,14 +944,16 @@ fn adapted_layers_with_bf16_products_on_the_gpu() {
     for dropout in [0.0, 0.25] {
         device::set_device(Device::Cpu).unwrap();
         set_matmul_precision(MatmulPrecision::F32);
-        let cpu = adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, dropout);
+        let cpu =
+            adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, (dropout, dropout));
         device::set_device(Device::Cuda(0)).unwrap();
         device::set_gpu_min_work(0);
         set_matmul_precision(MatmulPrecision::Bf16);
         let (bf16, passes) =
             (device::stats::gpu_bf16_products(), device::stats::gpu_adapted_passes());
         let fallbacks = device::stats::gpu_fallbacks();
-        let gpu = adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, dropout);
+        let gpu =
+            adapted_layer_pass(Variant::Hydra, true, false, Backward::Full, (dropout, dropout));
         assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "a CUDA call failed");
         assert_eq!(device::stats::gpu_adapted_passes() - passes, 2);
         let tensor_cores = device::gpu_bf16();

@@ -371,9 +371,9 @@ pub(crate) struct AdaptedForward {
 }
 
 /// What an adapted layer's GPU forward leaves on the GPU for its backward
-/// (kept with the host's copies in the layer's saved state): the input `X`
-/// (f32, for the parallel branch's `dA`) and `Y0` (the sequential branch's
-/// input), so that the backward sends only `dY` up. Freed when the backward
+/// (kept with the host's copies in the layer's saved state): the branches'
+/// inputs `X` and `Y0` (masked, with dropout) and the dropout masks, so
+/// that the backward sends only `dY` (and the rank-r tensors) up. Freed when the backward
 /// takes it or the saved state is dropped, with its context current; a
 /// backward on the CPU or on another GPU uses the host's copies.
 #[derive(Default)]
@@ -650,7 +650,11 @@ fn adapted_fits(
                 && b.b.len() == dout * b.rank
                 && b.bias_down.is_none_or(|c| c.len() == b.rank)
                 && b.bias_up.is_none_or(|e| e.len() == dout)
-                && b.mask.is_none_or(|m| Some(m.len()) == n.checked_mul(width))
+                && b.mask.is_none_or(|m| {
+                    // Masks go through element-wise cuBLAS calls of one
+                    // int length.
+                    Some(m.len()) == n.checked_mul(width) && i32::try_from(m.len()).is_ok()
+                })
         })
     };
     !on_cpu_only()

@@ -414,9 +414,10 @@ impl HydraLinear {
                     // The parallel branch's input as the CPU path keeps it:
                     // masked, or (the tape not keeping it) a copy.
                     let xp = match &mask_p {
-                        Some(m) => {
+                        Some(m) if keep => {
                             Some(SavedX::F32(x32.iter().zip(m).map(|(v, m)| v * m).collect()))
                         }
+                        Some(_) => None,
                         None => (keep && copy_input && self.parallel.is_some()).then(|| match x {
                             Input::F32(v) => SavedX::F32(v.to_vec()),
                             Input::F16(h) => SavedX::F16(h.to_vec()),

@@ -23,11 +23,17 @@ pub(in crate::device) struct SavedOnGpu {
     ctx: Arc<CudaContext>,
     x: Option<CudaSlice<f32>>,
     y0: Option<CudaSlice<f32>>,
+    /// The branches' dropout masks (parallel, sequential).
+    mask_p: Option<CudaSlice<f32>>,
+    mask_s: Option<CudaSlice<f32>>,
 }
 
 impl SavedOnGpu {
     pub(in crate::device) fn bytes(&self) -> usize {
-        [&self.x, &self.y0].iter().map(|b| b.as_ref().map_or(0, |b| b.len() * 4)).sum()
+        [&self.x, &self.y0, &self.mask_p, &self.mask_s]
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
+            .sum()
     }
 
     /// `x` or `y0` if it is on `gpu` with `len` values.
@@ -84,6 +90,29 @@ impl Gpu {
             scale: l.scale,
             rank: l.rank,
         })
+    }
+
+    /// [`Gpu::branch`] with the dropout mask the forward kept on this GPU
+    /// (`kept`, `len` values) in place of uploading `l.mask` again.
+    fn branch_with_mask(
+        &self,
+        l: &LowRank<'_>,
+        kept: Option<&mut Option<CudaSlice<f32>>>,
+        on: Option<u64>,
+        len: usize,
+    ) -> Result<DevBranch, String> {
+        let kept = match (l.mask, kept) {
+            (Some(_), Some(k)) => SavedOnGpu::take(k, on, self, len),
+            _ => None,
+        };
+        match kept {
+            Some(mask) => {
+                let mut br = self.branch(&LowRank { mask: None, ..*l })?;
+                br.mask = Some(mask);
+                Ok(br)
+            }
+            None => self.branch(l),
+        }
     }
 
     /// `mask ⊙ a`, element by element, into a new matrix (cuBLAS dgmm:
@@ -268,27 +297,29 @@ pub(in crate::device) fn adapted_forward<'w>(
             None => None,
         };
         // Each branch reads its input through its dropout mask, if any.
-        let mut u_p = None;
+        let (mut u_p, mut mask_p) = (None, None);
         let mut xd = Some(xd);
         if let (Some(l), Some(x)) = (&parallel, xd.take()) {
-            let br = gpu.branch(l)?;
+            let mut br = gpu.branch(l)?;
             let x = match &br.mask {
                 Some(m) => gpu.masked(&x, m)?,
                 None => x,
             };
             u_p = Some(gpu.branch_forward(&br, &x, &mut y, (n, din, dout))?);
             xd = Some(x);
+            mask_p = br.mask.take();
         }
-        let mut u_s = None;
+        let (mut u_s, mut mask_s) = (None, None);
         let mut y0 = y0;
         if let (Some(l), Some(y0v)) = (&sequential, y0.take()) {
-            let br = gpu.branch(l)?;
+            let mut br = gpu.branch(l)?;
             let y0v = match &br.mask {
                 Some(m) => gpu.masked(&y0v, m)?,
                 None => y0v,
             };
             u_s = Some(gpu.branch_forward(&br, &y0v, &mut y, (n, dout, dout))?);
             y0 = Some(y0v);
+            mask_s = br.mask.take();
         }
         // Inference keeps nothing for a backward: only Y comes back.
         let down = |v: &Option<CudaSlice<f32>>| {
@@ -301,6 +332,8 @@ pub(in crate::device) fn adapted_forward<'w>(
                 ctx: gpu.ctx.clone(),
                 x: xd.filter(|_| parallel.is_some()),
                 y0,
+                mask_p,
+                mask_s,
             })
         });
         Ok(AdaptedForward {
@@ -340,7 +373,7 @@ pub(in crate::device) fn adapted_backward<'w>(
         let mut g_s = None;
         let mut dy0 = None;
         if let Some((l, y0, u)) = &sequential {
-            let br = gpu.branch(l)?;
+            let br = gpu.branch_with_mask(l, kept.as_mut().map(|k| &mut k.mask_s), on, n * dout)?;
             let kept = kept.as_mut().and_then(|k| SavedOnGpu::take(&mut k.y0, on, gpu, n * dout));
             let y0 = match kept {
                 Some(y0) => y0,
@@ -369,7 +402,7 @@ pub(in crate::device) fn adapted_backward<'w>(
         }
         let mut g_p = None;
         if let Some((l, x, u)) = &parallel {
-            let br = gpu.branch(l)?;
+            let br = gpu.branch_with_mask(l, kept.as_mut().map(|k| &mut k.mask_p), on, n * din)?;
             let kept = kept.as_mut().and_then(|k| SavedOnGpu::take(&mut k.x, on, gpu, n * din));
             let x = match kept {
                 Some(x) => x,
