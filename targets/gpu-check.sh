@@ -25,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=${1:-cuda:0}
 out=${OUT:-/tmp}
+mkdir -p "$out"
 # The tolerances assume f32 products, not TF32.
 export NVIDIA_TF32_OVERRIDE=0
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
@@ -40,29 +41,29 @@ done
 libs=/tmp/hydra-cuda-libs
 mkdir -p "$libs"
 purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
-found=
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/targets/sbsa-linux/lib \
-    ${purelib:+"$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cu12/lib "$purelib"/nvidia/cublas/lib}; do
-    for f in "$d"/libcublas.so.[0-9]*; do
-        [ -e "$f" ] || continue
-        ln -sfn "$f" "$libs/libcublas.so"
-        LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        found=$f
-        break 2
+# find_lib NAME FOLDER...: links the first FOLDER/NAME.so.N found as
+# $libs/NAME.so, puts FOLDER on the library path, and leaves its path in $hit.
+find_lib() {
+    local name=$1 d f
+    shift
+    hit=
+    for d in "$@"; do
+        for f in "$d/$name".so.[0-9]*; do
+            [ -e "$f" ] || continue
+            ln -sfn "$f" "$libs/$name.so"
+            LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            hit=$f
+            return 0
+        done
     done
-done
+}
+toolkit=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/targets/sbsa-linux/lib)
+wheels=(${purelib:+"$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cu12/lib})
+find_lib libcublas "${toolkit[@]}" "${wheels[@]}" ${purelib:+"$purelib"/nvidia/cublas/lib}
+found=$hit
 # NVRTC (the optimizer's kernels are compiled at run time), the same way.
-nvrtc=
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda/targets/sbsa-linux/lib \
-    ${purelib:+"$purelib"/nvidia/cu13/lib "$purelib"/nvidia/cu12/lib "$purelib"/nvidia/cuda_nvrtc/lib}; do
-    for f in "$d"/libnvrtc.so.[0-9]*; do
-        [ -e "$f" ] || continue
-        ln -sfn "$f" "$libs/libnvrtc.so"
-        LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        nvrtc=$f
-        break 2
-    done
-done
+find_lib libnvrtc "${toolkit[@]}" "${wheels[@]}" ${purelib:+"$purelib"/nvidia/cuda_nvrtc/lib}
+nvrtc=$hit
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
     echo "cuBLAS: ${found:-none found in the usual folders}"
