@@ -125,6 +125,7 @@ struct Restore;
 impl Drop for Restore {
     fn drop(&mut self) {
         device::set_gpu_min_work(device::GPU_MIN_WORK);
+        device::set_resident_tail(true);
         hydra_edge::runtime::set_matmul_precision(hydra_edge::runtime::MatmulPrecision::F32);
         let _ = device::set_device(Device::Cpu);
     }
@@ -975,4 +976,150 @@ fn adapted_layers_with_bf16_products_on_the_gpu() {
         }
         set_matmul_precision(MatmulPrecision::F32);
     }
+}
+
+/// The test transformer (with ONNX LayerNormalization) from its first
+/// block's attention output on, that layer and the block's second FFN
+/// layer adapted (the MiniLM recipe's shape): the rest stays frozen, so
+/// values can stay on the GPU from the residual Add through the norm, the
+/// frozen layers and GELU, into the next block's q, k and v.
+fn resident_split(dropout: f32) -> SplitConfig {
+    let mut adapter = HydraConfig { seed: 4, ..HydraConfig::default() };
+    adapter.parallel.dropout = dropout;
+    adapter.sequential.dropout = dropout;
+    SplitConfig {
+        targets: Targets::Patterns(vec!["block0/attn/out".into(), "block0/ffn/fc2".into()]),
+        output: Some("logits".into()),
+        adapter,
+        ..SplitConfig::default()
+    }
+}
+
+/// One forward and backward of [`resident_split`]: the output, every
+/// gradient, and the adapters' generators after it.
+fn resident_pass(model: &OnnxModel, dropout: f32) -> (Vec<f32>, Vec<Vec<f32>>, Vec<[u64; 4]>) {
+    let mut split = AdaptedModel::new(model, &resident_split(dropout)).unwrap();
+    split.params_and_grads().0.iter_mut().for_each(|p| {
+        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0))
+    });
+    split.zero_grad();
+    let y = split.forward(&transformer_feed(4), true).unwrap();
+    let y = y.f32("y").unwrap().clone();
+    split.backward(y.mapv(|v| v.sin())).unwrap();
+    let grads = split.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+    let rngs = split.tail().adapters().map(|(_, a)| a.rng().state()).collect();
+    (y.iter().copied().collect(), grads, rngs)
+}
+
+fn assert_same_pass(
+    what: &str,
+    cpu: &(Vec<f32>, Vec<Vec<f32>>, Vec<[u64; 4]>),
+    gpu: &(Vec<f32>, Vec<Vec<f32>>, Vec<[u64; 4]>),
+) {
+    let e = rel_err(&cpu.0, &gpu.0);
+    assert!(e <= 1e-5, "{what}: output, GPU vs CPU {e:e}");
+    assert_eq!(cpu.1.len(), gpu.1.len());
+    for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
+        let e = rel_err(c, g);
+        assert!(e <= 1e-4, "{what}: gradient {i}, GPU vs CPU {e:e}");
+    }
+    assert_eq!(cpu.2, gpu.2, "{what}: the generators after the pass");
+}
+
+/// With the tail's values resident on the GPU, the residual Adds, the
+/// norms, GELU and the frozen layers run there forward and backward
+/// (`gpu_tail_ops`), the result is the CPU's, and less crosses the bus
+/// than with every product sending its operands up and its result back
+/// (`set_resident_tail(false)`, the baseline).
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn the_tails_values_stay_on_the_gpu_between_its_ops() {
+    let model = OnnxModel::load(root().join("models/test/transformer_ln17.onnx")).unwrap();
+    let ops: Vec<String> = AdaptedModel::new(&model, &resident_split(0.0))
+        .unwrap()
+        .tail()
+        .ops()
+        .iter()
+        .map(|(t, _)| t.to_string())
+        .collect();
+    for want in ["LayerNormalization", "Gelu", "Add"] {
+        assert!(ops.iter().any(|o| o == want), "the tail has no {want}: {ops:?}");
+    }
+    let _g = lock();
+    let _restore = Restore;
+    device::set_device(Device::Cpu).unwrap();
+    let cpu = resident_pass(&model, 0.1);
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    let fallbacks = device::stats::gpu_fallbacks();
+    let traffic = || device::stats::gpu_bytes_up() + device::stats::gpu_bytes_down();
+    let mut bytes = [0usize; 2];
+    for (k, resident) in [false, true].into_iter().enumerate() {
+        device::set_resident_tail(resident);
+        let (ops, moved) = (device::stats::gpu_tail_ops(), traffic());
+        let gpu = resident_pass(&model, 0.1);
+        let (ops, moved) = (device::stats::gpu_tail_ops() - ops, traffic() - moved);
+        assert_same_pass(&format!("resident {resident}"), &cpu, &gpu);
+        bytes[k] = moved;
+        if resident {
+            // Forward: residual Add, norm, GELU, residual Add, norm (the
+            // frozen layer counts as a product); backward: the same.
+            assert!(ops >= 8, "only {ops} element-wise ops and norms ran on the GPU");
+        } else {
+            assert_eq!(ops, 0, "the baseline ran element-wise ops on the GPU");
+        }
+        eprintln!("resident {resident}: {ops} tail ops on the GPU, {moved} bytes across");
+    }
+    assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "a CUDA call failed");
+    assert!(
+        bytes[1] < bytes[0],
+        "resident values moved {} bytes, the baseline {}",
+        bytes[1],
+        bytes[0]
+    );
+    eprintln!(
+        "tail traffic, resident ÷ per product: {:.2} ({} vs {} bytes)",
+        bytes[1] as f64 / bytes[0] as f64,
+        bytes[1],
+        bytes[0]
+    );
+}
+
+/// A CUDA call that fails anywhere in a forward or backward with values
+/// resident on the GPU loses nothing: the tail runs both again on the CPU
+/// (the gradients put back, the adapters' generators too, so dropout draws
+/// the same masks), the result is the CPU's, and the next pass uses the GPU
+/// again. Each CUDA call of the pass fails in turn.
+#[test]
+fn a_gpu_failure_with_resident_values_reruns_the_tail_on_the_cpu() {
+    let Some(path) = std::env::var_os("MOCK_CUDA_FAULTS") else {
+        eprintln!("skipped: needs the mock GPU's fault injection (targets/cuda-mock/run.sh)");
+        return;
+    };
+    let model = OnnxModel::load(root().join("models/test/transformer_ln17.onnx")).unwrap();
+    let _g = lock();
+    let _restore = Restore;
+    let _faults = Faults(path.clone());
+    device::set_device(Device::Cpu).unwrap();
+    let cpu = resident_pass(&model, 0.1);
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    // Compile the kernels before faults are armed.
+    let _ = resident_pass(&model, 0.1);
+    let mut walked = 0;
+    for nth in 1.. {
+        arm_fault(&path, nth);
+        let (fallbacks, ops) = (device::stats::gpu_fallbacks(), device::stats::gpu_tail_ops());
+        let gpu = resident_pass(&model, 0.1);
+        assert_same_pass(&format!("fault at call {nth}"), &cpu, &gpu);
+        assert_eq!(device::device(), Device::Cuda(0), "one failure does not give the GPU up");
+        if device::stats::gpu_fallbacks() == fallbacks {
+            assert!(device::stats::gpu_tail_ops() > ops, "a clean pass ran no tail op on the GPU");
+            std::fs::remove_file(&path).unwrap();
+            break;
+        }
+        walked = nth;
+    }
+    assert!(walked > 30, "only {walked} CUDA calls in a resident tail's forward and backward");
+    eprintln!("injected resident faults: {walked} CUDA calls, each pass rerun on the CPU");
 }

@@ -25,12 +25,16 @@
 //! increments to the host's sums. The optimizer step runs there too
 //! ([`try_optimizer_step`]: NVRTC-compiled kernels, the CPU's update bit for
 //! bit) for steps of at least [`set_gpu_min_work`]` / 16` values. The
-//! element-wise ops and norms stay on the CPU, and the parameters live on
-//! the host (each GPU step brings them back), so checkpoints, adapter files
-//! and the merge are the CPU path's own. A CUDA
-//! call that fails mid-run leaves that product (or that layer's whole pass)
-//! to the CPU (the result is the same up to rounding), counted in
-//! [`stats`] and reported once on stderr.
+//! tail's values stay on the GPU between the ops that run there
+//! ([`set_resident_tail`], `resident`): frozen linear layers, Add, GELU and
+//! LayerNormalization (NVRTC kernels), forward and backward; the other ops
+//! (attention's reshapes, softmax, pooling) run on the CPU, a value crossing
+//! once where they read it. The parameters live on the host (each GPU step
+//! brings them back), so checkpoints, adapter files and the merge are the
+//! CPU path's own. A CUDA call that fails mid-run leaves that product (or
+//! that layer's whole pass, or the tail's whole forward and backward when
+//! values were resident) to the CPU (the result is the same up to
+//! rounding), counted in [`stats`] and reported once on stderr.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -41,6 +45,7 @@ use crate::{Error, Result};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod resident;
 
 /// Products smaller than this many multiply-adds stay on the CPU even when a
 /// GPU is selected (the default of [`set_gpu_min_work`]): below it the
@@ -54,6 +59,16 @@ static MIN_WORK: core::sync::atomic::AtomicUsize =
 /// product, as the GPU tests do to cover every product of a small model).
 pub fn set_gpu_min_work(work: usize) {
     MIN_WORK.store(work, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Keeps the tail's values on the GPU from one op to the next (on by
+/// default): frozen linear layers, Add, GELU and LayerNormalization run
+/// there on resident values, forward and backward, and a value crosses the
+/// bus only where the other side reads it. Off, each product sends its
+/// operands up and brings its result back, and the element-wise ops and
+/// norms run on the CPU (the baseline `examples/train_step` compares with).
+pub fn set_resident_tail(on: bool) {
+    resident::set_on(on);
 }
 
 /// A compute device for the tail.
@@ -161,6 +176,13 @@ pub mod stats {
     pub(crate) static GPU_ADAPTED_PASSES: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_BYTES_UP: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_OPTIMIZER_STEPS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_TAIL_OPS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Element-wise ops and norms of the tail (forward or backward) run on
+    /// the GPU so far, on values resident there.
+    pub fn gpu_tail_ops() -> usize {
+        GPU_TAIL_OPS.load(Ordering::Relaxed)
+    }
 
     /// Optimizer steps run on the GPU (its kernels) so far.
     pub fn gpu_optimizer_steps() -> usize {

@@ -319,6 +319,12 @@ impl HydraLinear {
     pub fn grads(&self) -> (Option<&Branch>, Option<&Branch>) {
         (self.grad_parallel.as_ref(), self.grad_sequential.as_ref())
     }
+    /// Puts back gradients copied from [`HydraLinear::grads`] (a pass run
+    /// again from its start).
+    pub(crate) fn restore_grads(&mut self, (p, s): (Option<Branch>, Option<Branch>)) {
+        self.grad_parallel = p;
+        self.grad_sequential = s;
+    }
     /// Zeroes the accumulated gradients.
     pub fn zero_grad(&mut self) {
         for g in [&mut self.grad_parallel, &mut self.grad_sequential].into_iter().flatten() {

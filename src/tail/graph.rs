@@ -12,6 +12,10 @@ use alloc::vec::Vec;
 
 use ndarray::ArrayD;
 
+mod resident;
+
+use resident::DevVal;
+
 use super::ops::TailOp;
 use crate::Tensor;
 use crate::error::{Error, Result};
@@ -66,6 +70,45 @@ pub struct TailGraph {
     /// Whether backward reads each value (as an op's input, or as the output
     /// of an op whose backward reads it).
     kept_for_backward: Vec<bool>,
+    /// Values resident on the GPU (`device::resident`), by value: made by
+    /// nodes that ran there, or sent up for them (once each). Sized by each
+    /// forward.
+    dev: Vec<Option<DevVal>>,
+    /// The constants' copies on the GPU, for the GPU `dev_consts_gpu`.
+    dev_consts: Vec<Option<DevVal>>,
+    dev_consts_gpu: Option<u64>,
+    /// Whether each node ran on the GPU in the last forward.
+    ran_on_gpu: Vec<bool>,
+    /// What running the last forward again on the CPU takes, kept when it
+    /// ran with values on the GPU: a failed CUDA call in its backward runs
+    /// both again on the CPU.
+    rerun: Option<Rerun>,
+}
+
+/// The start of a forward: its boundary values and the adapters' generators.
+#[derive(Debug)]
+struct Rerun {
+    boundary: Vec<Tensor>,
+    rngs: Vec<crate::rng::Rng>,
+    train: bool,
+}
+
+/// Why a pass stopped.
+#[derive(Debug)]
+enum Fail {
+    /// An op's error (the caller's).
+    Error(Error),
+    /// A CUDA call failed (counted and reported): the pass runs again on the CPU.
+    Gpu,
+    /// A value (or node) that should be there is not.
+    Missing(usize),
+}
+
+/// A node output's gradient during backward, on the host or the GPU.
+#[derive(Debug)]
+enum NodeGrad {
+    Host(ArrayD<f32>),
+    Dev(DevVal),
 }
 
 /// Builds a [`TailGraph`] node by node, in topological order.
@@ -177,6 +220,11 @@ impl TailBuilder {
             requires_grad,
             tape: vec![None; len],
             widened: vec![None; len],
+            dev: Vec::new(),
+            dev_consts: Vec::new(),
+            dev_consts_gpu: None,
+            ran_on_gpu: Vec::new(),
+            rerun: None,
         })
     }
 }
@@ -370,6 +418,13 @@ impl TailGraph {
 
     /// Runs the tail on the boundary values (in [`TailGraph::boundary_names`]
     /// order) and keeps every value for [`TailGraph::backward`].
+    ///
+    /// With a GPU in use (`device::resident`), the nodes that can run there
+    /// on values already there (or a linear layer worth it alone) do, and
+    /// their values stay there for the next such node; a value crosses to
+    /// the other side only where a node there reads it. A failed CUDA call
+    /// runs the whole forward again on the CPU (the adapters' generators
+    /// put back first, so dropout draws the same masks).
     pub fn forward(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<Tensor> {
         if boundary.len() != self.boundary.len() {
             return Err(Error::Shape {
@@ -378,27 +433,98 @@ impl TailGraph {
                 got: format!("{} tensors", boundary.len()),
             });
         }
+        self.rerun = None;
+        if !crate::device::resident::active() {
+            return self.run_forward(boundary, train, false).map_err(|f| self.fail_error(f));
+        }
+        let rerun = Rerun {
+            boundary: boundary.clone(),
+            rngs: self.adapters().map(|(_, a)| a.rng().clone()).collect(),
+            train,
+        };
+        match self.run_forward(boundary, train, true) {
+            Ok(y) => {
+                self.rerun = train.then_some(rerun);
+                Ok(y)
+            }
+            Err(Fail::Gpu) => self.forward_again(rerun),
+            Err(f) => Err(self.fail_error(f)),
+        }
+    }
+
+    /// The forward of `r` again, on the CPU.
+    fn forward_again(&mut self, r: Rerun) -> Result<Tensor> {
+        for ((_, a), rng) in self.adapters_mut().zip(&r.rngs) {
+            a.set_rng(rng.clone());
+        }
+        self.dev_consts.clear();
+        let train = r.train;
+        crate::device::on_cpu(|| self.run_forward(r.boundary, train, false))
+            .map_err(|f| self.fail_error(f))
+    }
+
+    fn fail_error(&self, f: Fail) -> Error {
+        match f {
+            Fail::Error(e) => e,
+            Fail::Gpu => Error::Tail {
+                node: String::new(),
+                msg: String::from("a GPU call failed where no CPU rerun was possible"),
+            },
+            Fail::Missing(v) => Error::Tail {
+                node: self.names.get(v).cloned().unwrap_or_default(),
+                msg: String::from("value not computed yet"),
+            },
+        }
+    }
+
+    fn run_forward(
+        &mut self,
+        boundary: Vec<Tensor>,
+        train: bool,
+        gpu: bool,
+    ) -> core::result::Result<Tensor, Fail> {
         self.clear_tape();
+        let len = self.names.len();
+        self.dev.resize_with(len, || None);
+        self.ran_on_gpu = vec![false; self.nodes.len()];
+        if gpu {
+            let id = crate::device::resident::gpu_id();
+            if id != self.dev_consts_gpu {
+                self.dev_consts.clear();
+                self.dev_consts_gpu = id;
+            }
+            self.dev_consts.resize_with(len, || None);
+        }
         for (&id, t) in self.boundary.iter().zip(boundary) {
             self.tape[id] = Some(t);
         }
         for i in 0..self.nodes.len() {
             let t0 = self.profile.is_some().then(std::time::Instant::now);
-            widen_inputs(&self.nodes[i].inputs, &*self.ops[i], &self.tape, &mut self.widened);
-            let y = {
-                let node = &self.nodes[i];
-                let inputs = gather(
-                    &self.sources,
-                    &self.tape,
-                    &self.widened,
-                    &self.names,
-                    &node.inputs,
-                    &*self.ops[i],
-                )?;
-                self.ops[i].forward(&inputs, train).map_err(|e| at_node(e, &node.name))?
-            };
             let out = self.nodes[i].output;
-            self.tape[out] = Some(y);
+            if gpu && self.gpu_forward_takes(i) {
+                let y = self.gpu_forward(i)?;
+                self.dev[out] = Some(y);
+                self.ran_on_gpu[i] = true;
+            } else {
+                self.inputs_to_host(i)?;
+                widen_inputs(&self.nodes[i].inputs, &*self.ops[i], &self.tape, &mut self.widened);
+                let y = {
+                    let node = &self.nodes[i];
+                    let inputs = gather(
+                        &self.sources,
+                        &self.tape,
+                        &self.widened,
+                        &self.names,
+                        &node.inputs,
+                        &*self.ops[i],
+                    )
+                    .map_err(Fail::Error)?;
+                    self.ops[i]
+                        .forward(&inputs, train)
+                        .map_err(|e| Fail::Error(at_node(e, &node.name)))?
+                };
+                self.tape[out] = Some(y);
+            }
             if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
                 p[i].0 += t0.elapsed().as_secs_f64();
             }
@@ -410,22 +536,31 @@ impl TailGraph {
                 if self.last_use[v] == i && !(train && self.kept_for_backward[v]) {
                     self.tape[v] = None;
                     self.widened[v] = None;
+                    self.dev[v] = None;
                 }
             }
             if self.last_use[out] == NEVER_READ && !(train && self.kept_for_backward[out]) {
                 // Read by nobody (a dead branch of the tail).
                 self.tape[out] = None;
+                self.dev[out] = None;
             }
         }
+        if self.tape[self.output].is_none()
+            && let Some(Some(d)) = self.dev.get(self.output)
+        {
+            self.tape[self.output] = Some(Tensor::F32(resident::fetch(d)?));
+        }
         // The tail's result is f32 even when it is a cached f16 feature (head-only).
-        self.tape[self.output].clone().map(Tensor::into_f32).ok_or_else(|| Error::Tail {
-            node: self.names[self.output].clone(),
-            msg: String::from("output not computed"),
-        })
+        self.tape[self.output].clone().map(Tensor::into_f32).ok_or(Fail::Missing(self.output))
     }
 
     /// Back-propagates `dy` (the gradient of the output of the last forward),
     /// accumulating into every adapter's gradients.
+    ///
+    /// The nodes that ran forward on the GPU run backward there, their
+    /// gradients staying there for the next such node. A failed CUDA call
+    /// puts the gradients back as they were, runs the forward again on the
+    /// CPU and the backward there.
     pub fn backward(&mut self, dy: ArrayD<f32>) -> Result<()> {
         let out_shape = self.tape[self.output].as_ref().map(|t| t.shape().to_vec());
         if out_shape.as_deref() != Some(dy.shape()) {
@@ -435,49 +570,101 @@ impl TailGraph {
                 got: format!("{:?}", dy.shape()),
             });
         }
-        let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; self.names.len()];
-        grads[self.output] = Some(dy);
+        if self.rerun.is_none() {
+            return self.run_backward(dy, false).map_err(|f| self.fail_error(f));
+        }
+        let grads: Vec<_> =
+            self.adapters().map(|(_, a)| (a.grads().0.cloned(), a.grads().1.cloned())).collect();
+        let head = self.head().map(|h| (h.gw.clone(), h.gb.clone()));
+        match self.run_backward(dy.clone(), true) {
+            Ok(()) => Ok(()),
+            Err(Fail::Gpu) => {
+                for ((_, a), g) in self.adapters_mut().zip(grads) {
+                    a.restore_grads(g);
+                }
+                if let (Some(h), Some((gw, gb))) = (self.head_mut(), head) {
+                    (h.gw, h.gb) = (gw, gb);
+                }
+                let Some(r) = self.rerun.take() else {
+                    return Err(self.fail_error(Fail::Gpu));
+                };
+                self.forward_again(r)?;
+                crate::device::on_cpu(|| self.run_backward(dy, false))
+                    .map_err(|f| self.fail_error(f))
+            }
+            Err(f) => Err(self.fail_error(f)),
+        }
+    }
+
+    fn run_backward(&mut self, dy: ArrayD<f32>, gpu: bool) -> core::result::Result<(), Fail> {
+        let mut grads: Vec<Option<NodeGrad>> = (0..self.names.len()).map(|_| None).collect();
+        grads[self.output] = Some(NodeGrad::Host(dy));
         for i in (0..self.nodes.len()).rev() {
             let out = self.nodes[i].output;
             let Some(g) = grads[out].take() else { continue };
             let t0 = self.profile.is_some().then(std::time::Instant::now);
-            let node = &self.nodes[i];
-            let op = &mut self.ops[i];
-            let need: Vec<bool> = node
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(j, &v)| self.requires_grad[v] && op.differentiable(j))
-                .collect();
-            let inputs =
-                gather(&self.sources, &self.tape, &self.widened, &self.names, &node.inputs, &**op)?;
-            let output = match &self.tape[out] {
-                Some(t) => t,
-                // Forward freed it: this op's backward does not read it.
-                None if !op.backward_reads_output() => &self.placeholder,
-                None => {
-                    return Err(Error::Tail {
-                        node: node.name.clone(),
-                        msg: String::from("backward without forward"),
-                    });
-                }
+            let need: Vec<bool> = {
+                let op = &self.ops[i];
+                self.nodes[i]
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| self.requires_grad[v] && op.differentiable(j))
+                    .collect()
             };
-            let dxs =
-                op.backward(&inputs, output, &g, &need).map_err(|e| at_node(e, &node.name))?;
-            for ((&v, dx), &want) in node.inputs.iter().zip(dxs).zip(&need) {
+            let dxs: Vec<Option<NodeGrad>> = if gpu && self.gpu_backward_takes(i, &need) {
+                self.gpu_backward(i, g, &need)?.into_iter().map(|d| d.map(NodeGrad::Dev)).collect()
+            } else {
+                self.inputs_to_host(i)?;
+                if self.tape[out].is_none()
+                    && self.ops[i].backward_reads_output()
+                    && let Some(Some(d)) = self.dev.get(out)
+                {
+                    self.tape[out] = Some(Tensor::F32(resident::fetch(d)?));
+                }
+                let g = match g {
+                    NodeGrad::Host(a) => a,
+                    NodeGrad::Dev(d) => resident::fetch(&d)?,
+                };
+                let node = &self.nodes[i];
+                let op = &mut self.ops[i];
+                let inputs = gather(
+                    &self.sources,
+                    &self.tape,
+                    &self.widened,
+                    &self.names,
+                    &node.inputs,
+                    &**op,
+                )
+                .map_err(Fail::Error)?;
+                let output = match &self.tape[out] {
+                    Some(t) => t,
+                    // Forward freed it: this op's backward does not read it.
+                    None if !op.backward_reads_output() => &self.placeholder,
+                    None => {
+                        return Err(Fail::Error(Error::Tail {
+                            node: node.name.clone(),
+                            msg: String::from("backward without forward"),
+                        }));
+                    }
+                };
+                op.backward(&inputs, output, &g, &need)
+                    .map_err(|e| Fail::Error(at_node(e, &node.name)))?
+                    .into_iter()
+                    .map(|d| d.map(NodeGrad::Host))
+                    .collect()
+            };
+            let node_name = &self.nodes[i].name;
+            for ((&v, dx), &want) in self.nodes[i].inputs.iter().zip(dxs).zip(&need) {
                 let (true, Some(dx)) = (want, dx) else { continue };
                 grads[v] = Some(match grads[v].take() {
-                    Some(mut acc) if acc.shape() == dx.shape() => {
-                        acc += &dx;
-                        acc
-                    }
-                    Some(acc) => {
-                        return Err(Error::Tail {
-                            node: node.name.clone(),
-                            msg: format!("gradient shape {:?} vs {:?}", dx.shape(), acc.shape()),
-                        });
-                    }
                     None => dx,
+                    Some(acc) => add_grad(acc, dx).map_err(|f| match f {
+                        Fail::Error(Error::Tail { msg, .. }) => {
+                            Fail::Error(Error::Tail { node: node_name.clone(), msg })
+                        }
+                        f => f,
+                    })?,
                 });
             }
             if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
@@ -517,11 +704,50 @@ impl TailGraph {
             .collect()
     }
 
-    /// Frees the tape (the activations kept for backward).
+    /// Frees the tape (the activations kept for backward, on the host and
+    /// on the GPU).
     pub fn clear_tape(&mut self) {
         self.tape.iter_mut().for_each(|t| *t = None);
         self.widened.iter_mut().for_each(|t| *t = None);
+        self.dev.clear();
     }
+
+    /// Bytes of GPU memory the tape holds (values resident there).
+    pub fn gpu_tape_bytes(&self) -> usize {
+        self.dev.iter().flatten().map(|d| d.v.len() * 4).sum()
+    }
+}
+
+/// `acc + dx`, two gradients of one value: on the GPU when both are there,
+/// else on the host.
+fn add_grad(acc: NodeGrad, dx: NodeGrad) -> core::result::Result<NodeGrad, Fail> {
+    let mismatch = |a: &[usize], b: &[usize]| {
+        Fail::Error(Error::Tail {
+            node: String::new(),
+            msg: format!("gradient shape {a:?} vs {b:?}"),
+        })
+    };
+    Ok(match (acc, dx) {
+        (NodeGrad::Dev(a), NodeGrad::Dev(d)) => {
+            if a.shape != d.shape {
+                return Err(mismatch(&d.shape, &a.shape));
+            }
+            let v = crate::device::resident::accumulate(a.v, &d.v).map_err(|_| Fail::Gpu)?;
+            NodeGrad::Dev(DevVal { v, shape: a.shape })
+        }
+        (acc, dx) => {
+            let host = |g: NodeGrad| match g {
+                NodeGrad::Host(a) => Ok(a),
+                NodeGrad::Dev(d) => resident::fetch(&d),
+            };
+            let (mut acc, dx) = (host(acc)?, host(dx)?);
+            if acc.shape() != dx.shape() {
+                return Err(mismatch(dx.shape(), acc.shape()));
+            }
+            acc += &dx;
+            NodeGrad::Host(acc)
+        }
+    })
 }
 
 /// Makes the f32 copy of every f16 input that `op` does not take as f16.

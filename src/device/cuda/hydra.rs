@@ -150,7 +150,12 @@ impl Gpu {
     }
 
     /// `y += alpha·x` (cuBLAS axpy).
-    fn axpy(&self, alpha: f32, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<(), String> {
+    pub(super) fn axpy(
+        &self,
+        alpha: f32,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), String> {
         let len = x.len();
         if y.len() != len {
             return Err("axpy of two lengths".to_string());

@@ -25,8 +25,13 @@ use crate::{Error, Result};
 
 mod hydra;
 mod optim;
+mod tail;
 pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
 pub(super) use optim::{OptCache, step as optimizer_step};
+pub(super) use tail::{
+    DevValue, accumulate, add, download, frozen as frozen_resident, gelu, layer_norm,
+    ready as tail_ready, upload,
+};
 
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
@@ -45,6 +50,8 @@ struct Gpu {
     bf16: bool,
     /// The optimizer's kernels, compiled on first use (or why they are not).
     kernels: Option<Result<optim::Kernels, String>>,
+    /// The tail's element-wise kernels, compiled on first use (or why not).
+    tail: Option<Result<tail::Kernels, String>>,
 }
 
 static ACTIVE: RwLock<Option<Arc<Mutex<Gpu>>>> = RwLock::new(None);
@@ -213,6 +220,10 @@ pub(super) fn is_active() -> bool {
     ACTIVE.read().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
+pub(super) fn active_id() -> Option<u64> {
+    active().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).id)
+}
+
 pub(super) fn active_ordinal() -> Option<usize> {
     active().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).ordinal)
 }
@@ -280,7 +291,10 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
     let bf16 = ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
     let id = OPENED.fetch_add(1, Ordering::Relaxed);
     let blas = core::mem::ManuallyDrop::new(blas);
-    Ok((Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16, kernels: None }, info))
+    Ok((
+        Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16, kernels: None, tail: None },
+        info,
+    ))
 }
 
 /// See `super::try_gemm`. A CUDA failure leaves C untouched and returns

@@ -16,7 +16,9 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use std::sync::Once;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg,
+};
 
 use super::{Gpu, active, fell_back, make_current, succeeded};
 use crate::device::{Attempt, StepRule, stats};
@@ -63,13 +65,23 @@ pub(super) struct Kernels {
 /// Compiles and loads [`SOURCE`] on `gpu`, or says why not (no NVRTC
 /// library, a compile or load failure; NVRTC panicking included).
 pub(super) fn compile(gpu: &Gpu) -> Result<Kernels, String> {
+    let module = load(gpu, SOURCE, "optimizer")?;
+    let f = |name: &str| module.load_function(name).map_err(|e| format!("{name}: {e}"));
+    Ok(Kernels { adamw: f("hydra_adamw")?, sgd: f("hydra_sgd")? })
+}
+
+/// Compiles `source` with NVRTC (`--fmad=false`, IEEE division and square
+/// root) and loads it on `gpu`, or says why not (no NVRTC library, a
+/// compile or load failure; NVRTC panicking included). `what` names the
+/// kernels in the message.
+pub(super) fn load(gpu: &Gpu, source: &str, what: &str) -> Result<Arc<CudaModule>, String> {
     // SAFETY: only tries to open the shared library (dlopen), calls nothing in it.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err("NVRTC (libnvrtc.so) is not here: install the CUDA runtime compiler \
                     (cuda-nvrtc-12-x; JetPack has it)"
             .to_string());
     }
-    let build = || -> Result<Kernels, String> {
+    let build = || -> Result<Arc<CudaModule>, String> {
         let opts = cudarc::nvrtc::CompileOptions {
             fmad: Some(false),
             prec_div: Some(true),
@@ -77,12 +89,10 @@ pub(super) fn compile(gpu: &Gpu) -> Result<Kernels, String> {
             ftz: Some(false),
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-            .map_err(|e| format!("NVRTC could not compile the optimizer kernels: {e}"))?;
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+            .map_err(|e| format!("NVRTC could not compile the {what} kernels: {e}"))?;
         gpu.ctx.bind_to_thread().map_err(|e| format!("bind the context: {e}"))?;
-        let module = gpu.ctx.load_module(ptx).map_err(|e| format!("load the kernels: {e}"))?;
-        let f = |name: &str| module.load_function(name).map_err(|e| format!("{name}: {e}"));
-        Ok(Kernels { adamw: f("hydra_adamw")?, sgd: f("hydra_sgd")? })
+        gpu.ctx.load_module(ptx).map_err(|e| format!("load the {what} kernels: {e}"))
     };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
         .unwrap_or_else(|_| Err("NVRTC failed while compiling (a panic in the loader)".to_string()))

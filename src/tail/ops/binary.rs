@@ -103,6 +103,10 @@ fn zip_f32(
 }
 
 impl TailOp for Binary {
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        (self.kind == BinaryKind::Add).then_some(super::GpuKind::Add)
+    }
+
     fn op_type(&self) -> &'static str {
         match self.kind {
             BinaryKind::Add => "Add",

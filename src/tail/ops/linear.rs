@@ -151,6 +151,44 @@ impl Linear {
         Packs::planned_bytes(self.in_dim, self.out_dim)
     }
 
+    /// Whether the layer runs on the GPU's resident values
+    /// (`device::resident`): frozen, rows layout. An adapted layer runs its
+    /// own pass there (`HydraLinear`), from host copies.
+    pub fn resident(&self) -> bool {
+        matches!(self.inner, Inner::Frozen { .. }) && self.layout == Layout::Rows
+    }
+
+    /// The layer on a resident value of `rows` rows: forward `X·W0ᵀ (+ b)`,
+    /// or backward `dY·W0`. `Ok(None)`: not a layer that runs there.
+    #[cfg(feature = "std")]
+    pub(crate) fn on_gpu(
+        &self,
+        x: &crate::device::resident::GpuValue,
+        rows: usize,
+        forward: bool,
+    ) -> core::result::Result<
+        Option<crate::device::resident::GpuValue>,
+        crate::device::resident::Failed,
+    > {
+        let Inner::Frozen { w, b, packs } = &self.inner else { return Ok(None) };
+        if self.layout != Layout::Rows {
+            return Ok(None);
+        }
+        let k = kernels::active();
+        let bias = if forward { b.as_deref() } else { None };
+        crate::device::resident::frozen(
+            packs.gpu(),
+            || w.as_f32(k),
+            forward,
+            rows,
+            self.in_dim,
+            self.out_dim,
+            x,
+            bias,
+        )
+        .map(Some)
+    }
+
     fn bias_len(&self) -> usize {
         match &self.inner {
             Inner::Frozen { b, .. } => b.as_ref().map_or(0, Vec::len),
@@ -349,6 +387,10 @@ impl TailOp for Linear {
 
     fn as_linear(&self) -> Option<&Linear> {
         Some(self)
+    }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        self.resident().then_some(super::GpuKind::Linear)
     }
 
     fn as_linear_mut(&mut self) -> Option<&mut Linear> {

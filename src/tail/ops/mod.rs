@@ -22,6 +22,27 @@ use ndarray::ArrayD;
 use crate::Tensor;
 use crate::error::{Error, Result};
 
+/// How an op runs on values resident on the GPU (`device::resident`), for
+/// the ops that can.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GpuKind {
+    /// `x` as it is.
+    Identity,
+    /// Exact GELU.
+    Gelu,
+    /// Broadcasting Add.
+    Add,
+    /// LayerNormalization.
+    LayerNorm {
+        /// The first normalised axis.
+        axis: i64,
+        /// Added to the variance.
+        eps: f32,
+    },
+    /// A linear layer (frozen, rows layout: see [`linear::Linear::resident`]).
+    Linear,
+}
+
 /// One tail operator.
 pub trait TailOp: core::fmt::Debug + Send {
     /// The ONNX op type it implements.
@@ -45,6 +66,11 @@ pub trait TailOp: core::fmt::Debug + Send {
     /// is; every other input receives f16 values widened to f32.
     fn accepts_f16(&self, _input: usize) -> bool {
         false
+    }
+
+    /// How the op runs on the GPU's resident values, if it can.
+    fn gpu_kind(&self) -> Option<GpuKind> {
+        None
     }
 
     /// Drops whatever forward kept for backward (inference needs none of it).

@@ -205,6 +205,10 @@ impl TailOp for LayerNorm {
     fn differentiable(&self, input: usize) -> bool {
         input == 0
     }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        Some(super::GpuKind::LayerNorm { axis: self.axis, eps: self.eps })
+    }
 }
 
 /// Lanes per pool task: about 16K elements.

@@ -235,6 +235,14 @@ impl UnaryKind {
 }
 
 impl TailOp for Unary {
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        match self.kind {
+            UnaryKind::Gelu => Some(super::GpuKind::Gelu),
+            UnaryKind::Identity => Some(super::GpuKind::Identity),
+            _ => None,
+        }
+    }
+
     fn op_type(&self) -> &'static str {
         self.kind.name()
     }

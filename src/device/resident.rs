@@ -1,0 +1,222 @@
+//! The tail's values resident on the GPU: with a GPU in use, the tail graph
+//! keeps the values that GPU ops make and read on the GPU, from one op to
+//! the next, forward and backward, and moves a value across only where an
+//! op on the other side reads it (each value at most once each way).
+//!
+//! The ops that run on resident values: frozen linear layers (rows layout;
+//! `W0` resident as for every frozen product), Add (same shapes, or the
+//! second operand broadcast over leading axes), exact GELU and
+//! LayerNormalization over the last axis, and their backward passes. The
+//! rest, and adapted layers, read host copies as before.
+//!
+//! Every call returns `Err(Failed)` when a CUDA call fails (counted and
+//! reported like any GPU failure): the graph then runs the whole pass again
+//! on the CPU (see `tail::graph`).
+
+use alloc::vec::Vec;
+
+#[cfg(feature = "cuda")]
+use alloc::sync::Arc;
+
+#[cfg(feature = "cuda")]
+use super::cuda;
+use super::{FrozenPlan, Resident};
+
+/// A CUDA call failed (already counted and reported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Failed;
+
+/// A dense f32 value on the GPU (shared: a reshape or a pass-through
+/// gradient costs no copy). Never made without the `cuda` feature.
+#[derive(Clone)]
+pub(crate) struct GpuValue {
+    #[cfg(feature = "cuda")]
+    inner: Arc<cuda::DevValue>,
+}
+
+impl GpuValue {
+    /// Values it holds.
+    pub(crate) fn len(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.len()
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+}
+
+impl core::fmt::Debug for GpuValue {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "GpuValue({} values)", self.len())
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn wrap(r: Result<Arc<cuda::DevValue>, ()>) -> Result<GpuValue, Failed> {
+    r.map(|inner| GpuValue { inner }).map_err(|()| Failed)
+}
+
+static ON: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// Keeps the tail's values on the GPU between the ops that run there (on,
+/// the default), or sends each product's operands up and its result back
+/// as before, every element-wise op and norm on the CPU (off: the baseline
+/// that benchmarks compare with). See [`super::set_resident_tail`].
+pub(crate) fn set_on(on: bool) {
+    ON.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the tail keeps values on the GPU now: one in use, not inside a
+/// CPU rerun ([`super::on_cpu`]), f32 products, its kernels compiled, and
+/// not turned off ([`set_on`]).
+pub(crate) fn active() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        ON.load(core::sync::atomic::Ordering::Relaxed)
+            && !super::on_cpu_only()
+            && cuda::is_active()
+            && cuda::tail_ready()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// The GPU in use (a number unique to each opening), for caches of values
+/// on it.
+pub(crate) fn gpu_id() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::active_id()
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Whether a frozen product of `dims` is worth the GPU on its own (the
+/// products' threshold, [`super::set_gpu_min_work`]).
+pub(crate) fn worth(dims: &[usize]) -> bool {
+    super::gpu_takes(dims)
+}
+
+/// `x` on the GPU.
+pub(crate) fn upload(x: &[f32]) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::upload(x))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        Err(Failed)
+    }
+}
+
+/// `v` on the host.
+pub(crate) fn download(v: &GpuValue) -> Result<Vec<f32>, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::download(&v.inner).map_err(|()| Failed)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = v;
+        Err(Failed)
+    }
+}
+
+/// Exact GELU `x·Φ(x)`, or with `dy` its backward `dy·(Φ(x) + x·φ(x))`.
+pub(crate) fn gelu(x: &GpuValue, dy: Option<&GpuValue>) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::gelu(&x.inner, dy.map(|d| &*d.inner)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, dy);
+        Err(Failed)
+    }
+}
+
+/// `a + b` with `b` repeated over `a` (its length divides `a`'s).
+pub(crate) fn add(a: &GpuValue, b: &GpuValue) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::add(&a.inner, &b.inner))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (a, b);
+        Err(Failed)
+    }
+}
+
+/// LayerNormalization over lanes of `width` (`·scale + bias`), or with
+/// `dy` its backward `dx`.
+pub(crate) fn layer_norm(
+    x: &GpuValue,
+    scale: &GpuValue,
+    bias: &GpuValue,
+    width: usize,
+    eps: f32,
+    dy: Option<&GpuValue>,
+) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::layer_norm(
+            &x.inner,
+            &scale.inner,
+            &bias.inner,
+            width,
+            eps,
+            dy.map(|d| &*d.inner),
+        ))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, scale, bias, width, eps, dy);
+        Err(Failed)
+    }
+}
+
+/// `acc + inc` (the same length): a gradient's sum.
+pub(crate) fn accumulate(acc: GpuValue, inc: &GpuValue) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::accumulate(acc.inner, &inc.inner))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (acc, inc);
+        Err(Failed)
+    }
+}
+
+/// A frozen layer's product on a resident value, `W0` (out×in, row-major,
+/// from `w0` when it must go up) resident in `slot`: forward
+/// `X[rows×in]·W0ᵀ (+ bias)`, backward `dY[rows×out]·W0`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn frozen<'w>(
+    slot: &Resident,
+    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    forward: bool,
+    rows: usize,
+    din: usize,
+    dout: usize,
+    x: &GpuValue,
+    bias: Option<&[f32]>,
+) -> Result<GpuValue, Failed> {
+    let plan = FrozenPlan::of(forward, rows, din, dout);
+    if x.len() != rows.saturating_mul(plan.k) || bias.is_some_and(|b| !forward || b.len() != dout) {
+        return Err(Failed);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::frozen_resident(&slot.slot, w0, plan, &x.inner, bias))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (slot, w0, plan, bias);
+        Err(Failed)
+    }
+}
