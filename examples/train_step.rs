@@ -264,33 +264,52 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("GPU gradients differ from the CPU's by {worst:e} (> 1e-3)").into());
         }
         use hydra_edge::device::stats as gpu;
-        let before = [
-            gpu::gpu_products(),
-            gpu::gpu_adapted_passes(),
-            gpu::gpu_bytes_up(),
-            gpu::gpu_bytes_down(),
-        ];
-        let gpu_ms = median_step_ms(&mut trainer, &train, steps)?;
-        let after = [
-            gpu::gpu_products(),
-            gpu::gpu_adapted_passes(),
-            gpu::gpu_bytes_up(),
-            gpu::gpu_bytes_down(),
-        ];
-        let per_step: Vec<usize> =
-            after.iter().zip(&before).map(|(a, b)| (a - b) / steps.max(1)).collect();
+        let counters = || {
+            [
+                gpu::gpu_products(),
+                gpu::gpu_adapted_passes(),
+                gpu::gpu_bytes_up(),
+                gpu::gpu_bytes_down(),
+                gpu::gpu_tail_ops(),
+            ]
+        };
+        // The tail's values resident on the GPU (the default), then the
+        // per-product baseline (operands up and results back per product,
+        // element-wise ops and norms on the CPU), side by side.
+        let mut runs = Vec::new();
+        for resident in [true, false] {
+            hydra_edge::device::set_resident_tail(resident);
+            let before = counters();
+            let ms = median_step_ms(&mut trainer, &train, steps)?;
+            let per_step: Vec<usize> =
+                counters().iter().zip(&before).map(|(a, b)| (a - b) / steps.max(1)).collect();
+            runs.push((ms, per_step));
+        }
+        hydra_edge::device::set_resident_tail(true);
+        let (gpu_ms, per_step) = runs[0].clone();
         let (t, cpu_ms) = *step_ms.last().unwrap();
         println!(
             "training step on {} ({}): {gpu_ms:.1} ms, {} products per step on the GPU ({} adapted \
-             layers' passes whole there), {:.1} MB up and {:.1} MB down per step; CPU at {t} \
-             thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
+             layers' passes whole there, {} element-wise ops and norms), {:.1} MB up and {:.1} MB \
+             down per step; CPU at {t} thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
             info.device,
             info.name,
             per_step[0],
             per_step[1],
+            per_step[4],
             per_step[2] as f64 / 1e6,
             per_step[3] as f64 / 1e6,
             gpu_ms / cpu_ms
+        );
+        let (base_ms, base) = &runs[1];
+        println!(
+            "per-product baseline on {}: {base_ms:.1} ms, {:.1} MB up and {:.1} MB down per step; \
+             resident ÷ baseline: time {:.2}, bytes across {:.2}",
+            info.device,
+            base[2] as f64 / 1e6,
+            base[3] as f64 / 1e6,
+            gpu_ms / base_ms,
+            (per_step[2] + per_step[3]) as f64 / (base[2] + base[3]).max(1) as f64
         );
         // And with bf16 operands on the GPU's tensor cores, where it has them
         // (when the step above was f32).

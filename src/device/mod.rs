@@ -177,6 +177,13 @@ pub mod stats {
     pub(crate) static GPU_BYTES_UP: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_OPTIMIZER_STEPS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_TAIL_OPS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_TAIL_RERUNS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Passes of the tail (forward, or forward and backward) run again on
+    /// the CPU after a CUDA call failed with values resident on the GPU.
+    pub fn gpu_tail_reruns() -> usize {
+        GPU_TAIL_RERUNS.load(Ordering::Relaxed)
+    }
 
     /// Element-wise ops and norms of the tail (forward or backward) run on
     /// the GPU so far, on values resident there.

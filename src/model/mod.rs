@@ -346,7 +346,9 @@ impl AdaptedModel {
         }
         let out = out?;
         let batch = out.shape().first().copied().unwrap_or(1).max(1);
-        let tape = self.tail.tape_bytes();
+        // Values resident on the GPU count too: on a Jetson its memory is
+        // the host's.
+        let tape = self.tail.tape_bytes() + self.tail.gpu_tape_bytes();
         self.tail.clear_tape();
         let per_sample = (tape + saved) / batch;
         let trainable = self.tail.trainable_params() * 4;

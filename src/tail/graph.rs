@@ -85,10 +85,10 @@ pub struct TailGraph {
     rerun: Option<Rerun>,
 }
 
-/// The start of a forward: its boundary values and the adapters' generators.
+/// The start of a forward: the adapters' generators (its boundary values
+/// stay on the tape while values are resident on the GPU).
 #[derive(Debug)]
 struct Rerun {
-    boundary: Vec<Tensor>,
     rngs: Vec<crate::rng::Rng>,
     train: bool,
 }
@@ -435,16 +435,20 @@ impl TailGraph {
         }
         self.rerun = None;
         if !crate::device::resident::active() {
+            // Nothing stays on a GPU no longer in use.
+            self.dev_consts.clear();
+            self.dev_consts_gpu = None;
             return self.run_forward(boundary, train, false).map_err(|f| self.fail_error(f));
         }
-        let rerun = Rerun {
-            boundary: boundary.clone(),
-            rngs: self.adapters().map(|(_, a)| a.rng().clone()).collect(),
-            train,
-        };
+        let rerun = Rerun { rngs: self.adapters().map(|(_, a)| a.rng().clone()).collect(), train };
         match self.run_forward(boundary, train, true) {
             Ok(y) => {
-                self.rerun = train.then_some(rerun);
+                // A backward reruns only if values were on the GPU.
+                if train && self.ran_on_gpu.iter().any(|&g| g) {
+                    self.rerun = Some(rerun);
+                } else {
+                    self.free_boundary();
+                }
                 Ok(y)
             }
             Err(Fail::Gpu) => self.forward_again(rerun),
@@ -452,14 +456,32 @@ impl TailGraph {
         }
     }
 
-    /// The forward of `r` again, on the CPU.
+    /// Frees the boundary values that a GPU forward kept for a rerun and
+    /// nothing else reads.
+    fn free_boundary(&mut self) {
+        for &v in &self.boundary {
+            if self.last_use[v] != usize::MAX && !self.kept_for_backward[v] {
+                self.tape[v] = None;
+                self.widened[v] = None;
+            }
+        }
+    }
+
+    /// The forward that `r` started, again, on the CPU, from the boundary
+    /// values on the tape.
     fn forward_again(&mut self, r: Rerun) -> Result<Tensor> {
+        crate::device::stats::GPU_TAIL_RERUNS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let mut boundary = Vec::with_capacity(self.boundary.len());
+        for &v in &self.boundary {
+            let t = self.tape[v].take().ok_or_else(|| self.fail_error(Fail::Missing(v)))?;
+            boundary.push(t);
+        }
         for ((_, a), rng) in self.adapters_mut().zip(&r.rngs) {
             a.set_rng(rng.clone());
         }
         self.dev_consts.clear();
         let train = r.train;
-        crate::device::on_cpu(|| self.run_forward(r.boundary, train, false))
+        crate::device::on_cpu(|| self.run_forward(boundary, train, false))
             .map_err(|f| self.fail_error(f))
     }
 
@@ -531,11 +553,15 @@ impl TailGraph {
             if !train {
                 self.ops[i].release();
             }
-            // Free what neither a later forward node nor backward reads.
+            // Free what neither a later forward node nor backward reads (on
+            // the GPU's path the boundary values stay on the host, for a
+            // rerun on the CPU).
             for &v in &self.nodes[i].inputs {
                 if self.last_use[v] == i && !(train && self.kept_for_backward[v]) {
-                    self.tape[v] = None;
-                    self.widened[v] = None;
+                    if !(gpu && matches!(self.sources[v], Source::Boundary)) {
+                        self.tape[v] = None;
+                        self.widened[v] = None;
+                    }
                     self.dev[v] = None;
                 }
             }
@@ -577,7 +603,10 @@ impl TailGraph {
             self.adapters().map(|(_, a)| (a.grads().0.cloned(), a.grads().1.cloned())).collect();
         let head = self.head().map(|h| (h.gw.clone(), h.gb.clone()));
         match self.run_backward(dy.clone(), true) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.free_boundary();
+                Ok(())
+            }
             Err(Fail::Gpu) => {
                 for ((_, a), g) in self.adapters_mut().zip(grads) {
                     a.restore_grads(g);
@@ -616,6 +645,8 @@ impl TailGraph {
                 self.gpu_backward(i, g, &need)?.into_iter().map(|d| d.map(NodeGrad::Dev)).collect()
             } else {
                 self.inputs_to_host(i)?;
+                // (A node that ran forward on the GPU made no f32 copies.)
+                widen_inputs(&self.nodes[i].inputs, &*self.ops[i], &self.tape, &mut self.widened);
                 if self.tape[out].is_none()
                     && self.ops[i].backward_reads_output()
                     && let Some(Some(d)) = self.dev.get(out)
@@ -710,6 +741,7 @@ impl TailGraph {
         self.tape.iter_mut().for_each(|t| *t = None);
         self.widened.iter_mut().for_each(|t| *t = None);
         self.dev.clear();
+        self.rerun = None;
     }
 
     /// Bytes of GPU memory the tape holds (values resident there).

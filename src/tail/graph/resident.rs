@@ -97,8 +97,13 @@ impl TailGraph {
             GpuKind::LayerNorm { axis, .. } => {
                 let width = sx.last().copied().unwrap_or(0);
                 let last = norm_axis(axis, sx.len(), "").is_ok_and(|a| a + 1 == sx.len());
+                // Scale and bias of the lane's shape (as the CPU broadcasts them).
                 let params = ins[1..].iter().all(|&p| {
-                    self.is_constant(p) && self.shape_now(p).is_some_and(|s| count(&s) == width)
+                    self.is_constant(p)
+                        && self.shape_now(p).is_some_and(|s| {
+                            let s: Vec<usize> = s.into_iter().skip_while(|&d| d == 1).collect();
+                            s == [width]
+                        })
                 });
                 (2..=3).contains(&ins.len())
                     && last
