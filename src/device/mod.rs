@@ -392,7 +392,10 @@ pub(crate) struct LowRank<'a> {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) struct AdaptedForward {
+    /// `Y` on the host (empty when it stays on the GPU: `y_gpu`).
     pub y: Vec<f32>,
+    /// `Y` on the GPU, for a pass on resident values ([`Act::Gpu`]).
+    pub y_gpu: Option<resident::GpuValue>,
     pub y0: Option<Vec<f32>>,
     pub u_p: Vec<f32>,
     pub u_s: Vec<f32>,
@@ -445,6 +448,8 @@ pub(crate) struct LowRankGrads {
 #[derive(Debug)]
 pub(crate) struct AdaptedBackward {
     pub dx: Option<Vec<f32>>,
+    /// `dX` on the GPU, for a pass on resident values ([`Act::Gpu`]).
+    pub dx_gpu: Option<resident::GpuValue>,
     pub parallel: Option<LowRankGrads>,
     pub sequential: Option<LowRankGrads>,
 }
@@ -463,6 +468,27 @@ pub(crate) enum Attempt<T> {
     Failed,
 }
 
+/// An adapted layer's activations (`X` forward, `dY` backward): on the host
+/// (sent up, the result brought back), or resident on the GPU (the result
+/// left there: `y_gpu`, `dx_gpu`; the branches' inputs must then be the ones
+/// the forward kept there, the host's copies are not read).
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) enum Act<'a> {
+    Host(&'a [f32]),
+    Gpu(&'a resident::GpuValue),
+}
+
+impl Act<'_> {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn len(&self) -> usize {
+        match self {
+            Act::Host(x) => x.len(),
+            Act::Gpu(v) => v.len(),
+        }
+    }
+}
+
 /// An adapted layer's forward pass whole on the GPU, `X[n×in]` going up
 /// once: `Y0 = X·W0ᵀ + b0` with `W0` resident in `slot` (as
 /// [`try_frozen`]), then the parallel branch `Y += s·(X·Aᵀ + c)·Bᵀ + s·e`
@@ -477,7 +503,7 @@ pub(crate) fn try_adapted_forward<'w>(
     slot: &Resident,
     w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
     bias: Option<&[f32]>,
-    x: &[f32],
+    x: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<LowRank<'_>>,
     sequential: Option<LowRank<'_>>,
@@ -513,7 +539,7 @@ pub(crate) fn try_adapted_forward<'w>(
 pub(crate) fn try_adapted_backward<'w>(
     slot: &Resident,
     w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
-    dy: &[f32],
+    dy: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
     sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
@@ -523,8 +549,13 @@ pub(crate) fn try_adapted_backward<'w>(
     #[cfg(feature = "cuda")]
     {
         let (p, s) = (parallel.map(|p| p.0), sequential.map(|s| s.0));
+        // On resident values the branches' inputs are the ones the forward
+        // kept on the GPU (no host copies).
+        let resident = matches!(dy, Act::Gpu(_));
         let inputs_fit = |b: Option<(LowRank<'_>, &[f32], &[f32])>, width: usize| {
-            b.is_none_or(|(l, x, u)| x.len() == n * width && u.len() == n * l.rank)
+            b.is_none_or(|(l, x, u)| {
+                (x.len() == n * width || resident && x.is_empty()) && u.len() == n * l.rank
+            })
         };
         if !adapted_fits(n, din, dout, p, s)
             || dy.len() != n * dout

@@ -35,6 +35,16 @@ pub(crate) struct GpuValue {
 }
 
 impl GpuValue {
+    #[cfg(feature = "cuda")]
+    pub(super) fn inner(&self) -> &cuda::DevValue {
+        &self.inner
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(super) fn from_inner(inner: Arc<cuda::DevValue>) -> GpuValue {
+        GpuValue { inner }
+    }
+
     /// Values it holds.
     pub(crate) fn len(&self) -> usize {
         #[cfg(feature = "cuda")]

@@ -158,6 +158,10 @@ struct Saved {
     /// `X` and `Y0` left on the GPU by a forward there.
     #[cfg(feature = "std")]
     gpu: crate::device::OnGpu,
+    /// The forward ran on a value resident on the GPU
+    /// ([`HydraLinear::forward_resident`]): the host has no `X` or `Y0`, and
+    /// only [`HydraLinear::backward_resident`] can run the backward.
+    resident: bool,
 }
 
 #[derive(Debug)]
@@ -409,7 +413,7 @@ impl HydraLinear {
                 gpu,
                 || w0.as_f32(k),
                 b0,
-                x32,
+                crate::device::Act::Host(x32),
                 (n, din, dout),
                 p,
                 s,
@@ -438,6 +442,7 @@ impl HydraLinear {
                         u_p: f.u_p,
                         u_s: f.u_s,
                         gpu: f.on_gpu,
+                        resident: false,
                     };
                     self.saved = keep.then_some(saved);
                     return Ok(f.y);
@@ -450,6 +455,136 @@ impl HydraLinear {
             }
         }
         self.forward_cpu(x, x32, n, copy_input, keep)
+    }
+
+    /// [`HydraLinear::forward`] on `X[n×in]` resident on the GPU (the tail's
+    /// values there: `device::resident`), `Y` left there: the same pass as
+    /// the GPU's from host values, the same dropout masks. `Ok(None)`: not a
+    /// pass for the GPU (merged, under the size threshold): the caller runs
+    /// [`HydraLinear::forward_ext`] on a host copy. `Err`: a CUDA call
+    /// failed; nothing is kept and the generator is as it was.
+    #[cfg(feature = "std")]
+    pub(crate) fn forward_resident(
+        &mut self,
+        x: &crate::device::resident::GpuValue,
+        n: usize,
+        keep: bool,
+    ) -> core::result::Result<
+        Option<crate::device::resident::GpuValue>,
+        crate::device::resident::Failed,
+    > {
+        use crate::device::Attempt;
+        use crate::device::resident::Failed;
+        let (din, dout) = (self.in_dim, self.out_dim);
+        if self.merged || x.len() != n * din || !crate::device::gpu_takes(&[n, din, dout]) {
+            return Ok(None);
+        }
+        let k = kernels::active();
+        let rng0 = self.rng.clone();
+        let (cp, cs, train) = (self.config.parallel, self.config.sequential, self.training);
+        let mask_p = (train && self.parallel.is_some() && cp.dropout > 0.0)
+            .then(|| dropout_mask(&mut self.rng, n * din, cp.dropout));
+        let mask_s = (train && self.sequential.is_some() && cs.dropout > 0.0)
+            .then(|| dropout_mask(&mut self.rng, n * dout, cs.dropout));
+        let (p, s) = self.low_ranks(mask_p.as_deref(), mask_s.as_deref());
+        let (b0, w0, gpu) = (self.b0.as_deref(), &self.w0, self.packs.gpu());
+        let x = crate::device::Act::Gpu(x);
+        match crate::device::try_adapted_forward(
+            gpu,
+            || w0.as_f32(k),
+            b0,
+            x,
+            (n, din, dout),
+            p,
+            s,
+            keep,
+        ) {
+            Attempt::Done(f) => {
+                dense::record_gemm(n, din, dout);
+                let Some(y) = f.y_gpu else {
+                    self.rng = rng0;
+                    return Err(Failed);
+                };
+                let saved = Saved {
+                    n,
+                    xp: None,
+                    mask_p,
+                    y0: None,
+                    mask_s,
+                    u_p: f.u_p,
+                    u_s: f.u_s,
+                    gpu: f.on_gpu,
+                    resident: true,
+                };
+                self.saved = keep.then_some(saved);
+                Ok(Some(y))
+            }
+            Attempt::NotTaken => {
+                self.rng = rng0;
+                Ok(None)
+            }
+            Attempt::Failed => {
+                self.rng = rng0;
+                Err(Failed)
+            }
+        }
+    }
+
+    /// The backward of [`HydraLinear::forward_resident`] for `dY` (on the
+    /// host or the GPU), on the GPU from what the forward kept there:
+    /// accumulates the gradients and returns `dX` on the GPU if `want_dx`.
+    /// `Err`: it cannot run there (a CUDA call failed, or the forward was
+    /// not resident); no gradient has changed.
+    #[cfg(feature = "std")]
+    pub(crate) fn backward_resident(
+        &mut self,
+        dy: crate::device::Act<'_>,
+        want_dx: bool,
+    ) -> core::result::Result<
+        Option<crate::device::resident::GpuValue>,
+        crate::device::resident::Failed,
+    > {
+        use crate::device::Attempt;
+        use crate::device::resident::Failed;
+        let mut saved = match self.saved.take() {
+            Some(s) if s.resident => s,
+            other => {
+                self.saved = other;
+                return Err(Failed);
+            }
+        };
+        let (n, din, dout) = (saved.n, self.in_dim, self.out_dim);
+        let k = kernels::active();
+        let (mask_p, mask_s) = (saved.mask_p.as_deref(), saved.mask_s.as_deref());
+        let (p, s) = self.low_ranks(mask_p.filter(|_| want_dx), mask_s.filter(|_| want_dx));
+        let p = p.map(|l| (l, &[][..], &saved.u_p[..]));
+        let s = s.map(|l| (l, &[][..], &saved.u_s[..]));
+        let (w0, gpu) = (&self.w0, self.packs.gpu());
+        let on_gpu = core::mem::take(&mut saved.gpu);
+        let ran = crate::device::try_adapted_backward(
+            gpu,
+            || w0.as_f32(k),
+            dy,
+            (n, din, dout),
+            p,
+            s,
+            want_dx,
+            on_gpu,
+        );
+        match ran {
+            Attempt::Done(b) => {
+                if want_dx {
+                    dense::record_gemm(n, dout, din);
+                }
+                add_grads(self.grad_parallel.as_mut(), b.parallel);
+                add_grads(self.grad_sequential.as_mut(), b.sequential);
+                if want_dx && b.dx_gpu.is_none() {
+                    return Err(Failed);
+                }
+                Ok(b.dx_gpu)
+            }
+            Attempt::NotTaken | Attempt::Failed => Err(Failed),
+        }
     }
 
     /// The branches as the GPU path reads them, with the pass's dropout
@@ -511,6 +646,7 @@ impl HydraLinear {
             u_s: vec![],
             #[cfg(feature = "std")]
             gpu: Default::default(),
+            resident: false,
         };
         // The sequential branch reads y0 before the branches add to it.
         let y0 = self.sequential.is_some().then(|| y.clone());
@@ -616,6 +752,12 @@ impl HydraLinear {
                     .to_string(),
             )
         })?;
+        if saved.resident {
+            return Err(Error::Config(
+                "HydraLinear::backward on the host after a forward on GPU-resident values"
+                    .to_string(),
+            ));
+        }
         let (n, din, dout) = (saved.n, self.in_dim, self.out_dim);
         if dy.len() != n * dout {
             return Err(shape("HydraLinear::backward dY", format!("{n}×{dout}"), dy.len()));
@@ -653,7 +795,7 @@ impl HydraLinear {
                 match crate::device::try_adapted_backward(
                     gpu,
                     || w0.as_f32(k),
-                    dy,
+                    crate::device::Act::Host(dy),
                     (n, din, dout),
                     p,
                     s,

@@ -523,8 +523,9 @@ impl TailGraph {
         for i in 0..self.nodes.len() {
             let t0 = self.profile.is_some().then(std::time::Instant::now);
             let out = self.nodes[i].output;
-            if gpu && self.gpu_forward_takes(i) {
-                let y = self.gpu_forward(i)?;
+            let on_gpu =
+                if gpu && self.gpu_forward_takes(i) { self.gpu_forward(i, train)? } else { None };
+            if let Some(y) = on_gpu {
                 self.dev[out] = Some(y);
                 self.ran_on_gpu[i] = true;
             } else {
@@ -641,6 +642,13 @@ impl TailGraph {
                     .map(|(j, &v)| self.requires_grad[v] && op.differentiable(j))
                     .collect()
             };
+            if !gpu
+                && self.ran_on_gpu.get(i).copied().unwrap_or(false)
+                && self.ops[i].as_linear().is_some_and(|l| l.adapter().is_some())
+            {
+                // An adapted layer's state is on the GPU: only a rerun can redo it.
+                return Err(Fail::Gpu);
+            }
             let dxs: Vec<Option<NodeGrad>> = if gpu && self.gpu_backward_takes(i, &need) {
                 self.gpu_backward(i, g, &need)?.into_iter().map(|d| d.map(NodeGrad::Dev)).collect()
             } else {

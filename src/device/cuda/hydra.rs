@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{BufRef, Gpu, counted, succeeded, with_gpu, with_resident};
 use crate::device::{
-    AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, OnGpu, stats,
+    Act, AdaptedBackward, AdaptedForward, Attempt, FrozenPlan, LowRank, LowRankGrads, OnGpu, stats,
 };
 
 /// See `crate::device::OnGpu`.
@@ -74,6 +74,11 @@ struct DevBranch {
 impl Gpu {
     fn up(&self, x: &[f32]) -> Result<CudaSlice<f32>, String> {
         self.htod(x)
+    }
+
+    /// A copy of `x` on the GPU.
+    fn dev_copy(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>, String> {
+        self.stream.clone_dtod(x).map_err(|e| format!("copy: {e}"))
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, String> {
@@ -278,7 +283,7 @@ pub(in crate::device) fn adapted_forward<'w>(
     slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
     bias: Option<&[f32]>,
-    x: &[f32],
+    x: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<LowRank<'_>>,
     sequential: Option<LowRank<'_>>,
@@ -290,11 +295,15 @@ pub(in crate::device) fn adapted_forward<'w>(
     let plan = FrozenPlan::of(true, n, din, dout);
     let ran = with_resident(slot, w0, plan, |gpu, w| {
         gpu.ensure_ones(n)?;
-        let xd = gpu.up(x)?;
-        let mut y = if w.is_bf16() {
-            gpu.frozen(plan, w, gpu.upload_as(x, true)?.as_ref(), bias)?
-        } else {
-            gpu.frozen(plan, w, BufRef::F32(&xd), bias)?
+        // A resident X is copied on the GPU: the pass may mask it and keep it.
+        let xd = match x {
+            Act::Host(x) => gpu.up(x)?,
+            Act::Gpu(v) => gpu.dev_copy(super::resident_slice(gpu, v)?)?,
+        };
+        let mut y = match (w.is_bf16(), x) {
+            (true, Act::Host(x)) => gpu.frozen(plan, w, gpu.upload_as(x, true)?.as_ref(), bias)?,
+            (true, Act::Gpu(_)) => return Err("a bf16 product on a resident value".to_string()),
+            (false, _) => gpu.frozen(plan, w, BufRef::F32(&xd), bias)?,
         };
         // The sequential branch reads Y0, before the branches add to Y.
         let y0 = match sequential {
@@ -330,7 +339,8 @@ pub(in crate::device) fn adapted_forward<'w>(
         let down = |v: &Option<CudaSlice<f32>>| {
             v.as_ref().filter(|_| keep).map(|v| gpu.download(v)).transpose()
         };
-        let host_y0 = down(&y0)?;
+        // On resident values the backward runs there too: no host copy.
+        let host_y0 = if matches!(x, Act::Gpu(_)) { None } else { down(&y0)? };
         let on_gpu = keep.then(|| {
             Box::new(SavedOnGpu {
                 gpu: gpu.id,
@@ -341,8 +351,13 @@ pub(in crate::device) fn adapted_forward<'w>(
                 mask_s,
             })
         });
+        let (y, y_gpu) = match x {
+            Act::Host(_) => (gpu.download(&y)?, None),
+            Act::Gpu(_) => (Vec::new(), Some(super::resident_value(gpu, y))),
+        };
         Ok(AdaptedForward {
-            y: gpu.download(&y)?,
+            y,
+            y_gpu,
             y0: host_y0,
             u_p: down(&u_p)?.unwrap_or_default(),
             u_s: down(&u_s)?.unwrap_or_default(),
@@ -357,7 +372,7 @@ pub(in crate::device) fn adapted_forward<'w>(
 pub(in crate::device) fn adapted_backward<'w>(
     slot: &super::Slot,
     w0: impl FnOnce() -> Cow<'w, [f32]>,
-    dy: &[f32],
+    dy: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,
     sequential: Option<(LowRank<'_>, &[f32], &[f32])>,
@@ -373,7 +388,14 @@ pub(in crate::device) fn adapted_backward<'w>(
     // `w`: the resident W0, when dX is wanted (else no frozen product runs).
     let mut body = |gpu: &mut Gpu, w: Option<&super::Buf>| -> Result<AdaptedBackward, String> {
         gpu.ensure_ones(n)?;
-        let dyd = gpu.up(dy)?;
+        let dy_up;
+        let dyd = match dy {
+            Act::Host(dy) => {
+                dy_up = gpu.up(dy)?;
+                &dy_up
+            }
+            Act::Gpu(v) => super::resident_slice(gpu, v)?,
+        };
         // dY0 = dY + s_s·dU_s·A_s (the sequential branch's part of dX).
         let mut g_s = None;
         let mut dy0 = None;
@@ -385,9 +407,9 @@ pub(in crate::device) fn adapted_backward<'w>(
                 None => gpu.up(y0)?,
             };
             let u = gpu.up(u)?;
-            let (g, du) = gpu.branch_backward(&br, &dyd, &u, &y0, (n, dout, dout))?;
+            let (g, du) = gpu.branch_backward(&br, dyd, &u, &y0, (n, dout, dout))?;
             if want_dx {
-                let mut d = gpu.stream.clone_dtod(&dyd).map_err(|e| format!("copy: {e}"))?;
+                let mut d = gpu.dev_copy(dyd)?;
                 gpu.grad_x(&br, &du, &mut d, (n, dout))?;
                 dy0 = Some(d);
             }
@@ -396,7 +418,7 @@ pub(in crate::device) fn adapted_backward<'w>(
         // dX = dY0·W0 (+ s_p·dU_p·A_p below).
         let mut dx = None;
         if let Some(w) = w {
-            let d = dy0.as_ref().unwrap_or(&dyd);
+            let d = dy0.as_ref().unwrap_or(dyd);
             dx = Some(if w.is_bf16() {
                 // bf16 operands are rounded on the host (no kernel here).
                 let rounded = gpu.upload_as(&gpu.download(d)?, true)?;
@@ -414,17 +436,17 @@ pub(in crate::device) fn adapted_backward<'w>(
                 None => gpu.up(x)?,
             };
             let u = gpu.up(u)?;
-            let (g, du) = gpu.branch_backward(&br, &dyd, &u, &x, (n, din, dout))?;
+            let (g, du) = gpu.branch_backward(&br, dyd, &u, &x, (n, din, dout))?;
             if let Some(dx) = &mut dx {
                 gpu.grad_x(&br, &du, dx, (n, din))?;
             }
             g_p = Some(g);
         }
-        Ok(AdaptedBackward {
-            dx: dx.map(|d| gpu.download(&d)).transpose()?,
-            parallel: g_p,
-            sequential: g_s,
-        })
+        let (dx, dx_gpu) = match (dx, dy) {
+            (Some(d), Act::Gpu(_)) => (None, Some(super::resident_value(gpu, d))),
+            (d, _) => (d.map(|d| gpu.download(&d)).transpose()?, None),
+        };
+        Ok(AdaptedBackward { dx, dx_gpu, parallel: g_p, sequential: g_s })
     };
     let ran = if want_dx {
         with_resident(slot, w0, plan, |gpu, w| body(gpu, Some(w)))

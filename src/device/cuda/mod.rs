@@ -33,6 +33,19 @@ pub(super) use tail::{
     ready as tail_ready, upload,
 };
 
+/// A resident value's buffer, if it is on `gpu`.
+fn resident_slice<'a>(
+    gpu: &Gpu,
+    v: &'a crate::device::resident::GpuValue,
+) -> Result<&'a CudaSlice<f32>, String> {
+    tail::on_gpu(gpu, v.inner())
+}
+
+/// `data` (on `gpu`) as a resident value.
+fn resident_value(gpu: &Gpu, data: CudaSlice<f32>) -> crate::device::resident::GpuValue {
+    crate::device::resident::GpuValue::from_inner(tail::value(gpu, data))
+}
+
 /// One GPU in use: its context, the stream every product runs on, and a
 /// cuBLAS handle bound to that stream (one user at a time: the mutex).
 struct Gpu {

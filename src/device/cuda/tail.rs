@@ -190,6 +190,16 @@ impl Gpu {
     }
 }
 
+/// `v`'s buffer, if it is on `gpu`.
+pub(super) fn on_gpu<'a>(gpu: &Gpu, v: &'a DevValue) -> Result<&'a CudaSlice<f32>, String> {
+    gpu.on_this(v)
+}
+
+/// `data` (on `gpu`) as a value.
+pub(super) fn value(gpu: &Gpu, data: CudaSlice<f32>) -> Arc<DevValue> {
+    gpu.value(data)
+}
+
 fn tail_op_ran() {
     stats::GPU_TAIL_OPS.fetch_add(1, Ordering::Relaxed);
     succeeded();

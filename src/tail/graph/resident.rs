@@ -161,22 +161,23 @@ impl TailGraph {
         Ok(())
     }
 
-    /// Node `i`'s forward on the GPU ([`TailGraph::gpu_forward_takes`]).
-    pub(super) fn gpu_forward(&mut self, i: usize) -> Result<DevVal, Fail> {
+    /// Node `i`'s forward on the GPU ([`TailGraph::gpu_forward_takes`]);
+    /// `None`: the op declined (the CPU runs it).
+    pub(super) fn gpu_forward(&mut self, i: usize, train: bool) -> Result<Option<DevVal>, Fail> {
         let kind = self.ops[i].gpu_kind().ok_or_else(|| self.no_gpu_form(i))?;
         let ins = self.nodes[i].inputs.clone();
         let x = self.up(ins[0])?;
-        match kind {
-            GpuKind::Identity => Ok(x),
+        Ok(Some(match kind {
+            GpuKind::Identity => x,
             GpuKind::Gelu => {
-                Ok(DevVal { v: dev::gelu(&x.v, None).map_err(|_| Fail::Gpu)?, shape: x.shape })
+                DevVal { v: dev::gelu(&x.v, None).map_err(|_| Fail::Gpu)?, shape: x.shape }
             }
             GpuKind::Add => {
                 let b = self.up(ins[1])?;
                 let out = broadcast_shape(&x.shape, &b.shape, "").map_err(Fail::Error)?;
                 let (big, small) = if x.shape == out { (x, b) } else { (b, x) };
                 let v = dev::add(&big.v, &small.v).map_err(|_| Fail::Gpu)?;
-                Ok(DevVal { v, shape: big.shape })
+                DevVal { v, shape: big.shape }
             }
             GpuKind::LayerNorm { eps, .. } => {
                 let width = x.shape.last().copied().unwrap_or(0);
@@ -189,23 +190,23 @@ impl TailGraph {
                 };
                 let v = dev::layer_norm(&x.v, &scale.v, &bias.v, width, eps, None)
                     .map_err(|_| Fail::Gpu)?;
-                Ok(DevVal { v, shape: x.shape })
+                DevVal { v, shape: x.shape }
             }
             GpuKind::Linear => {
-                let l = self.ops[i].as_linear().ok_or_else(|| self.no_gpu_form(i))?;
+                let no_form = self.no_gpu_form(i);
+                let l = self.ops[i].as_linear_mut().ok_or(no_form)?;
                 let (din, dout) = l.dims();
                 let rows = count(&x.shape) / din.max(1);
-                let v = l
-                    .on_gpu(&x.v, rows, true)
-                    .map_err(|_| Fail::Gpu)?
-                    .ok_or_else(|| self.no_gpu_form(i))?;
+                let Some(v) = l.forward_resident(&x.v, rows, train).map_err(|_| Fail::Gpu)? else {
+                    return Ok(None);
+                };
                 let mut shape = x.shape;
                 if let Some(last) = shape.last_mut() {
                     *last = dout;
                 }
-                Ok(DevVal { v, shape })
+                DevVal { v, shape }
             }
-        }
+        }))
     }
 
     /// Whether node `i`'s backward runs on the GPU for the inputs `need`
@@ -275,19 +276,20 @@ impl TailGraph {
                     .map_err(|_| Fail::Gpu)?;
                 out[0] = Some(DevVal { v, shape: x.shape });
             }
-            GpuKind::Linear if want => {
-                let l = self.ops[i].as_linear().ok_or_else(|| self.no_gpu_form(i))?;
+            GpuKind::Linear => {
+                // An adapted layer's gradients accumulate whether or not dX is wanted.
+                let no_form = self.no_gpu_form(i);
+                let l = self.ops[i].as_linear_mut().ok_or(no_form)?;
                 let (din, dout) = l.dims();
                 let rows = count(&dy.shape) / dout.max(1);
-                let v = l
-                    .on_gpu(&dy.v, rows, false)
-                    .map_err(|_| Fail::Gpu)?
-                    .ok_or_else(|| self.no_gpu_form(i))?;
-                let mut shape = dy.shape;
-                if let Some(last) = shape.last_mut() {
-                    *last = din;
+                let dx = l.backward_resident(&dy.v, rows, want).map_err(|_| Fail::Gpu)?;
+                if let Some(v) = dx.filter(|_| want) {
+                    let mut shape = dy.shape;
+                    if let Some(last) = shape.last_mut() {
+                        *last = din;
+                    }
+                    out[0] = Some(DevVal { v, shape });
                 }
-                out[0] = Some(DevVal { v, shape });
             }
             _ => {}
         }

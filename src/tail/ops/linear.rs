@@ -152,41 +152,82 @@ impl Linear {
     }
 
     /// Whether the layer runs on the GPU's resident values
-    /// (`device::resident`): frozen, rows layout. An adapted layer runs its
-    /// own pass there (`HydraLinear`), from host copies.
+    /// (`device::resident`): rows layout, frozen or adapted.
     pub fn resident(&self) -> bool {
-        matches!(self.inner, Inner::Frozen { .. }) && self.layout == Layout::Rows
+        self.layout == Layout::Rows
     }
 
-    /// The layer on a resident value of `rows` rows: forward `X·W0ᵀ (+ b)`,
-    /// or backward `dY·W0`. `Ok(None)`: not a layer that runs there.
-    #[cfg(feature = "std")]
-    pub(crate) fn on_gpu(
-        &self,
+    /// The layer's forward on a resident value of `rows` rows, `Y` left
+    /// there (an adapted layer keeps what its backward needs there too).
+    /// `Ok(None)`: not a pass for the GPU (the caller runs
+    /// [`TailOp::forward`] on a host copy).
+    pub(crate) fn forward_resident(
+        &mut self,
         x: &crate::device::resident::GpuValue,
         rows: usize,
-        forward: bool,
+        train: bool,
     ) -> core::result::Result<
         Option<crate::device::resident::GpuValue>,
         crate::device::resident::Failed,
     > {
-        let Inner::Frozen { w, b, packs } = &self.inner else { return Ok(None) };
         if self.layout != Layout::Rows {
             return Ok(None);
         }
-        let k = kernels::active();
-        let bias = if forward { b.as_deref() } else { None };
-        crate::device::resident::frozen(
-            packs.gpu(),
-            || w.as_f32(k),
-            forward,
-            rows,
-            self.in_dim,
-            self.out_dim,
-            x,
-            bias,
-        )
-        .map(Some)
+        let (din, dout) = (self.in_dim, self.out_dim);
+        match &mut self.inner {
+            Inner::Frozen { w, b, packs } => {
+                let k = kernels::active();
+                let (w, b) = (&*w, b.as_deref());
+                crate::device::resident::frozen(
+                    packs.gpu(),
+                    || w.as_f32(k),
+                    true,
+                    rows,
+                    din,
+                    dout,
+                    x,
+                    b,
+                )
+                .map(Some)
+            }
+            Inner::Adapted(h) => {
+                h.set_training(train);
+                h.forward_resident(x, rows, train)
+            }
+        }
+    }
+
+    /// The backward of [`Linear::forward_resident`] for `dY` resident on the
+    /// GPU: an adapted layer's gradients, and `dX` there if `want_dx`.
+    pub(crate) fn backward_resident(
+        &mut self,
+        dy: &crate::device::resident::GpuValue,
+        rows: usize,
+        want_dx: bool,
+    ) -> core::result::Result<
+        Option<crate::device::resident::GpuValue>,
+        crate::device::resident::Failed,
+    > {
+        let (din, dout) = (self.in_dim, self.out_dim);
+        match &mut self.inner {
+            Inner::Frozen { w, packs, .. } if want_dx => {
+                let k = kernels::active();
+                let w = &*w;
+                crate::device::resident::frozen(
+                    packs.gpu(),
+                    || w.as_f32(k),
+                    false,
+                    rows,
+                    din,
+                    dout,
+                    dy,
+                    None,
+                )
+                .map(Some)
+            }
+            Inner::Frozen { .. } => Ok(None),
+            Inner::Adapted(h) => h.backward_resident(crate::device::Act::Gpu(dy), want_dx),
+        }
     }
 
     fn bias_len(&self) -> usize {
