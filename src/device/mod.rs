@@ -26,8 +26,9 @@
 //! ([`try_optimizer_step`]: NVRTC-compiled kernels, the CPU's update bit for
 //! bit) for steps of at least [`set_gpu_min_work`]` / 16` values. The
 //! tail's values stay on the GPU between the ops that run there
-//! ([`set_resident_tail`], `resident`): frozen linear layers, Add, GELU and
-//! LayerNormalization (NVRTC kernels), forward and backward; the other ops
+//! ([`set_resident_tail`], `resident`): frozen and adapted linear layers,
+//! Add, GELU and LayerNormalization (NVRTC kernels), forward and backward;
+//! the other ops
 //! (attention's reshapes, softmax, pooling) run on the CPU, a value crossing
 //! once where they read it. The parameters live on the host (each GPU step
 //! brings them back), so checkpoints, adapter files and the merge are the
@@ -62,8 +63,8 @@ pub fn set_gpu_min_work(work: usize) {
 }
 
 /// Keeps the tail's values on the GPU from one op to the next (on by
-/// default): frozen linear layers, Add, GELU and LayerNormalization run
-/// there on resident values, forward and backward, and a value crosses the
+/// default): frozen and adapted linear layers, Add, GELU and
+/// LayerNormalization run there on resident values, forward and backward, and a value crosses the
 /// bus only where the other side reads it. Off, each product sends its
 /// operands up and brings its result back, and the element-wise ops and
 /// norms run on the CPU (the baseline `examples/train_step` compares with).
@@ -415,6 +416,20 @@ pub(crate) struct OnGpu {
 }
 
 impl OnGpu {
+    /// Whether it holds the parallel branch's input `X` (if `x`) and the
+    /// sequential one's `Y0` (if `y0`).
+    pub(crate) fn holds(&self, x: bool, y0: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.as_ref().is_some_and(|s| s.holds(x, y0))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (x, y0);
+            false
+        }
+    }
+
     /// Bytes of GPU memory it holds.
     pub(crate) fn bytes(&self) -> usize {
         #[cfg(feature = "cuda")]

@@ -3,11 +3,12 @@
 //! the next, forward and backward, and moves a value across only where an
 //! op on the other side reads it (each value at most once each way).
 //!
-//! The ops that run on resident values: frozen linear layers (rows layout;
-//! `W0` resident as for every frozen product), Add (same shapes, or the
-//! second operand broadcast over leading axes), exact GELU and
+//! The ops that run on resident values: linear layers (rows layout; `W0`
+//! resident as for every frozen product; an adapted layer's whole pass, its
+//! branches' inputs kept there for the backward), Add (same shapes, or one
+//! operand repeated over the other's leading axes), exact GELU and
 //! LayerNormalization over the last axis, and their backward passes. The
-//! rest, and adapted layers, read host copies as before.
+//! rest read host copies as before.
 //!
 //! Every call returns `Err(Failed)` when a CUDA call fails (counted and
 //! reported like any GPU failure): the graph then runs the whole pass again

@@ -559,6 +559,10 @@ impl HydraLinear {
         let (p, s) = self.low_ranks(mask_p.filter(|_| want_dx), mask_s.filter(|_| want_dx));
         let p = p.map(|l| (l, &[][..], &saved.u_p[..]));
         let s = s.map(|l| (l, &[][..], &saved.u_s[..]));
+        // The branches' inputs must be the ones the forward kept on the GPU.
+        if !saved.gpu.holds(self.parallel.is_some(), self.sequential.is_some()) {
+            return Err(Failed);
+        }
         let (w0, gpu) = (&self.w0, self.packs.gpu());
         let on_gpu = core::mem::take(&mut saved.gpu);
         let ran = crate::device::try_adapted_backward(
@@ -573,14 +577,14 @@ impl HydraLinear {
         );
         match ran {
             Attempt::Done(b) => {
+                if want_dx && b.dx_gpu.is_none() {
+                    return Err(Failed);
+                }
                 if want_dx {
                     dense::record_gemm(n, dout, din);
                 }
                 add_grads(self.grad_parallel.as_mut(), b.parallel);
                 add_grads(self.grad_sequential.as_mut(), b.sequential);
-                if want_dx && b.dx_gpu.is_none() {
-                    return Err(Failed);
-                }
                 Ok(b.dx_gpu)
             }
             Attempt::NotTaken | Attempt::Failed => Err(Failed),
@@ -706,7 +710,12 @@ impl HydraLinear {
                 None => 0,
             };
             let f = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| v.len() * 4);
-            x + f(&s.mask_p) + f(&s.y0) + f(&s.mask_s) + (s.u_p.len() + s.u_s.len()) * 4
+            #[cfg(feature = "std")]
+            let gpu = s.gpu.bytes();
+            #[cfg(not(feature = "std"))]
+            let gpu = 0;
+            // (What the GPU keeps counts too: on a Jetson its memory is the host's.)
+            x + f(&s.mask_p) + f(&s.y0) + f(&s.mask_s) + (s.u_p.len() + s.u_s.len()) * 4 + gpu
         })
     }
 

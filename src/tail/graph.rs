@@ -650,7 +650,7 @@ impl TailGraph {
                 return Err(Fail::Gpu);
             }
             let dxs: Vec<Option<NodeGrad>> = if gpu && self.gpu_backward_takes(i, &need) {
-                self.gpu_backward(i, g, &need)?.into_iter().map(|d| d.map(NodeGrad::Dev)).collect()
+                self.gpu_backward(i, g, &need)?
             } else {
                 self.inputs_to_host(i)?;
                 // (A node that ran forward on the GPU made no f32 copies.)

@@ -36,6 +36,10 @@ impl SavedOnGpu {
             .sum()
     }
 
+    pub(in crate::device) fn holds(&self, x: bool, y0: bool) -> bool {
+        (!x || self.x.is_some()) && (!y0 || self.y0.is_some())
+    }
+
     /// `x` or `y0` if it is on `gpu` with `len` values.
     fn take(
         slot: &mut Option<CudaSlice<f32>>,
@@ -295,15 +299,21 @@ pub(in crate::device) fn adapted_forward<'w>(
     let plan = FrozenPlan::of(true, n, din, dout);
     let ran = with_resident(slot, w0, plan, |gpu, w| {
         gpu.ensure_ones(n)?;
-        // A resident X is copied on the GPU: the pass may mask it and keep it.
-        let xd = match x {
-            Act::Host(x) => gpu.up(x)?,
-            Act::Gpu(v) => gpu.dev_copy(super::resident_slice(gpu, v)?)?,
+        // X from the host goes up; a resident one is read where it is (and
+        // copied only to be kept unmasked for the backward).
+        let mut x_up = match x {
+            Act::Host(x) => Some(gpu.up(x)?),
+            Act::Gpu(_) => None,
+        };
+        let xs = match (&x_up, x) {
+            (Some(up), _) => up,
+            (None, Act::Gpu(v)) => super::resident_slice(gpu, v)?,
+            (None, Act::Host(_)) => return Err("no X".to_string()),
         };
         let mut y = match (w.is_bf16(), x) {
             (true, Act::Host(x)) => gpu.frozen(plan, w, gpu.upload_as(x, true)?.as_ref(), bias)?,
             (true, Act::Gpu(_)) => return Err("a bf16 product on a resident value".to_string()),
-            (false, _) => gpu.frozen(plan, w, BufRef::F32(&xd), bias)?,
+            (false, _) => gpu.frozen(plan, w, BufRef::F32(xs), bias)?,
         };
         // The sequential branch reads Y0, before the branches add to Y.
         let y0 = match sequential {
@@ -311,16 +321,25 @@ pub(in crate::device) fn adapted_forward<'w>(
             None => None,
         };
         // Each branch reads its input through its dropout mask, if any.
-        let (mut u_p, mut mask_p) = (None, None);
-        let mut xd = Some(xd);
-        if let (Some(l), Some(x)) = (&parallel, xd.take()) {
+        let (mut u_p, mut mask_p, mut kept_x) = (None, None, None);
+        if let Some(l) = &parallel {
             let mut br = gpu.branch(l)?;
-            let x = match &br.mask {
-                Some(m) => gpu.masked(&x, m)?,
-                None => x,
-            };
-            u_p = Some(gpu.branch_forward(&br, &x, &mut y, (n, din, dout))?);
-            xd = Some(x);
+            let masked = br.mask.as_ref().map(|m| gpu.masked(xs, m)).transpose()?;
+            u_p = Some(gpu.branch_forward(
+                &br,
+                masked.as_ref().unwrap_or(xs),
+                &mut y,
+                (n, din, dout),
+            )?);
+            if keep {
+                kept_x = Some(match masked {
+                    Some(m) => m,
+                    None => match x {
+                        Act::Gpu(v) => gpu.dev_copy(super::resident_slice(gpu, v)?)?,
+                        Act::Host(_) => x_up.take().ok_or("no X")?,
+                    },
+                });
+            }
             mask_p = br.mask.take();
         }
         let (mut u_s, mut mask_s) = (None, None);
@@ -345,7 +364,7 @@ pub(in crate::device) fn adapted_forward<'w>(
             Box::new(SavedOnGpu {
                 gpu: gpu.id,
                 ctx: gpu.ctx.clone(),
-                x: xd.filter(|_| parallel.is_some()),
+                x: kept_x,
                 y0,
                 mask_p,
                 mask_s,

@@ -246,9 +246,21 @@ impl TailGraph {
         i: usize,
         g: NodeGrad,
         need: &[bool],
-    ) -> Result<Vec<Option<DevVal>>, Fail> {
+    ) -> Result<Vec<Option<NodeGrad>>, Fail> {
         let kind = self.ops[i].gpu_kind().ok_or_else(|| self.no_gpu_form(i))?;
         let ins = self.nodes[i].inputs.clone();
+        if matches!(kind, GpuKind::Identity | GpuKind::Add) {
+            // The gradient passes through where it is (a host one is not
+            // sent up for nothing).
+            let pass = |g: &NodeGrad| match g {
+                NodeGrad::Host(a) => NodeGrad::Host(a.clone()),
+                NodeGrad::Dev(d) => NodeGrad::Dev(d.clone()),
+            };
+            let mut out: Vec<Option<NodeGrad>> =
+                need.iter().map(|&n| n.then(|| pass(&g))).collect();
+            out.resize_with(ins.len(), || None);
+            return Ok(out);
+        }
         let dy = match g {
             NodeGrad::Dev(d) => d,
             NodeGrad::Host(a) => DevVal { v: send(&a)?, shape: a.shape().to_vec() },
@@ -256,12 +268,6 @@ impl TailGraph {
         let mut out = vec![None; ins.len()];
         let want = need.first().copied().unwrap_or(false);
         match kind {
-            GpuKind::Identity => out[0] = want.then_some(dy),
-            GpuKind::Add => {
-                for (o, &n) in out.iter_mut().zip(need) {
-                    *o = n.then(|| dy.clone());
-                }
-            }
             GpuKind::Gelu if want => {
                 let x = self.up(ins[0])?;
                 let v = dev::gelu(&x.v, Some(&dy.v)).map_err(|_| Fail::Gpu)?;
@@ -293,7 +299,7 @@ impl TailGraph {
             }
             _ => {}
         }
-        Ok(out)
+        Ok(out.into_iter().map(|d| d.map(NodeGrad::Dev)).collect())
     }
 }
 

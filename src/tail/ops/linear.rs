@@ -152,9 +152,10 @@ impl Linear {
     }
 
     /// Whether the layer runs on the GPU's resident values
-    /// (`device::resident`): rows layout, frozen or adapted.
+    /// (`device::resident`): rows layout, frozen or adapted (not merged).
     pub fn resident(&self) -> bool {
-        self.layout == Layout::Rows
+        // (A merged adapter's pass is a frozen product on the host path.)
+        self.layout == Layout::Rows && !self.adapter().is_some_and(HydraLinear::is_merged)
     }
 
     /// The layer's forward on a resident value of `rows` rows, `Y` left
