@@ -325,6 +325,7 @@ impl HydraLinear {
     }
     /// Puts back gradients copied from [`HydraLinear::grads`] (a pass run
     /// again from its start).
+    #[cfg(feature = "std")]
     pub(crate) fn restore_grads(&mut self, (p, s): (Option<Branch>, Option<Branch>)) {
         self.grad_parallel = p;
         self.grad_sequential = s;
