@@ -274,9 +274,13 @@ fn gpu_path_counters_stay_zero_on_the_cpu() {
         return;
     }
     let _g = lock();
-    let before = (device::stats::gpu_products(), device::stats::gpu_fallbacks());
+    let counters = || {
+        use device::stats::*;
+        [gpu_products(), gpu_fallbacks(), gpu_tail_ops(), gpu_tail_reruns(), gpu_bytes_up()]
+    };
+    let before = counters();
     let _ = digits_run(1, 32);
-    assert_eq!((device::stats::gpu_products(), device::stats::gpu_fallbacks()), before);
+    assert_eq!(counters(), before);
 }
 
 /// The transformer's forward on the GPU, merged and switched: a merge

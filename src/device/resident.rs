@@ -149,15 +149,79 @@ pub(crate) fn gelu(x: &GpuValue, dy: Option<&GpuValue>) -> Result<GpuValue, Fail
     }
 }
 
-/// `a + b` with `b` repeated over `a` (its length divides `a`'s).
-pub(crate) fn add(a: &GpuValue, b: &GpuValue) -> Result<GpuValue, Failed> {
+/// The most axes [`binary`] and [`permute`] take.
+pub(crate) const MAX_RANK: usize = 6;
+
+/// `y = a op b` (`op`: 0 add, 1 subtract, 2 multiply, 3 divide) over the
+/// output shape `dims`, each operand read with its strides `sa`, `sb` (0
+/// along an axis it is broadcast over).
+pub(crate) fn binary(
+    a: &GpuValue,
+    b: &GpuValue,
+    op: i32,
+    dims: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+) -> Result<GpuValue, Failed> {
     #[cfg(feature = "cuda")]
     {
-        wrap(cuda::add(&a.inner, &b.inner))
+        wrap(cuda::binary(&a.inner, &b.inner, op, dims, sa, sb))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (a, b);
+        let _ = (a, b, op, dims, sa, sb);
+        Err(Failed)
+    }
+}
+
+/// `x` of shape `dims` with its axes permuted (`out[i] = dims[perm[i]]`).
+pub(crate) fn permute(x: &GpuValue, dims: &[usize], perm: &[usize]) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::permute(&x.inner, dims, perm))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, dims, perm);
+        Err(Failed)
+    }
+}
+
+/// `batch` row-major products `C_i[m×n] = op(A_i)·op(B_i)`: `A_i` stored
+/// m×k (k×m when `ta`), `B_i` k×n (n×k when `tb`).
+pub(crate) fn batched_matmul(
+    a: &GpuValue,
+    ta: bool,
+    b: &GpuValue,
+    tb: bool,
+    batch: usize,
+    mnk: (usize, usize, usize),
+) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::batched_matmul(&a.inner, ta, &b.inner, tb, batch, mnk))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (a, ta, b, tb, batch, mnk);
+        Err(Failed)
+    }
+}
+
+/// Softmax over lanes of `width`, or with `dy` (and `x` the forward's
+/// output) its backward.
+pub(crate) fn softmax(
+    x: &GpuValue,
+    width: usize,
+    dy: Option<&GpuValue>,
+) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::softmax(&x.inner, width, dy.map(|d| &*d.inner)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, width, dy);
         Err(Failed)
     }
 }

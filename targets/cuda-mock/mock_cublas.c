@@ -64,11 +64,21 @@ static size_t span(int rows, int cols, int ld, size_t elem) {
     return ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * elem;
 }
 
+static cublasStatus_t gemm_body(struct handle *h, int ta, int tb, int m, int n, int k, float alpha,
+                                const void *a, int at, int lda, const void *b, int bt, int ldb,
+                                float beta, float *c, int ldc);
+
 static cublasStatus_t gemm(struct handle *h, int ta, int tb, int m, int n, int k, float alpha,
                            const void *a, int at, int lda, const void *b, int bt, int ldb,
                            float beta, float *c, int ldc) {
     if (!h) return fail(NOT_INITIALIZED, "gemm: no handle");
     if (mock_injected_fault()) return fail(EXECUTION_FAILED, "gemm: injected fault");
+    return gemm_body(h, ta, tb, m, n, k, alpha, a, at, lda, b, bt, ldb, beta, c, ldc);
+}
+
+static cublasStatus_t gemm_body(struct handle *h, int ta, int tb, int m, int n, int k, float alpha,
+                                const void *a, int at, int lda, const void *b, int bt, int ldb,
+                                float beta, float *c, int ldc) {
     if (mock_current_context() != h->ctx) return fail(EXECUTION_FAILED, "gemm: the handle's context is not current");
     if (ta < 0 || ta > 1 || tb < 0 || tb > 1) return fail(INVALID_VALUE, "gemm: op");
     if (m < 0 || n < 0 || k < 0) return fail(INVALID_VALUE, "gemm: negative size");
@@ -102,6 +112,24 @@ cublasStatus_t cublasSgemm_v2(struct handle *h, int ta, int tb, int m, int n, in
                               const float *alpha, const float *a, int lda, const float *b, int ldb,
                               const float *beta, float *c, int ldc) {
     return gemm(h, ta, tb, m, n, k, *alpha, a, R_32F, lda, b, R_32F, ldb, *beta, c, ldc);
+}
+
+/* `batch` products, the i-th on A + i·sa, B + i·sb, C + i·sc (elements):
+ * one call (one fault opportunity), each product checked as cublasSgemm's. */
+cublasStatus_t cublasSgemmStridedBatched(struct handle *h, int ta, int tb, int m, int n, int k,
+                                         const float *alpha, const float *a, int lda, long long sa,
+                                         const float *b, int ldb, long long sb, const float *beta,
+                                         float *c, int ldc, long long sc, int batch) {
+    if (!h) return fail(NOT_INITIALIZED, "gemm batched: no handle");
+    if (batch < 0 || sa < 0 || sb < 0 || sc < 0) return fail(INVALID_VALUE, "gemm batched: negative batch or stride");
+    if (mock_injected_fault()) return fail(EXECUTION_FAILED, "gemm batched: injected fault");
+    for (int i = 0; i < batch; i++) {
+        cublasStatus_t r = gemm_body(h, ta, tb, m, n, k, *alpha, a + (size_t)i * (size_t)sa, R_32F, lda,
+                                     b + (size_t)i * (size_t)sb, R_32F, ldb, *beta,
+                                     c + (size_t)i * (size_t)sc, ldc);
+        if (r != SUCCESS) return r;
+    }
+    return SUCCESS;
 }
 
 cublasStatus_t cublasGemmEx(struct handle *h, int ta, int tb, int m, int n, int k,

@@ -146,6 +146,8 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
                 "device": hydra_edge::device::device().to_string(), "gpu_products": hydra_edge::device::stats::gpu_products(),
                 "gpu_bf16_products": hydra_edge::device::stats::gpu_bf16_products(), "bf16_products": kernels::stats::bf16_products(),
                 "gpu_adapted_passes": hydra_edge::device::stats::gpu_adapted_passes(),
+                "gpu_tail_ops": hydra_edge::device::stats::gpu_tail_ops(),
+                "gpu_tail_reruns": hydra_edge::device::stats::gpu_tail_reruns(),
                 "gpu_optimizer_steps": hydra_edge::device::stats::gpu_optimizer_steps()})
         );
     }

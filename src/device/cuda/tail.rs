@@ -40,9 +40,79 @@ extern "C" __global__ void hydra_gelu_grad(const float *x, const float *dy, floa
     }
 }
 
-extern "C" __global__ void hydra_add(const float *a, const float *b, float *y,
-                                     unsigned long long n, unsigned long long blen) {
-    HYDRA_LOOP(i, n) { y[i] = a[i] + b[i % blen]; }
+extern "C" __global__ void hydra_binary(const float *a, const float *b, float *y,
+                                        unsigned long long n, int op, int rank,
+                                        unsigned long long d0, unsigned long long d1,
+                                        unsigned long long d2, unsigned long long d3,
+                                        unsigned long long d4, unsigned long long d5,
+                                        unsigned long long a0, unsigned long long a1,
+                                        unsigned long long a2, unsigned long long a3,
+                                        unsigned long long a4, unsigned long long a5,
+                                        unsigned long long b0, unsigned long long b1,
+                                        unsigned long long b2, unsigned long long b3,
+                                        unsigned long long b4, unsigned long long b5) {
+    const unsigned long long d[6] = {d0, d1, d2, d3, d4, d5};
+    const unsigned long long sa[6] = {a0, a1, a2, a3, a4, a5};
+    const unsigned long long sb[6] = {b0, b1, b2, b3, b4, b5};
+    HYDRA_LOOP(i, n) {
+        unsigned long long r = i, oa = 0, ob = 0;
+        for (int k = rank - 1; k >= 0; k--) {
+            unsigned long long c = r % d[k];
+            r /= d[k];
+            oa += c * sa[k];
+            ob += c * sb[k];
+        }
+        float x = a[oa], z = b[ob];
+        y[i] = op == 0 ? x + z : op == 1 ? x - z : op == 2 ? x * z : x / z;
+    }
+}
+
+extern "C" __global__ void hydra_permute(const float *x, float *y, unsigned long long n, int rank,
+                                         unsigned long long d0, unsigned long long d1,
+                                         unsigned long long d2, unsigned long long d3,
+                                         unsigned long long d4, unsigned long long d5,
+                                         unsigned long long s0, unsigned long long s1,
+                                         unsigned long long s2, unsigned long long s3,
+                                         unsigned long long s4, unsigned long long s5) {
+    const unsigned long long d[6] = {d0, d1, d2, d3, d4, d5};
+    const unsigned long long st[6] = {s0, s1, s2, s3, s4, s5};
+    HYDRA_LOOP(i, n) {
+        unsigned long long r = i, o = 0;
+        for (int k = rank - 1; k >= 0; k--) {
+            o += (r % d[k]) * st[k];
+            r /= d[k];
+        }
+        y[i] = x[o];
+    }
+}
+
+extern "C" __global__ void hydra_softmax(const float *x, float *y, unsigned long long rows,
+                                         unsigned long long width) {
+    HYDRA_LOOP(r, rows) {
+        const float *row = x + r * width;
+        float *out = y + r * width;
+        float m = -INFINITY;
+        for (unsigned long long j = 0; j < width; j++) m = fmaxf(m, row[j]);
+        float sum = 0.0f;
+        for (unsigned long long j = 0; j < width; j++) {
+            out[j] = expf(row[j] - m);
+            sum += out[j];
+        }
+        float inv = 1.0f / sum;
+        for (unsigned long long j = 0; j < width; j++) out[j] *= inv;
+    }
+}
+
+extern "C" __global__ void hydra_softmax_grad(const float *y, const float *dy, float *dx,
+                                              unsigned long long rows, unsigned long long width) {
+    HYDRA_LOOP(r, rows) {
+        const float *yr = y + r * width;
+        const float *g = dy + r * width;
+        float *out = dx + r * width;
+        float dot = 0.0f;
+        for (unsigned long long j = 0; j < width; j++) dot += yr[j] * g[j];
+        for (unsigned long long j = 0; j < width; j++) out[j] = yr[j] * (g[j] - dot);
+    }
 }
 
 extern "C" __global__ void hydra_layer_norm(const float *x, const float *s, const float *b,
@@ -98,7 +168,10 @@ extern "C" __global__ void hydra_layer_norm_grad(const float *x, const float *s,
 pub(super) struct Kernels {
     gelu: CudaFunction,
     gelu_grad: CudaFunction,
-    add: CudaFunction,
+    binary: CudaFunction,
+    permute: CudaFunction,
+    softmax: CudaFunction,
+    softmax_grad: CudaFunction,
     layer_norm: CudaFunction,
     layer_norm_grad: CudaFunction,
 }
@@ -109,7 +182,10 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
     Ok(Kernels {
         gelu: f("hydra_gelu")?,
         gelu_grad: f("hydra_gelu_grad")?,
-        add: f("hydra_add")?,
+        binary: f("hydra_binary")?,
+        permute: f("hydra_permute")?,
+        softmax: f("hydra_softmax")?,
+        softmax_grad: f("hydra_softmax_grad")?,
         layer_norm: f("hydra_layer_norm")?,
         layer_norm_grad: f("hydra_layer_norm_grad")?,
     })
@@ -248,20 +324,212 @@ pub(in crate::device) fn gelu(
     r.inspect(|_| tail_op_ran())
 }
 
-/// `a + b`, `b` repeated over `a` (its length divides `a`'s).
-pub(in crate::device) fn add(a: &DevValue, b: &DevValue) -> Result<Arc<DevValue>, ()> {
+/// The most axes the element-wise kernels index.
+pub(in crate::device) const MAX_RANK: usize = 6;
+
+/// `y = a op b` over `dims` (at most [`MAX_RANK`] axes), each operand read
+/// with its own strides (0 along a broadcast axis); `op`: 0 add, 1
+/// subtract, 2 multiply, 3 divide.
+pub(in crate::device) fn binary(
+    a: &DevValue,
+    b: &DevValue,
+    op: i32,
+    dims: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+) -> Result<Arc<DevValue>, ()> {
     with_kernels(|gpu, k| {
         let (av, bv) = (gpu.on_this(a)?, gpu.on_this(b)?);
-        if bv.is_empty() || av.len() % bv.len() != 0 {
-            return Err("Add: the second operand does not tile the first".to_string());
+        let rank = dims.len();
+        if rank == 0
+            || rank > MAX_RANK
+            || sa.len() != rank
+            || sb.len() != rank
+            || !(0..4).contains(&op)
+        {
+            return Err("binary: bad shape".to_string());
         }
-        let (n, blen) = (av.len() as u64, bv.len() as u64);
-        let mut y = gpu.stream.alloc_zeros::<f32>(av.len()).map_err(|e| format!("alloc: {e}"))?;
-        let mut l = gpu.stream.launch_builder(&k.add);
-        l.arg(av).arg(bv).arg(&mut y).arg(&n).arg(&blen);
-        // SAFETY: a and y hold n f32, b blen ≥ 1 (i % blen < blen); the
-        // arguments match `hydra_add`'s in order and type.
-        unsafe { l.launch(Gpu::launch_cfg(av.len())) }.map_err(|e| format!("Add kernel: {e}"))?;
+        let n: usize = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or("overflow")?;
+        // Every element each operand is read at lies inside it.
+        let last = |s: &[usize]| -> Option<usize> {
+            dims.iter()
+                .zip(s)
+                .try_fold(0usize, |o, (&d, &st)| o.checked_add(d.checked_sub(1)?.checked_mul(st)?))
+        };
+        if n == 0
+            || last(sa).is_none_or(|o| o >= av.len())
+            || last(sb).is_none_or(|o| o >= bv.len())
+        {
+            return Err("binary: the operands are shorter than their strides reach".to_string());
+        }
+        let pad = |v: &[usize]| {
+            let mut p = [1u64; MAX_RANK];
+            v.iter().enumerate().for_each(|(i, &x)| p[i] = x as u64);
+            p
+        };
+        let (d, a_s, b_s) = (pad(dims), pad(sa), pad(sb));
+        let (n64, rank32) = (n as u64, rank as i32);
+        let mut y = gpu.stream.alloc_zeros::<f32>(n).map_err(|e| format!("alloc: {e}"))?;
+        let mut l = gpu.stream.launch_builder(&k.binary);
+        l.arg(av).arg(bv).arg(&mut y).arg(&n64).arg(&op).arg(&rank32);
+        for v in d.iter().chain(&a_s).chain(&b_s) {
+            l.arg(v);
+        }
+        // SAFETY: y holds n f32; every offset Σ cₖ·sₖ with cₖ < dₖ is at most
+        // the `last` one checked above, inside a and b; the arguments match
+        // `hydra_binary`'s in order and type (pointers, u64, two ints, 18 u64).
+        unsafe { l.launch(Gpu::launch_cfg(n)) }.map_err(|e| format!("binary kernel: {e}"))?;
+        Ok(gpu.value(y))
+    })
+    .inspect(|_| tail_op_ran())
+}
+
+/// `x` (dense, `in_dims`) with its axes permuted by `perm`
+/// (`out.shape[i] = in_dims[perm[i]]`).
+pub(in crate::device) fn permute(
+    x: &DevValue,
+    in_dims: &[usize],
+    perm: &[usize],
+) -> Result<Arc<DevValue>, ()> {
+    with_kernels(|gpu, k| {
+        let xs = gpu.on_this(x)?;
+        let rank = in_dims.len();
+        if rank == 0 || rank > MAX_RANK || perm.len() != rank || perm.iter().any(|&p| p >= rank) {
+            return Err("permute: bad shape".to_string());
+        }
+        let n: usize =
+            in_dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or("overflow")?;
+        if n == 0 || n != xs.len() {
+            return Err("permute: the value does not have its shape".to_string());
+        }
+        // Row-major strides of the input, read in the output's axis order.
+        let mut strides = [0usize; MAX_RANK];
+        let mut acc = 1;
+        for i in (0..rank).rev() {
+            strides[i] = acc;
+            acc *= in_dims[i];
+        }
+        let (mut d, mut st) = ([1u64; MAX_RANK], [0u64; MAX_RANK]);
+        for (i, &p) in perm.iter().enumerate() {
+            d[i] = in_dims[p] as u64;
+            st[i] = strides[p] as u64;
+        }
+        let (n64, rank32) = (n as u64, rank as i32);
+        let mut y = gpu.stream.alloc_zeros::<f32>(n).map_err(|e| format!("alloc: {e}"))?;
+        let mut l = gpu.stream.launch_builder(&k.permute);
+        l.arg(xs).arg(&mut y).arg(&n64).arg(&rank32);
+        for v in d.iter().chain(&st) {
+            l.arg(v);
+        }
+        // SAFETY: x and y hold n f32 (checked); a permutation of x's
+        // row-major strides reaches only offsets below n; the arguments
+        // match `hydra_permute`'s in order and type.
+        unsafe { l.launch(Gpu::launch_cfg(n)) }.map_err(|e| format!("permute kernel: {e}"))?;
+        Ok(gpu.value(y))
+    })
+    .inspect(|_| tail_op_ran())
+}
+
+/// `batch` row-major products `C_i[m×n] = op(A_i)·op(B_i)` of dense
+/// stacks: `A_i` stored m×k (k×m when `ta`, `op` its transpose), `B_i`
+/// k×n (n×k when `tb`); one strided-batched cuBLAS call.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::device) fn batched_matmul(
+    a: &DevValue,
+    ta: bool,
+    b: &DevValue,
+    tb: bool,
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Arc<DevValue>, ()> {
+    use cudarc::cublas::sys::cublasOperation_t;
+    use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+    with_gpu(|gpu| {
+        let (av, bv) = (gpu.on_this(a)?, gpu.on_this(b)?);
+        let size = |x: usize, y: usize| x.checked_mul(y).and_then(|v| v.checked_mul(batch));
+        let (la, lb, lc) = (size(m, k), size(k, n), size(m, n));
+        if [m, n, k, batch].contains(&0) || la != Some(av.len()) || lb != Some(bv.len()) {
+            return Err("batched product: the operands do not have its shape".to_string());
+        }
+        let lc = lc.ok_or("overflow")?;
+        let int =
+            |v: usize| i32::try_from(v).map_err(|_| format!("dimension {v} over cuBLAS's int"));
+        let op = |t: bool| {
+            if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N }
+        };
+        // As `Gpu::rm`, item by item: cuBLAS's first operand is B.
+        let gemm = GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: int(n)?,
+            n: int(m)?,
+            k: int(k)?,
+            alpha: 1.0f32,
+            lda: int(if tb { k } else { n })?,
+            ldb: int(if ta { m } else { k })?,
+            beta: 0.0,
+            ldc: int(n)?,
+        };
+        let stride = |v: usize| i64::try_from(v).map_err(|_| "stride over i64".to_string());
+        let cfg = StridedBatchedConfig {
+            gemm,
+            batch_size: int(batch)?,
+            stride_a: stride(k * n)?,
+            stride_b: stride(m * k)?,
+            stride_c: stride(m * n)?,
+        };
+        let mut c = gpu.stream.alloc_zeros::<f32>(lc).map_err(|e| format!("alloc: {e}"))?;
+        // SAFETY: B holds batch·k·n values, each item read as n×k (ld n)
+        // or k×n (ld k) column-major at stride k·n; A batch·m·k at stride
+        // m·k; C batch·m·n written at stride m·n (ld n): all checked above.
+        unsafe { gpu.blas.gemm_strided_batched(cfg, bv, av, &mut c) }
+            .map_err(|e| format!("cuBLAS batched sgemm: {e:?}"))?;
+        Ok(gpu.value(c))
+    })
+    .map(|c| {
+        counted(false);
+        c
+    })
+    .map_err(|_| ())
+}
+
+/// Softmax over lanes of `width`; with `grad_of = dy` and `x` the forward's
+/// output `y`, its backward `y ⊙ (dy − Σ dy⊙y)`.
+pub(in crate::device) fn softmax(
+    x: &DevValue,
+    width: usize,
+    grad_of: Option<&DevValue>,
+) -> Result<Arc<DevValue>, ()> {
+    with_kernels(|gpu, k| {
+        let xs = gpu.on_this(x)?;
+        if width == 0 || xs.is_empty() || xs.len() % width != 0 {
+            return Err("Softmax: the lanes do not tile the value".to_string());
+        }
+        let rows = xs.len() / width;
+        let (r, w) = (rows as u64, width as u64);
+        let mut y = gpu.stream.alloc_zeros::<f32>(xs.len()).map_err(|e| format!("alloc: {e}"))?;
+        match grad_of {
+            None => {
+                let mut l = gpu.stream.launch_builder(&k.softmax);
+                l.arg(xs).arg(&mut y).arg(&r).arg(&w);
+                // SAFETY: x and y hold rows·width f32; the arguments match
+                // `hydra_softmax`'s in order and type.
+                unsafe { l.launch(Gpu::launch_cfg(rows)) }
+                    .map_err(|e| format!("Softmax kernel: {e}"))?;
+            }
+            Some(dy) => {
+                let g = gpu.on_this(dy)?;
+                if g.len() != xs.len() {
+                    return Err("Softmax backward: sizes differ".to_string());
+                }
+                let mut l = gpu.stream.launch_builder(&k.softmax_grad);
+                l.arg(xs).arg(g).arg(&mut y).arg(&r).arg(&w);
+                // SAFETY: y, dy and dx hold rows·width f32; the arguments
+                // match `hydra_softmax_grad`'s in order and type.
+                unsafe { l.launch(Gpu::launch_cfg(rows)) }
+                    .map_err(|e| format!("Softmax backward kernel: {e}"))?;
+            }
+        }
         Ok(gpu.value(y))
     })
     .inspect(|_| tail_op_ran())

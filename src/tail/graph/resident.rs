@@ -12,19 +12,13 @@ use crate::Tensor;
 use crate::device::resident::{self as dev, GpuValue};
 use crate::tail::broadcast::{broadcast_shape, norm_axis};
 use crate::tail::ops::GpuKind;
+use crate::tail::ops::binary::BinaryKind;
 
 /// A value on the GPU and its shape.
 #[derive(Clone, Debug)]
 pub(super) struct DevVal {
     pub v: GpuValue,
     pub shape: Vec<usize>,
-}
-
-/// Whether `small` repeats over `big` as a trailing block (leading 1s, then
-/// `big`'s trailing dims), as the Add kernel reads its second operand.
-fn trailing_block(big: &[usize], small: &[usize]) -> bool {
-    let s: Vec<usize> = small.iter().copied().skip_while(|&d| d == 1).collect();
-    s.len() <= big.len() && big[big.len() - s.len()..] == s[..]
 }
 
 fn count(shape: &[usize]) -> usize {
@@ -74,25 +68,17 @@ impl TailGraph {
     pub(super) fn gpu_forward_takes(&self, i: usize) -> bool {
         let Some(kind) = self.ops[i].gpu_kind() else { return false };
         let ins = &self.nodes[i].inputs;
-        if ins.is_empty() || !ins.iter().all(|&v| self.is_float(v)) {
-            return false;
-        }
-        let x = ins[0];
+        let Some(&x) = ins.first() else { return false };
         let Some(sx) = self.shape_now(x) else { return false };
+        let float = |vs: &[ValueId]| vs.iter().all(|&v| self.is_float(v));
+        let resident = |v: ValueId| !self.is_constant(v) && self.on_dev(v);
+        let rank_ok = |s: &[usize]| (1..=dev::MAX_RANK).contains(&s.len()) && count(s) > 0;
         match kind {
-            GpuKind::Identity | GpuKind::Gelu => {
-                ins.len() == 1 && !self.is_constant(x) && self.on_dev(x)
-            }
-            GpuKind::Add => {
-                if ins.len() != 2 {
-                    return false;
-                }
-                let Some(sb) = self.shape_now(ins[1]) else { return false };
+            GpuKind::Identity | GpuKind::Gelu => ins.len() == 1 && float(ins) && resident(x),
+            GpuKind::Binary(_) => {
+                let Some(sb) = ins.get(1).and_then(|&b| self.shape_now(b)) else { return false };
                 let Ok(out) = broadcast_shape(&sx, &sb, "") else { return false };
-                let fits = (sx == out && trailing_block(&out, &sb))
-                    || (sb == out && trailing_block(&out, &sx));
-                let resident = ins.iter().any(|&v| !self.is_constant(v) && self.on_dev(v));
-                fits && count(&out) > 0 && resident
+                ins.len() == 2 && float(ins) && rank_ok(&out) && ins.iter().any(|&v| resident(v))
             }
             GpuKind::LayerNorm { axis, .. } => {
                 let width = sx.last().copied().unwrap_or(0);
@@ -106,22 +92,64 @@ impl TailGraph {
                         })
                 });
                 (2..=3).contains(&ins.len())
+                    && float(ins)
                     && last
                     && width > 0
                     && params
-                    && !self.is_constant(x)
-                    && self.on_dev(x)
+                    && resident(x)
+            }
+            GpuKind::Softmax { axis } => {
+                let last = norm_axis(axis, sx.len(), "").is_ok_and(|a| a + 1 == sx.len());
+                ins.len() == 1 && float(ins) && last && count(&sx) > 0 && resident(x)
+            }
+            GpuKind::Reshape => {
+                // The shape (and axes) inputs are host values.
+                let rest: Option<Vec<&Tensor>> =
+                    ins[1..].iter().map(|&v| self.host_value(v)).collect();
+                float(&ins[..1])
+                    && resident(x)
+                    && rest.is_some_and(|r| self.ops[i].gpu_target(&sx, &r).is_ok())
+            }
+            GpuKind::Transpose => {
+                ins.len() == 1
+                    && float(ins)
+                    && rank_ok(&sx)
+                    && resident(x)
+                    && self.ops[i].gpu_perm(sx.len()).is_ok()
+            }
+            GpuKind::MatMul => {
+                let Some(sb) = ins.get(1).and_then(|&b| self.shape_now(b)) else { return false };
+                let (ra, rb) = (sx.len(), sb.len());
+                // Equal batch axes (attention's), no broadcast.
+                ins.len() == 2
+                    && float(ins)
+                    && ra >= 2
+                    && ra == rb
+                    && sx[..ra - 2] == sb[..rb - 2]
+                    && sx[ra - 1] == sb[rb - 2]
+                    && count(&sx) > 0
+                    && count(&sb) > 0
+                    && ins.iter().any(|&v| resident(v))
             }
             GpuKind::Linear => {
                 let Some(l) = self.ops[i].as_linear() else { return false };
                 let (din, dout) = l.dims();
                 let rows = count(&sx) / din.max(1);
                 ins.len() == 1
+                    && float(ins)
                     && !self.is_constant(x)
                     && sx.last() == Some(&din)
                     && rows > 0
                     && (self.on_dev(x) || dev::worth(&[rows, din, dout]))
             }
+        }
+    }
+
+    /// Value `v` on the host as it is (a constant, or on the tape).
+    fn host_value(&self, v: ValueId) -> Option<&Tensor> {
+        match &self.sources[v] {
+            Source::Constant(t) => Some(t),
+            _ => self.tape[v].as_ref(),
         }
     }
 
@@ -167,17 +195,16 @@ impl TailGraph {
         let kind = self.ops[i].gpu_kind().ok_or_else(|| self.no_gpu_form(i))?;
         let ins = self.nodes[i].inputs.clone();
         let x = self.up(ins[0])?;
+        let gpu = |r: Result<GpuValue, dev::Failed>| r.map_err(|_| Fail::Gpu);
         Ok(Some(match kind {
             GpuKind::Identity => x,
-            GpuKind::Gelu => {
-                DevVal { v: dev::gelu(&x.v, None).map_err(|_| Fail::Gpu)?, shape: x.shape }
-            }
-            GpuKind::Add => {
+            GpuKind::Gelu => DevVal { v: gpu(dev::gelu(&x.v, None))?, shape: x.shape },
+            GpuKind::Binary(op) => {
                 let b = self.up(ins[1])?;
                 let out = broadcast_shape(&x.shape, &b.shape, "").map_err(Fail::Error)?;
-                let (big, small) = if x.shape == out { (x, b) } else { (b, x) };
-                let v = dev::add(&big.v, &small.v).map_err(|_| Fail::Gpu)?;
-                DevVal { v, shape: big.shape }
+                let (sa, sb) = (bstrides(&x.shape, &out), bstrides(&b.shape, &out));
+                let v = gpu(dev::binary(&x.v, &b.v, op_code(op), &out, &sa, &sb))?;
+                DevVal { v, shape: out }
             }
             GpuKind::LayerNorm { eps, .. } => {
                 let width = x.shape.last().copied().unwrap_or(0);
@@ -188,9 +215,35 @@ impl TailGraph {
                         DevVal { v: send(&ArrayD::zeros(IxDyn(&[width])))?, shape: vec![width] }
                     }
                 };
-                let v = dev::layer_norm(&x.v, &scale.v, &bias.v, width, eps, None)
-                    .map_err(|_| Fail::Gpu)?;
+                let v = gpu(dev::layer_norm(&x.v, &scale.v, &bias.v, width, eps, None))?;
                 DevVal { v, shape: x.shape }
+            }
+            GpuKind::Softmax { .. } => {
+                let width = x.shape.last().copied().unwrap_or(0);
+                DevVal { v: gpu(dev::softmax(&x.v, width, None))?, shape: x.shape }
+            }
+            GpuKind::Reshape => {
+                let rest: Vec<&Tensor> = ins[1..]
+                    .iter()
+                    .map(|&v| self.host_value(v).ok_or(Fail::Missing(v)))
+                    .collect::<Result<_, _>>()?;
+                let shape = self.ops[i].gpu_target(&x.shape, &rest).map_err(Fail::Error)?;
+                DevVal { v: x.v, shape }
+            }
+            GpuKind::Transpose => {
+                let p = self.ops[i].gpu_perm(x.shape.len()).map_err(Fail::Error)?;
+                let shape = p.iter().map(|&a| x.shape[a]).collect();
+                DevVal { v: gpu(dev::permute(&x.v, &x.shape, &p))?, shape }
+            }
+            GpuKind::MatMul => {
+                let b = self.up(ins[1])?;
+                let r = x.shape.len();
+                let (m, k, n) = (x.shape[r - 2], x.shape[r - 1], b.shape[r - 1]);
+                let batch = count(&x.shape[..r - 2]);
+                let v = gpu(dev::batched_matmul(&x.v, false, &b.v, false, batch, (m, n, k)))?;
+                let mut shape = x.shape[..r - 2].to_vec();
+                shape.extend([m, n]);
+                DevVal { v, shape }
             }
             GpuKind::Linear => {
                 let no_form = self.no_gpu_form(i);
@@ -210,30 +263,26 @@ impl TailGraph {
     }
 
     /// Whether node `i`'s backward runs on the GPU for the inputs `need`
-    /// asks for: it ran there forward, and an Add sends no gradient to a
-    /// broadcast input (that one sums on the CPU).
+    /// asks for: it ran there forward, and a binary op's gradient goes to
+    /// no broadcast input (those sum on the CPU), nor to a Sub's or Div's
+    /// second one.
     pub(super) fn gpu_backward_takes(&self, i: usize, need: &[bool]) -> bool {
         if !self.ran_on_gpu.get(i).copied().unwrap_or(false) {
             return false;
         }
         let Some(kind) = self.ops[i].gpu_kind() else { return false };
         match kind {
-            GpuKind::Add => {
+            GpuKind::Binary(op) => {
                 let out = self.nodes[i].output;
-                let Some(so) = self
-                    .dev
-                    .get(out)
-                    .and_then(Option::as_ref)
-                    .map(|d| d.shape.clone())
-                    .or_else(|| self.tape[out].as_ref().map(|t| t.shape().to_vec()))
-                else {
-                    return false;
-                };
-                self.nodes[i]
-                    .inputs
-                    .iter()
-                    .zip(need)
-                    .all(|(&v, &n)| !n || self.shape_now(v).as_deref() == Some(&so[..]))
+                let Some(so) = self.shape_now(out) else { return false };
+                let ins = &self.nodes[i].inputs;
+                let second_ok = !need.get(1).copied().unwrap_or(false)
+                    || matches!(op, BinaryKind::Add | BinaryKind::Mul);
+                second_ok
+                    && ins
+                        .iter()
+                        .zip(need)
+                        .all(|(&v, &n)| !n || self.shape_now(v).as_deref() == Some(&so[..]))
             }
             _ => true,
         }
@@ -249,28 +298,72 @@ impl TailGraph {
     ) -> Result<Vec<Option<NodeGrad>>, Fail> {
         let kind = self.ops[i].gpu_kind().ok_or_else(|| self.no_gpu_form(i))?;
         let ins = self.nodes[i].inputs.clone();
-        if matches!(kind, GpuKind::Identity | GpuKind::Add) {
-            // The gradient passes through where it is (a host one is not
-            // sent up for nothing).
-            let pass = |g: &NodeGrad| match g {
-                NodeGrad::Host(a) => NodeGrad::Host(a.clone()),
-                NodeGrad::Dev(d) => NodeGrad::Dev(d.clone()),
-            };
-            let mut out: Vec<Option<NodeGrad>> =
-                need.iter().map(|&n| n.then(|| pass(&g))).collect();
-            out.resize_with(ins.len(), || None);
-            return Ok(out);
+        let want = need.first().copied().unwrap_or(false);
+        let pass = |g: &NodeGrad| match g {
+            NodeGrad::Host(a) => NodeGrad::Host(a.clone()),
+            NodeGrad::Dev(d) => NodeGrad::Dev(d.clone()),
+        };
+        // Gradients that pass through go on where they are (a host one is
+        // not sent up for nothing).
+        match kind {
+            GpuKind::Identity
+            | GpuKind::Binary(BinaryKind::Add)
+            | GpuKind::Binary(BinaryKind::Sub) => {
+                let mut out: Vec<Option<NodeGrad>> =
+                    need.iter().take(1).map(|&n| n.then(|| pass(&g))).collect();
+                if matches!(kind, GpuKind::Binary(BinaryKind::Add)) {
+                    out.extend(need.iter().skip(1).map(|&n| n.then(|| pass(&g))));
+                }
+                out.resize_with(ins.len(), || None);
+                return Ok(out);
+            }
+            GpuKind::Reshape => {
+                let shape = self.shape_now(ins[0]).ok_or(Fail::Missing(ins[0]))?;
+                let mut out: Vec<Option<NodeGrad>> = (0..ins.len()).map(|_| None).collect();
+                if want {
+                    out[0] = Some(match g {
+                        NodeGrad::Dev(d) => NodeGrad::Dev(DevVal { v: d.v, shape }),
+                        NodeGrad::Host(a) => NodeGrad::Host(
+                            a.as_standard_layout()
+                                .into_owned()
+                                .into_shape_with_order(IxDyn(&shape))
+                                .map_err(|e| {
+                                    Fail::Error(crate::Error::Tail {
+                                        node: self.nodes[i].name.clone(),
+                                        msg: alloc::format!("gradient reshape: {e}"),
+                                    })
+                                })?,
+                        ),
+                    });
+                }
+                return Ok(out);
+            }
+            _ => {}
         }
         let dy = match g {
             NodeGrad::Dev(d) => d,
             NodeGrad::Host(a) => DevVal { v: send(&a)?, shape: a.shape().to_vec() },
         };
-        let mut out = vec![None; ins.len()];
-        let want = need.first().copied().unwrap_or(false);
+        let gpu = |r: Result<GpuValue, dev::Failed>| r.map_err(|_| Fail::Gpu);
+        let mut out: Vec<Option<DevVal>> = vec![None; ins.len()];
         match kind {
+            GpuKind::Binary(op) => {
+                // Mul: d(a·b) = dy·b, dy·a; Div: d(a/b)/da = dy/b.
+                for j in 0..ins.len().min(2) {
+                    if !need[j] {
+                        continue;
+                    }
+                    let other = self.up(ins[1 - j])?;
+                    let code = if op == BinaryKind::Div { 3 } else { 2 };
+                    let so = bstrides(&other.shape, &dy.shape);
+                    let sd = bstrides(&dy.shape, &dy.shape);
+                    let v = gpu(dev::binary(&dy.v, &other.v, code, &dy.shape, &sd, &so))?;
+                    out[j] = Some(DevVal { v, shape: dy.shape.clone() });
+                }
+            }
             GpuKind::Gelu if want => {
                 let x = self.up(ins[0])?;
-                let v = dev::gelu(&x.v, Some(&dy.v)).map_err(|_| Fail::Gpu)?;
+                let v = gpu(dev::gelu(&x.v, Some(&dy.v)))?;
                 out[0] = Some(DevVal { v, shape: x.shape });
             }
             GpuKind::LayerNorm { eps, .. } if want => {
@@ -278,9 +371,39 @@ impl TailGraph {
                 let scale = self.up(ins[1])?;
                 let width = x.shape.last().copied().unwrap_or(0);
                 // The backward reads no bias: the scale stands in for it.
-                let v = dev::layer_norm(&x.v, &scale.v, &scale.v, width, eps, Some(&dy.v))
-                    .map_err(|_| Fail::Gpu)?;
+                let v = gpu(dev::layer_norm(&x.v, &scale.v, &scale.v, width, eps, Some(&dy.v)))?;
                 out[0] = Some(DevVal { v, shape: x.shape });
+            }
+            GpuKind::Softmax { .. } if want => {
+                let y = self.up(self.nodes[i].output)?;
+                let width = y.shape.last().copied().unwrap_or(0);
+                let v = gpu(dev::softmax(&y.v, width, Some(&dy.v)))?;
+                out[0] = Some(DevVal { v, shape: y.shape });
+            }
+            GpuKind::Transpose if want => {
+                let p = self.ops[i].gpu_perm(dy.shape.len()).map_err(Fail::Error)?;
+                let mut inv = vec![0; p.len()];
+                for (j, &a) in p.iter().enumerate() {
+                    inv[a] = j;
+                }
+                let shape = inv.iter().map(|&a| dy.shape[a]).collect();
+                out[0] = Some(DevVal { v: gpu(dev::permute(&dy.v, &dy.shape, &inv))?, shape });
+            }
+            GpuKind::MatMul => {
+                let (a, b) = (self.up(ins[0])?, self.up(ins[1])?);
+                let r = a.shape.len();
+                let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
+                let batch = count(&a.shape[..r - 2]);
+                if want {
+                    // dA = dY·Bᵀ
+                    let v = gpu(dev::batched_matmul(&dy.v, false, &b.v, true, batch, (m, k, n)))?;
+                    out[0] = Some(DevVal { v, shape: a.shape.clone() });
+                }
+                if need.get(1).copied().unwrap_or(false) {
+                    // dB = Aᵀ·dY
+                    let v = gpu(dev::batched_matmul(&a.v, true, &dy.v, false, batch, (k, n, m)))?;
+                    out[1] = Some(DevVal { v, shape: b.shape.clone() });
+                }
             }
             GpuKind::Linear => {
                 // An adapted layer's gradients accumulate whether or not dX is wanted.
@@ -300,6 +423,31 @@ impl TailGraph {
             _ => {}
         }
         Ok(out.into_iter().map(|d| d.map(NodeGrad::Dev)).collect())
+    }
+}
+
+/// Row-major strides of a value of `shape` read over the broadcast output
+/// `out` (shapes right-aligned; 0 along an axis it is broadcast over).
+fn bstrides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let off = out.len() - shape.len().min(out.len());
+    let mut st = vec![0; out.len()];
+    let mut acc = 1;
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if let Some(o) = st.get_mut(off + i) {
+            *o = if d == 1 { 0 } else { acc };
+        }
+        acc *= d;
+    }
+    st
+}
+
+/// The element-wise kernel's code for `op`.
+fn op_code(op: BinaryKind) -> i32 {
+    match op {
+        BinaryKind::Add => 0,
+        BinaryKind::Sub => 1,
+        BinaryKind::Mul => 2,
+        _ => 3,
     }
 }
 

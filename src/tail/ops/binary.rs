@@ -104,7 +104,8 @@ fn zip_f32(
 
 impl TailOp for Binary {
     fn gpu_kind(&self) -> Option<super::GpuKind> {
-        (self.kind == BinaryKind::Add).then_some(super::GpuKind::Add)
+        matches!(self.kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div)
+            .then_some(super::GpuKind::Binary(self.kind))
     }
 
     fn op_type(&self) -> &'static str {

@@ -30,8 +30,8 @@ pub enum GpuKind {
     Identity,
     /// Exact GELU.
     Gelu,
-    /// Broadcasting Add.
-    Add,
+    /// Broadcasting Add, Sub, Mul or Div.
+    Binary(binary::BinaryKind),
     /// LayerNormalization.
     LayerNorm {
         /// The first normalised axis.
@@ -39,8 +39,19 @@ pub enum GpuKind {
         /// Added to the variance.
         eps: f32,
     },
-    /// A linear layer (frozen, rows layout: see [`linear::Linear::resident`]).
+    /// Softmax (along the last axis only, on the GPU).
+    Softmax {
+        /// Its axis.
+        axis: i64,
+    },
+    /// A reshape ([`TailOp::gpu_target`]): the same values, another shape.
+    Reshape,
+    /// A transpose ([`TailOp::gpu_perm`]).
+    Transpose,
+    /// A linear layer (rows layout: see [`linear::Linear::resident`]).
     Linear,
+    /// Attention's batched product of two activations.
+    MatMul,
 }
 
 /// One tail operator.
@@ -71,6 +82,17 @@ pub trait TailOp: core::fmt::Debug + Send {
     /// How the op runs on the GPU's resident values, if it can.
     fn gpu_kind(&self) -> Option<GpuKind> {
         None
+    }
+
+    /// A reshape's output shape for an input of shape `x` (`rest`: its
+    /// other inputs, on the host).
+    fn gpu_target(&self, _x: &[usize], _rest: &[&Tensor]) -> Result<Vec<usize>> {
+        Err(fail("not a reshape"))
+    }
+
+    /// A transpose's permutation for an input of rank `rank`.
+    fn gpu_perm(&self, _rank: usize) -> Result<Vec<usize>> {
+        Err(fail("not a transpose"))
     }
 
     /// Drops whatever forward kept for backward (inference needs none of it).

@@ -276,6 +276,11 @@ impl TailOp for Softmax {
         "Softmax"
     }
 
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        // (Legacy softmax along the last axis is the same lanes.)
+        Some(super::GpuKind::Softmax { axis: self.axis })
+    }
+
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
         let x = input(inputs, 0)?.f32("Softmax input")?;
         let last = norm_axis(self.axis, x.ndim(), "")? + 1 == x.ndim();

@@ -66,8 +66,13 @@ impl ReshapeLike {
 
     fn target(&self, inputs: &[&Tensor]) -> Result<Vec<usize>> {
         let x = input(inputs, 0)?;
-        let s = x.shape();
-        let second = |what: &str| -> Result<Vec<i64>> { input(inputs, 1)?.to_i64_vec(what) };
+        self.target_of(x.shape(), inputs.get(1..).unwrap_or_default())
+    }
+
+    /// The output shape for an input of shape `s` (`rest`: the inputs after it).
+    fn target_of(&self, s: &[usize], rest: &[&Tensor]) -> Result<Vec<usize>> {
+        let len: usize = s.iter().product();
+        let second = |what: &str| -> Result<Vec<i64>> { input(rest, 0)?.to_i64_vec(what) };
         match &self.kind {
             ReshapeKind::Reshape { allowzero } => {
                 let spec = second("Reshape shape")?;
@@ -88,12 +93,12 @@ impl ReshapeLike {
                 }
                 if let Some(i) = infer {
                     let known: usize = out.iter().product();
-                    if known == 0 || x.len() % known != 0 {
+                    if known == 0 || len % known != 0 {
                         return Err(fail(alloc::format!(
                             "cannot infer -1 reshaping {s:?} to {spec:?}"
                         )));
                     }
-                    out[i] = x.len() / known;
+                    out[i] = len / known;
                 }
                 Ok(out)
             }
@@ -108,7 +113,7 @@ impl ReshapeLike {
             ReshapeKind::Squeeze(axes) => {
                 let axes = match axes {
                     Some(a) => Some(a.clone()),
-                    None if inputs.len() > 1 => Some(second("Squeeze axes")?),
+                    None if !rest.is_empty() => Some(second("Squeeze axes")?),
                     None => None,
                 };
                 match axes {
@@ -161,6 +166,18 @@ impl TailOp for ReshapeLike {
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
         let target = self.target(inputs)?;
         reshape_tensor(input(inputs, 0)?, &target)
+    }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        Some(super::GpuKind::Reshape)
+    }
+
+    fn gpu_target(&self, x: &[usize], rest: &[&Tensor]) -> Result<Vec<usize>> {
+        let target = self.target_of(x, rest)?;
+        if target.iter().product::<usize>() != x.iter().product::<usize>() {
+            return Err(fail(alloc::format!("cannot reshape {x:?} to {target:?}")));
+        }
+        Ok(target)
     }
 
     fn backward(
@@ -314,6 +331,14 @@ fn transpose_blocked<T: Copy>(src: &[T], shape: &[usize], p: &[usize]) -> Vec<T>
 impl TailOp for Transpose {
     fn op_type(&self) -> &'static str {
         "Transpose"
+    }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        Some(super::GpuKind::Transpose)
+    }
+
+    fn gpu_perm(&self, rank: usize) -> Result<Vec<usize>> {
+        self.perm(rank)
     }
 
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
