@@ -93,7 +93,7 @@ impl ReshapeLike {
                 }
                 if let Some(i) = infer {
                     let known: usize = out.iter().product();
-                    if known == 0 || len % known != 0 {
+                    if known == 0 || !len.is_multiple_of(known) {
                         return Err(fail(alloc::format!(
                             "cannot infer -1 reshaping {s:?} to {spec:?}"
                         )));
