@@ -27,10 +27,10 @@
 //! bit) for steps of at least [`set_gpu_min_work`]` / 16` values. The
 //! tail's values stay on the GPU between the ops that run there
 //! ([`set_resident_tail`], `resident`): frozen and adapted linear layers,
-//! Add, GELU and LayerNormalization (NVRTC kernels), forward and backward;
-//! the other ops
-//! (attention's reshapes, softmax, pooling) run on the CPU, a value crossing
-//! once where they read it. The parameters live on the host (each GPU step
+//! element-wise arithmetic, GELU, LayerNormalization, Softmax, reshapes,
+//! transposes and attention's batched products (NVRTC kernels and cuBLAS),
+//! forward and backward; the other ops (pooling's reductions, gathers, the
+//! head) run on the CPU, a value crossing once where they read it. The parameters live on the host (each GPU step
 //! brings them back), so checkpoints, adapter files and the merge are the
 //! CPU path's own. A CUDA call that fails mid-run leaves that product (or
 //! that layer's whole pass, or the tail's whole forward and backward when
@@ -63,8 +63,9 @@ pub fn set_gpu_min_work(work: usize) {
 }
 
 /// Keeps the tail's values on the GPU from one op to the next (on by
-/// default): frozen and adapted linear layers, Add, GELU and
-/// LayerNormalization run there on resident values, forward and backward, and a value crosses the
+/// default): linear layers, element-wise arithmetic, GELU, the norms,
+/// Softmax, reshapes, transposes and attention's products run there on
+/// resident values, forward and backward, and a value crosses the
 /// bus only where the other side reads it. Off, each product sends its
 /// operands up and brings its result back, and the element-wise ops and
 /// norms run on the CPU (the baseline `examples/train_step` compares with).

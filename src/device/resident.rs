@@ -5,10 +5,12 @@
 //!
 //! The ops that run on resident values: linear layers (rows layout; `W0`
 //! resident as for every frozen product; an adapted layer's whole pass, its
-//! branches' inputs kept there for the backward), Add (same shapes, or one
-//! operand repeated over the other's leading axes), exact GELU and
-//! LayerNormalization over the last axis, and their backward passes. The
-//! rest read host copies as before.
+//! branches' inputs kept there for the backward), broadcasting Add, Sub,
+//! Mul and Div (up to [`MAX_RANK`] axes), exact GELU, LayerNormalization and
+//! Softmax over the last axis, Reshape-like ops, Transpose, attention's
+//! batched products (equal batch axes), and their backward passes (a binary
+//! op's gradient into a broadcast input sums on the CPU). The rest read host
+//! copies as before.
 //!
 //! Every call returns `Err(Failed)` when a CUDA call fails (counted and
 //! reported like any GPU failure): the graph then runs the whole pass again

@@ -1,9 +1,10 @@
 //! The tail's values resident on the GPU (see `crate::device::resident`):
-//! device buffers that outlive one op, and the element-wise and
-//! normalisation kernels (GELU, broadcast Add, LayerNormalization, with
-//! their backward passes) that run on them, compiled with NVRTC on first
-//! use. Frozen linear layers take and give resident values through
-//! [`Gpu::frozen`], with `W0` resident as for every frozen product.
+//! device buffers that outlive one op, and the kernels that run on them
+//! (GELU, broadcasting arithmetic, LayerNormalization, Softmax, permutes,
+//! with their backward passes), compiled with NVRTC on first use, and
+//! attention's batched products (strided-batched cuBLAS). Linear layers
+//! take and give resident values through [`Gpu::frozen`] and the adapted
+//! pass (`super::hydra`), with `W0` resident as for every frozen product.
 
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
@@ -17,8 +18,9 @@ use super::{BufRef, Gpu, Slot, active, counted, make_current, succeeded, with_gp
 use crate::device::{FrozenPlan, stats};
 
 /// The kernels' CUDA C++ source. A grid-stride loop with a 64-bit index
-/// covers any length; LayerNormalization runs one thread per lane, its
-/// moments and backward sums in f64 as the CPU's (`tail::ops::norm`).
+/// covers any length; LayerNormalization and Softmax run one thread per
+/// lane (LayerNormalization's moments and backward sums in f64 as the
+/// CPU's, `tail::ops::norm`).
 const SOURCE: &str = r#"
 #define HYDRA_LOOP(i, n) for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; \
                               i < (n); i += (unsigned long long)blockDim.x * gridDim.x)
