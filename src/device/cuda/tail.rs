@@ -93,7 +93,9 @@ extern "C" __global__ void hydra_softmax(const float *x, float *y, unsigned long
     HYDRA_LOOP(r, rows) {
         const float *row = x + r * width;
         float *out = y + r * width;
-        float m = -INFINITY;
+        // (-FLT_MAX: NVRTC has no <math.h> and its INFINITY; a lane of
+        // -inf gives NaN either way, as on the CPU.)
+        float m = -3.402823466e+38f;
         for (unsigned long long j = 0; j < width; j++) m = fmaxf(m, row[j]);
         float sum = 0.0f;
         for (unsigned long long j = 0; j < width; j++) {
