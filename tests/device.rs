@@ -1080,10 +1080,10 @@ fn the_tails_values_stay_on_the_gpu_between_its_ops() {
     }
     assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "a CUDA call failed");
     assert_eq!(device::stats::gpu_tail_reruns(), reruns, "a pass fell back to the CPU");
-    // Adapted layers on resident values too: 0.63 (0.82 with their inputs
-    // and outputs going through the host).
+    // 0.33 with attention on the GPU too (0.63 without it, 0.82 with the
+    // adapted layers' values going through the host).
     assert!(
-        bytes[1] * 10 < bytes[0] * 7,
+        bytes[1] * 100 < bytes[0] * 40,
         "resident values moved {} bytes, the baseline {}",
         bytes[1],
         bytes[0]

@@ -48,6 +48,16 @@ impl GpuValue {
         GpuValue { inner }
     }
 
+    /// The buffer's identity (values that share one have the same).
+    pub(crate) fn id(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            Arc::as_ptr(&self.inner) as usize
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
     /// Values it holds.
     pub(crate) fn len(&self) -> usize {
         #[cfg(feature = "cuda")]

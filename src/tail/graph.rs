@@ -754,7 +754,12 @@ impl TailGraph {
 
     /// Bytes of GPU memory the tape holds (values resident there).
     pub fn gpu_tape_bytes(&self) -> usize {
-        self.dev.iter().flatten().map(|d| d.v.len() * 4).sum()
+        // Each buffer once (a reshape's value shares its input's).
+        let mut seen = BTreeMap::new();
+        for d in self.dev.iter().flatten() {
+            seen.insert(d.v.id(), d.v.len() * 4);
+        }
+        seen.values().sum()
     }
 }
 

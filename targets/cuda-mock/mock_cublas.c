@@ -123,6 +123,15 @@ cublasStatus_t cublasSgemmStridedBatched(struct handle *h, int ta, int tb, int m
     if (!h) return fail(NOT_INITIALIZED, "gemm batched: no handle");
     if (batch < 0 || sa < 0 || sb < 0 || sc < 0) return fail(INVALID_VALUE, "gemm batched: negative batch or stride");
     if (mock_injected_fault()) return fail(EXECUTION_FAILED, "gemm batched: injected fault");
+    /* The whole stack lies in each operand's allocation (not only each item). */
+    if (batch > 0 && m > 0 && n > 0 && k > 0) {
+        int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+        size_t last = (size_t)(batch - 1);
+        if (!mock_check_range((uintptr_t)a, last * (size_t)sa * 4 + span(ar, ac, lda, 4)) ||
+            !mock_check_range((uintptr_t)b, last * (size_t)sb * 4 + span(br, bc, ldb, 4)) ||
+            !mock_check_range((uintptr_t)c, last * (size_t)sc * 4 + span(m, n, ldc, 4)))
+            return fail(EXECUTION_FAILED, "gemm batched: the stack reaches outside its allocation");
+    }
     for (int i = 0; i < batch; i++) {
         cublasStatus_t r = gemm_body(h, ta, tb, m, n, k, *alpha, a + (size_t)i * (size_t)sa, R_32F, lda,
                                      b + (size_t)i * (size_t)sb, R_32F, ldb, *beta,

@@ -328,8 +328,8 @@ pub(in crate::device) fn gelu(
     r.inspect(|_| tail_op_ran())
 }
 
-/// The most axes the element-wise kernels index.
-pub(in crate::device) const MAX_RANK: usize = 6;
+// The most axes the element-wise kernels index (one constant for both sides).
+use crate::device::resident::MAX_RANK;
 
 /// `y = a op b` over `dims` (at most [`MAX_RANK`] axes), each operand read
 /// with its own strides (0 along a broadcast axis); `op`: 0 add, 1
@@ -398,8 +398,13 @@ pub(in crate::device) fn permute(
     with_kernels(|gpu, k| {
         let xs = gpu.on_this(x)?;
         let rank = in_dims.len();
-        if rank == 0 || rank > MAX_RANK || perm.len() != rank || perm.iter().any(|&p| p >= rank) {
-            return Err("permute: bad shape".to_string());
+        let mut seen = [false; MAX_RANK];
+        if rank == 0
+            || rank > MAX_RANK
+            || perm.len() != rank
+            || perm.iter().any(|&p| p >= rank || core::mem::replace(&mut seen[p], true))
+        {
+            return Err("permute: not a permutation of the value's axes".to_string());
         }
         let n: usize =
             in_dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or("overflow")?;

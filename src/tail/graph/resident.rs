@@ -390,19 +390,25 @@ impl TailGraph {
                 out[0] = Some(DevVal { v: gpu(dev::permute(&dy.v, &dy.shape, &inv))?, shape });
             }
             GpuKind::MatMul => {
-                let (a, b) = (self.up(ins[0])?, self.up(ins[1])?);
-                let r = a.shape.len();
-                let (m, k, n) = (a.shape[r - 2], a.shape[r - 1], b.shape[r - 1]);
-                let batch = count(&a.shape[..r - 2]);
+                // (Each operand goes up only for the gradient that reads it.)
+                let (sa, sb) = (
+                    self.shape_now(ins[0]).ok_or(Fail::Missing(ins[0]))?,
+                    self.shape_now(ins[1]).ok_or(Fail::Missing(ins[1]))?,
+                );
+                let r = sa.len();
+                let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+                let batch = count(&sa[..r - 2]);
                 if want {
                     // dA = dY·Bᵀ
+                    let b = self.up(ins[1])?;
                     let v = gpu(dev::batched_matmul(&dy.v, false, &b.v, true, batch, (m, k, n)))?;
-                    out[0] = Some(DevVal { v, shape: a.shape.clone() });
+                    out[0] = Some(DevVal { v, shape: sa.clone() });
                 }
                 if need.get(1).copied().unwrap_or(false) {
                     // dB = Aᵀ·dY
+                    let a = self.up(ins[0])?;
                     let v = gpu(dev::batched_matmul(&a.v, true, &dy.v, false, batch, (k, n, m)))?;
-                    out[1] = Some(DevVal { v, shape: b.shape.clone() });
+                    out[1] = Some(DevVal { v, shape: sb });
                 }
             }
             GpuKind::Linear => {

@@ -103,6 +103,11 @@ fn zip_f32(
 }
 
 impl TailOp for Binary {
+    fn backward_reads_output(&self) -> bool {
+        // Only the gradients of Div's divisor and Pow's base read `y`.
+        matches!(self.kind, BinaryKind::Div | BinaryKind::Pow)
+    }
+
     fn gpu_kind(&self) -> Option<super::GpuKind> {
         matches!(self.kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div)
             .then_some(super::GpuKind::Binary(self.kind))

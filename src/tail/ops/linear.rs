@@ -522,6 +522,10 @@ impl TailOp for MatMul {
         Some(super::GpuKind::MatMul)
     }
 
+    fn backward_reads_output(&self) -> bool {
+        false
+    }
+
     fn forward(&mut self, inputs: &[&Tensor], _train: bool) -> Result<Tensor> {
         let bt = batched(input(inputs, 0)?.f32("MatMul A")?, input(inputs, 1)?.f32("MatMul B")?)?;
         let (m, k, n) = (bt.m, bt.k, bt.n);
