@@ -271,6 +271,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gpu::gpu_bytes_up(),
                 gpu::gpu_bytes_down(),
                 gpu::gpu_tail_ops(),
+                gpu::gpu_cache_gathers(),
             ]
         };
         // The tail's values resident on the GPU (the default), then the
@@ -290,13 +291,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (t, cpu_ms) = *step_ms.last().unwrap();
         println!(
             "training step on {} ({}): {gpu_ms:.1} ms, {} products per step on the GPU ({} adapted \
-             layers' passes whole there, {} element-wise ops and norms), {:.1} MB up and {:.1} MB \
-             down per step; CPU at {t} thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
+             layers' passes whole there, {} element-wise ops and norms, {} boundary tensors gathered \
+             from the feature cache kept there), {:.1} MB up and {:.1} MB down per step; CPU at {t} \
+             thread(s) {cpu_ms:.1} ms (GPU ÷ CPU {:.2})",
             info.device,
             info.name,
             per_step[0],
             per_step[1],
             per_step[4],
+            per_step[5],
             per_step[2] as f64 / 1e6,
             per_step[3] as f64 / 1e6,
             gpu_ms / cpu_ms

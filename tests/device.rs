@@ -276,7 +276,15 @@ fn gpu_path_counters_stay_zero_on_the_cpu() {
     let _g = lock();
     let counters = || {
         use device::stats::*;
-        [gpu_products(), gpu_fallbacks(), gpu_tail_ops(), gpu_tail_reruns(), gpu_bytes_up()]
+        [
+            gpu_products(),
+            gpu_fallbacks(),
+            gpu_tail_ops(),
+            gpu_tail_reruns(),
+            gpu_bytes_up(),
+            gpu_cache_gathers(),
+            gpu_cache_uploads(),
+        ]
     };
     let before = counters();
     let _ = digits_run(1, 32);
@@ -1169,4 +1177,272 @@ fn a_device_change_between_a_resident_forward_and_its_backward_reruns_on_the_cpu
     let grads: Vec<Vec<f32>> = split.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
     let rngs = split.tail().adapters().map(|(_, a)| a.rng().state()).collect();
     assert_same_pass("device changed", &cpu, &(y.iter().copied().collect(), grads, rngs));
+}
+
+use hydra_edge::model::{CacheConfig, CacheDtype, Samples};
+
+/// Ten transformer inputs (sample `i`'s values from its own seed).
+struct Feeds;
+
+impl Samples for Feeds {
+    fn len(&self) -> usize {
+        10
+    }
+
+    fn feed(&self, idx: &[usize]) -> Feed {
+        let (mut x, mut mask) = (Vec::new(), Vec::new());
+        for &i in idx {
+            let mut rng = Rng::new(100 + i as u64);
+            x.extend((0..8 * 32).map(|_| rng.uniform(-1.0, 1.0)));
+            mask.extend((0..8).map(|j| if j < 4 + i % 4 { 1.0f32 } else { 0.0 }));
+        }
+        let b = idx.len();
+        let mut f = Feed::new();
+        f.insert("x".into(), Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, 8, 32]), x).unwrap()));
+        f.insert("mask".into(), Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[b, 8]), mask).unwrap()));
+        f
+    }
+
+    fn id(&self) -> u64 {
+        0xfeed
+    }
+}
+
+/// Each batch's output and gradients, and the bytes sent up for it.
+type CachedPass = (Vec<f32>, Vec<Vec<f32>>, usize);
+
+/// Three forward and backward passes of [`resident_split`] (dropout on)
+/// on batches from the feature cache (`dtype`, `gpu_budget`), the last
+/// batch after a CPU batch when `switch` (the device set to the CPU and
+/// back): each pass's result and how many boundary tensors came on the GPU.
+fn cached_passes(
+    model: &OnnxModel,
+    dtype: CacheDtype,
+    gpu_budget: usize,
+    switch: bool,
+) -> (Vec<CachedPass>, usize, usize) {
+    let mut split = AdaptedModel::new(model, &resident_split(0.1)).unwrap();
+    split.params_and_grads().0.iter_mut().for_each(|p| {
+        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0))
+    });
+    let cache = CacheConfig { dtype, gpu_budget, ..CacheConfig::default() };
+    let (mut out, mut on_gpu, mut gpu_bytes) = (Vec::new(), 0, 0);
+    for (k, idx) in [&[0usize, 1, 2, 3][..], &[4, 5, 6], &[7, 2, 9, 5]].into_iter().enumerate() {
+        if switch && k == 2 {
+            let gpu = device::device();
+            device::set_device(Device::Cpu).unwrap();
+            split.boundary_batch(&Feeds, &[8], &cache, 4).unwrap();
+            assert_eq!(split.cache_gpu_bytes(), 0, "a CPU batch freed the GPU's copy");
+            device::set_device(gpu).unwrap();
+        }
+        let up = device::stats::gpu_bytes_up();
+        split.zero_grad();
+        let b = split.boundary_batch(&Feeds, idx, &cache, 4).unwrap();
+        on_gpu += b.on_gpu();
+        let y = split.predict_batch(b, true).unwrap();
+        split.backward_prediction(y.mapv(|v| v.sin())).unwrap();
+        let grads = split.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+        gpu_bytes = gpu_bytes.max(split.cache_gpu_bytes());
+        out.push((y.iter().copied().collect(), grads, device::stats::gpu_bytes_up() - up));
+    }
+    (out, on_gpu, gpu_bytes)
+}
+
+/// A feature cache that fits stays on the GPU: it goes up once (again only
+/// after the device changed), each batch's boundary tensors are gathered
+/// there (f16 records widened exactly, or f32), so a batch sends up less
+/// than with the cache on the host, and the results are the CPU's. A
+/// budget it does not fit (or 0) keeps it on the host, with the same
+/// results.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn a_feature_cache_that_fits_stays_on_the_gpu() {
+    let model = OnnxModel::load(root().join("models/test/transformer_ln17.onnx")).unwrap();
+    let _g = lock();
+    let _restore = Restore;
+    for dtype in [CacheDtype::F16, CacheDtype::F32] {
+        device::set_device(Device::Cpu).unwrap();
+        let (cpu, on_gpu, _) = cached_passes(&model, dtype, 256 << 20, false);
+        assert_eq!(on_gpu, 0, "{dtype:?}: boundary tensors on a GPU not in use");
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        let fallbacks = device::stats::gpu_fallbacks();
+        let mut up = Vec::new();
+        for (budget, switch) in [(0, false), (64, false), (256 << 20, false), (256 << 20, true)] {
+            let what = format!("{dtype:?}, budget {budget}, switch {switch}");
+            let (uploads, gathers) =
+                (device::stats::gpu_cache_uploads(), device::stats::gpu_cache_gathers());
+            let (gpu, on_gpu, gpu_bytes) = cached_passes(&model, dtype, budget, switch);
+            let (uploads, gathers) = (
+                device::stats::gpu_cache_uploads() - uploads,
+                device::stats::gpu_cache_gathers() - gathers,
+            );
+            for (k, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+                let e = rel_err(&c.0, &g.0);
+                assert!(e <= 1e-5, "{what}: batch {k}'s output, GPU vs CPU {e:e}");
+                for (i, (c, g)) in c.1.iter().zip(&g.1).enumerate() {
+                    let e = rel_err(c, g);
+                    assert!(e <= 1e-4, "{what}: batch {k}'s gradient {i}, GPU vs CPU {e:e}");
+                }
+            }
+            assert_eq!(gathers, on_gpu, "{what}: every tensor on the GPU was gathered there");
+            if budget < 1 << 20 {
+                assert_eq!((uploads, on_gpu, gpu_bytes), (0, 0, 0), "{what}: does not fit");
+            } else {
+                assert!(on_gpu >= 3, "{what}: only {on_gpu} boundary tensors on the GPU");
+                assert_eq!(uploads, 1 + usize::from(switch), "{what}: uploads of the cache");
+                // 10 samples' records (f16 or f32).
+                assert!(gpu_bytes > 0, "{what}: nothing kept on the GPU");
+            }
+            eprintln!(
+                "{what}: {on_gpu} boundary tensors gathered on the GPU, {} bytes kept; bytes up per batch {:?}",
+                gpu_bytes,
+                gpu.iter().map(|p| p.2).collect::<Vec<_>>()
+            );
+            up.push(gpu.iter().map(|p| p.2).collect::<Vec<_>>());
+        }
+        // The second batch (the cache already up): its features no longer go up.
+        assert!(up[2][1] < up[0][1], "{dtype:?}: batch bytes up {} vs {}", up[2][1], up[0][1]);
+        assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "{dtype:?}: a CUDA call failed");
+    }
+}
+
+/// A CUDA call that fails while the feature cache goes up to the GPU, or
+/// while a batch is gathered there, loses nothing: those tensors come from
+/// the host (the failure counted once), the pass gives the CPU's result,
+/// and the next batch is gathered on the GPU. Each CUDA call of the first
+/// batch's gathering fails in turn.
+#[test]
+fn a_gpu_failure_while_gathering_from_the_cache_leaves_the_batch_to_the_host() {
+    let Some(path) = std::env::var_os("MOCK_CUDA_FAULTS") else {
+        eprintln!("skipped: needs the mock GPU's fault injection (targets/cuda-mock/run.sh)");
+        return;
+    };
+    let model = OnnxModel::load(root().join("models/test/transformer_ln17.onnx")).unwrap();
+    let _g = lock();
+    let _restore = Restore;
+    let _faults = Faults(path.clone());
+    let cache = CacheConfig::default();
+    let fresh = || {
+        let mut split = AdaptedModel::new(&model, &resident_split(0.1)).unwrap();
+        split.params_and_grads().0.iter_mut().for_each(|p| {
+            p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0))
+        });
+        split
+    };
+    let pass = |split: &mut AdaptedModel, idx: &[usize], fault: Option<usize>| {
+        split.zero_grad();
+        if let Some(nth) = fault {
+            arm_fault(&path, nth);
+        }
+        let b = split.boundary_batch(&Feeds, idx, &cache, 4).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let on_gpu = b.on_gpu();
+        let y = split.predict_batch(b, true).unwrap();
+        split.backward_prediction(y.mapv(|v| v.sin())).unwrap();
+        let grads: Vec<Vec<f32>> = split.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+        (y.iter().copied().collect::<Vec<f32>>(), grads, on_gpu)
+    };
+    let same =
+        |what: &str, c: &(Vec<f32>, Vec<Vec<f32>>, usize), g: &(Vec<f32>, Vec<Vec<f32>>, usize)| {
+            assert!(rel_err(&c.0, &g.0) <= 1e-5, "{what}: output {:e}", rel_err(&c.0, &g.0));
+            for (i, (c, g)) in c.1.iter().zip(&g.1).enumerate() {
+                assert!(rel_err(c, g) <= 1e-4, "{what}: gradient {i} {:e}", rel_err(c, g));
+            }
+        };
+    let (first, second) = (&[0usize, 1, 2, 3][..], &[4usize, 5, 6][..]);
+    device::set_device(Device::Cpu).unwrap();
+    let mut split = fresh();
+    let cpu = (pass(&mut split, first, None), pass(&mut split, second, None));
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    // Compile the kernels before faults are armed.
+    let clean = pass(&mut fresh(), first, None).2;
+    assert!(clean > 0, "no boundary tensor gathered on the GPU");
+    let mut walked = 0;
+    for nth in 1.. {
+        let mut split = fresh();
+        let fallbacks = device::stats::gpu_fallbacks();
+        let one = pass(&mut split, first, Some(nth));
+        let failed = device::stats::gpu_fallbacks() - fallbacks;
+        let two = pass(&mut split, second, None);
+        same(&format!("fault at call {nth}, first batch"), &cpu.0, &one);
+        same(&format!("fault at call {nth}, second batch"), &cpu.1, &two);
+        assert_eq!(two.2, clean, "fault at call {nth}: the next batch is gathered on the GPU");
+        assert_eq!(device::device(), Device::Cuda(0), "one failure does not give the GPU up");
+        if failed == 0 {
+            assert_eq!(one.2, clean, "a clean batch");
+            break;
+        }
+        assert_eq!(failed, 1, "fault at call {nth}: failures counted");
+        assert!(one.2 < clean, "fault at call {nth}: a failed gather still gave a GPU value");
+        walked = nth;
+    }
+    // The upload's allocation and copy, and each gather's.
+    assert!(walked >= 2 + 2 * clean, "only {walked} CUDA calls in a batch's gathering");
+    eprintln!("injected cache faults: {walked} CUDA calls, each leaving tensors to the host");
+}
+
+/// Every f16 bit pattern, 64 to a sample (the digits model's input width),
+/// as f32.
+struct AllHalves;
+
+impl Samples for AllHalves {
+    fn len(&self) -> usize {
+        1 << 10
+    }
+
+    fn feed(&self, idx: &[usize]) -> Feed {
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| (0..64).map(move |j| f16::from_bits((i * 64 + j) as u16).to_f32()))
+            .collect();
+        let mut f = Feed::new();
+        f.insert(
+            "x".into(),
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[idx.len(), 64]), x).unwrap()),
+        );
+        f
+    }
+
+    fn id(&self) -> u64 {
+        0xf16
+    }
+}
+
+/// The GPU's gather from the feature cache widens every f16 exactly as the
+/// host does (zeros, subnormals, normals, infinities; NaN stays NaN), and
+/// gives f32 records back bit for bit: the digits model with every layer
+/// adapted has its input as the boundary, so the cache holds the samples'
+/// values themselves.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn the_gpu_gathers_every_f16_and_f32_value_exactly() {
+    let model = OnnxModel::load(root().join("models/digits/digits_mlp.onnx")).unwrap();
+    let _g = lock();
+    let _restore = Restore;
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let mut split = AdaptedModel::new(&model, &cfg).unwrap();
+    // Every sample, in an order that is not the records' (a batch reads
+    // records all over the cache).
+    let order: Vec<usize> = (0..AllHalves.len()).map(|i| (i * 389) % AllHalves.len()).collect();
+    for dtype in [CacheDtype::F16, CacheDtype::F32] {
+        let cache = CacheConfig { dtype, ..CacheConfig::default() };
+        let mut checked = 0;
+        for idx in order.chunks(300) {
+            let b = split.boundary_batch(&AllHalves, idx, &cache, 300).unwrap();
+            assert_eq!(b.on_gpu(), 1, "{dtype:?}: the input is not on the GPU");
+            let host = b.tensors[0].to_f32("boundary").unwrap();
+            let gpu = b.gpu_copy(0).unwrap();
+            assert_eq!(host.len(), gpu.len());
+            for (i, (h, g)) in host.iter().zip(&gpu).enumerate() {
+                let same = if h.is_nan() { g.is_nan() } else { h.to_bits() == g.to_bits() };
+                assert!(same, "{dtype:?}: value {i} of the batch: host {h:e}, GPU {g:e}");
+            }
+            checked += gpu.len();
+        }
+        assert_eq!(checked, 1 << 16, "{dtype:?}: every pattern checked");
+    }
 }

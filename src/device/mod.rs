@@ -180,6 +180,20 @@ pub mod stats {
     pub(crate) static GPU_OPTIMIZER_STEPS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_TAIL_OPS: AtomicUsize = AtomicUsize::new(0);
     pub(crate) static GPU_TAIL_RERUNS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_CACHE_GATHERS: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static GPU_CACHE_UPLOADS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Boundary tensors of a batch taken from feature-cache records kept on
+    /// the GPU (a gather there: only the samples' indices go up).
+    pub fn gpu_cache_gathers() -> usize {
+        GPU_CACHE_GATHERS.load(Ordering::Relaxed)
+    }
+
+    /// Feature caches copied whole to the GPU (each once per GPU it is
+    /// kept on).
+    pub fn gpu_cache_uploads() -> usize {
+        GPU_CACHE_UPLOADS.load(Ordering::Relaxed)
+    }
 
     /// Passes of the tail (forward, or forward and backward) run again on
     /// the CPU after a CUDA call failed with values resident on the GPU.

@@ -279,6 +279,94 @@ pub(crate) fn accumulate(acc: GpuValue, inc: &GpuValue) -> Result<GpuValue, Fail
     }
 }
 
+/// Bytes kept on the GPU: a feature cache's records, so that a batch's
+/// boundary tensors are gathered there ([`gather`]) instead of sent up.
+/// Never made without the `cuda` feature.
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
+pub(crate) struct GpuRecords {
+    #[cfg(feature = "cuda")]
+    inner: Arc<cuda::DevBytes>,
+}
+
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
+impl GpuRecords {
+    /// Bytes it holds.
+    pub(crate) fn len(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.inner.len()
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
+    /// Whether it is on the GPU in use now ([`gpu_id`]).
+    pub(crate) fn on_gpu_in_use(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            gpu_id() == Some(self.inner.gpu())
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+}
+
+impl core::fmt::Debug for GpuRecords {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "GpuRecords({} bytes)", self.len())
+    }
+}
+
+/// Free and total bytes of memory on the GPU in use.
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
+pub(crate) fn memory() -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::memory()
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// `bytes` kept on the GPU in use (counted in `stats::gpu_cache_uploads`).
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
+pub(crate) fn upload_records(bytes: &[u8]) -> Result<GpuRecords, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        let inner = cuda::upload_bytes(bytes).map_err(|()| Failed)?;
+        super::stats::GPU_CACHE_UPLOADS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        Ok(GpuRecords { inner })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = bytes;
+        Err(Failed)
+    }
+}
+
+/// Samples `idx` of `recs` (records of `record` bytes) as a dense f32
+/// value of `idx.len()·count` values: each sample's `count` values at byte
+/// `offset` of its record, stored as f16 (`half`) or f32, little-endian.
+#[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
+pub(crate) fn gather(
+    recs: &GpuRecords,
+    idx: &[usize],
+    record: usize,
+    offset: usize,
+    count: usize,
+    half: bool,
+) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::gather(&recs.inner, idx, record, offset, count, half))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (recs, idx, record, offset, count, half);
+        Err(Failed)
+    }
+}
+
 /// A frozen layer's product on a resident value, `W0` (out×in, row-major,
 /// from `w0` when it must go up) resident in `slot`: forward
 /// `X[rows×in]·W0ᵀ (+ bias)`, backward `dY[rows×out]·W0`.

@@ -25,6 +25,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use super::AdaptedModel;
 use crate::Tensor;
 use crate::backbone::Feed;
+use crate::device::resident::{self as dev, GpuValue};
 use crate::error::{Error, Result};
 use crate::kernels;
 
@@ -64,6 +65,11 @@ pub struct CacheConfig {
     pub ram_budget: usize,
     /// Folder of the spill file (default: the system temp folder).
     pub spill_dir: Option<PathBuf>,
+    /// With a GPU in use: a cache held whole in RAM whose records fit in
+    /// this many bytes (and in half the GPU's free memory) is also kept on
+    /// the GPU, and each batch's features are gathered there instead of
+    /// sent up (0: never). On a Jetson, GPU memory is the board's RAM.
+    pub gpu_budget: usize,
 }
 
 impl Default for CacheConfig {
@@ -73,6 +79,7 @@ impl Default for CacheConfig {
             dtype: CacheDtype::F16,
             ram_budget: 256 << 20,
             spill_dir: None,
+            gpu_budget: 256 << 20,
         }
     }
 }
@@ -151,6 +158,10 @@ pub struct FeatureCache {
     ram_records: usize,
     spill: Option<(File, PathBuf)>,
     len: usize,
+    /// The records, kept on the GPU in use (see [`FeatureCache::batch_on_gpu`]).
+    gpu: Option<dev::GpuRecords>,
+    /// The GPU (its `device::resident::gpu_id`) the records did not fit on.
+    gpu_refused: Option<u64>,
 }
 
 static SPILL_ID: AtomicU64 = AtomicU64::new(0);
@@ -223,6 +234,8 @@ impl FeatureCache {
             ram_records,
             spill,
             len: 0,
+            gpu: None,
+            gpu_refused: None,
         };
         let order: Vec<usize> = (0..n).collect();
         for chunk in order.chunks(batch) {
@@ -304,6 +317,63 @@ impl FeatureCache {
     /// Bytes held in RAM.
     pub fn ram_bytes(&self) -> usize {
         self.ram.len()
+    }
+
+    /// Bytes of records kept on the GPU (0 when none are).
+    pub fn gpu_bytes(&self) -> usize {
+        self.gpu.as_ref().map_or(0, dev::GpuRecords::len)
+    }
+
+    /// The float boundary tensors of samples `idx` (one per slot, `None`
+    /// for the others and whenever the GPU does not serve them) gathered on
+    /// the GPU in use from the records kept there, so that a batch's
+    /// features need not go up: the tail's values are resident there
+    /// (`device::resident::active`), the whole cache is in RAM (nothing
+    /// spilled) and its records fit in `budget` bytes and in half the GPU's
+    /// free memory. They go up on the first such batch and stay until the
+    /// cache is dropped or the device changes (the GPU copy is freed when
+    /// a batch finds another device in use). Each value equals what the
+    /// host's tensor becomes when sent up (f16 widened exactly). Best
+    /// effort: a failed CUDA call (counted and said) leaves the tensor to
+    /// the host path. `idx` must be valid ([`FeatureCache::batch`] checks).
+    pub(crate) fn batch_on_gpu(&mut self, idx: &[usize], budget: usize) -> Vec<Option<GpuValue>> {
+        let none = || (0..self.slots.len()).map(|_| None).collect();
+        let Some(id) = dev::gpu_id().filter(|_| dev::active()) else {
+            self.gpu = None;
+            return none();
+        };
+        if self.gpu.as_ref().is_some_and(|g| !g.on_gpu_in_use()) {
+            self.gpu = None;
+        }
+        let floats = self.slots.iter().any(|s| matches!(s, Slot::PerSample { int: false, .. }));
+        if idx.is_empty() || idx.iter().any(|&i| i >= self.len) || !floats {
+            return none();
+        }
+        if self.gpu.is_none() {
+            let fits = self.spill.is_none()
+                && !self.ram.is_empty()
+                && self.ram.len() <= budget
+                && dev::memory().is_some_and(|(free, _)| self.ram.len() <= free / 2);
+            if self.gpu_refused == Some(id) || !fits {
+                self.gpu_refused = Some(id);
+                return none();
+            }
+            match dev::upload_records(&self.ram) {
+                Ok(g) => self.gpu = Some(g),
+                Err(dev::Failed) => return none(),
+            }
+        }
+        let Some(recs) = &self.gpu else { return none() };
+        let half = self.dtype == CacheDtype::F16;
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::PerSample { int: false, offset, count, .. } => {
+                    dev::gather(recs, idx, self.record, *offset, *count, half).ok()
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Bytes in the spill file.

@@ -70,6 +70,36 @@ pub struct AdaptedModel {
     batch_checked: bool,
 }
 
+/// A batch's boundary tensors ([`AdaptedModel::boundary_batch`]): on the
+/// host, and with a GPU in use those the feature cache keeps there.
+#[derive(Debug, Default)]
+pub struct BoundaryBatch {
+    /// The tensors, in the tail's order.
+    pub tensors: Vec<Tensor>,
+    /// `gpu[k]`: tensor `k`'s values on the GPU (empty: none there).
+    gpu: Vec<Option<crate::device::resident::GpuValue>>,
+}
+
+impl BoundaryBatch {
+    /// How many of the tensors are on the GPU too.
+    pub fn on_gpu(&self) -> usize {
+        self.gpu.iter().flatten().count()
+    }
+
+    /// Tensor `k`'s values as the GPU holds them, brought back (`None` when
+    /// it is not on the GPU, or the copy back failed): for checks.
+    pub fn gpu_copy(&self, k: usize) -> Option<Vec<f32>> {
+        let v = self.gpu.get(k)?.as_ref()?;
+        crate::device::resident::download(v).ok()
+    }
+}
+
+impl From<Vec<Tensor>> for BoundaryBatch {
+    fn from(tensors: Vec<Tensor>) -> Self {
+        BoundaryBatch { tensors, gpu: Vec::new() }
+    }
+}
+
 impl AdaptedModel {
     /// Splits `model` as `cfg` asks and builds the backbone plan for the tail's boundary.
     pub fn new(model: &OnnxModel, cfg: &SplitConfig) -> Result<AdaptedModel> {
@@ -228,16 +258,63 @@ impl AdaptedModel {
             let b = self.prefix(&data.feed(idx))?;
             return Ok(b.into_iter().map(|t| round_boundary(t, cache.dtype)).collect());
         }
+        let at = self.cache_for(data, cache, batch)?;
+        self.caches[at].1.batch(idx)
+    }
+
+    /// [`AdaptedModel::boundary`], and with a GPU in use the tensors that
+    /// the feature cache holds there (`CacheConfig::gpu_budget`), gathered
+    /// there: [`AdaptedModel::predict_batch`] then sends none of them up.
+    pub fn boundary_batch(
+        &mut self,
+        data: &dyn Samples,
+        idx: &[usize],
+        cache: &CacheConfig,
+        batch: usize,
+    ) -> Result<BoundaryBatch> {
+        let tensors = self.boundary(data, idx, cache, batch)?;
+        let gpu = if cache.enabled && crate::device::resident::active() {
+            let at = self.cache_for(data, cache, batch)?;
+            // One budget for all the caches (training and held-out data).
+            let others: usize = self
+                .caches
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != at)
+                .map(|(_, (_, c))| c.gpu_bytes())
+                .sum();
+            self.caches[at].1.batch_on_gpu(idx, cache.gpu_budget.saturating_sub(others))
+        } else {
+            // Frees a copy kept on a GPU no longer in use.
+            for (_, c) in &mut self.caches {
+                c.batch_on_gpu(&[], 0);
+            }
+            Vec::new()
+        };
+        Ok(BoundaryBatch { tensors, gpu })
+    }
+
+    /// The index of `data`'s cache in `dtype`, built now if there is none.
+    fn cache_for(
+        &mut self,
+        data: &dyn Samples,
+        cache: &CacheConfig,
+        batch: usize,
+    ) -> Result<usize> {
         let key = data.id();
-        let at = match self.caches.iter().position(|(k, c)| *k == key && c.dtype() == cache.dtype) {
-            Some(i) => i,
+        match self.caches.iter().position(|(k, c)| *k == key && c.dtype() == cache.dtype) {
+            Some(i) => Ok(i),
             None => {
                 let c = FeatureCache::build(self, data, batch, cache)?;
                 self.caches.push((key, c));
-                self.caches.len() - 1
+                Ok(self.caches.len() - 1)
             }
-        };
-        self.caches[at].1.batch(idx)
+        }
+    }
+
+    /// Bytes the feature caches hold on the GPU.
+    pub fn cache_gpu_bytes(&self) -> usize {
+        self.caches.iter().map(|(_, c)| c.gpu_bytes()).sum()
     }
 
     /// Whether the samples of `data` are cached.
@@ -258,10 +335,16 @@ impl AdaptedModel {
     /// The tail (its head included) on boundary tensors: the model's
     /// prediction. With `train`, every op keeps what backward needs.
     pub fn predict_boundary(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<ArrayD<f32>> {
+        self.predict_batch(BoundaryBatch::from(boundary), train)
+    }
+
+    /// [`AdaptedModel::predict_boundary`] on a batch from
+    /// [`AdaptedModel::boundary_batch`] (its tensors on the GPU read there).
+    pub fn predict_batch(&mut self, batch: BoundaryBatch, train: bool) -> Result<ArrayD<f32>> {
         if self.backbone.fixed_batch() == Some(1) && !self.batch_checked {
-            self.check_batching(&boundary)?;
+            self.check_batching(&batch.tensors)?;
         }
-        match self.tail.forward(boundary, train)? {
+        match self.tail.forward_with(batch.tensors, batch.gpu, train)? {
             Tensor::F32(a) => Ok(a),
             t => Ok(t.to_f32("tail output")?.into_owned()),
         }

@@ -14,6 +14,7 @@ use ndarray::ArrayD;
 
 mod resident;
 
+use crate::device::resident::GpuValue;
 use resident::DevVal;
 
 use super::ops::TailOp;
@@ -426,6 +427,20 @@ impl TailGraph {
     /// runs the whole forward again on the CPU (the adapters' generators
     /// put back first, so dropout draws the same masks).
     pub fn forward(&mut self, boundary: Vec<Tensor>, train: bool) -> Result<Tensor> {
+        self.forward_with(boundary, Vec::new(), train)
+    }
+
+    /// [`TailGraph::forward`] with some boundary tensors already on the GPU
+    /// (`on_gpu[k]`: the `k`-th tensor's values, dense f32, as the feature
+    /// cache gathers them there): GPU ops read those instead of sending the
+    /// host's copy up. Ignored where the tail's values are not resident; a
+    /// value of the wrong size is ignored too (the host's copy goes up).
+    pub(crate) fn forward_with(
+        &mut self,
+        boundary: Vec<Tensor>,
+        on_gpu: Vec<Option<GpuValue>>,
+        train: bool,
+    ) -> Result<Tensor> {
         if boundary.len() != self.boundary.len() {
             return Err(Error::Shape {
                 context: "tail boundary",
@@ -438,10 +453,12 @@ impl TailGraph {
             // Nothing stays on a GPU no longer in use.
             self.dev_consts.clear();
             self.dev_consts_gpu = None;
-            return self.run_forward(boundary, train, false).map_err(|f| self.fail_error(f));
+            return self
+                .run_forward(boundary, Vec::new(), train, false)
+                .map_err(|f| self.fail_error(f));
         }
         let rerun = Rerun { rngs: self.adapters().map(|(_, a)| a.rng().clone()).collect(), train };
-        match self.run_forward(boundary, train, true) {
+        match self.run_forward(boundary, on_gpu, train, true) {
             Ok(y) => {
                 // A backward reruns only if values were on the GPU.
                 if train && self.ran_on_gpu.iter().any(|&g| g) {
@@ -481,7 +498,7 @@ impl TailGraph {
         }
         self.dev_consts.clear();
         let train = r.train;
-        crate::device::on_cpu(|| self.run_forward(boundary, train, false))
+        crate::device::on_cpu(|| self.run_forward(boundary, Vec::new(), train, false))
             .map_err(|f| self.fail_error(f))
     }
 
@@ -502,6 +519,7 @@ impl TailGraph {
     fn run_forward(
         &mut self,
         boundary: Vec<Tensor>,
+        on_gpu: Vec<Option<GpuValue>>,
         train: bool,
         gpu: bool,
     ) -> core::result::Result<Tensor, Fail> {
@@ -519,6 +537,19 @@ impl TailGraph {
         }
         for (&id, t) in self.boundary.iter().zip(boundary) {
             self.tape[id] = Some(t);
+        }
+        if gpu {
+            for (&id, g) in self.boundary.iter().zip(on_gpu) {
+                let shape = match (&self.tape[id], &g) {
+                    (Some(t @ (Tensor::F32(_) | Tensor::F16(_))), Some(g))
+                        if t.len() == g.len() =>
+                    {
+                        t.shape().to_vec()
+                    }
+                    _ => continue,
+                };
+                self.dev[id] = g.map(|v| DevVal { v, shape });
+            }
         }
         for i in 0..self.nodes.len() {
             let t0 = self.profile.is_some().then(std::time::Instant::now);

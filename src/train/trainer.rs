@@ -18,7 +18,7 @@ use super::loss::Loss;
 use super::optim::{Optimizer, OptimizerKind, Schedule, clip_global_norm};
 use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::model::{AdaptedModel, CacheConfig, CacheDtype, HeadConfig, LinearHead};
+use crate::model::{AdaptedModel, BoundaryBatch, CacheConfig, CacheDtype, HeadConfig, LinearHead};
 
 /// Everything about a training run besides the model and the data.
 #[derive(Clone, Debug)]
@@ -135,6 +135,10 @@ pub enum Event<'a> {
 pub struct MemoryReport {
     /// Feature cache held in RAM.
     pub cache_bytes: usize,
+    /// The feature cache's copy on the GPU (a GPU in use and a cache held
+    /// whole in RAM that fits `CacheConfig::gpu_budget`), in the total: on
+    /// a Jetson, GPU memory is the board's RAM.
+    pub gpu_cache_bytes: usize,
     /// Activations kept for backward at the configured batch.
     pub activation_bytes: usize,
     /// Frozen tail weights, trainable parameters, gradients, optimiser state.
@@ -352,8 +356,16 @@ impl Trainer {
         } else {
             boundary_bytes
         };
-        let cache = if self.cfg.cache.enabled {
-            per_sample_cache.saturating_mul(train.len()).min(self.cfg.cache.ram_budget)
+        let whole = per_sample_cache.saturating_mul(train.len());
+        let cache = if self.cfg.cache.enabled { whole.min(self.cfg.cache.ram_budget) } else { 0 };
+        // As `FeatureCache::batch_on_gpu` decides.
+        let gpu_cache = if self.cfg.cache.enabled
+            && crate::device::resident::active()
+            && whole <= self.cfg.cache.ram_budget
+            && whole <= self.cfg.cache.gpu_budget
+            && crate::device::resident::memory().is_some_and(|(free, _)| whole <= free / 2)
+        {
+            whole
         } else {
             0
         };
@@ -362,10 +374,12 @@ impl Trainer {
         let backbone = self.model.backbone_bytes();
         let report = MemoryReport {
             cache_bytes: cache,
+            gpu_cache_bytes: gpu_cache,
             activation_bytes: activation,
             parameter_bytes: params,
             backbone_bytes: backbone,
             total_bytes: cache
+                .saturating_add(gpu_cache)
                 .saturating_add(activation)
                 .saturating_add(params)
                 .saturating_add(backbone),
@@ -430,8 +444,9 @@ impl Trainer {
                 estimate: report.total_bytes,
                 budget,
                 detail: format!(
-                    "cache {:.1} MB + activations {:.1} MB (batch {}) + parameters/optimizer {:.1} MB + backbone {:.1} MB",
+                    "cache {:.1} MB (+ {:.1} MB on the GPU) + activations {:.1} MB (batch {}) + parameters/optimizer {:.1} MB + backbone {:.1} MB",
                     report.cache_bytes as f64 / 1e6,
+                    report.gpu_cache_bytes as f64 / 1e6,
                     report.activation_bytes as f64 / 1e6,
                     self.cfg.batch_size,
                     report.parameter_bytes as f64 / 1e6,
@@ -463,7 +478,7 @@ impl Trainer {
                 }
                 let idx = batches[self.batch_in_epoch];
                 let boundary =
-                    self.model.boundary(train, idx, &self.cfg.cache, self.cfg.batch_size)?;
+                    self.model.boundary_batch(train, idx, &self.cfg.cache, self.cfg.batch_size)?;
                 let labels = train.batch_labels(idx);
                 let lr = schedule.lr(self.step);
                 match self.train_batch(boundary, &labels, lr)? {
@@ -560,10 +575,15 @@ impl Trainer {
         Ok(out)
     }
 
-    fn train_batch(&mut self, boundary: Vec<Tensor>, labels: &Labels, lr: f32) -> Result<Outcome> {
-        self.ensure_state(Some(&boundary))?;
+    fn train_batch(
+        &mut self,
+        boundary: BoundaryBatch,
+        labels: &Labels,
+        lr: f32,
+    ) -> Result<Outcome> {
+        self.ensure_state(Some(&boundary.tensors))?;
         // The head is the tail's last op: the tail's output is the prediction.
-        let logits = match self.model.predict_boundary(boundary, true) {
+        let logits = match self.model.predict_batch(boundary, true) {
             Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite activations")),
             r => r?,
         };
@@ -614,7 +634,7 @@ impl Trainer {
         let order: Vec<usize> = (0..data.len()).collect();
         let cache = CacheConfig { enabled: cached, ..self.cfg.cache.clone() };
         for idx in order.chunks(self.cfg.batch_size) {
-            let boundary = self.model.boundary(data, idx, &cache, self.cfg.batch_size)?;
+            let boundary = self.model.boundary_batch(data, idx, &cache, self.cfg.batch_size)?;
             let logits = self.predict_boundary(boundary)?;
             let lo = self.cfg.loss.compute(&logits, &data.batch_labels(idx))?;
             loss += lo.loss * idx.len() as f64;
@@ -630,9 +650,9 @@ impl Trainer {
         Ok((loss / n as f64, (judged > 0).then(|| right as f64 / judged as f64)))
     }
 
-    fn predict_boundary(&mut self, boundary: Vec<Tensor>) -> Result<ArrayD<f32>> {
-        self.ensure_state(Some(&boundary))?;
-        let y = self.model.predict_boundary(boundary, false);
+    fn predict_boundary(&mut self, boundary: BoundaryBatch) -> Result<ArrayD<f32>> {
+        self.ensure_state(Some(&boundary.tensors))?;
+        let y = self.model.predict_batch(boundary, false);
         self.model.tail_mut().clear_tape();
         y
     }
@@ -645,7 +665,7 @@ impl Trainer {
             .prefix(feed)?
             .into_iter()
             .map(|t| crate::model::round_boundary(t, dtype))
-            .collect();
-        self.predict_boundary(boundary)
+            .collect::<Vec<_>>();
+        self.predict_boundary(boundary.into())
     }
 }

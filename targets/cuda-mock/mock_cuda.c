@@ -131,6 +131,18 @@ CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     return OK;
 }
 
+/* Free memory: the 16 GiB less what is allocated (live blocks). */
+CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    if (!current) return fail(INVALID_CONTEXT, "cuMemGetInfo_v2");
+    size_t used = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nblocks; i++) used += blocks[i].size;
+    pthread_mutex_unlock(&lock);
+    *total = (size_t)16 << 30;
+    *free_bytes = used < *total ? *total - used : 0;
+    return OK;
+}
+
 CUresult cuDeviceGetAttribute(int *v, int attrib, CUdevice dev) {
     if (dev < 0 || dev >= device_count()) return fail(INVALID_DEVICE, "cuDeviceGetAttribute");
     const char *cc = getenv("MOCK_CUDA_CC_MAJOR");

@@ -39,6 +39,7 @@ for mode in "1 9" "0 9" "1 7"; do
     grep -q "^injected faults: " "$log"
     grep -q "^injected optimizer faults: " "$log"
     grep -q "^injected resident faults: " "$log"
+    grep -q "^injected cache faults: " "$log"
     # Every allocation freed by the end (a refused free leaves one live).
     grep -q "^mock cuda: 0 allocation(s) live at exit" "$log"
     if grep -q "^mock cuda: [1-9][0-9]* allocation(s) live at exit" "$log"; then

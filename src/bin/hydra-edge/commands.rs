@@ -378,7 +378,11 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         head: head_cfg,
         memory_budget: a.budget_mb.map(|m| (m * 1e6) as usize),
         divergence_factor: (a.divergence_factor > 0.0).then_some(a.divergence_factor),
-        cache: CacheConfig { enabled: !a.no_cache, ..CacheConfig::default() },
+        cache: CacheConfig {
+            enabled: !a.no_cache,
+            gpu_budget: a.gpu_cache_mb.saturating_mul(1 << 20),
+            ..CacheConfig::default()
+        },
         ..TrainConfig::default()
     };
     let mut t = match &a.resume {
@@ -409,9 +413,14 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         }
         let m = t.estimate_memory(&train)?;
         println!(
-            "estimated peak training memory {:.1} MB (cache {:.1}, activations {:.1}, parameters {:.1}, backbone {:.1})",
+            "estimated peak training memory {:.1} MB (cache {:.1}{}, activations {:.1}, parameters {:.1}, backbone {:.1})",
             mb(m.total_bytes),
             mb(m.cache_bytes),
+            if m.gpu_cache_bytes > 0 {
+                format!(" + {:.1} on the GPU", mb(m.gpu_cache_bytes))
+            } else {
+                String::new()
+            },
             mb(m.activation_bytes),
             mb(m.parameter_bytes),
             mb(m.backbone_bytes)

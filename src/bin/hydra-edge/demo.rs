@@ -148,6 +148,7 @@ pub fn demo(epochs: usize, json: bool) -> Result<()> {
                 "gpu_adapted_passes": hydra_edge::device::stats::gpu_adapted_passes(),
                 "gpu_tail_ops": hydra_edge::device::stats::gpu_tail_ops(),
                 "gpu_tail_reruns": hydra_edge::device::stats::gpu_tail_reruns(),
+                "gpu_cache_gathers": hydra_edge::device::stats::gpu_cache_gathers(),
                 "gpu_optimizer_steps": hydra_edge::device::stats::gpu_optimizer_steps()})
         );
     }

@@ -209,6 +209,12 @@ struct TrainArgs {
     /// Disable the feature cache.
     #[arg(long)]
     no_cache: bool,
+    /// With a GPU: keep a feature cache of at most this many MB on the GPU
+    /// (and at most half its free memory), so that each batch's features
+    /// are gathered there instead of sent up (0: never). On a Jetson this
+    /// memory is the board's RAM.
+    #[arg(long, default_value_t = 256)]
+    gpu_cache_mb: usize,
     /// Write the last epoch's adapter, not the best one (lowest eval loss
     /// with --eval, else lowest train loss).
     #[arg(long)]

@@ -29,8 +29,8 @@ mod tail;
 pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
 pub(super) use optim::{OptCache, step as optimizer_step};
 pub(super) use tail::{
-    DevValue, accumulate, batched_matmul, binary, download, frozen as frozen_resident, gelu,
-    layer_norm, permute, ready as tail_ready, softmax, upload,
+    DevBytes, DevValue, accumulate, batched_matmul, binary, download, frozen as frozen_resident,
+    gather, gelu, layer_norm, memory, permute, ready as tail_ready, softmax, upload, upload_bytes,
 };
 
 /// A resident value's buffer, if it is on `gpu`.

@@ -166,6 +166,41 @@ extern "C" __global__ void hydra_layer_norm_grad(const float *x, const float *s,
             out[j] = rs * (g[j] * s[j] - mg - (row[j] - m) * rs * mgx);
     }
 }
+__device__ float hydra_half_to_float(unsigned int h) {
+    unsigned int s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
+    if (e == 0) {
+        // Zero or subnormal: m·2⁻²⁴, exact in f32.
+        float v = (float)m * 5.9604644775390625e-8f;
+        return s ? -v : v;
+    }
+    bits = e == 31 ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112u) << 23) | (m << 13));
+    union { unsigned int u; float f; } c;
+    c.u = bits;
+    return c.f;
+}
+
+// Rows of the feature cache's records (`record` bytes each, resident) to a
+// dense f32 batch: element j of sample r is the `half` (f16) or f32 value
+// at byte `offset` of record idx[r], little-endian, read byte by byte (a
+// record need not be aligned).
+extern "C" __global__ void hydra_gather(const unsigned char *recs, const unsigned long long *idx,
+                                        float *y, unsigned long long n, unsigned long long count,
+                                        unsigned long long record, unsigned long long offset,
+                                        int half) {
+    HYDRA_LOOP(i, n) {
+        unsigned long long r = i / count, j = i % count;
+        const unsigned char *p = recs + idx[r] * record + offset;
+        if (half) {
+            y[i] = hydra_half_to_float((unsigned int)p[2 * j] | ((unsigned int)p[2 * j + 1] << 8));
+        } else {
+            const unsigned char *q = p + 4 * j;
+            union { unsigned int u; float f; } c;
+            c.u = (unsigned int)q[0] | ((unsigned int)q[1] << 8) | ((unsigned int)q[2] << 16) |
+                  ((unsigned int)q[3] << 24);
+            y[i] = c.f;
+        }
+    }
+}
 "#;
 
 /// The compiled kernels of one [`Gpu`].
@@ -178,6 +213,7 @@ pub(super) struct Kernels {
     softmax_grad: CudaFunction,
     layer_norm: CudaFunction,
     layer_norm_grad: CudaFunction,
+    gather: CudaFunction,
 }
 
 fn compile(gpu: &Gpu) -> Result<Kernels, String> {
@@ -192,6 +228,7 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
         softmax_grad: f("hydra_softmax_grad")?,
         layer_norm: f("hydra_layer_norm")?,
         layer_norm_grad: f("hydra_layer_norm_grad")?,
+        gather: f("hydra_gather")?,
     })
 }
 
@@ -636,4 +673,95 @@ pub(in crate::device) fn frozen<'w>(
         }
         Err(_) => Err(()),
     }
+}
+
+/// Bytes on the GPU (the feature cache's records, kept there between
+/// batches). Freed with its own context current.
+pub(in crate::device) struct DevBytes {
+    gpu: u64,
+    ctx: Arc<CudaContext>,
+    data: CudaSlice<u8>,
+}
+
+impl DevBytes {
+    pub(in crate::device) fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The [`Gpu::id`] it is on.
+    pub(in crate::device) fn gpu(&self) -> u64 {
+        self.gpu
+    }
+}
+
+impl Drop for DevBytes {
+    fn drop(&mut self) {
+        make_current(&self.ctx);
+    }
+}
+
+/// Free and total bytes of the GPU in use.
+pub(in crate::device) fn memory() -> Option<(usize, usize)> {
+    with_gpu(|_| cudarc::driver::result::mem_get_info().map_err(|e| format!("memory info: {e}")))
+        .ok()
+}
+
+/// `bytes` on the GPU in use, kept until dropped.
+pub(in crate::device) fn upload_bytes(bytes: &[u8]) -> Result<Arc<DevBytes>, ()> {
+    with_gpu(|gpu| {
+        let data = gpu.htod(bytes)?;
+        Ok(Arc::new(DevBytes { gpu: gpu.id, ctx: gpu.ctx.clone(), data }))
+    })
+    .map_err(|_| ())
+}
+
+/// Samples `idx` of resident records (`record` bytes each) as a dense f32
+/// `idx.len()×count` value: each sample's `count` values at byte `offset`
+/// of its record, f16 (`half`) or f32. Only the indices go up.
+pub(in crate::device) fn gather(
+    recs: &DevBytes,
+    idx: &[usize],
+    record: usize,
+    offset: usize,
+    count: usize,
+    half: bool,
+) -> Result<Arc<DevValue>, ()> {
+    with_kernels(|gpu, k| {
+        if recs.gpu != gpu.id {
+            return Err("records on another GPU (the device changed)".to_string());
+        }
+        let elem = if half { 2 } else { 4 };
+        let span = count.checked_mul(elem).and_then(|b| b.checked_add(offset));
+        let n = idx.len().checked_mul(count);
+        let fits = |&i: &usize| {
+            i.checked_add(1).and_then(|e| e.checked_mul(record)).is_some_and(|e| e <= recs.len())
+        };
+        if idx.is_empty()
+            || count == 0
+            || span.is_none_or(|s| s > record)
+            || n.is_none()
+            || !idx.iter().all(fits)
+        {
+            return Err("gather: a sample or slot outside the records".to_string());
+        }
+        let n = n.unwrap_or(0);
+        let ids: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+        let ids = gpu.htod(&ids)?;
+        let (n64, c64, r64, o64, h32) =
+            (n as u64, count as u64, record as u64, offset as u64, i32::from(half));
+        let mut y = gpu.stream.alloc_zeros::<f32>(n).map_err(|e| format!("alloc: {e}"))?;
+        let mut l = gpu.stream.launch_builder(&k.gather);
+        l.arg(&recs.data).arg(&ids).arg(&mut y).arg(&n64).arg(&c64).arg(&r64).arg(&o64).arg(&h32);
+        // SAFETY: y holds n = len(idx)·count f32; every byte read,
+        // idx[r]·record + offset + j·elem + elem−1 for j < count, lies in
+        // record idx[r] (offset + count·elem ≤ record), which lies inside
+        // the records (checked above); the arguments match `hydra_gather`'s
+        // in order and type (three pointers, four u64, an int).
+        unsafe { l.launch(Gpu::launch_cfg(n)) }.map_err(|e| format!("gather kernel: {e}"))?;
+        Ok(gpu.value(y))
+    })
+    .inspect(|_| {
+        stats::GPU_CACHE_GATHERS.fetch_add(1, Ordering::Relaxed);
+        succeeded();
+    })
 }
