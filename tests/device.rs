@@ -733,13 +733,16 @@ fn an_adapted_backward_sends_only_dy_up() {
     let _g = lock();
     let _restore = Restore;
     for dropout in [0.0, 0.25] {
-        adapted_traffic(dropout);
+        for half in [false, true] {
+            adapted_traffic(dropout, half);
+        }
     }
 }
 
 /// [`an_adapted_backward_sends_only_dy_up`] with dropout `p` on both
 /// branches: the masks go up with the forward and stay for the backward.
-fn adapted_traffic(p: f32) {
+/// f16 weights (`half`) go up and stay as f16: half the bytes.
+fn adapted_traffic(p: f32, half: bool) {
     let (n, din, dout, rp, rs) = (24, 40, 28, 4, 3);
     let cfg = HydraConfig {
         parallel: BranchConfig { rank: rp, dropout: p, ..BranchConfig::default() },
@@ -749,7 +752,13 @@ fn adapted_traffic(p: f32) {
     let w0: Vec<f32> = (0..din * dout).map(|i| ((i % 9) as f32 - 4.0) / 8.0).collect();
     let x: Vec<f32> = (0..n * din).map(|i| ((i % 7) as f32 - 3.0) / 4.0).collect();
     let dy: Vec<f32> = (0..n * dout).map(|i| ((i % 5) as f32 - 2.0) / 4.0).collect();
-    let mut h = HydraLinear::new(cfg, Weights::F32(w0), None, din, dout).unwrap();
+    // (Values exact in f16.)
+    let (w, w_bytes) = if half {
+        (Weights::F16(w0.iter().map(|&v| f16::from_f32(v)).collect()), 2)
+    } else {
+        (Weights::F32(w0), 4)
+    };
+    let mut h = HydraLinear::new(cfg, w, None, din, dout).unwrap();
     h.set_training(true);
     device::set_device(Device::Cuda(0)).unwrap();
     device::set_gpu_min_work(0);
@@ -763,10 +772,19 @@ fn adapted_traffic(p: f32) {
     let masks = if p > 0.0 { 4 * n * (din + dout) } else { 0 };
     // The first forward uploads W0 and the column of ones as well.
     let first = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
-    assert_eq!(first.0, 4 * (din * dout + n + n * din) + branches + masks, "p {p}");
+    assert_eq!(
+        first.0,
+        w_bytes * din * dout + 4 * (n + n * din) + branches + masks,
+        "p {p}, f16 {half}"
+    );
+    assert_eq!(h.gpu_bytes(), w_bytes * din * dout, "f16 {half}: W0 on the GPU");
     h.backward_with_input(&dy, Input::F32(&x), true).unwrap();
     let fwd = traffic(&mut || drop(h.forward_ext(Input::F32(&x), n, false, true).unwrap()));
-    assert_eq!(fwd, (4 * n * din + branches + masks, 4 * 2 * n * dout + us), "forward, p {p}");
+    assert_eq!(
+        fwd,
+        (4 * n * din + branches + masks, 4 * 2 * n * dout + us),
+        "forward, p {p}, f16 {half}"
+    );
     let mut dx = None;
     let bwd = traffic(&mut || dx = h.backward_with_input(&dy, Input::F32(&x), true).unwrap());
     assert_eq!(bwd.0, 4 * n * dout + us + branches, "backward, p {p}: only dY, the Us, A, B go up");
@@ -1231,8 +1249,8 @@ fn cached_passes(
         if switch && k == 2 {
             let gpu = device::device();
             device::set_device(Device::Cpu).unwrap();
+            assert_eq!(split.cache_gpu_bytes(), 0, "the change of device freed the GPU's copy");
             split.boundary_batch(&Feeds, &[8], &cache, 4).unwrap();
-            assert_eq!(split.cache_gpu_bytes(), 0, "a CPU batch freed the GPU's copy");
             device::set_device(gpu).unwrap();
         }
         let up = device::stats::gpu_bytes_up();
@@ -1434,7 +1452,7 @@ fn the_gpu_gathers_every_f16_and_f32_value_exactly() {
         for idx in order.chunks(300) {
             let b = split.boundary_batch(&AllHalves, idx, &cache, 300).unwrap();
             assert_eq!(b.on_gpu(), 1, "{dtype:?}: the input is not on the GPU");
-            let host = b.tensors[0].to_f32("boundary").unwrap();
+            let host = b.tensors()[0].to_f32("boundary").unwrap();
             let gpu = b.gpu_copy(0).unwrap();
             assert_eq!(host.len(), gpu.len());
             for (i, (h, g)) in host.iter().zip(&gpu).enumerate() {
@@ -1444,5 +1462,44 @@ fn the_gpu_gathers_every_f16_and_f32_value_exactly() {
             checked += gpu.len();
         }
         assert_eq!(checked, 1 << 16, "{dtype:?}: every pattern checked");
+    }
+}
+
+/// The memory estimate counts the feature cache's copy on the GPU as what
+/// the cache then keeps there, to the byte, and leaves it out of the total
+/// on a GPU with its own memory (the mock's, unless MOCK_CUDA_INTEGRATED).
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn the_memory_estimate_counts_the_cache_kept_on_the_gpu() {
+    let _g = lock();
+    let _restore = Restore;
+    let info = device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    let model = OnnxModel::load(root().join("models/digits/digits_mlp.onnx")).unwrap();
+    let cfg = SplitConfig { targets: Targets::AllLinear, ..SplitConfig::default() };
+    let train = digits("digits_user_train.npz");
+    for budget in [256 << 20, 1000] {
+        let split = AdaptedModel::new(&model, &cfg).unwrap();
+        let cache = CacheConfig { gpu_budget: budget, ..CacheConfig::default() };
+        let tc = TrainConfig { epochs: 1, batch_size: 32, cache, ..TrainConfig::default() };
+        let mut t = Trainer::new(split, tc).unwrap();
+        let r = t.estimate_memory(&train).unwrap();
+        t.fit(&train, None, &mut |_| {}).unwrap();
+        // The input (64 values a sample) is the boundary, stored as f16.
+        let kept = t.model().cache_gpu_bytes();
+        assert_eq!(r.gpu_cache_bytes, kept, "budget {budget}: estimate vs what the GPU holds");
+        if budget > 1000 {
+            assert_eq!(kept, train.len() * 64 * 2, "the whole cache on the GPU");
+        } else {
+            assert_eq!(kept, 0, "over the budget");
+        }
+        let gpu_share = if info.integrated { r.gpu_cache_bytes } else { 0 };
+        assert_eq!(
+            r.total_bytes,
+            r.cache_bytes + gpu_share + r.activation_bytes + r.parameter_bytes + r.backbone_bytes,
+            "integrated {}",
+            info.integrated
+        );
+        assert_eq!(device::gpu_shares_host_memory(), info.integrated);
     }
 }

@@ -123,6 +123,9 @@ pub struct DeviceInfo {
     pub name: String,
     /// Its total memory in bytes (GPUs only).
     pub memory_bytes: Option<usize>,
+    /// Whether it is a GPU that shares the host's memory (a Jetson's): what
+    /// it holds counts against the board's RAM.
+    pub integrated: bool,
 }
 
 /// Runs the tail's dense products on `device` from now on, for the whole
@@ -134,7 +137,12 @@ pub fn set_device(device: Device) -> Result<DeviceInfo> {
         Device::Cpu => {
             #[cfg(feature = "cuda")]
             cuda::deactivate();
-            Ok(DeviceInfo { device, name: "cpu".to_string(), memory_bytes: None })
+            Ok(DeviceInfo {
+                device,
+                name: "cpu".to_string(),
+                memory_bytes: None,
+                integrated: false,
+            })
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => cuda::activate(n),
@@ -166,6 +174,17 @@ pub fn device() -> Device {
         return Device::Cuda(n);
     }
     Device::Cpu
+}
+
+/// Whether the GPU in use shares the host's memory (an integrated GPU, as
+/// on a Jetson): false on the CPU and on a discrete GPU.
+pub fn gpu_shares_host_memory() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::integrated()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Counters of the GPU path (all zero without the `cuda` feature).
@@ -319,6 +338,27 @@ pub(crate) fn on_cpu<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// A frozen layer's weights `W0` as the GPU path reads them when it
+/// uploads them: f32, or f16 — kept f16 on the GPU (half the memory and
+/// half the upload) and widened to f32 there for each product, as the CPU
+/// widens its panels, so the product is the same f32 product.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) enum W0<'w> {
+    F32(alloc::borrow::Cow<'w, [f32]>),
+    F16(&'w [half::f16]),
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl<'w> W0<'w> {
+    /// The weights as f32 (f16 widened exactly).
+    pub(crate) fn into_f32(self) -> alloc::borrow::Cow<'w, [f32]> {
+        match self {
+            W0::F32(w) => w,
+            W0::F16(h) => alloc::borrow::Cow::Owned(h.iter().map(|v| v.to_f32()).collect()),
+        }
+    }
+}
+
 /// A frozen layer's `W0` kept on the GPU (in the layer's `Packs`): uploaded
 /// on the layer's first GPU product (f32, or rounded to bf16 for bf16
 /// products: one copy per precision in use) and read by every product after
@@ -358,7 +398,7 @@ impl Resident {
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_frozen<'w>(
     slot: &Resident,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> W0<'w>,
     forward: bool,
     rows: usize,
     din: usize,
@@ -531,7 +571,7 @@ impl Act<'_> {
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_adapted_forward<'w>(
     slot: &Resident,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> W0<'w>,
     bias: Option<&[f32]>,
     x: Act<'_>,
     (n, din, dout): (usize, usize, usize),
@@ -568,7 +608,7 @@ pub(crate) fn try_adapted_forward<'w>(
 #[cfg_attr(not(feature = "cuda"), inline(always))]
 pub(crate) fn try_adapted_backward<'w>(
     slot: &Resident,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> W0<'w>,
     dy: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,

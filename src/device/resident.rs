@@ -281,30 +281,31 @@ pub(crate) fn accumulate(acc: GpuValue, inc: &GpuValue) -> Result<GpuValue, Fail
 
 /// Bytes kept on the GPU: a feature cache's records, so that a batch's
 /// boundary tensors are gathered there ([`gather`]) instead of sent up.
-/// Never made without the `cuda` feature.
+/// Freed when dropped or when the device changes. Never made without the
+/// `cuda` feature.
 #[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
 pub(crate) struct GpuRecords {
     #[cfg(feature = "cuda")]
-    inner: Arc<cuda::DevBytes>,
+    inner: cuda::Records,
 }
 
 #[cfg_attr(not(feature = "onnx"), allow(dead_code))] // the feature cache's (`model`)
 impl GpuRecords {
-    /// Bytes it holds.
+    /// Bytes it holds (0 once freed by a change of device).
     pub(crate) fn len(&self) -> usize {
         #[cfg(feature = "cuda")]
         {
-            self.inner.len()
+            cuda::records_on(&self.inner).map_or(0, |(len, _)| len)
         }
         #[cfg(not(feature = "cuda"))]
         0
     }
 
-    /// Whether it is on the GPU in use now ([`gpu_id`]).
+    /// Whether it holds the records on the GPU in use now ([`gpu_id`]).
     pub(crate) fn on_gpu_in_use(&self) -> bool {
         #[cfg(feature = "cuda")]
         {
-            gpu_id() == Some(self.inner.gpu())
+            cuda::records_on(&self.inner).is_some_and(|(_, g)| gpu_id() == Some(g))
         }
         #[cfg(not(feature = "cuda"))]
         false
@@ -373,7 +374,7 @@ pub(crate) fn gather(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn frozen<'w>(
     slot: &Resident,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> super::W0<'w>,
     forward: bool,
     rows: usize,
     din: usize,

@@ -43,12 +43,12 @@ impl Weights {
         }
     }
 
-    /// The weights as f32: borrowed for f32 storage, widened for f16.
+    /// The weights as the GPU path uploads them (f16 stays f16).
     #[cfg(feature = "std")]
-    pub(crate) fn as_f32(&self, k: &Kernels) -> alloc::borrow::Cow<'_, [f32]> {
+    pub(crate) fn for_gpu(&self) -> crate::device::W0<'_> {
         match self {
-            Weights::F32(w) => alloc::borrow::Cow::Borrowed(w),
-            Weights::F16(_) => alloc::borrow::Cow::Owned(self.to_f32(k)),
+            Weights::F32(w) => crate::device::W0::F32(alloc::borrow::Cow::Borrowed(w)),
+            Weights::F16(h) => crate::device::W0::F16(h),
         }
     }
 
@@ -640,7 +640,7 @@ pub(crate) fn frozen_forward(
     #[cfg(feature = "std")]
     {
         if let Some(y) =
-            crate::device::try_frozen(&packs.gpu, || w.as_f32(k), true, n, din, dout, x, b)
+            crate::device::try_frozen(&packs.gpu, || w.for_gpu(), true, n, din, dout, x, b)
         {
             record_gemm(n, din, dout);
             return y;
@@ -710,7 +710,7 @@ pub(crate) fn frozen_backward(
     #[cfg(feature = "std")]
     {
         if let Some(dx) =
-            crate::device::try_frozen(&packs.gpu, || w.as_f32(k), false, n, din, dout, dy, None)
+            crate::device::try_frozen(&packs.gpu, || w.for_gpu(), false, n, din, dout, dy, None)
         {
             record_gemm(n, dout, din);
             return dx;

@@ -412,7 +412,7 @@ impl HydraLinear {
             let gpu = self.packs.gpu();
             match crate::device::try_adapted_forward(
                 gpu,
-                || w0.as_f32(k),
+                || w0.for_gpu(),
                 b0,
                 crate::device::Act::Host(x32),
                 (n, din, dout),
@@ -480,7 +480,6 @@ impl HydraLinear {
         if self.merged || x.len() != n * din || !crate::device::gpu_takes(&[n, din, dout]) {
             return Ok(None);
         }
-        let k = kernels::active();
         let rng0 = self.rng.clone();
         let (cp, cs, train) = (self.config.parallel, self.config.sequential, self.training);
         let mask_p = (train && self.parallel.is_some() && cp.dropout > 0.0)
@@ -492,7 +491,7 @@ impl HydraLinear {
         let x = crate::device::Act::Gpu(x);
         match crate::device::try_adapted_forward(
             gpu,
-            || w0.as_f32(k),
+            || w0.for_gpu(),
             b0,
             x,
             (n, din, dout),
@@ -555,7 +554,6 @@ impl HydraLinear {
             }
         };
         let (n, din, dout) = (saved.n, self.in_dim, self.out_dim);
-        let k = kernels::active();
         let (mask_p, mask_s) = (saved.mask_p.as_deref(), saved.mask_s.as_deref());
         let (p, s) = self.low_ranks(mask_p.filter(|_| want_dx), mask_s.filter(|_| want_dx));
         let p = p.map(|l| (l, &[][..], &saved.u_p[..]));
@@ -568,7 +566,7 @@ impl HydraLinear {
         let on_gpu = core::mem::take(&mut saved.gpu);
         let ran = crate::device::try_adapted_backward(
             gpu,
-            || w0.as_f32(k),
+            || w0.for_gpu(),
             dy,
             (n, din, dout),
             p,
@@ -804,7 +802,7 @@ impl HydraLinear {
                 let on_gpu = core::mem::take(&mut saved.gpu);
                 match crate::device::try_adapted_backward(
                     gpu,
-                    || w0.as_f32(k),
+                    || w0.for_gpu(),
                     crate::device::Act::Host(dy),
                     (n, din, dout),
                     p,

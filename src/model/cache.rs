@@ -66,9 +66,11 @@ pub struct CacheConfig {
     /// Folder of the spill file (default: the system temp folder).
     pub spill_dir: Option<PathBuf>,
     /// With a GPU in use: a cache held whole in RAM whose records fit in
-    /// this many bytes (and in half the GPU's free memory) is also kept on
-    /// the GPU, and each batch's features are gathered there instead of
-    /// sent up (0: never). On a Jetson, GPU memory is the board's RAM.
+    /// this many bytes (one budget for all of a model's caches — training
+    /// and held-out data — first come, first served; and in half the GPU's
+    /// free memory) is also kept on the GPU, and each batch's features are
+    /// gathered there instead of sent up (0: never). On a Jetson, GPU
+    /// memory is the board's RAM.
     pub gpu_budget: usize,
 }
 
@@ -160,8 +162,11 @@ pub struct FeatureCache {
     len: usize,
     /// The records, kept on the GPU in use (see [`FeatureCache::batch_on_gpu`]).
     gpu: Option<dev::GpuRecords>,
-    /// The GPU (its `device::resident::gpu_id`) the records did not fit on.
+    /// The GPU (its `device::resident::gpu_id`) the records are not tried
+    /// on again.
     gpu_refused: Option<u64>,
+    /// Failed uploads in a row.
+    gpu_failures: u8,
 }
 
 static SPILL_ID: AtomicU64 = AtomicU64::new(0);
@@ -236,6 +241,7 @@ impl FeatureCache {
             len: 0,
             gpu: None,
             gpu_refused: None,
+            gpu_failures: 0,
         };
         let order: Vec<usize> = (0..n).collect();
         for chunk in order.chunks(batch) {
@@ -329,38 +335,54 @@ impl FeatureCache {
     /// the GPU in use from the records kept there, so that a batch's
     /// features need not go up: the tail's values are resident there
     /// (`device::resident::active`), the whole cache is in RAM (nothing
-    /// spilled) and its records fit in `budget` bytes and in half the GPU's
-    /// free memory. They go up on the first such batch and stay until the
-    /// cache is dropped or the device changes (the GPU copy is freed when
-    /// a batch finds another device in use). Each value equals what the
-    /// host's tensor becomes when sent up (f16 widened exactly). Best
-    /// effort: a failed CUDA call (counted and said) leaves the tensor to
-    /// the host path. `idx` must be valid ([`FeatureCache::batch`] checks).
+    /// spilled) and its records fit in `budget` bytes (what the model's
+    /// other caches leave of `CacheConfig::gpu_budget`) and in half the
+    /// GPU's free memory. They go up on the first such batch and stay until
+    /// the cache is dropped or the device changes. Each value equals what
+    /// the host's tensor becomes when sent up (f16 widened exactly).
+    ///
+    /// Best effort: a failed CUDA call (counted and said) leaves the tensor
+    /// to the host path; a cache that can never fit (spilled, or over
+    /// `budget` alone) or whose upload failed twice on this GPU is not
+    /// tried again there. `idx` must be valid ([`FeatureCache::batch`]
+    /// checks).
     pub(crate) fn batch_on_gpu(&mut self, idx: &[usize], budget: usize) -> Vec<Option<GpuValue>> {
         let none = || (0..self.slots.len()).map(|_| None).collect();
-        let Some(id) = dev::gpu_id().filter(|_| dev::active()) else {
-            self.gpu = None;
-            return none();
-        };
         if self.gpu.as_ref().is_some_and(|g| !g.on_gpu_in_use()) {
             self.gpu = None;
         }
-        let floats = self.slots.iter().any(|s| matches!(s, Slot::PerSample { int: false, .. }));
+        let Some(id) = dev::gpu_id().filter(|_| dev::active()) else { return none() };
+        let floats = self
+            .slots
+            .iter()
+            .any(|s| matches!(s, Slot::PerSample { int: false, count, .. } if *count > 0));
         if idx.is_empty() || idx.iter().any(|&i| i >= self.len) || !floats {
             return none();
         }
         if self.gpu.is_none() {
-            let fits = self.spill.is_none()
-                && !self.ram.is_empty()
-                && self.ram.len() <= budget
-                && dev::memory().is_some_and(|(free, _)| self.ram.len() <= free / 2);
-            if self.gpu_refused == Some(id) || !fits {
+            if self.gpu_refused == Some(id) {
+                return none();
+            }
+            if self.spill.is_some() || self.ram.is_empty() || self.ram.len() > budget {
                 self.gpu_refused = Some(id);
                 return none();
             }
+            // Memory others hold now may be freed later: asked again.
+            if dev::memory().is_none_or(|(free, _)| self.ram.len() > free / 2) {
+                return none();
+            }
             match dev::upload_records(&self.ram) {
-                Ok(g) => self.gpu = Some(g),
-                Err(dev::Failed) => return none(),
+                Ok(g) => {
+                    self.gpu = Some(g);
+                    self.gpu_failures = 0;
+                }
+                Err(dev::Failed) => {
+                    self.gpu_failures += 1;
+                    if self.gpu_failures >= 2 {
+                        self.gpu_refused = Some(id);
+                    }
+                    return none();
+                }
             }
         }
         let Some(recs) = &self.gpu else { return none() };
@@ -368,12 +390,44 @@ impl FeatureCache {
         self.slots
             .iter()
             .map(|slot| match slot {
-                Slot::PerSample { int: false, offset, count, .. } => {
+                Slot::PerSample { int: false, offset, count, .. } if *count > 0 => {
                     dev::gather(recs, idx, self.record, *offset, *count, half).ok()
                 }
                 _ => None,
             })
             .collect()
+    }
+
+    /// Frees the records' copy on a GPU that is not the one in use (or on
+    /// any GPU when `all`).
+    pub(crate) fn release_gpu(&mut self, all: bool) {
+        if all || self.gpu.as_ref().is_some_and(|g| !g.on_gpu_in_use()) {
+            self.gpu = None;
+        }
+    }
+
+    /// Bytes of a sample's record when built from boundary tensors `out`
+    /// at a batch of `batch` (each tensor with that many rows stored per
+    /// sample: integers as 8 bytes, floats as `dtype`), and whether one of
+    /// them is a float (what [`FeatureCache::batch_on_gpu`] gathers): an
+    /// estimate before the cache exists (a tensor of `batch` rows that the
+    /// cache would find shared is counted per sample).
+    pub fn record_bytes(out: &[Tensor], batch: usize, dtype: CacheDtype) -> (usize, bool) {
+        let (mut bytes, mut floats) = (0usize, false);
+        for t in out {
+            if batch == 0 || t.shape().first() != Some(&batch) {
+                continue;
+            }
+            let per = t.len() / batch;
+            let elem = match (t, dtype) {
+                (Tensor::I64(_), _) => 8,
+                (_, CacheDtype::F16) => 2,
+                (_, CacheDtype::F32) => 4,
+            };
+            floats |= !matches!(t, Tensor::I64(_)) && per > 0;
+            bytes = bytes.saturating_add(per.saturating_mul(elem));
+        }
+        (bytes, floats)
     }
 
     /// Bytes in the spill file.

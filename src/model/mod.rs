@@ -74,13 +74,24 @@ pub struct AdaptedModel {
 /// host, and with a GPU in use those the feature cache keeps there.
 #[derive(Debug, Default)]
 pub struct BoundaryBatch {
-    /// The tensors, in the tail's order.
-    pub tensors: Vec<Tensor>,
+    /// The tensors, in the tail's order (private: a GPU copy must stay
+    /// what its tensor holds).
+    tensors: Vec<Tensor>,
     /// `gpu[k]`: tensor `k`'s values on the GPU (empty: none there).
     gpu: Vec<Option<crate::device::resident::GpuValue>>,
 }
 
 impl BoundaryBatch {
+    /// The tensors, in the tail's order.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// The tensors, the GPU's copies dropped.
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        self.tensors
+    }
+
     /// How many of the tensors are on the GPU too.
     pub fn on_gpu(&self) -> usize {
         self.gpu.iter().flatten().count()
@@ -273,7 +284,13 @@ impl AdaptedModel {
         batch: usize,
     ) -> Result<BoundaryBatch> {
         let tensors = self.boundary(data, idx, cache, batch)?;
-        let gpu = if cache.enabled && crate::device::resident::active() {
+        // Copies on a GPU no longer in use go first (a change of device
+        // frees them too; this drops what is left of them).
+        let active = crate::device::resident::active();
+        for (_, c) in &mut self.caches {
+            c.release_gpu(!active);
+        }
+        let gpu = if cache.enabled && active {
             let at = self.cache_for(data, cache, batch)?;
             // One budget for all the caches (training and held-out data).
             let others: usize = self
@@ -285,10 +302,6 @@ impl AdaptedModel {
                 .sum();
             self.caches[at].1.batch_on_gpu(idx, cache.gpu_budget.saturating_sub(others))
         } else {
-            // Frees a copy kept on a GPU no longer in use.
-            for (_, c) in &mut self.caches {
-                c.batch_on_gpu(&[], 0);
-            }
             Vec::new()
         };
         Ok(BoundaryBatch { tensors, gpu })

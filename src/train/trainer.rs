@@ -18,7 +18,9 @@ use super::loss::Loss;
 use super::optim::{Optimizer, OptimizerKind, Schedule, clip_global_norm};
 use crate::Tensor;
 use crate::error::{Error, Result};
-use crate::model::{AdaptedModel, BoundaryBatch, CacheConfig, CacheDtype, HeadConfig, LinearHead};
+use crate::model::{
+    AdaptedModel, BoundaryBatch, CacheConfig, FeatureCache, HeadConfig, LinearHead,
+};
 
 /// Everything about a training run besides the model and the data.
 #[derive(Clone, Debug)]
@@ -135,9 +137,9 @@ pub enum Event<'a> {
 pub struct MemoryReport {
     /// Feature cache held in RAM.
     pub cache_bytes: usize,
-    /// The feature cache's copy on the GPU (a GPU in use and a cache held
-    /// whole in RAM that fits `CacheConfig::gpu_budget`), in the total: on
-    /// a Jetson, GPU memory is the board's RAM.
+    /// The training set's feature cache's copy on the GPU (a GPU in use and
+    /// a cache held whole in RAM that fits `CacheConfig::gpu_budget`); in
+    /// the total only where the GPU shares the host's memory (a Jetson).
     pub gpu_cache_bytes: usize,
     /// Activations kept for backward at the configured batch.
     pub activation_bytes: usize,
@@ -170,7 +172,7 @@ pub struct Trainer {
     cfg: TrainConfig,
     opt: Option<Optimizer>,
     /// The memory estimate, made once per training set.
-    memory: Option<(u64, MemoryReport)>,
+    memory: Option<(u64, crate::device::Device, MemoryReport)>,
     step: u64,
     epoch: u64,
     batch_in_epoch: usize,
@@ -318,8 +320,9 @@ impl Trainer {
     /// first batch; made once per training set and remembered).
     pub fn estimate_memory(&mut self, train: &Dataset) -> Result<MemoryReport> {
         use crate::model::Samples;
-        if let Some((id, m)) = self.memory
+        if let Some((id, device, m)) = self.memory
             && id == train.id()
+            && device == crate::device::device()
         {
             return Ok(m);
         }
@@ -338,7 +341,8 @@ impl Trainer {
             })
             .collect();
         let boundary = self.model.prefix(&feed)?;
-        let boundary_bytes: usize = boundary.iter().map(Tensor::bytes).sum::<usize>() / idx.len();
+        let (record, floats) =
+            FeatureCache::record_bytes(&boundary, idx.len(), self.cfg.cache.dtype);
         let m = self.model.estimate_memory_on(boundary.clone())?;
         let head = match (self.cfg.head, self.model.head()) {
             // Not created yet: weights, gradients, two moments (once created
@@ -351,15 +355,12 @@ impl Trainer {
             }
             _ => 0,
         };
-        let per_sample_cache = if self.cfg.cache.dtype == CacheDtype::F16 {
-            boundary_bytes / 2
-        } else {
-            boundary_bytes
-        };
-        let whole = per_sample_cache.saturating_mul(train.len());
+        let whole = record.saturating_mul(train.len());
         let cache = if self.cfg.cache.enabled { whole.min(self.cfg.cache.ram_budget) } else { 0 };
-        // As `FeatureCache::batch_on_gpu` decides.
+        // As `FeatureCache::batch_on_gpu` decides for the training set's
+        // cache (a held-out set's cache takes from the same budget).
         let gpu_cache = if self.cfg.cache.enabled
+            && floats
             && crate::device::resident::active()
             && whole <= self.cfg.cache.ram_budget
             && whole <= self.cfg.cache.gpu_budget
@@ -378,13 +379,14 @@ impl Trainer {
             activation_bytes: activation,
             parameter_bytes: params,
             backbone_bytes: backbone,
+            // GPU memory is RAM only where the GPU shares it (a Jetson).
             total_bytes: cache
-                .saturating_add(gpu_cache)
+                .saturating_add(if crate::device::gpu_shares_host_memory() { gpu_cache } else { 0 })
                 .saturating_add(activation)
                 .saturating_add(params)
                 .saturating_add(backbone),
         };
-        self.memory = Some((train.id(), report));
+        self.memory = Some((train.id(), crate::device::device(), report));
         Ok(report)
     }
 
@@ -581,7 +583,7 @@ impl Trainer {
         labels: &Labels,
         lr: f32,
     ) -> Result<Outcome> {
-        self.ensure_state(Some(&boundary.tensors))?;
+        self.ensure_state(Some(boundary.tensors()))?;
         // The head is the tail's last op: the tail's output is the prediction.
         let logits = match self.model.predict_batch(boundary, true) {
             Err(Error::NonFinite(_)) => return Ok(Outcome::Skipped("non-finite activations")),
@@ -651,7 +653,7 @@ impl Trainer {
     }
 
     fn predict_boundary(&mut self, boundary: BoundaryBatch) -> Result<ArrayD<f32>> {
-        self.ensure_state(Some(&boundary.tensors))?;
+        self.ensure_state(Some(boundary.tensors()))?;
         let y = self.model.predict_batch(boundary, false);
         self.model.tail_mut().clear_tape();
         y

@@ -149,6 +149,9 @@ CUresult cuDeviceGetAttribute(int *v, int attrib, CUdevice dev) {
     switch (attrib) {
     case 75: *v = cc ? atoi(cc) : 9; break; /* compute capability major */
     case 76: *v = 0; break;                 /* minor */
+    case 18: /* integrated (shares the host's memory, as a Jetson's): MOCK_CUDA_INTEGRATED */
+        *v = getenv("MOCK_CUDA_INTEGRATED") ? atoi(getenv("MOCK_CUDA_INTEGRATED")) : 0;
+        break;
     case 115: /* memory pools, as on current GPUs: cudarc then allocates and frees
                  with cuMemAllocAsync / cuMemFreeAsync (MOCK_CUDA_POOLS=0: the
                  synchronous cuMemAlloc_v2 / cuMemFree_v2) */

@@ -21,13 +21,14 @@ cc -O2 -fPIC -shared -Wall -Wextra -Werror -Wl,-soname,libcublas.so \
     -o "$out/libcublas.so" targets/cuda-mock/mock_cublas.c -L"$out" -lcuda -Wl,-rpath,'$ORIGIN'
 # Three GPUs: with memory pools (cudarc allocates and frees asynchronously, as
 # on current GPUs), without (synchronous allocation), and one of compute
-# capability 7 (no bf16 tensor cores: bf16 asked for stays f32 there).
-for mode in "1 9" "0 9" "1 7"; do
-    read -r pools cc <<<"$mode"
-    echo "=== mock GPU, memory pools: $pools, compute capability $cc.0"
+# capability 7 that shares the host's memory, as a Jetson Xavier's does (no
+# bf16 tensor cores: bf16 asked for stays f32 there).
+for mode in "1 9 0" "0 9 0" "1 7 1"; do
+    read -r pools cc integrated <<<"$mode"
+    echo "=== mock GPU, memory pools: $pools, compute capability $cc.0, integrated: $integrated"
     log="$out/device-tests-pools$pools-cc$cc.log"
     rm -f "$out/fault-$pools-$cc"
-    MOCK_CUDA_POOLS=$pools MOCK_CUDA_CC_MAJOR=$cc MOCK_CUDA_REPORT=1 \
+    MOCK_CUDA_POOLS=$pools MOCK_CUDA_CC_MAJOR=$cc MOCK_CUDA_INTEGRATED=$integrated MOCK_CUDA_REPORT=1 \
         MOCK_CUDA_FAULTS="$PWD/$out/fault-$pools-$cc" MOCK_NVRTC_DIR="$PWD/$out" \
         LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         cargo test --release --features cuda --test device "$@" -- --include-ignored --nocapture \

@@ -380,7 +380,7 @@ pub fn train(a: &TrainArgs, json: bool) -> Result<()> {
         divergence_factor: (a.divergence_factor > 0.0).then_some(a.divergence_factor),
         cache: CacheConfig {
             enabled: !a.no_cache,
-            gpu_budget: a.gpu_cache_mb.saturating_mul(1 << 20),
+            gpu_budget: a.gpu_cache_mb.saturating_mul(1_000_000),
             ..CacheConfig::default()
         },
         ..TrainConfig::default()

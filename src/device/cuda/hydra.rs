@@ -3,7 +3,6 @@
 //! Hydra branches' low-rank products and gradients, as row-major cuBLAS
 //! products ([`Gpu::rm`]) on the activations uploaded once.
 
-use alloc::borrow::Cow;
 use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
@@ -285,7 +284,7 @@ impl Gpu {
 #[allow(clippy::too_many_arguments)]
 pub(in crate::device) fn adapted_forward<'w>(
     slot: &super::Slot,
-    w0: impl FnOnce() -> Cow<'w, [f32]>,
+    w0: impl FnOnce() -> crate::device::W0<'w>,
     bias: Option<&[f32]>,
     x: Act<'_>,
     (n, din, dout): (usize, usize, usize),
@@ -390,7 +389,7 @@ pub(in crate::device) fn adapted_forward<'w>(
 #[allow(clippy::too_many_arguments)]
 pub(in crate::device) fn adapted_backward<'w>(
     slot: &super::Slot,
-    w0: impl FnOnce() -> Cow<'w, [f32]>,
+    w0: impl FnOnce() -> crate::device::W0<'w>,
     dy: Act<'_>,
     (n, din, dout): (usize, usize, usize),
     parallel: Option<(LowRank<'_>, &[f32], &[f32])>,

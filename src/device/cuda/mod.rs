@@ -29,8 +29,9 @@ mod tail;
 pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
 pub(super) use optim::{OptCache, step as optimizer_step};
 pub(super) use tail::{
-    DevBytes, DevValue, accumulate, batched_matmul, binary, download, frozen as frozen_resident,
-    gather, gelu, layer_norm, memory, permute, ready as tail_ready, softmax, upload, upload_bytes,
+    DevValue, Records, accumulate, batched_matmul, binary, download, frozen as frozen_resident,
+    gather, gelu, layer_norm, memory, permute, ready as tail_ready, records_on, softmax, upload,
+    upload_bytes,
 };
 
 /// A resident value's buffer, if it is on `gpu`.
@@ -61,6 +62,8 @@ struct Gpu {
     ones: Option<CudaSlice<f32>>,
     /// Whether it has bf16 tensor cores (compute capability 8.0 or later).
     bf16: bool,
+    /// Whether it shares the host's memory (a Jetson's).
+    integrated: bool,
     /// The optimizer's kernels, compiled on first use (or why they are not).
     kernels: Option<Result<optim::Kernels, String>>,
     /// The tail's element-wise kernels, compiled on first use (or why not).
@@ -122,6 +125,9 @@ pub(super) struct Resident {
     ctx: Arc<CudaContext>,
     f32: Option<Buf>,
     bf16: Option<Buf>,
+    /// f16 weights' bits, in place of the f32 copy: widened for each f32
+    /// product (`tail::widen`).
+    f16: Option<CudaSlice<u16>>,
 }
 
 impl Resident {
@@ -131,7 +137,7 @@ impl Resident {
             Some(Buf::Bf16(w)) => w.len() * 2,
             None => 0,
         };
-        b(&self.f32) + b(&self.bf16)
+        b(&self.f32) + b(&self.bf16) + self.f16.as_ref().map_or(0, |h| h.len() * 2)
     }
 }
 
@@ -237,6 +243,10 @@ pub(super) fn active_id() -> Option<u64> {
     active().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).id)
 }
 
+pub(super) fn integrated() -> bool {
+    active().is_some_and(|g| g.lock().unwrap_or_else(|e| e.into_inner()).integrated)
+}
+
 pub(super) fn active_ordinal() -> Option<usize> {
     active().map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).ordinal)
 }
@@ -244,6 +254,7 @@ pub(super) fn active_ordinal() -> Option<usize> {
 pub(super) fn deactivate() {
     *ACTIVE.write().unwrap_or_else(|e| e.into_inner()) = None;
     free_resident();
+    tail::free_records();
 }
 
 pub(super) fn activate(n: usize) -> Result<DeviceInfo> {
@@ -300,12 +311,26 @@ fn open(n: usize) -> Result<(Gpu, DeviceInfo)> {
         .map_err(|e| device_error(n, format!("cannot start cuBLAS: {e}")))?;
     let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".to_string());
     let memory_bytes = ctx.total_mem().ok();
-    let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes };
+    let integrated = ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)
+        .is_ok_and(|v| v != 0);
+    let info = DeviceInfo { device: Device::Cuda(n), name, memory_bytes, integrated };
     let bf16 = ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
     let id = OPENED.fetch_add(1, Ordering::Relaxed);
     let blas = core::mem::ManuallyDrop::new(blas);
     Ok((
-        Gpu { id, ordinal: n, stream, blas, ctx, ones: None, bf16, kernels: None, tail: None },
+        Gpu {
+            id,
+            ordinal: n,
+            stream,
+            blas,
+            ctx,
+            ones: None,
+            bf16,
+            integrated,
+            kernels: None,
+            tail: None,
+        },
         info,
     ))
 }
@@ -389,7 +414,7 @@ fn fell_back(ordinal: usize, e: &str) {
 /// copy.
 pub(super) fn frozen<'w>(
     slot: &Slot,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> crate::device::W0<'w>,
     plan: FrozenPlan,
     x: &[f32],
     bias: Option<&[f32]>,
@@ -441,7 +466,7 @@ fn with_gpu<T>(f: impl FnOnce(&mut Gpu) -> Result<T, String>) -> Result<T, Optio
 /// (`Err(None)`: no GPU in use, nothing tried).
 fn with_resident<'w, T>(
     slot: &Slot,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> crate::device::W0<'w>,
     plan: FrozenPlan,
     f: impl FnOnce(&mut Gpu, &Buf) -> Result<T, String>,
 ) -> Result<(T, bool), Option<String>> {
@@ -461,16 +486,41 @@ fn with_resident<'w, T>(
             register(shared);
         }
         let r = slot.get_or_insert_with(|| {
-            Box::new(Resident { gpu: gpu.id, ctx: gpu.ctx.clone(), f32: None, bf16: None })
+            Box::new(Resident {
+                gpu: gpu.id,
+                ctx: gpu.ctx.clone(),
+                f32: None,
+                bf16: None,
+                f16: None,
+            })
         });
-        let copy = if bf16 { &mut r.bf16 } else { &mut r.f32 };
-        if copy.is_none() {
-            let w = w0();
-            let len = elems(plan.m, plan.k)?;
-            let w = w.get(..len).ok_or("W0 is shorter than its layer's shape")?;
-            *copy = Some(gpu.upload_as(w, bf16).map_err(|e| format!("upload W0: {e}"))?);
+        let len = elems(plan.m, plan.k)?;
+        if bf16 && r.bf16.is_none() || !bf16 && r.f32.is_none() && r.f16.is_none() {
+            let up = |e: String| format!("upload W0: {e}");
+            match w0() {
+                // f16 weights stay f16 where the widening kernel is there.
+                crate::device::W0::F16(h) if !bf16 && tail::compiled(gpu) => {
+                    let h = h.get(..len).ok_or("W0 is shorter than its layer's shape")?;
+                    let bits: Vec<u16> = h.iter().map(|v| v.to_bits()).collect();
+                    r.f16 = Some(gpu.htod(&bits).map_err(up)?);
+                }
+                w => {
+                    let w = w.into_f32();
+                    let w = w.get(..len).ok_or("W0 is shorter than its layer's shape")?;
+                    let copy = if bf16 { &mut r.bf16 } else { &mut r.f32 };
+                    *copy = Some(gpu.upload_as(w, bf16).map_err(up)?);
+                }
+            }
         }
-        let Some(w) = copy.as_ref() else { return Err("no resident W0".to_string()) };
+        let widened;
+        let w = match (bf16, &r.bf16, &r.f32, &r.f16) {
+            (true, Some(w), _, _) | (false, _, Some(w), _) => w,
+            (false, _, None, Some(h)) => {
+                widened = Buf::F32(tail::widen(gpu, h)?);
+                &widened
+            }
+            _ => return Err("no resident W0".to_string()),
+        };
         f(gpu, w)
     };
     match run(&mut slot, &mut gpu) {

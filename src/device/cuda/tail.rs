@@ -7,10 +7,10 @@
 //! pass (`super::hydra`), with `W0` resident as for every frozen product.
 
 use alloc::string::{String, ToString};
-use alloc::sync::Arc;
+use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -201,6 +201,13 @@ extern "C" __global__ void hydra_gather(const unsigned char *recs, const unsigne
         }
     }
 }
+
+// f16 weights (their bits) widened to f32, exactly.
+extern "C" __global__ void hydra_widen(const unsigned short *h, float *y, unsigned long long n) {
+    HYDRA_LOOP(i, n) {
+        y[i] = hydra_half_to_float((unsigned int)h[i]);
+    }
+}
 "#;
 
 /// The compiled kernels of one [`Gpu`].
@@ -214,6 +221,7 @@ pub(super) struct Kernels {
     layer_norm: CudaFunction,
     layer_norm_grad: CudaFunction,
     gather: CudaFunction,
+    widen: CudaFunction,
 }
 
 fn compile(gpu: &Gpu) -> Result<Kernels, String> {
@@ -229,6 +237,7 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
         layer_norm: f("hydra_layer_norm")?,
         layer_norm_grad: f("hydra_layer_norm_grad")?,
         gather: f("hydra_gather")?,
+        widen: f("hydra_widen")?,
     })
 }
 
@@ -263,17 +272,41 @@ pub(in crate::device) fn ready() -> bool {
     if gpu.bf16 && crate::runtime::bf16_requested() {
         return false;
     }
+    compiled(&mut gpu)
+}
+
+/// Whether `gpu`'s tail kernels are there (compiled here on the first call;
+/// a failure said once).
+pub(super) fn compiled(gpu: &mut Gpu) -> bool {
     if gpu.tail.is_none() {
-        let k = compile(&gpu);
+        let k = compile(gpu);
         if let Err(e) = &k {
             static SAID: Once = Once::new();
             SAID.call_once(|| {
-                eprintln!("hydra-edge: the tail's element-wise ops and norms stay on the CPU: {e}");
+                eprintln!(
+                    "hydra-edge: the tail's element-wise ops and norms stay on the CPU, and f16 \
+                     weights go to the GPU as f32: {e}"
+                );
             });
         }
         gpu.tail = Some(k);
     }
     matches!(gpu.tail, Some(Ok(_)))
+}
+
+/// f16 weights' bits `h` (on `gpu`) widened to f32 in a new buffer, for
+/// one product.
+pub(super) fn widen(gpu: &Gpu, h: &CudaSlice<u16>) -> Result<CudaSlice<f32>, String> {
+    let Some(Ok(k)) = &gpu.tail else { return Err("the tail kernels are not loaded".to_string()) };
+    let n = h.len();
+    let mut y = gpu.stream.alloc_zeros::<f32>(n).map_err(|e| format!("alloc: {e}"))?;
+    let n64 = n as u64;
+    let mut l = gpu.stream.launch_builder(&k.widen);
+    l.arg(h).arg(&mut y).arg(&n64);
+    // SAFETY: h holds n u16 and y n f32; the arguments match `hydra_widen`'s
+    // (two pointers, a u64).
+    unsafe { l.launch(Gpu::launch_cfg(n)) }.map_err(|e| format!("widen kernel: {e}"))?;
+    Ok(y)
 }
 
 /// `f` on the GPU in use, with its tail kernels; a failure is counted and
@@ -650,7 +683,7 @@ pub(in crate::device) fn accumulate(
 /// forward `X·W0ᵀ (+ bias)` or backward `dY·W0`, the result resident.
 pub(in crate::device) fn frozen<'w>(
     slot: &Slot,
-    w0: impl FnOnce() -> alloc::borrow::Cow<'w, [f32]>,
+    w0: impl FnOnce() -> crate::device::W0<'w>,
     plan: FrozenPlan,
     x: &DevValue,
     bias: Option<&[f32]>,
@@ -683,21 +716,37 @@ pub(in crate::device) struct DevBytes {
     data: CudaSlice<u8>,
 }
 
-impl DevBytes {
-    pub(in crate::device) fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// The [`Gpu::id`] it is on.
-    pub(in crate::device) fn gpu(&self) -> u64 {
-        self.gpu
-    }
-}
-
 impl Drop for DevBytes {
     fn drop(&mut self) {
         make_current(&self.ctx);
     }
+}
+
+/// Where a feature cache keeps its records on the GPU: emptied by a change
+/// of device ([`free_records`]), so that a copy on a GPU no longer in use
+/// (and its context) does not outlive the switch.
+pub(in crate::device) type Records = Arc<Mutex<Option<DevBytes>>>;
+
+/// Every [`Records`] made since the last change of device.
+static RECORDS: Mutex<Vec<Weak<Mutex<Option<DevBytes>>>>> = Mutex::new(Vec::new());
+
+/// Frees every feature cache's records on the GPU (one being read at this
+/// moment — a failing gather giving the GPU up — goes at its next use: its
+/// GPU is no longer the one in use).
+pub(super) fn free_records() {
+    let all = core::mem::take(&mut *RECORDS.lock().unwrap_or_else(|e| e.into_inner()));
+    for r in all.iter().filter_map(Weak::upgrade) {
+        match r.try_lock() {
+            Ok(mut r) => *r = None,
+            Err(std::sync::TryLockError::Poisoned(e)) => *e.into_inner() = None,
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+    }
+}
+
+/// Bytes `r` holds on the GPU, and the [`Gpu::id`] of that GPU.
+pub(in crate::device) fn records_on(r: &Records) -> Option<(usize, u64)> {
+    r.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|b| (b.data.len(), b.gpu))
 }
 
 /// Free and total bytes of the GPU in use.
@@ -706,45 +755,50 @@ pub(in crate::device) fn memory() -> Option<(usize, usize)> {
         .ok()
 }
 
-/// `bytes` on the GPU in use, kept until dropped.
-pub(in crate::device) fn upload_bytes(bytes: &[u8]) -> Result<Arc<DevBytes>, ()> {
-    with_gpu(|gpu| {
+/// `bytes` on the GPU in use, kept until dropped or the device changes.
+pub(in crate::device) fn upload_bytes(bytes: &[u8]) -> Result<Records, ()> {
+    let b = with_gpu(|gpu| {
         let data = gpu.htod(bytes)?;
-        Ok(Arc::new(DevBytes { gpu: gpu.id, ctx: gpu.ctx.clone(), data }))
+        Ok(DevBytes { gpu: gpu.id, ctx: gpu.ctx.clone(), data })
     })
-    .map_err(|_| ())
+    .map_err(|_| ())?;
+    let r = Arc::new(Mutex::new(Some(b)));
+    let mut all = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+    if all.len() >= 16 && all.len().is_power_of_two() {
+        all.retain(|w| w.strong_count() > 0);
+    }
+    all.push(Arc::downgrade(&r));
+    Ok(r)
 }
 
 /// Samples `idx` of resident records (`record` bytes each) as a dense f32
 /// `idx.len()×count` value: each sample's `count` values at byte `offset`
-/// of its record, f16 (`half`) or f32. Only the indices go up.
+/// of its record, f16 (`half`) or f32. Only the indices go up. Arguments
+/// that do not fit the records are refused before any CUDA call (not
+/// counted as a GPU failure).
 pub(in crate::device) fn gather(
-    recs: &DevBytes,
+    recs: &Records,
     idx: &[usize],
     record: usize,
     offset: usize,
     count: usize,
     half: bool,
 ) -> Result<Arc<DevValue>, ()> {
+    let recs = recs.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(recs) = recs.as_ref() else { return Err(()) };
+    let elem = if half { 2 } else { 4 };
+    let span = count.checked_mul(elem).and_then(|b| b.checked_add(offset));
+    let fits = |&i: &usize| {
+        i.checked_add(1).and_then(|e| e.checked_mul(record)).is_some_and(|e| e <= recs.data.len())
+    };
+    let Some(n) = idx.len().checked_mul(count) else { return Err(()) };
+    if n == 0 || span.is_none_or(|s| s > record) || !idx.iter().all(fits) {
+        return Err(());
+    }
     with_kernels(|gpu, k| {
         if recs.gpu != gpu.id {
             return Err("records on another GPU (the device changed)".to_string());
         }
-        let elem = if half { 2 } else { 4 };
-        let span = count.checked_mul(elem).and_then(|b| b.checked_add(offset));
-        let n = idx.len().checked_mul(count);
-        let fits = |&i: &usize| {
-            i.checked_add(1).and_then(|e| e.checked_mul(record)).is_some_and(|e| e <= recs.len())
-        };
-        if idx.is_empty()
-            || count == 0
-            || span.is_none_or(|s| s > record)
-            || n.is_none()
-            || !idx.iter().all(fits)
-        {
-            return Err("gather: a sample or slot outside the records".to_string());
-        }
-        let n = n.unwrap_or(0);
         let ids: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
         let ids = gpu.htod(&ids)?;
         let (n64, c64, r64, o64, h32) =

@@ -177,11 +177,10 @@ impl Linear {
         let (din, dout) = (self.in_dim, self.out_dim);
         match &mut self.inner {
             Inner::Frozen { w, b, packs } => {
-                let k = kernels::active();
                 let (w, b) = (&*w, b.as_deref());
                 crate::device::resident::frozen(
                     packs.gpu(),
-                    || w.as_f32(k),
+                    || w.for_gpu(),
                     true,
                     rows,
                     din,
@@ -212,11 +211,10 @@ impl Linear {
         let (din, dout) = (self.in_dim, self.out_dim);
         match &mut self.inner {
             Inner::Frozen { w, packs, .. } if want_dx => {
-                let k = kernels::active();
                 let w = &*w;
                 crate::device::resident::frozen(
                     packs.gpu(),
-                    || w.as_f32(k),
+                    || w.for_gpu(),
                     false,
                     rows,
                     din,
