@@ -277,6 +277,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The tail's values resident on the GPU (the default), then the
         // per-product baseline (operands up and results back per product,
         // element-wise ops and norms on the CPU), side by side.
+        // One step first: it uploads the frozen weights and the feature
+        // cache (kept there when it fits), so the figures below are a
+        // step's in a run.
+        let up0 = gpu::gpu_bytes_up();
+        median_step_ms(&mut trainer, &train, 1)?;
+        println!(
+            "first step on {}: {:.1} MB up (the frozen weights, and the feature cache's {:.1} MB \
+             kept there)",
+            info.device,
+            (gpu::gpu_bytes_up() - up0) as f64 / 1e6,
+            trainer.model().cache_gpu_bytes() as f64 / 1e6
+        );
         let mut runs = Vec::new();
         for resident in [true, false] {
             hydra_edge::device::set_resident_tail(resident);

@@ -30,7 +30,11 @@
 //! element-wise arithmetic, GELU, LayerNormalization, Softmax, reshapes,
 //! transposes and attention's batched products (NVRTC kernels and cuBLAS),
 //! forward and backward; the other ops (pooling's reductions, gathers, the
-//! head) run on the CPU, a value crossing once where they read it. The parameters live on the host (each GPU step
+//! head) run on the CPU, a value crossing once where they read it. A feature
+//! cache that fits stays on the GPU too (`model::CacheConfig::gpu_budget`):
+//! its records go up once and each batch's boundary tensors are gathered
+//! there. f16 weights stay f16 on the GPU and are widened for each product.
+//! The parameters live on the host (each GPU step
 //! brings them back), so checkpoints, adapter files and the merge are the
 //! CPU path's own. A CUDA call that fails mid-run leaves that product (or
 //! that layer's whole pass, or the tail's whole forward and backward when
