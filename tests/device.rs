@@ -1503,3 +1503,122 @@ fn the_memory_estimate_counts_the_cache_kept_on_the_gpu() {
         assert_eq!(device::gpu_shares_host_memory(), info.integrated);
     }
 }
+
+use hydra_edge::tail::TailBuilder;
+use hydra_edge::tail::ops::linear::{Layout, Linear};
+use hydra_edge::tail::ops::reduce::{GlobalAveragePool, Reduce, ReduceKind};
+
+/// A pooling tail on `[4, 6, 16]` activations: an adapted layer, the
+/// activations masked (`x · mask[..., None]`), then summed over the
+/// sequence (ReduceSum, axes input, no kept dims) or, for `pool` 1, a mean
+/// over the sequence with the dims kept (ReduceMean, axes attribute) and a
+/// mean over the features, or, for `pool` 2, a GlobalAveragePool over
+/// `[4, 16, 6]` (the transposed activations). Its output and every
+/// gradient after a backward of `sin(y)`.
+fn pooling_pass(pool: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let (n, s, h) = (4, 6, 16);
+    let mut rng = Rng::new(21);
+    let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    let x = ArrayD::from_shape_vec(IxDyn(&[n, s, h]), v(n * s * h)).unwrap();
+    let mask: Vec<f32> = (0..n * s).map(|i| if i % s < 3 + i / s { 1.0 } else { 0.0 }).collect();
+    let mask = ArrayD::from_shape_vec(IxDyn(&[n, s, 1]), mask).unwrap();
+    let mut lin =
+        Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), Some(v(h)), h, h).unwrap();
+    lin.adapt(HydraConfig { seed: 5, ..HydraConfig::default() }).unwrap();
+    let mut b = TailBuilder::new();
+    let xi = b.boundary("x");
+    let mi = b.boundary("mask");
+    let y = b.node("proj", Box::new(lin), vec![xi], "y");
+    let mul =
+        hydra_edge::tail::ops::binary::Binary::new(hydra_edge::tail::ops::binary::BinaryKind::Mul);
+    let masked = b.node("mask", Box::new(mul), vec![y, mi], "masked");
+    let out = match pool {
+        0 => {
+            let axes = b.constant(
+                "axes",
+                Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[1]), vec![1]).unwrap()),
+            );
+            b.node(
+                "sum",
+                Box::new(Reduce::new(ReduceKind::Sum, None, false, false)),
+                vec![masked, axes],
+                "out",
+            )
+        }
+        1 => {
+            let m = b.node(
+                "mean",
+                Box::new(Reduce::new(ReduceKind::Mean, Some(vec![1]), true, false)),
+                vec![masked],
+                "mean",
+            );
+            b.node(
+                "mean2",
+                Box::new(Reduce::new(ReduceKind::Mean, Some(vec![-1]), true, false)),
+                vec![m],
+                "out",
+            )
+        }
+        _ => {
+            let t = hydra_edge::tail::ops::shape::Transpose::new(Some(vec![0, 2, 1]));
+            let tr = b.node("transpose", Box::new(t), vec![masked], "t");
+            b.node("gap", Box::new(GlobalAveragePool), vec![tr], "out")
+        }
+    };
+    let _ = out;
+    let mut tail = b.finish("out").unwrap();
+    tail.params_and_grads().0.iter_mut().for_each(|p| {
+        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.05 * ((i % 7) as f32 - 3.0))
+    });
+    tail.zero_grad();
+    let y = tail.forward(vec![Tensor::F32(x), Tensor::F32(mask)], true).unwrap().into_f32();
+    let y = y.f32("y").unwrap().clone();
+    tail.backward(y.mapv(|v| v.sin())).unwrap();
+    let grads = tail.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+    (y.iter().copied().collect(), grads)
+}
+
+/// Pooling's reductions (ReduceSum, ReduceMean, GlobalAveragePool) run on
+/// resident values forward and backward, with the CPU's result.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn pooling_reductions_run_on_the_gpu() {
+    let _g = lock();
+    let _restore = Restore;
+    for pool in 0..3 {
+        device::set_device(Device::Cpu).unwrap();
+        let cpu = pooling_pass(pool);
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        let mut down = [0; 2];
+        for resident in [false, true] {
+            device::set_resident_tail(resident);
+            let (ops, fallbacks, before) = (
+                device::stats::gpu_tail_ops(),
+                device::stats::gpu_fallbacks(),
+                device::stats::gpu_bytes_down(),
+            );
+            let gpu = pooling_pass(pool);
+            let ops = device::stats::gpu_tail_ops() - ops;
+            down[usize::from(resident)] = device::stats::gpu_bytes_down() - before;
+            let what = format!("pool {pool}, resident {resident}");
+            assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "{what}: a CUDA call failed");
+            let e = rel_err(&cpu.0, &gpu.0);
+            assert!(e <= 1e-5, "{what}: output, GPU vs CPU {e:e}");
+            for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
+                let e = rel_err(c, g);
+                assert!(e <= 1e-5, "{what}: gradient {i}, GPU vs CPU {e:e}");
+            }
+            eprintln!(
+                "{what}: {ops} tail ops on the GPU, {} bytes down",
+                down[usize::from(resident)]
+            );
+            // Forward: the mask's Mul and the reductions (and the
+            // transpose); backward: the same.
+            let want = if resident { [4, 6, 6][pool] } else { 0 };
+            assert!(ops >= want, "{what}: only {ops} ops on the GPU");
+        }
+        // The [4, 6, 16] activations no longer come down for the CPU's pooling.
+        assert!(down[1] + 4 * 6 * 16 * 4 <= down[0], "pool {pool}: bytes down {down:?}");
+    }
+}

@@ -29,7 +29,7 @@
 //! ([`set_resident_tail`], `resident`): frozen and adapted linear layers,
 //! element-wise arithmetic, GELU, LayerNormalization, Softmax, reshapes,
 //! transposes and attention's batched products (NVRTC kernels and cuBLAS),
-//! forward and backward; the other ops (pooling's reductions, gathers, the
+//! forward and backward, and pooling's sums and means; the other ops (gathers, the
 //! head) run on the CPU, a value crossing once where they read it. A feature
 //! cache that fits stays on the GPU too (`model::CacheConfig::gpu_budget`):
 //! its records go up once and each batch's boundary tensors are gathered

@@ -8,7 +8,8 @@
 //! branches' inputs kept there for the backward), broadcasting Add, Sub,
 //! Mul and Div (up to [`MAX_RANK`] axes), exact GELU, LayerNormalization and
 //! Softmax over the last axis, Reshape-like ops, Transpose, attention's
-//! batched products (equal batch axes), and their backward passes (a binary
+//! batched products (equal batch axes), ReduceSum and ReduceMean over
+//! adjacent axes and GlobalAveragePool, and their backward passes (a binary
 //! op's gradient into a broadcast input sums on the CPU). The rest read host
 //! copies as before.
 //!
@@ -262,6 +263,26 @@ pub(crate) fn layer_norm(
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, scale, bias, width, eps, dy);
+        Err(Failed)
+    }
+}
+
+/// `x` seen as `[outer, len, inner]` summed over `len` and scaled by
+/// `scale`, or with `grad` (`x` the output's gradient, `outer·inner`
+/// values) that gradient spread back over `len`, scaled.
+pub(crate) fn reduce(
+    x: &GpuValue,
+    dims: (usize, usize, usize),
+    scale: f32,
+    grad: bool,
+) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::reduce(&x.inner, dims, scale, grad))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, dims, scale, grad);
         Err(Failed)
     }
 }

@@ -202,6 +202,31 @@ extern "C" __global__ void hydra_gather(const unsigned char *recs, const unsigne
     }
 }
 
+// A sum over the middle axis of [outer, len, inner], scaled (a mean's
+// 1/len, or 1): y[o, i] = scale·Σ_l x[o, l, i], the terms in order as the
+// CPU adds them.
+extern "C" __global__ void hydra_reduce(const float *x, float *y, unsigned long long outer,
+                                        unsigned long long len, unsigned long long inner,
+                                        float scale) {
+    HYDRA_LOOP(j, outer * inner) {
+        unsigned long long o = j / inner, i = j % inner;
+        const float *p = x + o * len * inner + i;
+        float sum = 0.0f;
+        for (unsigned long long l = 0; l < len; l++) sum += p[l * inner];
+        y[j] = sum * scale;
+    }
+}
+
+// Its backward: dx[o, l, i] = scale·dy[o, i].
+extern "C" __global__ void hydra_reduce_grad(const float *dy, float *dx, unsigned long long outer,
+                                             unsigned long long len, unsigned long long inner,
+                                             float scale) {
+    HYDRA_LOOP(j, outer * len * inner) {
+        unsigned long long i = j % inner, o = j / (len * inner);
+        dx[j] = dy[o * inner + i] * scale;
+    }
+}
+
 // f16 weights (their bits) widened to f32, exactly.
 extern "C" __global__ void hydra_widen(const unsigned short *h, float *y, unsigned long long n) {
     HYDRA_LOOP(i, n) {
@@ -222,6 +247,8 @@ pub(super) struct Kernels {
     layer_norm_grad: CudaFunction,
     gather: CudaFunction,
     widen: CudaFunction,
+    reduce: CudaFunction,
+    reduce_grad: CudaFunction,
 }
 
 fn compile(gpu: &Gpu) -> Result<Kernels, String> {
@@ -238,6 +265,8 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
         layer_norm_grad: f("hydra_layer_norm_grad")?,
         gather: f("hydra_gather")?,
         widen: f("hydra_widen")?,
+        reduce: f("hydra_reduce")?,
+        reduce_grad: f("hydra_reduce_grad")?,
     })
 }
 
@@ -396,6 +425,38 @@ pub(in crate::device) fn gelu(
         Ok(gpu.value(y))
     });
     r.inspect(|_| tail_op_ran())
+}
+
+/// `x` seen as `[outer, len, inner]` summed over `len` and scaled, or with
+/// `grad` (`x` then the output's gradient, `outer·inner` values) that
+/// gradient spread back over `len`, scaled.
+pub(in crate::device) fn reduce(
+    x: &DevValue,
+    (outer, len, inner): (usize, usize, usize),
+    scale: f32,
+    grad: bool,
+) -> Result<Arc<DevValue>, ()> {
+    with_kernels(|gpu, k| {
+        let xs = gpu.on_this(x)?;
+        let small = outer.checked_mul(inner).ok_or("overflow")?;
+        let big = small.checked_mul(len).ok_or("overflow")?;
+        let (n_in, n_out) = if grad { (small, big) } else { (big, small) };
+        if xs.len() != n_in || n_out == 0 {
+            return Err("reduce: the input's size is not the plan's".to_string());
+        }
+        let (o64, l64, i64_) = (outer as u64, len as u64, inner as u64);
+        let mut y = gpu.stream.alloc_zeros::<f32>(n_out).map_err(|e| format!("alloc: {e}"))?;
+        let mut l = gpu.stream.launch_builder(if grad { &k.reduce_grad } else { &k.reduce });
+        l.arg(xs).arg(&mut y).arg(&o64).arg(&l64).arg(&i64_).arg(&scale);
+        // SAFETY: forward, x holds outer·len·inner f32 and y outer·inner;
+        // backward, the other way round (checked above); every index the
+        // kernels form is below those counts; the arguments match
+        // `hydra_reduce` / `hydra_reduce_grad` (two pointers, three u64, a
+        // float).
+        unsafe { l.launch(Gpu::launch_cfg(n_out)) }.map_err(|e| format!("reduce kernel: {e}"))?;
+        Ok(gpu.value(y))
+    })
+    .inspect(|_| tail_op_ran())
 }
 
 // The most axes the element-wise kernels index (one constant for both sides).

@@ -131,6 +131,16 @@ impl TailGraph {
                     && count(&sb) > 0
                     && ins.iter().any(|&v| resident(v))
             }
+            GpuKind::Reduce => {
+                let rest: Option<Vec<&Tensor>> =
+                    ins[1..].iter().map(|&v| self.host_value(v)).collect();
+                float(&ins[..1])
+                    && resident(x)
+                    && count(&sx) > 0
+                    && rest.is_some_and(|r| {
+                        self.ops[i].gpu_reduce(&sx, &r).is_ok_and(|p| p.outer * p.inner > 0)
+                    })
+            }
             GpuKind::Linear => {
                 let Some(l) = self.ops[i].as_linear() else { return false };
                 let (din, dout) = l.dims();
@@ -143,6 +153,16 @@ impl TailGraph {
                     && (self.on_dev(x) || dev::worth(&[rows, din, dout]))
             }
         }
+    }
+
+    /// Reduction node `i`'s plan for an input of `shape` (its other
+    /// inputs read on the host).
+    fn reduce_plan(&self, i: usize, shape: &[usize]) -> Result<crate::tail::ops::ReducePlan, Fail> {
+        let rest: Vec<&Tensor> = self.nodes[i].inputs[1..]
+            .iter()
+            .map(|&v| self.host_value(v).ok_or(Fail::Missing(v)))
+            .collect::<Result<_, _>>()?;
+        self.ops[i].gpu_reduce(shape, &rest).map_err(Fail::Error)
     }
 
     /// Value `v` on the host as it is (a constant, or on the tape).
@@ -229,6 +249,11 @@ impl TailGraph {
                     .collect::<Result<_, _>>()?;
                 let shape = self.ops[i].gpu_target(&x.shape, &rest).map_err(Fail::Error)?;
                 DevVal { v: x.v, shape }
+            }
+            GpuKind::Reduce => {
+                let p = self.reduce_plan(i, &x.shape)?;
+                let v = gpu(dev::reduce(&x.v, (p.outer, p.len, p.inner), p.scale, false))?;
+                DevVal { v, shape: p.out_shape }
             }
             GpuKind::Transpose => {
                 let p = self.ops[i].gpu_perm(x.shape.len()).map_err(Fail::Error)?;
@@ -379,6 +404,12 @@ impl TailGraph {
                 let width = y.shape.last().copied().unwrap_or(0);
                 let v = gpu(dev::softmax(&y.v, width, Some(&dy.v)))?;
                 out[0] = Some(DevVal { v, shape: y.shape });
+            }
+            GpuKind::Reduce if want => {
+                let shape = self.shape_now(ins[0]).ok_or(Fail::Missing(ins[0]))?;
+                let p = self.reduce_plan(i, &shape)?;
+                let v = gpu(dev::reduce(&dy.v, (p.outer, p.len, p.inner), p.scale, true))?;
+                out[0] = Some(DevVal { v, shape });
             }
             GpuKind::Transpose if want => {
                 let p = self.ops[i].gpu_perm(dy.shape.len()).map_err(Fail::Error)?;

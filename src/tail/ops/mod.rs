@@ -52,6 +52,25 @@ pub enum GpuKind {
     Linear,
     /// Attention's batched product of two activations.
     MatMul,
+    /// A sum or mean over adjacent axes ([`TailOp::gpu_reduce`]): pooling.
+    Reduce,
+}
+
+/// A reduction as the GPU runs it: the input seen as `[outer, len, inner]`
+/// (the reduced axes are the middle ones), summed over `len` and scaled
+/// (1 for a sum, `1/len` for a mean), giving `out_shape`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReducePlan {
+    /// Product of the axes before the reduced ones.
+    pub outer: usize,
+    /// Product of the reduced axes.
+    pub len: usize,
+    /// Product of the axes after them.
+    pub inner: usize,
+    /// The sums' factor.
+    pub scale: f32,
+    /// The output's shape.
+    pub out_shape: Vec<usize>,
 }
 
 /// One tail operator.
@@ -93,6 +112,13 @@ pub trait TailOp: core::fmt::Debug + Send {
     /// A transpose's permutation for an input of rank `rank`.
     fn gpu_perm(&self, _rank: usize) -> Result<Vec<usize>> {
         Err(fail("not a transpose"))
+    }
+
+    /// A reduction's plan for an input of shape `x` (`rest`: its other
+    /// inputs, on the host); an error where the GPU has no form for it
+    /// (axes that are not adjacent, none at all).
+    fn gpu_reduce(&self, _x: &[usize], _rest: &[&Tensor]) -> Result<ReducePlan> {
+        Err(fail("not a reduction"))
     }
 
     /// Drops whatever forward kept for backward (inference needs none of it).

@@ -46,7 +46,12 @@ impl Reduce {
     /// The sorted, normalised axes to reduce for an input of rank `rank`
     /// (empty = identity).
     fn axes(&self, inputs: &[&Tensor], rank: usize) -> Result<Vec<usize>> {
-        let raw = match (&self.axes, inputs.get(1)) {
+        self.axes_of(inputs.get(1).copied(), rank)
+    }
+
+    /// [`Reduce::axes`] with the axes input (if any) given alone.
+    fn axes_of(&self, axes_input: Option<&Tensor>, rank: usize) -> Result<Vec<usize>> {
+        let raw = match (&self.axes, axes_input) {
             (Some(a), _) => a.clone(),
             (None, Some(t)) => t.to_i64_vec("reduce axes")?,
             (None, None) => Vec::new(),
@@ -151,6 +156,45 @@ impl TailOp for Reduce {
     fn differentiable(&self, input: usize) -> bool {
         input == 0
     }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        (self.kind != ReduceKind::L2).then_some(super::GpuKind::Reduce)
+    }
+
+    fn gpu_reduce(&self, x: &[usize], rest: &[&Tensor]) -> Result<super::ReducePlan> {
+        let axes = self.axes_of(rest.first().copied(), x.len())?;
+        reduce_plan(x, &axes, self.kind == ReduceKind::Mean, self.keepdims)
+    }
+}
+
+/// The GPU's plan for reducing `x` over `axes` (sorted): adjacent axes
+/// only, at least one.
+fn reduce_plan(
+    x: &[usize],
+    axes: &[usize],
+    mean: bool,
+    keepdims: bool,
+) -> Result<super::ReducePlan> {
+    let (Some(&first), Some(&last)) = (axes.first(), axes.last()) else {
+        return Err(fail("no axes to reduce"));
+    };
+    if last >= x.len() || last - first + 1 != axes.len() {
+        return Err(fail("the reduced axes are not adjacent"));
+    }
+    let len: usize = x[first..=last].iter().product();
+    let mut out_shape = x[..first].to_vec();
+    if keepdims {
+        out_shape.extend(core::iter::repeat_n(1, axes.len()));
+    }
+    out_shape.extend_from_slice(&x[last + 1..]);
+    Ok(super::ReducePlan {
+        outer: x[..first].iter().product(),
+        len,
+        inner: x[last + 1..].iter().product(),
+        // As the CPU scales its sums (`1 / count` in f32).
+        scale: if mean { 1.0 / len.max(1) as f32 } else { 1.0 },
+        out_shape,
+    })
 }
 
 /// Mean over every axis after the first two: `[N, C, ...] → [N, C, 1, ...]`.
@@ -188,5 +232,17 @@ impl TailOp for GlobalAveragePool {
         let inv = 1.0 / count.max(1) as f32;
         let g = dy.broadcast(IxDyn(x.shape())).ok_or_else(|| fail("pool gradient shape"))?;
         Ok(vec![Some(g.mapv(|v| v * inv))])
+    }
+
+    fn gpu_kind(&self) -> Option<super::GpuKind> {
+        Some(super::GpuKind::Reduce)
+    }
+
+    fn gpu_reduce(&self, x: &[usize], _rest: &[&Tensor]) -> Result<super::ReducePlan> {
+        if x.len() < 3 {
+            return Err(fail("GlobalAveragePool needs [N, C, spatial...]"));
+        }
+        let axes: Vec<usize> = (2..x.len()).collect();
+        reduce_plan(x, &axes, true, true)
     }
 }
