@@ -1622,3 +1622,159 @@ fn pooling_reductions_run_on_the_gpu() {
         assert!(down[1] + 4 * 6 * 16 * 4 <= down[0], "pool {pool}: bytes down {down:?}");
     }
 }
+
+/// An older exporter's transformer (opset 13: LayerNormalization written as
+/// ReduceMean, Sub, Pow, Add, Sqrt and Div; GELU as Div, Erf, Add and Mul)
+/// keeps its values on the GPU through those ops too, forward and backward
+/// (the norms' broadcast gradients summed there), with the CPU's result.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn decomposed_norms_and_gelu_stay_on_the_gpu() {
+    let model = OnnxModel::load(root().join("models/test/transformer.onnx")).unwrap();
+    let _g = lock();
+    let _restore = Restore;
+    device::set_device(Device::Cpu).unwrap();
+    let cpu = resident_pass(&model, 0.1);
+    device::set_device(Device::Cuda(0)).unwrap();
+    device::set_gpu_min_work(0);
+    let (fallbacks, reruns) = (device::stats::gpu_fallbacks(), device::stats::gpu_tail_reruns());
+    let traffic = || device::stats::gpu_bytes_up() + device::stats::gpu_bytes_down();
+    let mut bytes = [0usize; 2];
+    let mut ops = [0usize; 2];
+    for (k, resident) in [false, true].into_iter().enumerate() {
+        device::set_resident_tail(resident);
+        let (o, moved) = (device::stats::gpu_tail_ops(), traffic());
+        let gpu = resident_pass(&model, 0.1);
+        (ops[k], bytes[k]) = (device::stats::gpu_tail_ops() - o, traffic() - moved);
+        assert_same_pass(&format!("resident {resident}"), &cpu, &gpu);
+    }
+    assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "a CUDA call failed");
+    assert_eq!(device::stats::gpu_tail_reruns(), reruns, "a pass fell back to the CPU");
+    eprintln!(
+        "opset-13 transformer: {} tail ops on the GPU; traffic resident ÷ per product {:.2} ({} vs {} bytes)",
+        ops[1],
+        bytes[1] as f64 / bytes[0] as f64,
+        bytes[1],
+        bytes[0]
+    );
+    // Two decomposed norms and a GELU in the tail, forward and backward.
+    assert!(ops[1] >= 30, "only {} ops on the GPU", ops[1]);
+    assert!(bytes[1] * 100 < bytes[0] * 40, "traffic {bytes:?}");
+}
+
+use hydra_edge::tail::ops::binary::{Binary, BinaryKind};
+use hydra_edge::tail::ops::unary::{Unary, UnaryKind};
+
+/// An adapted layer on `[4, 6, 16]` activations, then `case`'s element-wise
+/// ops: its output and every gradient after a backward of `sin(y)`.
+fn elementwise_pass(case: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let (n, s, h) = (4, 6, 16);
+    let mut rng = Rng::new(23);
+    let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+    let x = ArrayD::from_shape_vec(IxDyn(&[n, s, h]), v(n * s * h)).unwrap();
+    let c = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[h]), v(h)).unwrap());
+    let mut lin =
+        Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), Some(v(h)), h, h).unwrap();
+    lin.adapt(HydraConfig { seed: 5, ..HydraConfig::default() }).unwrap();
+    let mut b = TailBuilder::new();
+    let xi = b.boundary("x");
+    let y = b.node("proj", Box::new(lin), vec![xi], "y");
+    let scalar = |b: &mut TailBuilder, name: &str, p: f32| {
+        b.constant(name, Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[]), vec![p]).unwrap()))
+    };
+    let unary = |b: &mut TailBuilder, k: UnaryKind, x, out: &str| {
+        b.node(out, Box::new(Unary::new(k)), vec![x], out)
+    };
+    let binary = |b: &mut TailBuilder, k: BinaryKind, x, z, out: &str| {
+        b.node(out, Box::new(Binary::new(k)), vec![x, z], out)
+    };
+    let kinds = [
+        UnaryKind::Relu,
+        UnaryKind::Sigmoid,
+        UnaryKind::Tanh,
+        UnaryKind::Erf,
+        UnaryKind::GeluTanh,
+        UnaryKind::Exp,
+        UnaryKind::Neg,
+    ];
+    match case {
+        k if k < kinds.len() => {
+            unary(&mut b, kinds[k], y, "out");
+        }
+        7 => {
+            // √(e^y), e^y to the 1.7th and cubed.
+            let e = unary(&mut b, UnaryKind::Exp, y, "e");
+            let r = unary(&mut b, UnaryKind::Sqrt, e, "r");
+            let p = scalar(&mut b, "p", 1.7);
+            let q = binary(&mut b, BinaryKind::Pow, e, p, "q");
+            let three = scalar(&mut b, "three", 3.0);
+            let cube = binary(&mut b, BinaryKind::Pow, r, three, "cube");
+            let sum = binary(&mut b, BinaryKind::Add, q, cube, "sum");
+            binary(&mut b, BinaryKind::Add, sum, r, "out");
+        }
+        _ => {
+            // Max and Min against a broadcast row (their backward on the
+            // CPU), a broadcast Add's and Mul's gradients summed into it.
+            let ci = b.constant("c", c);
+            let w = {
+                let mut lin2 =
+                    Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), None, h, h)
+                        .unwrap();
+                lin2.adapt(HydraConfig { seed: 6, ..HydraConfig::default() }).unwrap();
+                b.node("row", Box::new(lin2), vec![ci], "w")
+            };
+            let hi = binary(&mut b, BinaryKind::Max, y, ci, "hi");
+            let lo = binary(&mut b, BinaryKind::Min, y, ci, "lo");
+            let m = binary(&mut b, BinaryKind::Mul, hi, w, "m");
+            let a = binary(&mut b, BinaryKind::Add, lo, w, "a");
+            binary(&mut b, BinaryKind::Sub, m, a, "out");
+        }
+    }
+    let mut tail = b.finish("out").unwrap();
+    tail.params_and_grads().0.iter_mut().for_each(|p| {
+        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.05 * ((i % 7) as f32 - 3.0))
+    });
+    tail.zero_grad();
+    let y = tail.forward(vec![Tensor::F32(x)], true).unwrap().into_f32();
+    let y = y.f32("y").unwrap().clone();
+    // A fixed dY (not one computed from y, which would carry the forward's
+    // rounding into the gradients' comparison).
+    let mut k = 0;
+    tail.backward(y.mapv(|_| {
+        k += 1;
+        ((k % 5) as f32 - 2.0) / 4.0
+    }))
+    .unwrap();
+    let grads = tail.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
+    (y.iter().copied().collect(), grads)
+}
+
+/// Every element-wise function with a GPU form (Relu, Sigmoid, Tanh, Erf,
+/// tanh-GELU, Exp, Neg, Sqrt, Pow, Max, Min) runs on resident values and
+/// gives the CPU's output and gradients.
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn elementwise_functions_run_on_the_gpu() {
+    let _g = lock();
+    let _restore = Restore;
+    for case in 0..9 {
+        device::set_device(Device::Cpu).unwrap();
+        let cpu = elementwise_pass(case);
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        let (ops, fallbacks) = (device::stats::gpu_tail_ops(), device::stats::gpu_fallbacks());
+        let gpu = elementwise_pass(case);
+        let ops = device::stats::gpu_tail_ops() - ops;
+        assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "case {case}: a CUDA call failed");
+        let e = rel_err(&cpu.0, &gpu.0);
+        assert!(e <= 1e-5, "case {case}: output, GPU vs CPU {e:e}");
+        for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
+            let e = rel_err(c, g);
+            assert!(e <= 1e-4, "case {case}: gradient {i}, GPU vs CPU {e:e}");
+        }
+        // Forward and backward of each op (Max's and Min's backward on the CPU).
+        let want = [2, 2, 2, 2, 2, 2, 2, 12, 7][case];
+        assert!(ops >= want, "case {case}: only {ops} ops on the GPU");
+        eprintln!("element-wise case {case}: {ops} ops on the GPU");
+    }
+}

@@ -27,7 +27,7 @@
 //! bit) for steps of at least [`set_gpu_min_work`]` / 16` values. The
 //! tail's values stay on the GPU between the ops that run there
 //! ([`set_resident_tail`], `resident`): frozen and adapted linear layers,
-//! element-wise arithmetic, GELU, LayerNormalization, Softmax, reshapes,
+//! element-wise arithmetic and functions, LayerNormalization, Softmax, reshapes,
 //! transposes and attention's batched products (NVRTC kernels and cuBLAS),
 //! forward and backward, and pooling's sums and means; the other ops (gathers, the
 //! head) run on the CPU, a value crossing once where they read it. A feature

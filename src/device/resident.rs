@@ -6,12 +6,14 @@
 //! The ops that run on resident values: linear layers (rows layout; `W0`
 //! resident as for every frozen product; an adapted layer's whole pass, its
 //! branches' inputs kept there for the backward), broadcasting Add, Sub,
-//! Mul and Div (up to [`MAX_RANK`] axes), exact GELU, LayerNormalization and
-//! Softmax over the last axis, Reshape-like ops, Transpose, attention's
+//! Mul, Div, Pow, Max and Min (up to [`MAX_RANK`] axes), exact and tanh
+//! GELU, Relu, Sigmoid, Tanh, Erf, Sqrt, Exp and Neg, LayerNormalization
+//! and Softmax over the last axis, Reshape-like ops, Transpose, attention's
 //! batched products (equal batch axes), ReduceSum and ReduceMean over
 //! adjacent axes and GlobalAveragePool, and their backward passes (a binary
-//! op's gradient into a broadcast input sums on the CPU). The rest read host
-//! copies as before.
+//! op's gradient into a broadcast input summed there when the axes it is
+//! broadcast along are adjacent; Max's and Min's, and Pow's into its
+//! exponent, on the CPU). The rest read host copies as before.
 //!
 //! Every call returns `Err(Failed)` when a CUDA call fails (counted and
 //! reported like any GPU failure): the graph then runs the whole pass again
@@ -162,10 +164,26 @@ pub(crate) fn gelu(x: &GpuValue, dy: Option<&GpuValue>) -> Result<GpuValue, Fail
     }
 }
 
+/// Unary function `k` of `x` (0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4
+/// tanh-GELU, 5 Sqrt, 6 Exp, 7 Neg), or with `dy` its backward
+/// `dy·f'(x)`.
+pub(crate) fn unary(x: &GpuValue, k: i32, dy: Option<&GpuValue>) -> Result<GpuValue, Failed> {
+    #[cfg(feature = "cuda")]
+    {
+        wrap(cuda::unary(&x.inner, k, dy.map(|d| &*d.inner)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, k, dy);
+        Err(Failed)
+    }
+}
+
 /// The most axes [`binary`] and [`permute`] take.
 pub(crate) const MAX_RANK: usize = 6;
 
-/// `y = a op b` (`op`: 0 add, 1 subtract, 2 multiply, 3 divide) over the
+/// `y = a op b` (`op`: 0 add, 1 subtract, 2 multiply, 3 divide, 4 pow, 5
+/// max, 6 min, 7 Pow's derivative in its base `b·a^(b−1)`) over the
 /// output shape `dims`, each operand read with its strides `sa`, `sb` (0
 /// along an axis it is broadcast over).
 pub(crate) fn binary(

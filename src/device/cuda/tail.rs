@@ -42,6 +42,80 @@ extern "C" __global__ void hydra_gelu_grad(const float *x, const float *dy, floa
     }
 }
 
+// The tail's `pow` (exact for the small integer exponents, as the CPU's).
+__device__ float hydra_pow(float x, float p) {
+    if (p == 2.0f) return x * x;
+    if (p == 1.0f) return x;
+    if (p == 0.5f) return sqrtf(x);
+    if (p == 3.0f) return x * x * x;
+    return powf(x, p);
+}
+
+// op: 0 add, 1 subtract, 2 multiply, 3 divide, 4 pow, 5 max, 6 min (ties and
+// a NaN `x` give x, as on the CPU), 7 Pow's derivative in its base z·x^(z−1).
+__device__ float hydra_binary_f(float x, float z, int op) {
+    switch (op) {
+    case 0: return x + z;
+    case 1: return x - z;
+    case 2: return x * z;
+    case 3: return x / z;
+    case 4: return hydra_pow(x, z);
+    case 5: return (x >= z || x != x) ? x : z;
+    case 6: return (x <= z || x != x) ? x : z;
+    default: return z * hydra_pow(x, z - 1.0f);
+    }
+}
+
+// Unary functions (k: 0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4 tanh-GELU, 5 Sqrt,
+// 6 Exp, 7 Neg) and their derivatives.
+__device__ float hydra_unary_f(float x, int k) {
+    switch (k) {
+    case 0: return fmaxf(x, 0.0f);
+    case 1: return 1.0f / (1.0f + expf(-x));
+    case 2: return tanhf(x);
+    case 3: return erff(x);
+    case 4: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case 5: return sqrtf(x);
+    case 6: return expf(x);
+    default: return -x;
+    }
+}
+
+__device__ float hydra_unary_d(float x, int k) {
+    switch (k) {
+    case 0: return x > 0.0f ? 1.0f : 0.0f;
+    case 1: {
+        float y = 1.0f / (1.0f + expf(-x));
+        return y * (1.0f - y);
+    }
+    case 2: {
+        float y = tanhf(x);
+        return 1.0f - y * y;
+    }
+    case 3: return 1.1283791670955126f * expf(-x * x);
+    case 4: {
+        float t = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
+        float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case 5: return 0.5f / sqrtf(x);
+    case 6: return expf(x);
+    default: return -1.0f;
+    }
+}
+
+extern "C" __global__ void hydra_unary(const float *x, float *y, unsigned long long n, int k) {
+    HYDRA_LOOP(i, n) { y[i] = hydra_unary_f(x[i], k); }
+}
+
+// dx = dy·f'(x) (Relu: dy where x > 0, else 0).
+extern "C" __global__ void hydra_unary_grad(const float *x, const float *dy, float *dx,
+                                            unsigned long long n, int k) {
+    HYDRA_LOOP(i, n) {
+        dx[i] = k == 0 ? (x[i] > 0.0f ? dy[i] : 0.0f) : dy[i] * hydra_unary_d(x[i], k);
+    }
+}
+
 extern "C" __global__ void hydra_binary(const float *a, const float *b, float *y,
                                         unsigned long long n, int op, int rank,
                                         unsigned long long d0, unsigned long long d1,
@@ -64,8 +138,7 @@ extern "C" __global__ void hydra_binary(const float *a, const float *b, float *y
             oa += c * sa[k];
             ob += c * sb[k];
         }
-        float x = a[oa], z = b[ob];
-        y[i] = op == 0 ? x + z : op == 1 ? x - z : op == 2 ? x * z : x / z;
+        y[i] = hydra_binary_f(a[oa], b[ob], op);
     }
 }
 
@@ -249,6 +322,8 @@ pub(super) struct Kernels {
     widen: CudaFunction,
     reduce: CudaFunction,
     reduce_grad: CudaFunction,
+    unary: CudaFunction,
+    unary_grad: CudaFunction,
 }
 
 fn compile(gpu: &Gpu) -> Result<Kernels, String> {
@@ -267,6 +342,8 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
         widen: f("hydra_widen")?,
         reduce: f("hydra_reduce")?,
         reduce_grad: f("hydra_reduce_grad")?,
+        unary: f("hydra_unary")?,
+        unary_grad: f("hydra_unary_grad")?,
     })
 }
 
@@ -427,6 +504,48 @@ pub(in crate::device) fn gelu(
     r.inspect(|_| tail_op_ran())
 }
 
+/// Unary function `k` of `x` (0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4
+/// tanh-GELU, 5 Sqrt, 6 Exp, 7 Neg), or with `dy` its backward
+/// `dy·f'(x)`.
+pub(in crate::device) fn unary(
+    x: &DevValue,
+    k: i32,
+    grad_of: Option<&DevValue>,
+) -> Result<Arc<DevValue>, ()> {
+    with_kernels(|gpu, kern| {
+        let xs = gpu.on_this(x)?;
+        if !(0..8).contains(&k) {
+            return Err("unary: no such function".to_string());
+        }
+        let n = xs.len() as u64;
+        let mut y = gpu.stream.alloc_zeros::<f32>(xs.len()).map_err(|e| format!("alloc: {e}"))?;
+        match grad_of {
+            None => {
+                let mut b = gpu.stream.launch_builder(&kern.unary);
+                b.arg(xs).arg(&mut y).arg(&n).arg(&k);
+                // SAFETY: x and y hold n f32; the arguments match
+                // `hydra_unary(const float *, float *, unsigned long long, int)`.
+                unsafe { b.launch(Gpu::launch_cfg(xs.len())) }
+                    .map_err(|e| format!("unary kernel: {e}"))?;
+            }
+            Some(dy) => {
+                let dys = gpu.on_this(dy)?;
+                if dys.len() != xs.len() {
+                    return Err("unary backward: gradient and input sizes differ".to_string());
+                }
+                let mut b = gpu.stream.launch_builder(&kern.unary_grad);
+                b.arg(xs).arg(dys).arg(&mut y).arg(&n).arg(&k);
+                // SAFETY: x, dy and dx hold n f32; the arguments match
+                // `hydra_unary_grad`'s in order and type.
+                unsafe { b.launch(Gpu::launch_cfg(xs.len())) }
+                    .map_err(|e| format!("unary backward kernel: {e}"))?;
+            }
+        }
+        Ok(gpu.value(y))
+    })
+    .inspect(|_| tail_op_ran())
+}
+
 /// `x` seen as `[outer, len, inner]` summed over `len` and scaled, or with
 /// `grad` (`x` then the output's gradient, `outer·inner` values) that
 /// gradient spread back over `len`, scaled.
@@ -464,7 +583,8 @@ use crate::device::resident::MAX_RANK;
 
 /// `y = a op b` over `dims` (at most [`MAX_RANK`] axes), each operand read
 /// with its own strides (0 along a broadcast axis); `op`: 0 add, 1
-/// subtract, 2 multiply, 3 divide.
+/// subtract, 2 multiply, 3 divide, 4 pow, 5 max, 6 min, 7 Pow's derivative
+/// in its base (`b·a^(b−1)`).
 pub(in crate::device) fn binary(
     a: &DevValue,
     b: &DevValue,
@@ -480,7 +600,7 @@ pub(in crate::device) fn binary(
             || rank > MAX_RANK
             || sa.len() != rank
             || sb.len() != rank
-            || !(0..4).contains(&op)
+            || !(0..8).contains(&op)
         {
             return Err("binary: bad shape".to_string());
         }

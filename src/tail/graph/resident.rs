@@ -13,6 +13,7 @@ use crate::device::resident::{self as dev, GpuValue};
 use crate::tail::broadcast::{broadcast_shape, norm_axis};
 use crate::tail::ops::GpuKind;
 use crate::tail::ops::binary::BinaryKind;
+use crate::tail::ops::unary::UnaryKind;
 
 /// A value on the GPU and its shape.
 #[derive(Clone, Debug)]
@@ -74,7 +75,9 @@ impl TailGraph {
         let resident = |v: ValueId| !self.is_constant(v) && self.on_dev(v);
         let rank_ok = |s: &[usize]| (1..=dev::MAX_RANK).contains(&s.len()) && count(s) > 0;
         match kind {
-            GpuKind::Identity | GpuKind::Gelu => ins.len() == 1 && float(ins) && resident(x),
+            GpuKind::Identity | GpuKind::Gelu | GpuKind::Unary(_) => {
+                ins.len() == 1 && float(ins) && resident(x)
+            }
             GpuKind::Binary(_) => {
                 let Some(sb) = ins.get(1).and_then(|&b| self.shape_now(b)) else { return false };
                 let Ok(out) = broadcast_shape(&sx, &sb, "") else { return false };
@@ -219,6 +222,9 @@ impl TailGraph {
         Ok(Some(match kind {
             GpuKind::Identity => x,
             GpuKind::Gelu => DevVal { v: gpu(dev::gelu(&x.v, None))?, shape: x.shape },
+            GpuKind::Unary(k) => {
+                DevVal { v: gpu(dev::unary(&x.v, unary_code(k), None))?, shape: x.shape }
+            }
             GpuKind::Binary(op) => {
                 let b = self.up(ins[1])?;
                 let out = broadcast_shape(&x.shape, &b.shape, "").map_err(Fail::Error)?;
@@ -289,8 +295,9 @@ impl TailGraph {
 
     /// Whether node `i`'s backward runs on the GPU for the inputs `need`
     /// asks for: it ran there forward, and a binary op's gradient goes to
-    /// no broadcast input (those sum on the CPU), nor to a Sub's or Div's
-    /// second one.
+    /// inputs it can sum back to their shape there (the broadcast axes one
+    /// block: [`unbroadcast_plan`]), not to Max's or Min's inputs nor to
+    /// Pow's exponent (those run on the CPU).
     pub(super) fn gpu_backward_takes(&self, i: usize, need: &[bool]) -> bool {
         if !self.ran_on_gpu.get(i).copied().unwrap_or(false) {
             return false;
@@ -301,13 +308,16 @@ impl TailGraph {
                 let out = self.nodes[i].output;
                 let Some(so) = self.shape_now(out) else { return false };
                 let ins = &self.nodes[i].inputs;
-                let second_ok = !need.get(1).copied().unwrap_or(false)
-                    || matches!(op, BinaryKind::Add | BinaryKind::Mul);
-                second_ok
-                    && ins
-                        .iter()
-                        .zip(need)
-                        .all(|(&v, &n)| !n || self.shape_now(v).as_deref() == Some(&so[..]))
+                let wanted = |j: usize| need.get(j).copied().unwrap_or(false);
+                let op_ok = match op {
+                    BinaryKind::Max | BinaryKind::Min => !wanted(0) && !wanted(1),
+                    BinaryKind::Pow => !wanted(1),
+                    _ => true,
+                };
+                op_ok
+                    && ins.iter().zip(need).all(|(&v, &n)| {
+                        !n || self.shape_now(v).is_some_and(|s| unbroadcast_plan(&s, &so).is_some())
+                    })
             }
             _ => true,
         }
@@ -330,10 +340,21 @@ impl TailGraph {
         };
         // Gradients that pass through go on where they are (a host one is
         // not sent up for nothing).
+        // Add's and Sub's gradients pass through to full-shape inputs (not
+        // to Sub's second, which is negated).
+        let out_shape = self.shape_now(self.nodes[i].output);
+        let full = |j: usize| {
+            ins.get(j).is_some_and(|&v| out_shape.is_some() && self.shape_now(v) == out_shape)
+        };
+        let wanted = |j: usize| need.get(j).copied().unwrap_or(false);
+        let passes = match kind {
+            GpuKind::Identity => true,
+            GpuKind::Binary(BinaryKind::Add) => (0..2).all(|j| !wanted(j) || full(j)),
+            GpuKind::Binary(BinaryKind::Sub) => (!wanted(0) || full(0)) && !wanted(1),
+            _ => false,
+        };
         match kind {
-            GpuKind::Identity
-            | GpuKind::Binary(BinaryKind::Add)
-            | GpuKind::Binary(BinaryKind::Sub) => {
+            _ if passes => {
                 let mut out: Vec<Option<NodeGrad>> =
                     need.iter().take(1).map(|&n| n.then(|| pass(&g))).collect();
                 if matches!(kind, GpuKind::Binary(BinaryKind::Add)) {
@@ -373,18 +394,57 @@ impl TailGraph {
         let mut out: Vec<Option<DevVal>> = vec![None; ins.len()];
         match kind {
             GpuKind::Binary(op) => {
-                // Mul: d(a·b) = dy·b, dy·a; Div: d(a/b)/da = dy/b.
+                // The gradient over the output's shape, then summed over the
+                // axes input j is broadcast along.
+                let sd = bstrides(&dy.shape, &dy.shape);
                 for j in 0..ins.len().min(2) {
                     if !need[j] {
                         continue;
                     }
-                    let other = self.up(ins[1 - j])?;
-                    let code = if op == BinaryKind::Div { 3 } else { 2 };
-                    let so = bstrides(&other.shape, &dy.shape);
-                    let sd = bstrides(&dy.shape, &dy.shape);
-                    let v = gpu(dev::binary(&dy.v, &other.v, code, &dy.shape, &sd, &so))?;
-                    out[j] = Some(DevVal { v, shape: dy.shape.clone() });
+                    // `dy op' v` with v read broadcast over the output.
+                    let with = |v: &DevVal, code: i32| {
+                        let sv = bstrides(&v.shape, &dy.shape);
+                        gpu(dev::binary(&dy.v, &v.v, code, &dy.shape, &sd, &sv))
+                    };
+                    let full = match (op, j) {
+                        (BinaryKind::Add, _) | (BinaryKind::Sub, 0) => dy.v.clone(),
+                        (BinaryKind::Sub, _) => gpu(dev::unary(&dy.v, 7, None))?,
+                        // d(a·b) = dy·b, dy·a; d(a/b)/da = dy/b.
+                        (BinaryKind::Mul, _) => with(&self.up(ins[1 - j])?, 2)?,
+                        (BinaryKind::Div, 0) => with(&self.up(ins[1])?, 3)?,
+                        (BinaryKind::Div, _) => {
+                            // d(a/b)/db = −(a/b)/b = −y/b.
+                            let (y, b) = (self.up(self.nodes[i].output)?, self.up(ins[1])?);
+                            let q = DevVal { v: with(&y, 2)?, shape: dy.shape.clone() };
+                            let sb = bstrides(&b.shape, &dy.shape);
+                            let t = gpu(dev::binary(&q.v, &b.v, 3, &dy.shape, &sd, &sb))?;
+                            gpu(dev::unary(&t, 7, None))?
+                        }
+                        (BinaryKind::Pow, 0) => {
+                            // d(a^p)/da = dy·p·a^(p−1).
+                            let (a, p) = (self.up(ins[0])?, self.up(ins[1])?);
+                            let (sa, sp) =
+                                (bstrides(&a.shape, &dy.shape), bstrides(&p.shape, &dy.shape));
+                            let f = gpu(dev::binary(&a.v, &p.v, 7, &dy.shape, &sa, &sp))?;
+                            gpu(dev::binary(&dy.v, &f, 2, &dy.shape, &sd, &sd))?
+                        }
+                        _ => return Err(self.no_gpu_form(i)),
+                    };
+                    let shape = self.shape_now(ins[j]).ok_or(Fail::Missing(ins[j]))?;
+                    let v = match unbroadcast_plan(&shape, &dy.shape) {
+                        Some(None) => full,
+                        Some(Some((outer, len, inner))) => {
+                            gpu(dev::reduce(&full, (outer, len, inner), 1.0, false))?
+                        }
+                        None => return Err(self.no_gpu_form(i)),
+                    };
+                    out[j] = Some(DevVal { v, shape });
                 }
+            }
+            GpuKind::Unary(k) if want => {
+                let x = self.up(ins[0])?;
+                let v = gpu(dev::unary(&x.v, unary_code(k), Some(&dy.v)))?;
+                out[0] = Some(DevVal { v, shape: x.shape });
             }
             GpuKind::Gelu if want => {
                 let x = self.up(ins[0])?;
@@ -484,8 +544,58 @@ fn op_code(op: BinaryKind) -> i32 {
         BinaryKind::Add => 0,
         BinaryKind::Sub => 1,
         BinaryKind::Mul => 2,
-        _ => 3,
+        BinaryKind::Div => 3,
+        BinaryKind::Pow => 4,
+        BinaryKind::Max => 5,
+        BinaryKind::Min => 6,
     }
+}
+
+/// The GPU kernel's number of a unary function (`device::resident::unary`).
+fn unary_code(k: UnaryKind) -> i32 {
+    match k {
+        UnaryKind::Relu => 0,
+        UnaryKind::Sigmoid => 1,
+        UnaryKind::Tanh => 2,
+        UnaryKind::Erf => 3,
+        UnaryKind::GeluTanh => 4,
+        UnaryKind::Sqrt => 5,
+        UnaryKind::Exp => 6,
+        // (Gelu and Identity have kinds of their own.)
+        UnaryKind::Neg | UnaryKind::Gelu | UnaryKind::Identity => 7,
+    }
+}
+
+/// How a gradient over the output shape `out` sums back to an input of
+/// `shape` broadcast over it: `Some(None)` for the same shape (nothing to
+/// sum), `Some(Some((outer, len, inner)))` when the axes it is broadcast
+/// along are one block of adjacent axes (summed as `[outer, len, inner]`
+/// over `len`), `None` otherwise (the CPU sums it).
+fn unbroadcast_plan(shape: &[usize], out: &[usize]) -> Option<Option<(usize, usize, usize)>> {
+    if shape.len() > out.len() {
+        return None;
+    }
+    let off = out.len() - shape.len();
+    let dim = |k: usize| if k < off { 1 } else { shape[k - off] };
+    let mut block: Option<(usize, usize)> = None;
+    for (k, &o) in out.iter().enumerate() {
+        let d = dim(k);
+        if d == o {
+            continue;
+        }
+        if d != 1 {
+            return None;
+        }
+        block = match block {
+            None => Some((k, k)),
+            // Axes of size 1 in both between two broadcast axes keep one block.
+            Some((a, b)) if (b + 1..k).all(|m| out[m] == 1) => Some((a, k)),
+            Some(_) => return None,
+        };
+    }
+    Some(block.map(|(a, b)| {
+        (out[..a].iter().product(), out[a..=b].iter().product(), out[b + 1..].iter().product())
+    }))
 }
 
 /// `a` on the GPU.

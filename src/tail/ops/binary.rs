@@ -109,8 +109,7 @@ impl TailOp for Binary {
     }
 
     fn gpu_kind(&self) -> Option<super::GpuKind> {
-        matches!(self.kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div)
-            .then_some(super::GpuKind::Binary(self.kind))
+        Some(super::GpuKind::Binary(self.kind))
     }
 
     fn op_type(&self) -> &'static str {

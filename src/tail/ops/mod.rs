@@ -30,7 +30,10 @@ pub enum GpuKind {
     Identity,
     /// Exact GELU.
     Gelu,
-    /// Broadcasting Add, Sub, Mul or Div.
+    /// Another element-wise function (Relu, Sigmoid, Tanh, Erf, tanh-GELU,
+    /// Sqrt, Exp, Neg).
+    Unary(unary::UnaryKind),
+    /// Broadcasting Add, Sub, Mul, Div, Pow, Max or Min.
     Binary(binary::BinaryKind),
     /// LayerNormalization.
     LayerNorm {

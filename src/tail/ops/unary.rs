@@ -236,11 +236,11 @@ impl UnaryKind {
 
 impl TailOp for Unary {
     fn gpu_kind(&self) -> Option<super::GpuKind> {
-        match self.kind {
-            UnaryKind::Gelu => Some(super::GpuKind::Gelu),
-            UnaryKind::Identity => Some(super::GpuKind::Identity),
-            _ => None,
-        }
+        Some(match self.kind {
+            UnaryKind::Gelu => super::GpuKind::Gelu,
+            UnaryKind::Identity => super::GpuKind::Identity,
+            k => super::GpuKind::Unary(k),
+        })
     }
 
     fn op_type(&self) -> &'static str {
