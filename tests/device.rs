@@ -1778,3 +1778,52 @@ fn elementwise_functions_run_on_the_gpu() {
         eprintln!("element-wise case {case}: {ops} ops on the GPU");
     }
 }
+
+/// Element-wise functions at the ends of their range (tanh-GELU far below
+/// 0, where 1 + tanh cancels in f32; Exp and Sigmoid past f32's exp range)
+/// give the CPU's values element by element: the input reaches the GPU
+/// through a frozen identity layer (exact there).
+#[test]
+#[ignore = "needs a CUDA device (targets/gpu-check.sh)"]
+fn elementwise_functions_match_the_cpu_at_the_ends_of_their_range() {
+    let _g = lock();
+    let _restore = Restore;
+    let h = 16;
+    let xs: Vec<f32> = (0..4 * h)
+        .map(|i| match i % 8 {
+            0 => -4.0 - (i / 8) as f32 * 0.4,
+            1 => 88.5 + (i / 8) as f32 * 0.5,
+            2 => -90.0 - (i / 8) as f32,
+            3 => -87.5,
+            _ => (i as f32 - 30.0) * 0.7,
+        })
+        .collect();
+    let run = |k: UnaryKind| {
+        let mut eye = vec![0.0f32; h * h];
+        (0..h).for_each(|i| eye[i * h + i] = 1.0);
+        let lin = Linear::new("MatMul", Layout::Rows, Weights::F32(eye), None, h, h).unwrap();
+        let mut b = TailBuilder::new();
+        let xi = b.boundary("x");
+        let y = b.node("eye", Box::new(lin), vec![xi], "y");
+        b.node("f", Box::new(Unary::new(k)), vec![y], "out");
+        let mut tail = b.finish("out").unwrap();
+        let x = ArrayD::from_shape_vec(IxDyn(&[4, h]), xs.clone()).unwrap();
+        let y = tail.forward(vec![Tensor::F32(x)], false).unwrap().into_f32();
+        y.f32("y").unwrap().iter().copied().collect::<Vec<f32>>()
+    };
+    for k in [UnaryKind::GeluTanh, UnaryKind::Exp, UnaryKind::Sigmoid, UnaryKind::Tanh] {
+        device::set_device(Device::Cpu).unwrap();
+        let cpu = run(k);
+        device::set_device(Device::Cuda(0)).unwrap();
+        device::set_gpu_min_work(0);
+        let ops = device::stats::gpu_tail_ops();
+        let gpu = run(k);
+        assert!(device::stats::gpu_tail_ops() > ops, "{k:?} did not run on the GPU");
+        for ((x, c), g) in xs.iter().zip(&cpu).zip(&gpu) {
+            // (An absolute 1e-9 for tanh-GELU far below 0, where even the
+            // CPU's f64 formula cancels: values under 1e-14 there.)
+            let close = (c - g).abs() <= 1e-5 * c.abs() + 1e-9 || c == g;
+            assert!(close, "{k:?}({x}): CPU {c:e}, GPU {g:e}");
+        }
+    }
+}

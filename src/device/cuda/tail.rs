@@ -66,17 +66,26 @@ __device__ float hydra_binary_f(float x, float z, int op) {
     }
 }
 
+// e^x as the CPU's (`tail::fastmath::exp`): 0 below −87, e^88 above 88.
+__device__ float hydra_exp(float x) {
+    return x > 88.0f ? expf(88.0f) : x < -87.0f ? 0.0f : expf(x);
+}
+
 // Unary functions (k: 0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4 tanh-GELU, 5 Sqrt,
-// 6 Exp, 7 Neg) and their derivatives.
+// 6 Exp, 7 Neg) and their derivatives; tanh-GELU in double, as the CPU's
+// (in f32, 1 + tanh(u) cancels for x below about −4).
 __device__ float hydra_unary_f(float x, int k) {
     switch (k) {
     case 0: return fmaxf(x, 0.0f);
-    case 1: return 1.0f / (1.0f + expf(-x));
+    case 1: return 1.0f / (1.0f + hydra_exp(-x));
     case 2: return tanhf(x);
     case 3: return erff(x);
-    case 4: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case 4: {
+        double xd = (double)x;
+        return (float)(0.5 * xd * (1.0 + tanh(0.7978845608028654 * (xd + 0.044715 * xd * xd * xd))));
+    }
     case 5: return sqrtf(x);
-    case 6: return expf(x);
+    case 6: return hydra_exp(x);
     default: return -x;
     }
 }
@@ -85,21 +94,22 @@ __device__ float hydra_unary_d(float x, int k) {
     switch (k) {
     case 0: return x > 0.0f ? 1.0f : 0.0f;
     case 1: {
-        float y = 1.0f / (1.0f + expf(-x));
+        float y = 1.0f / (1.0f + hydra_exp(-x));
         return y * (1.0f - y);
     }
     case 2: {
         float y = tanhf(x);
         return 1.0f - y * y;
     }
-    case 3: return 1.1283791670955126f * expf(-x * x);
+    case 3: return 1.1283791670955126f * hydra_exp(-x * x);
     case 4: {
-        float t = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
-        float du = 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
-        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+        double xd = (double)x;
+        double t = tanh(0.7978845608028654 * (xd + 0.044715 * xd * xd * xd));
+        double du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * xd * xd);
+        return (float)(0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * du);
     }
     case 5: return 0.5f / sqrtf(x);
-    case 6: return expf(x);
+    case 6: return hydra_exp(x);
     default: return -1.0f;
     }
 }
@@ -276,8 +286,8 @@ extern "C" __global__ void hydra_gather(const unsigned char *recs, const unsigne
 }
 
 // A sum over the middle axis of [outer, len, inner], scaled (a mean's
-// 1/len, or 1): y[o, i] = scale·Σ_l x[o, l, i], the terms in order as the
-// CPU adds them.
+// 1/len, or 1): y[o, i] = scale·Σ_l x[o, l, i], the terms in order (the
+// CPU's order may differ: equal up to rounding). One thread per output.
 extern "C" __global__ void hydra_reduce(const float *x, float *y, unsigned long long outer,
                                         unsigned long long len, unsigned long long inner,
                                         float scale) {

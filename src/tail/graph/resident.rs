@@ -75,8 +75,13 @@ impl TailGraph {
         let resident = |v: ValueId| !self.is_constant(v) && self.on_dev(v);
         let rank_ok = |s: &[usize]| (1..=dev::MAX_RANK).contains(&s.len()) && count(s) > 0;
         match kind {
-            GpuKind::Identity | GpuKind::Gelu | GpuKind::Unary(_) => {
-                ins.len() == 1 && float(ins) && resident(x)
+            GpuKind::Identity | GpuKind::Gelu => ins.len() == 1 && float(ins) && resident(x),
+            GpuKind::Unary(k) => {
+                ins.len() == 1
+                    && float(ins)
+                    && resident(x)
+                    && count(&sx) > 0
+                    && unary_code(k).is_some()
             }
             GpuKind::Binary(_) => {
                 let Some(sb) = ins.get(1).and_then(|&b| self.shape_now(b)) else { return false };
@@ -223,7 +228,8 @@ impl TailGraph {
             GpuKind::Identity => x,
             GpuKind::Gelu => DevVal { v: gpu(dev::gelu(&x.v, None))?, shape: x.shape },
             GpuKind::Unary(k) => {
-                DevVal { v: gpu(dev::unary(&x.v, unary_code(k), None))?, shape: x.shape }
+                let code = unary_code(k).ok_or_else(|| self.no_gpu_form(i))?;
+                DevVal { v: gpu(dev::unary(&x.v, code, None))?, shape: x.shape }
             }
             GpuKind::Binary(op) => {
                 let b = self.up(ins[1])?;
@@ -442,8 +448,9 @@ impl TailGraph {
                 }
             }
             GpuKind::Unary(k) if want => {
+                let code = unary_code(k).ok_or_else(|| self.no_gpu_form(i))?;
                 let x = self.up(ins[0])?;
-                let v = gpu(dev::unary(&x.v, unary_code(k), Some(&dy.v)))?;
+                let v = gpu(dev::unary(&x.v, code, Some(&dy.v)))?;
                 out[0] = Some(DevVal { v, shape: x.shape });
             }
             GpuKind::Gelu if want => {
@@ -551,18 +558,19 @@ fn op_code(op: BinaryKind) -> i32 {
     }
 }
 
-/// The GPU kernel's number of a unary function (`device::resident::unary`).
-fn unary_code(k: UnaryKind) -> i32 {
+/// The GPU kernel's number of a unary function (`device::resident::unary`);
+/// `None` for those with kinds of their own (Gelu, Identity).
+fn unary_code(k: UnaryKind) -> Option<i32> {
     match k {
-        UnaryKind::Relu => 0,
-        UnaryKind::Sigmoid => 1,
-        UnaryKind::Tanh => 2,
-        UnaryKind::Erf => 3,
-        UnaryKind::GeluTanh => 4,
-        UnaryKind::Sqrt => 5,
-        UnaryKind::Exp => 6,
-        // (Gelu and Identity have kinds of their own.)
-        UnaryKind::Neg | UnaryKind::Gelu | UnaryKind::Identity => 7,
+        UnaryKind::Relu => Some(0),
+        UnaryKind::Sigmoid => Some(1),
+        UnaryKind::Tanh => Some(2),
+        UnaryKind::Erf => Some(3),
+        UnaryKind::GeluTanh => Some(4),
+        UnaryKind::Sqrt => Some(5),
+        UnaryKind::Exp => Some(6),
+        UnaryKind::Neg => Some(7),
+        UnaryKind::Gelu | UnaryKind::Identity => None,
     }
 }
 
