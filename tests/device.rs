@@ -1513,18 +1513,15 @@ use hydra_edge::tail::ops::reduce::{GlobalAveragePool, Reduce, ReduceKind};
 /// sequence (ReduceSum, axes input, no kept dims) or, for `pool` 1, a mean
 /// over the sequence with the dims kept (ReduceMean, axes attribute) and a
 /// mean over the features, or, for `pool` 2, a GlobalAveragePool over
-/// `[4, 16, 6]` (the transposed activations). Its output and every
-/// gradient after a backward of `sin(y)`.
-fn pooling_pass(pool: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+/// `[4, 16, 6]` (the transposed activations): [`tail_pass`].
+fn pooling_pass(pool: usize) -> Pass {
     let (n, s, h) = (4, 6, 16);
     let mut rng = Rng::new(21);
     let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
     let x = ArrayD::from_shape_vec(IxDyn(&[n, s, h]), v(n * s * h)).unwrap();
     let mask: Vec<f32> = (0..n * s).map(|i| if i % s < 3 + i / s { 1.0 } else { 0.0 }).collect();
     let mask = ArrayD::from_shape_vec(IxDyn(&[n, s, 1]), mask).unwrap();
-    let mut lin =
-        Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), Some(v(h)), h, h).unwrap();
-    lin.adapt(HydraConfig { seed: 5, ..HydraConfig::default() }).unwrap();
+    let lin = adapted_layer(h, Some(v(h)), v(h * h), 5);
     let mut b = TailBuilder::new();
     let xi = b.boundary("x");
     let mi = b.boundary("mask");
@@ -1566,16 +1563,50 @@ fn pooling_pass(pool: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
         }
     };
     let _ = out;
+    tail_pass(b, vec![Tensor::F32(x), Tensor::F32(mask)])
+}
+
+/// A frozen `h×h` layer (`w` row-major, `bias`) with a fresh Hydra adapter.
+fn adapted_layer(h: usize, bias: Option<Vec<f32>>, w: Vec<f32>, seed: u64) -> Linear {
+    let mut lin = Linear::new("MatMul", Layout::Rows, Weights::F32(w), bias, h, h).unwrap();
+    lin.adapt(HydraConfig { seed, ..HydraConfig::default() }).unwrap();
+    lin
+}
+
+/// The tail `b` builds (its output `out`) on `inputs`, its adapters'
+/// parameters moved off their start (so that every part carries weight):
+/// one training forward and a backward of a fixed `dY` (not one computed
+/// from y, which would carry the forward's rounding into the gradients'
+/// comparison). The output and every gradient.
+fn tail_pass(b: TailBuilder, inputs: Vec<Tensor>) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut tail = b.finish("out").unwrap();
     tail.params_and_grads().0.iter_mut().for_each(|p| {
         p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.05 * ((i % 7) as f32 - 3.0))
     });
     tail.zero_grad();
-    let y = tail.forward(vec![Tensor::F32(x), Tensor::F32(mask)], true).unwrap().into_f32();
+    let y = tail.forward(inputs, true).unwrap().into_f32();
     let y = y.f32("y").unwrap().clone();
-    tail.backward(y.mapv(|v| v.sin())).unwrap();
+    let mut k = 0;
+    tail.backward(y.mapv(|_| {
+        k += 1;
+        ((k % 5) as f32 - 2.0) / 4.0
+    }))
+    .unwrap();
     let grads = tail.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
     (y.iter().copied().collect(), grads)
+}
+
+type Pass = (Vec<f32>, Vec<Vec<f32>>);
+
+/// `gpu`'s output within `tol.0` and its gradients within `tol.1` of `cpu`'s.
+fn assert_close(what: &str, cpu: &Pass, gpu: &Pass, tol: (f32, f32)) {
+    let e = rel_err(&cpu.0, &gpu.0);
+    assert!(e <= tol.0, "{what}: output, GPU vs CPU {e:e}");
+    assert_eq!(cpu.1.len(), gpu.1.len(), "{what}: gradients");
+    for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
+        let e = rel_err(c, g);
+        assert!(e <= tol.1, "{what}: gradient {i}, GPU vs CPU {e:e}");
+    }
 }
 
 /// Pooling's reductions (ReduceSum, ReduceMean, GlobalAveragePool) run on
@@ -1603,12 +1634,7 @@ fn pooling_reductions_run_on_the_gpu() {
             down[usize::from(resident)] = device::stats::gpu_bytes_down() - before;
             let what = format!("pool {pool}, resident {resident}");
             assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "{what}: a CUDA call failed");
-            let e = rel_err(&cpu.0, &gpu.0);
-            assert!(e <= 1e-5, "{what}: output, GPU vs CPU {e:e}");
-            for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
-                let e = rel_err(c, g);
-                assert!(e <= 1e-5, "{what}: gradient {i}, GPU vs CPU {e:e}");
-            }
+            assert_close(&what, &cpu, &gpu, (1e-5, 1e-5));
             eprintln!(
                 "{what}: {ops} tail ops on the GPU, {} bytes down",
                 down[usize::from(resident)]
@@ -1667,15 +1693,13 @@ use hydra_edge::tail::ops::unary::{Unary, UnaryKind};
 
 /// An adapted layer on `[4, 6, 16]` activations, then `case`'s element-wise
 /// ops: its output and every gradient after a backward of `sin(y)`.
-fn elementwise_pass(case: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+fn elementwise_pass(case: usize) -> Pass {
     let (n, s, h) = (4, 6, 16);
     let mut rng = Rng::new(23);
     let mut v = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
     let x = ArrayD::from_shape_vec(IxDyn(&[n, s, h]), v(n * s * h)).unwrap();
     let c = Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[h]), v(h)).unwrap());
-    let mut lin =
-        Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), Some(v(h)), h, h).unwrap();
-    lin.adapt(HydraConfig { seed: 5, ..HydraConfig::default() }).unwrap();
+    let lin = adapted_layer(h, Some(v(h)), v(h * h), 5);
     let mut b = TailBuilder::new();
     let xi = b.boundary("x");
     let y = b.node("proj", Box::new(lin), vec![xi], "y");
@@ -1716,13 +1740,7 @@ fn elementwise_pass(case: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
             // Max and Min against a broadcast row (their backward on the
             // CPU), a broadcast Add's and Mul's gradients summed into it.
             let ci = b.constant("c", c);
-            let w = {
-                let mut lin2 =
-                    Linear::new("MatMul", Layout::Rows, Weights::F32(v(h * h)), None, h, h)
-                        .unwrap();
-                lin2.adapt(HydraConfig { seed: 6, ..HydraConfig::default() }).unwrap();
-                b.node("row", Box::new(lin2), vec![ci], "w")
-            };
+            let w = b.node("row", Box::new(adapted_layer(h, None, v(h * h), 6)), vec![ci], "w");
             let hi = binary(&mut b, BinaryKind::Max, y, ci, "hi");
             let lo = binary(&mut b, BinaryKind::Min, y, ci, "lo");
             let m = binary(&mut b, BinaryKind::Mul, hi, w, "m");
@@ -1730,23 +1748,7 @@ fn elementwise_pass(case: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
             binary(&mut b, BinaryKind::Sub, m, a, "out");
         }
     }
-    let mut tail = b.finish("out").unwrap();
-    tail.params_and_grads().0.iter_mut().for_each(|p| {
-        p.iter_mut().enumerate().for_each(|(i, v)| *v += 0.05 * ((i % 7) as f32 - 3.0))
-    });
-    tail.zero_grad();
-    let y = tail.forward(vec![Tensor::F32(x)], true).unwrap().into_f32();
-    let y = y.f32("y").unwrap().clone();
-    // A fixed dY (not one computed from y, which would carry the forward's
-    // rounding into the gradients' comparison).
-    let mut k = 0;
-    tail.backward(y.mapv(|_| {
-        k += 1;
-        ((k % 5) as f32 - 2.0) / 4.0
-    }))
-    .unwrap();
-    let grads = tail.params_and_grads().1.iter().map(|g| g.to_vec()).collect();
-    (y.iter().copied().collect(), grads)
+    tail_pass(b, vec![Tensor::F32(x)])
 }
 
 /// Every element-wise function with a GPU form (Relu, Sigmoid, Tanh, Erf,
@@ -1766,12 +1768,7 @@ fn elementwise_functions_run_on_the_gpu() {
         let gpu = elementwise_pass(case);
         let ops = device::stats::gpu_tail_ops() - ops;
         assert_eq!(device::stats::gpu_fallbacks(), fallbacks, "case {case}: a CUDA call failed");
-        let e = rel_err(&cpu.0, &gpu.0);
-        assert!(e <= 1e-5, "case {case}: output, GPU vs CPU {e:e}");
-        for (i, (c, g)) in cpu.1.iter().zip(&gpu.1).enumerate() {
-            let e = rel_err(c, g);
-            assert!(e <= 1e-4, "case {case}: gradient {i}, GPU vs CPU {e:e}");
-        }
+        assert_close(&format!("case {case}"), &cpu, &gpu, (1e-5, 1e-4));
         // Forward and backward of each op (Max's and Min's backward on the CPU).
         let want = [2, 2, 2, 2, 2, 2, 2, 12, 7][case];
         assert!(ops >= want, "case {case}: only {ops} ops on the GPU");
