@@ -155,7 +155,7 @@ pub(crate) fn download(v: &GpuValue) -> Result<Vec<f32>, Failed> {
 pub(crate) fn gelu(x: &GpuValue, dy: Option<&GpuValue>) -> Result<GpuValue, Failed> {
     #[cfg(feature = "cuda")]
     {
-        wrap(cuda::gelu(&x.inner, dy.map(|d| &*d.inner)))
+        wrap(cuda::unary(&x.inner, 8, dy.map(|d| &*d.inner)))
     }
     #[cfg(not(feature = "cuda"))]
     {

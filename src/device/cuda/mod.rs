@@ -30,8 +30,8 @@ pub(super) use hydra::{SavedOnGpu, adapted_backward, adapted_forward};
 pub(super) use optim::{OptCache, step as optimizer_step};
 pub(super) use tail::{
     DevValue, Records, accumulate, batched_matmul, binary, download, frozen as frozen_resident,
-    gather, gelu, layer_norm, memory, permute, ready as tail_ready, records_on, reduce, softmax,
-    unary, upload, upload_bytes,
+    gather, layer_norm, memory, permute, ready as tail_ready, records_on, reduce, softmax, unary,
+    upload, upload_bytes,
 };
 
 /// A resident value's buffer, if it is on `gpu`.

@@ -25,23 +25,6 @@ const SOURCE: &str = r#"
 #define HYDRA_LOOP(i, n) for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; \
                               i < (n); i += (unsigned long long)blockDim.x * gridDim.x)
 
-extern "C" __global__ void hydra_gelu(const float *x, float *y, unsigned long long n) {
-    HYDRA_LOOP(i, n) {
-        float v = x[i];
-        y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    }
-}
-
-extern "C" __global__ void hydra_gelu_grad(const float *x, const float *dy, float *dx,
-                                           unsigned long long n) {
-    HYDRA_LOOP(i, n) {
-        float v = x[i];
-        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-        float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
-        dx[i] = dy[i] * (cdf + v * pdf);
-    }
-}
-
 // The tail's `pow` (exact for the small integer exponents, as the CPU's).
 __device__ float hydra_pow(float x, float p) {
     if (p == 2.0f) return x * x;
@@ -72,7 +55,7 @@ __device__ float hydra_exp(float x) {
 }
 
 // Unary functions (k: 0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4 tanh-GELU, 5 Sqrt,
-// 6 Exp, 7 Neg) and their derivatives; tanh-GELU in double, as the CPU's
+// 6 Exp, 7 Neg, 8 exact GELU x·Φ(x)) and their derivatives; tanh-GELU in double, as the CPU's
 // (in f32, 1 + tanh(u) cancels for x below about −4).
 __device__ float hydra_unary_f(float x, int k) {
     switch (k) {
@@ -86,7 +69,8 @@ __device__ float hydra_unary_f(float x, int k) {
     }
     case 5: return sqrtf(x);
     case 6: return hydra_exp(x);
-    default: return -x;
+    case 7: return -x;
+    default: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     }
 }
 
@@ -110,7 +94,12 @@ __device__ float hydra_unary_d(float x, int k) {
     }
     case 5: return 0.5f / sqrtf(x);
     case 6: return hydra_exp(x);
-    default: return -1.0f;
+    case 7: return -1.0f;
+    default: {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;
+        return cdf + x * pdf;
+    }
     }
 }
 
@@ -320,8 +309,6 @@ extern "C" __global__ void hydra_widen(const unsigned short *h, float *y, unsign
 
 /// The compiled kernels of one [`Gpu`].
 pub(super) struct Kernels {
-    gelu: CudaFunction,
-    gelu_grad: CudaFunction,
     binary: CudaFunction,
     permute: CudaFunction,
     softmax: CudaFunction,
@@ -340,8 +327,6 @@ fn compile(gpu: &Gpu) -> Result<Kernels, String> {
     let module = super::optim::load(gpu, SOURCE, "tail")?;
     let f = |name: &str| module.load_function(name).map_err(|e| format!("{name}: {e}"));
     Ok(Kernels {
-        gelu: f("hydra_gelu")?,
-        gelu_grad: f("hydra_gelu_grad")?,
         binary: f("hydra_binary")?,
         permute: f("hydra_permute")?,
         softmax: f("hydra_softmax")?,
@@ -479,44 +464,9 @@ pub(in crate::device) fn download(v: &DevValue) -> Result<Vec<f32>, ()> {
     with_gpu(|gpu| gpu.download(gpu.on_this(v)?)).map_err(|_| ())
 }
 
-pub(in crate::device) fn gelu(
-    x: &DevValue,
-    grad_of: Option<&DevValue>,
-) -> Result<Arc<DevValue>, ()> {
-    let r = with_kernels(|gpu, k| {
-        let xs = gpu.on_this(x)?;
-        let n = xs.len() as u64;
-        let mut y = gpu.stream.alloc_zeros::<f32>(xs.len()).map_err(|e| format!("alloc: {e}"))?;
-        match grad_of {
-            None => {
-                let mut b = gpu.stream.launch_builder(&k.gelu);
-                b.arg(xs).arg(&mut y).arg(&n);
-                // SAFETY: x and y hold n f32; the arguments match
-                // `hydra_gelu(const float *, float *, unsigned long long)`.
-                unsafe { b.launch(Gpu::launch_cfg(xs.len())) }
-                    .map_err(|e| format!("GELU kernel: {e}"))?;
-            }
-            Some(dy) => {
-                let dys = gpu.on_this(dy)?;
-                if dys.len() != xs.len() {
-                    return Err("GELU backward: gradient and input sizes differ".to_string());
-                }
-                let mut b = gpu.stream.launch_builder(&k.gelu_grad);
-                b.arg(xs).arg(dys).arg(&mut y).arg(&n);
-                // SAFETY: x, dy and dx hold n f32; the arguments match
-                // `hydra_gelu_grad`'s in order and type.
-                unsafe { b.launch(Gpu::launch_cfg(xs.len())) }
-                    .map_err(|e| format!("GELU backward kernel: {e}"))?;
-            }
-        }
-        Ok(gpu.value(y))
-    });
-    r.inspect(|_| tail_op_ran())
-}
-
 /// Unary function `k` of `x` (0 Relu, 1 Sigmoid, 2 Tanh, 3 Erf, 4
-/// tanh-GELU, 5 Sqrt, 6 Exp, 7 Neg), or with `dy` its backward
-/// `dy·f'(x)`.
+/// tanh-GELU, 5 Sqrt, 6 Exp, 7 Neg, 8 exact GELU), or with `dy` its
+/// backward `dy·f'(x)`.
 pub(in crate::device) fn unary(
     x: &DevValue,
     k: i32,
@@ -524,7 +474,7 @@ pub(in crate::device) fn unary(
 ) -> Result<Arc<DevValue>, ()> {
     with_kernels(|gpu, kern| {
         let xs = gpu.on_this(x)?;
-        if !(0..8).contains(&k) {
+        if !(0..9).contains(&k) {
             return Err("unary: no such function".to_string());
         }
         let n = xs.len() as u64;
